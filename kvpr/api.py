@@ -1,0 +1,198 @@
+"""The user's face: ``LLM(EngineConfig(...)).generate(prompts, SamplingParams(...))``.
+
+The CLI and Python users share this one code path: load once, then build a cache and an executor
+sized for each batch, run the token loop, and decode text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from kvpr.cache.storage import CacheShape, KVStorage
+from kvpr.config import EngineConfig, ModelConfig, Offload, SamplingParams
+from kvpr.device import check_device_memory, pin_host_memory, resolve_device, resolve_dtype
+from kvpr.errors import KvprError
+from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
+from kvpr.runtime.executor import Executor
+from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_tokens
+from kvpr.runtime.latency import OverlappedExecutor
+from kvpr.runtime.reference import SequentialExecutor
+from kvpr.scheduler.policy import make_split_policy
+
+
+@dataclass
+class Completion:
+    """One prompt's result."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "eos" or "length"
+
+
+@dataclass
+class RunStats:
+    """What one batch cost: prefill, each decode step, and the split chosen at each step."""
+
+    batch_size: int
+    prompt_len: int
+    prefill_s: float
+    step_s: list[float] = field(default_factory=list)
+    recompute_lens: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        steps = self.step_s
+        return {
+            "batch_size": self.batch_size,
+            "prompt_len": self.prompt_len,
+            "prefill_s": self.prefill_s,
+            "decode_ms_per_token": 1e3 * sum(steps) / len(steps) if steps else None,
+            "step_ms": [1e3 * s for s in steps],
+            "recompute_lens": self.recompute_lens,
+        }
+
+
+class LLM:
+    """A loaded model plus the placement and runtime settings to serve it."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.runtime.device)
+        self.dtype = resolve_dtype(config.runtime.dtype, self.device)
+        source = resolve_source(config.model, config.dummy_weights)
+        self.model_config: ModelConfig = source.config
+        self.model = build_model(self.model_config)
+        weight_bytes = sum(p.numel() for p in self.model.parameters()) * _element_size(self.dtype)
+        check_device_memory(weight_bytes, self.device, f"the weights of {source.name}")
+        if config.dummy_weights:
+            init_dummy_weights(self.model, self.device, self.dtype, seed=0)
+        else:
+            load_weights(self.model, source, self.device, self.dtype)
+        self.model.eval()
+        self.tokenizer = _load_tokenizer(source.directory) if source.directory else None
+        self.name = source.name
+        self.last_stats: RunStats | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, **overrides: Any) -> "LLM":
+        return cls(EngineConfig(model=model, **overrides))
+
+    # -- tokenization ----------------------------------------------------------------------
+
+    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        """Strings go through the model's tokenizer; lists of ids pass through."""
+        if not prompts:
+            raise KvprError("no prompts given: pass at least one prompt")
+        if all(isinstance(p, str) for p in prompts):
+            if self.tokenizer is None:
+                raise KvprError(f"model {self.name} has no tokenizer: pass token ids, or a model directory with tokenizer files")
+            return [self.tokenizer(p)["input_ids"] for p in prompts]  # type: ignore[index]
+        return [list(map(int, p)) for p in prompts]  # type: ignore[arg-type]
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[Completion]:
+        """Generate for a batch of prompts (left-padded into one batch)."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompts)
+        input_ids, valid = self._pad(prompt_ids)
+        executor = self.make_executor(len(prompt_ids), input_ids.shape[1] + params.max_new_tokens)
+        eos = self.model_config.eos_token_ids
+        output = generate_tokens(executor, input_ids, valid, params, eos, on_token)
+        self.last_stats = _stats(output, input_ids.shape)
+        return [
+            Completion(
+                prompt_token_ids=ids,
+                token_ids=tokens,
+                text=self.decode_text(tokens),
+                finish_reason="eos" if by_eos else "length",
+            )
+            for ids, tokens, by_eos in zip(prompt_ids, output.tokens, output.finished_by_eos)
+        ]
+
+    def make_executor(self, batch_size: int, max_len: int) -> Executor:
+        """A fresh cache and executor for one batch of ``batch_size`` rows and ``max_len`` slots."""
+        self._check_context(max_len)
+        cache, runtime = self.config.cache, self.config.runtime
+        offloaded = cache.offload is Offload.CPU
+        shape = CacheShape.for_model(self.model_config, batch_size, max_len, self.dtype)
+        if offloaded:
+            staging = 2 * (shape.kv_bytes() + (shape.x_bytes() if cache.stores_inputs else 0)) // shape.num_layers
+            check_device_memory(staging, self.device, "the double staging buffers of one layer's cache")
+        storage = KVStorage(
+            shape,
+            torch.device("cpu") if offloaded else self.device,
+            pin=offloaded and pin_host_memory(self.device),
+            store_inputs=cache.stores_inputs,
+        )
+        split = make_split_policy(cache, runtime, self.model_config, batch_size, self.device, self.dtype)
+        if runtime.overlap:
+            return OverlappedExecutor(self.model, storage, self.device, offloaded, split, runtime.num_chunks)
+        return SequentialExecutor(self.model, storage, self.device, offloaded, split)
+
+    def _check_context(self, max_len: int) -> None:
+        cfg = self.model_config
+        limit = cfg.max_position if cfg.sliding_window is None else min(cfg.max_position, cfg.sliding_window)
+        if max_len > limit:
+            raise KvprError(
+                f"prompt + new tokens need {max_len} positions but {self.name} supports {limit}: "
+                "shorten the prompt or lower --max-new-tokens"
+            )
+
+    def _pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad to one batch: ids and validity [b, q] on the compute device."""
+        if any(len(ids) == 0 for ids in prompt_ids):
+            raise KvprError("a prompt is empty after tokenization: give every prompt at least one token")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for ids in prompt_ids for t in ids):
+            raise KvprError(f"a prompt token id lies outside the vocabulary [0, {vocab})")
+        width = max(len(ids) for ids in prompt_ids)
+        pad = self.model_config.pad_token_id
+        pad = pad if pad is not None and 0 <= pad < vocab else 0
+        input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+        valid = torch.zeros((len(prompt_ids), width), dtype=torch.bool)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            valid[row, width - len(ids):] = True
+        return input_ids.to(self.device), valid.to(self.device)
+
+
+def _stats(output: GenerationOutput, shape: torch.Size) -> RunStats:
+    return RunStats(
+        batch_size=shape[0],
+        prompt_len=shape[1],
+        prefill_s=output.prefill_s,
+        step_s=output.step_s,
+        recompute_lens=output.recompute_lens,
+    )
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _load_tokenizer(directory: Any) -> Any:
+    """The checkpoint's own tokenizer files (never a hub download), or None when there are none."""
+    from transformers import AutoTokenizer
+
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((directory / name).is_file() for name in files):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise KvprError(f"cannot load the tokenizer in {directory}: {str(err).splitlines()[0]}") from None
+

@@ -1,0 +1,1 @@
+"""Where KV bytes live: tiers, host layouts and the codec contract."""

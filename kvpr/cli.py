@@ -1,0 +1,191 @@
+"""``kvpr generate | bench | profile | plan``: argparse -> EngineConfig -> api. Nothing else.
+
+Every user-fixable problem is a KvprError, printed as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams, parse_recompute
+from kvpr.errors import KvprError
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF directory, .gguf file or built-in name (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dummy-weights", action="store_true", help="random weights of the model's real configuration")
+    parser.add_argument("--offload", default="none", help="where the KV cache lives: none (device) or cpu (host)")
+    parser.add_argument("--recompute", default="off", help="off, auto, or a fraction F in [0,1]: recompute l=round(F*s) tokens from X")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    parser.add_argument("--no-overlap", action="store_true", help="run the plain sequential executor (the oracle)")
+    parser.add_argument("--num-chunks", type=int, default=8, help="X chunks per layer in the recompute pipeline")
+    parser.add_argument("--profile", default=None, help="hardware profile JSON to plan with (default: measured and cached)")
+
+
+def build_engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The one function that turns flags into configuration."""
+    try:
+        offload = Offload(args.offload)
+    except ValueError:
+        raise KvprError(f"--offload {args.offload!r}: use none or cpu") from None
+    return EngineConfig(
+        model=args.model,
+        dummy_weights=args.dummy_weights,
+        cache=CacheConfig(offload=offload, recompute=parse_recompute(args.recompute)),
+        runtime=RuntimeConfig(
+            device=args.device,
+            dtype=args.dtype,
+            overlap=not args.no_overlap,
+            num_chunks=args.num_chunks,
+            profile_path=args.profile,
+        ),
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpr", description="LLM inference with an offloaded KV cache and partial recomputation")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text for one or more prompts")
+    _add_engine_flags(generate)
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    generate.add_argument("--json", action="store_true", help="print token ids, text and per-step timings as JSON")
+
+    bench = commands.add_parser("bench", help="time prefill and decode on synthetic prompts")
+    _add_engine_flags(bench)
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--prompt-len", type=int, default=256)
+    bench.add_argument("--gen-len", type=int, default=32)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", action="store_true")
+    return parser
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_on_eos=not args.ignore_eos,
+    )
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from kvpr.api import LLM
+
+    params = _sampling(args)
+    llm = LLM(build_engine_config(args))
+    stream = len(args.prompt) == 1 and not args.json
+    printer = _StreamPrinter(llm) if stream else None
+    completions = llm.generate(args.prompt, params, on_token=printer.on_token if printer else None)
+    if printer is not None:
+        printer.close()
+    elif args.json:
+        stats = llm.last_stats.to_dict() if llm.last_stats else {}
+        results = [
+            {"prompt": p, "prompt_token_ids": c.prompt_token_ids, "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
+            for p, c in zip(args.prompt, completions)
+        ]
+        print(json.dumps({"model": llm.name, "completions": results, "stats": stats}, indent=1))
+    else:
+        for prompt, completion in zip(args.prompt, completions):
+            print(f"{prompt}{completion.text}")
+    return 0
+
+
+class _StreamPrinter:
+    """Prints a single prompt's continuation as tokens arrive (decoding the whole suffix each time
+    so multi-token characters come out right)."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.tokens: list[int] = []
+        self.printed = ""
+        self.started = False
+
+    def on_token(self, row: int, token: int) -> None:
+        if not self.started:
+            self.started = True
+        self.tokens.append(token)
+        text = self.llm.decode_text(self.tokens)
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+    def close(self) -> None:
+        sys.stdout.write("\n")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvpr.api import LLM
+
+    for flag in ("batch_size", "prompt_len", "gen_len"):
+        if getattr(args, flag) < 1:
+            raise KvprError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    llm = LLM(build_engine_config(args))
+    generator = torch.Generator().manual_seed(args.seed)
+    vocab = llm.model_config.vocab_size
+    prompts = torch.randint(0, vocab, (args.batch_size, args.prompt_len), generator=generator).tolist()
+    params = SamplingParams(max_new_tokens=args.gen_len, stop_on_eos=False)
+    llm.generate(prompts, params)
+    stats = llm.last_stats
+    assert stats is not None
+    report = {
+        "model": llm.name,
+        "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
+        "offload": args.offload,
+        "recompute": args.recompute,
+        "overlap": not args.no_overlap,
+        "gen_len": args.gen_len,
+        **stats.to_dict(),
+    }
+    steps = stats.step_s
+    decode_s = sum(steps)
+    report["tokens_per_s"] = args.batch_size * len(steps) / decode_s if decode_s else None
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        ms = report["decode_ms_per_token"]
+        recompute = stats.recompute_lens[-1] if stats.recompute_lens else 0
+        print(
+            f"{llm.name} b={args.batch_size} prompt={args.prompt_len} gen={args.gen_len} offload={args.offload} "
+            f"recompute={args.recompute}: prefill {stats.prefill_s:.3f} s, decode {ms:.2f} ms/token, "
+            f"{report['tokens_per_s']:.1f} tokens/s, last l={recompute}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _quiet_libraries()
+        if args.command == "generate":
+            return _run_generate(args)
+        return _run_bench(args)
+    except KvprError as err:
+        print(f"kvpr: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _quiet_libraries() -> None:
+    """transformers' loading chatter is not the user's business in a CLI run."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Executes a plan: prefill and decode steps, streams, prefetch, write-back."""

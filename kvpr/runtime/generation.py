@@ -1,0 +1,71 @@
+"""The token loop: prefill, then decode and sample until every row stops."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from kvpr.config import SamplingParams
+from kvpr.runtime.executor import Executor
+from kvpr.runtime.sampling import make_generator, sample_next
+
+TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
+
+
+@dataclass
+class GenerationOutput:
+    """New tokens of every row (EOS included when hit) and what the run cost."""
+
+    tokens: list[list[int]]
+    finished_by_eos: list[bool]
+    prefill_s: float
+    step_s: list[float] = field(default_factory=list)
+    recompute_lens: list[int] = field(default_factory=list)
+
+
+def generate_tokens(
+    executor: Executor,
+    input_ids: torch.Tensor,
+    valid: torch.Tensor,
+    params: SamplingParams,
+    eos_ids: tuple[int, ...],
+    on_token: TokenCallback | None = None,
+) -> GenerationOutput:
+    """Run one batch to completion. input_ids, valid: [b, q] on the executor's device."""
+    b = input_ids.shape[0]
+    generator = make_generator(params, input_ids.device)
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    stopped = [False] * b
+
+    start = time.perf_counter()
+    logits = executor.prefill(input_ids, valid)[:, -1]  # [b, V]
+    next_ids = sample_next(logits, params, generator)  # [b]
+    host_ids = next_ids.tolist()  # synchronises: the host needs the token to stream and to stop
+    prefill_s = time.perf_counter() - start
+    step_s: list[float] = []
+
+    for step in range(params.max_new_tokens):
+        for row, token in enumerate(host_ids):
+            if not stopped[row]:
+                tokens[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+        stopped = [s or (t in eos_ids and params.stop_on_eos) for s, t in zip(stopped, host_ids)]
+        if all(stopped) or step + 1 == params.max_new_tokens:
+            break
+        start = time.perf_counter()
+        logits = executor.decode(next_ids)
+        next_ids = sample_next(logits, params, generator)
+        host_ids = next_ids.tolist()  # the one synchronisation per step (see above)
+        step_s.append(time.perf_counter() - start)
+    executor.finish()
+    return GenerationOutput(
+        tokens=tokens,
+        finished_by_eos=stopped,
+        prefill_s=prefill_s,
+        step_s=step_s,
+        recompute_lens=list(executor.recompute_lens),
+    )

@@ -1,0 +1,148 @@
+"""Latency mode: weights on the GPU, K,V and X on the host, the KVPR split overlapped on streams.
+
+Per decode step, with ``s`` cached tokens and the recomputed prefix ``l`` chosen by the policy,
+for each layer (double buffer ``p = layer % 2``)::
+
+    copy stream    | X[0:l] in c chunks -> xbuf[p] | K,V[l:s] -> kvbuf[p][l:s] |   (layer+1 ...)
+    compute stream | q, k_new, v_new | recompute chunk 1..c into kvbuf[p][0:l] | attention | MLP
+                                       (waits each X chunk)                     (waits K,V)
+
+The loads of layer ``i+1`` are issued before layer ``i`` computes, so they stream in while it
+runs. A buffer is refilled only after the layer two back has finished with it. The new token's
+K, V and X go back to the host on the copy stream after its layer computed them.
+
+When the cache is resident (``offloaded=False``) the same loop attends straight over storage.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvpr.models.common import attend
+from kvpr.runtime.executor import Executor, SplitPolicy
+from kvpr.runtime.streams import StreamSet
+
+if TYPE_CHECKING:
+    from kvpr.cache.storage import KVStorage
+    from kvpr.models.base import DecoderModel
+
+
+def chunk_bounds(length: int, num_chunks: int) -> list[tuple[int, int]]:
+    """Split [0, length) into at most ``num_chunks`` near-equal non-empty ranges."""
+    num_chunks = max(1, min(num_chunks, length))
+    edges = [round(length * index / num_chunks) for index in range(num_chunks + 1)]
+    return [(a, c) for a, c in zip(edges, edges[1:]) if c > a]
+
+
+class _LayerBuffers:
+    """One of the two device staging buffers, with the events that order its use."""
+
+    def __init__(self, storage: "KVStorage", device: torch.device, streams: StreamSet, num_chunks: int) -> None:
+        shape = storage.shape
+        kv_shape = (shape.max_len, shape.batch_size, shape.num_kv_heads, shape.head_dim)
+        self.k = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, n_kv, d]
+        self.v = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, n_kv, d]
+        self.x = (
+            torch.empty((shape.max_len, shape.batch_size, shape.hidden_size), dtype=shape.dtype, device=device)
+            if storage.store_inputs
+            else None
+        )  # [s_max, b, h]
+        self.x_ready = [streams.event() for _ in range(num_chunks)]
+        self.kv_ready = streams.event()
+        self.free = streams.event()
+        self.chunks: list[tuple[int, int]] = []
+
+
+class OverlappedExecutor(Executor):
+    """Copies on a copy stream, recompute and attention on the compute stream, double buffered."""
+
+    def __init__(
+        self,
+        model: "DecoderModel",
+        storage: "KVStorage",
+        device: torch.device,
+        offloaded: bool,
+        split: SplitPolicy,
+        num_chunks: int,
+    ) -> None:
+        super().__init__(model, storage, device, offloaded, split)
+        self.streams = StreamSet(device)
+        self.num_chunks = num_chunks
+        self.buffers = (
+            [_LayerBuffers(storage, device, self.streams, num_chunks) for _ in range(2)] if offloaded else []
+        )
+
+    def _store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+        end = start + k.shape[0]
+        if not self.offloaded:
+            self.storage.k(layer)[start:end] = k
+            self.storage.v(layer)[start:end] = v
+            return
+        tensors = [(self.storage.k(layer), k), (self.storage.v(layer), v)]
+        if self.storage.store_inputs:
+            tensors.append((self.storage.x(layer), x))
+        # Device-to-host on the copy stream, after the compute that produced the tensors.
+        self.streams.copy_waits_compute()
+        with self.streams.on_copy():
+            for host, source in tensors:
+                source = source.contiguous()
+                self.streams.keep_alive_for_copy(source)
+                host[start:end].copy_(source, non_blocking=True)
+
+    def _issue_loads(self, layer: int, recompute_len: int, context_len: int) -> None:
+        """Queue the loads of one layer on the copy stream: X chunks first, then K,V of [l, s)."""
+        buffers = self.buffers[layer % 2]
+        storage = self.storage
+        buffers.chunks = chunk_bounds(recompute_len, self.num_chunks)
+        self.streams.copy_waits(buffers.free)  # the layer two back has finished reading this buffer
+        with self.streams.on_copy():
+            for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
+                buffers.x[start:end].copy_(storage.x(layer)[start:end], non_blocking=True)  # type: ignore[index]
+                self.streams.record_on_copy(ready)  # chunk landed: its recompute may start
+            buffers.k[recompute_len:context_len].copy_(storage.k(layer)[recompute_len:context_len], non_blocking=True)
+            buffers.v[recompute_len:context_len].copy_(storage.v(layer)[recompute_len:context_len], non_blocking=True)
+            self.streams.record_on_copy(buffers.kv_ready)  # K,V of [l, s) landed: attention may start
+
+    def _decode_layers(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        rope_new: tuple[torch.Tensor, torch.Tensor] | None,
+        rope_old: tuple[torch.Tensor, torch.Tensor] | None,
+        slot: int,
+        recompute_len: int,
+    ) -> torch.Tensor:
+        streams = self.streams
+        if self.offloaded:
+            self._issue_loads(0, recompute_len, slot)
+        for index, layer in enumerate(self.layers):
+            if self.offloaded and index + 1 < len(self.layers):
+                self._issue_loads(index + 1, recompute_len, slot)  # prefetch while this layer runs
+            x_new = layer.attn_input(hidden)  # [b, 1, h]
+            q = layer.query(x_new, rope_new)  # [b, n_q, 1, d]
+            k_new, v_new = layer.kv_from_input(x_new, rope_new)  # [b, 1, n_kv, d]
+            if self.offloaded:
+                buffers = self.buffers[index % 2]
+                keys, values = buffers.k, buffers.v
+                for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
+                    streams.compute_waits(ready)  # X chunk is on the device
+                    chunk_rope = None if rope_old is None else (rope_old[0][start:end], rope_old[1][start:end])
+                    k_chunk, v_chunk = layer.kv_from_input(buffers.x[start:end], chunk_rope)  # type: ignore[index]
+                    keys[start:end] = k_chunk
+                    values[start:end] = v_chunk
+                streams.compute_waits(buffers.kv_ready)  # copied K,V of [l, s) are on the device
+            else:
+                keys, values = self.storage.k(index), self.storage.v(index)
+            keys[slot] = k_new[:, 0]
+            values[slot] = v_new[:, 0]
+            out = attend(q, keys[: slot + 1].permute(1, 2, 0, 3), values[: slot + 1].permute(1, 2, 0, 3), mask)
+            if self.offloaded:
+                streams.record_on_compute(self.buffers[index % 2].free)  # buffer may be refilled
+                self._store(index, slot, k_new.transpose(0, 1), v_new.transpose(0, 1), x_new.transpose(0, 1))
+            hidden = layer.finish(hidden, out)
+        return hidden
+
+    def finish(self) -> None:
+        self.streams.synchronize()

@@ -1,0 +1,53 @@
+"""The sequential executor: the oracle every overlapped path is tested against.
+
+Each decode layer fetches what it needs with blocking copies, recomputes the prefix with plain
+ops, concatenates, attends and writes back, in program order. No streams, no reuse of buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpr.models.common import attend
+from kvpr.runtime.executor import Executor
+
+
+class SequentialExecutor(Executor):
+    """Plain program-order execution (``RuntimeConfig.overlap=False``)."""
+
+    def _store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+        end = start + k.shape[0]
+        self.storage.k(layer)[start:end] = k
+        self.storage.v(layer)[start:end] = v
+        if self.storage.store_inputs:
+            self.storage.x(layer)[start:end] = x
+
+    def _decode_layers(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        rope_new: tuple[torch.Tensor, torch.Tensor] | None,
+        rope_old: tuple[torch.Tensor, torch.Tensor] | None,
+        slot: int,
+        recompute_len: int,
+    ) -> torch.Tensor:
+        device = self.device
+        for index, layer in enumerate(self.layers):
+            x_new = layer.attn_input(hidden)  # [b, 1, h]
+            k_new, v_new = layer.kv_from_input(x_new, rope_new)  # [b, 1, n_kv, d]
+            parts_k, parts_v = [], []
+            if recompute_len:
+                x_old = self.storage.x(index)[:recompute_len].to(device)  # [l, b, h]
+                k_old, v_old = layer.kv_from_input(x_old, rope_old)  # [l, b, n_kv, d]
+                parts_k.append(k_old)
+                parts_v.append(v_old)
+            parts_k.append(self.storage.k(index)[recompute_len:slot].to(device))  # [s-l, b, n_kv, d]
+            parts_v.append(self.storage.v(index)[recompute_len:slot].to(device))
+            parts_k.append(k_new.transpose(0, 1))
+            parts_v.append(v_new.transpose(0, 1))
+            keys = torch.cat(parts_k).permute(1, 2, 0, 3)  # [b, n_kv, s+1, d]
+            values = torch.cat(parts_v).permute(1, 2, 0, 3)
+            out = attend(layer.query(x_new, rope_new), keys, values, mask)
+            self._store(index, slot, k_new.transpose(0, 1), v_new.transpose(0, 1), x_new.transpose(0, 1))
+            hidden = layer.finish(hidden, out)
+        return hidden

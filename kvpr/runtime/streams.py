@@ -1,0 +1,63 @@
+"""The only file that creates CUDA streams and events.
+
+On a CPU every operation here is a no-op and copies run inline, so the overlapped executor runs
+the same arithmetic everywhere and is testable without a GPU.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+import torch
+
+
+class StreamSet:
+    """A compute stream (the current one) and one copy stream for both directions.
+
+    One copy stream is enough: a layer's write-back is issued after its compute, and the next
+    load that could conflict (two layers on) must wait for that compute anyway.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.device = device
+        self.compute = torch.cuda.current_stream(device) if self.enabled else None
+        self.copy = torch.cuda.Stream(device) if self.enabled else None
+
+    def event(self) -> torch.cuda.Event | None:
+        return torch.cuda.Event() if self.enabled else None
+
+    def record_on_copy(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.record(self.copy)
+
+    def record_on_compute(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.record(self.compute)
+
+    def compute_waits(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            self.compute.wait_event(event)  # type: ignore[union-attr]
+
+    def copy_waits(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            self.copy.wait_event(event)  # type: ignore[union-attr]
+
+    def copy_waits_compute(self) -> None:
+        if self.enabled:
+            self.copy.wait_stream(self.compute)  # type: ignore[union-attr]
+
+    def keep_alive_for_copy(self, tensor: torch.Tensor) -> None:
+        """Tell the caching allocator ``tensor`` is read by the copy stream (no early reuse)."""
+        if self.enabled and tensor.is_cuda:
+            tensor.record_stream(self.copy)  # type: ignore[arg-type]
+
+    @contextmanager
+    def on_copy(self) -> Iterator[None]:
+        with torch.cuda.stream(self.copy) if self.enabled else nullcontext():
+            yield
+
+    def synchronize(self) -> None:
+        if self.enabled:
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,64 @@
+"""The recompute policy of a run: maps the context length ``s`` to the recomputed prefix ``l``.
+
+``off`` copies all K,V; a fraction F fixes ``l = round(F*s)``; ``auto`` asks the solver every
+step with the measured hardware profile, so ``l`` follows ``s`` as it grows.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from kvpr.config import RECOMPUTE_AUTO, RECOMPUTE_OFF, CacheConfig, ModelConfig, RuntimeConfig
+
+if TYPE_CHECKING:
+    from kvpr.scheduler.profiler import HardwareProfile
+
+SplitPolicy = Callable[[int], int]
+
+
+def round_fraction(fraction: float, context_len: int) -> int:
+    """``l = round(F * s)`` with halves rounded up (not to even), clamped to [0, s]."""
+    return min(context_len, max(0, math.floor(fraction * context_len + 0.5)))
+
+
+def make_split_policy(
+    cache: CacheConfig,
+    runtime: RuntimeConfig,
+    model: ModelConfig,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> SplitPolicy:
+    """Build the per-step policy for one batch."""
+    if cache.recompute == RECOMPUTE_OFF:
+        return lambda context_len: 0
+    if cache.recompute != RECOMPUTE_AUTO:
+        fraction = float(cache.recompute)
+        return lambda context_len: round_fraction(fraction, context_len)
+    from kvpr.scheduler.profiler import load_or_measure
+
+    profile = load_or_measure(device, model, dtype, batch_size, path=runtime.profile_path)
+    return auto_policy(model, batch_size, profile, dtype, runtime.num_chunks)
+
+
+def auto_policy(
+    model: ModelConfig, batch_size: int, profile: "HardwareProfile", dtype: torch.dtype, num_chunks: int
+) -> SplitPolicy:
+    """The solver's choice at each context length (memoised: one solve per distinct ``s``)."""
+    from kvpr.scheduler.cost_model import Schedule
+    from kvpr.scheduler.plan import plan_decode_step
+
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+
+    @lru_cache(maxsize=None)
+    def recompute_len(context_len: int) -> int:
+        plan = plan_decode_step(
+            model, batch_size, context_len, profile, element_bytes, element_bytes, Schedule.CHUNKED, num_chunks
+        )
+        return plan.recompute_len
+
+    return recompute_len

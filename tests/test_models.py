@@ -1,0 +1,92 @@
+"""kvpr's own model code against transformers' logits on the same weights (CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_CONFIGS, cpu_llm, make_hf_model
+from kvpr.errors import KvprError
+
+DECODE_STEPS = 16
+PLACEMENTS = [("none", "off", True), ("cpu", 0.5, True), ("cpu", 1.0, False), ("cpu", "off", False)]
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _batch(vocab: int, lengths: list[int], extra: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts [b, q] followed by ``extra`` forced tokens, and the mask."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths) + extra
+    ids = torch.randint(3, vocab - 1, (len(lengths), width), generator=generator)
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        mask[row, max(lengths) - length:] = True
+        ids[row, : max(lengths) - length] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+@pytest.mark.parametrize("offload,recompute,overlap", PLACEMENTS)
+def test_against_hf_logits(tiny_checkpoint, family: str, offload: str, recompute, overlap: bool) -> None:
+    """Prefill logits and 16 teacher-forced decode steps equal transformers' (max abs diff < 1e-4)."""
+    hf = make_hf_model(family)
+    llm = cpu_llm(tiny_checkpoint(family), offload, recompute, overlap)
+    lengths = [7, 3, 11]
+    ids, mask = _batch(llm.model_config.vocab_size, lengths, DECODE_STEPS)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask.long(), position_ids=_positions(mask)).logits
+    prompt_len = max(lengths)
+    executor = llm.make_executor(len(lengths), ids.shape[1])
+    prefill = executor.prefill(ids[:, :prompt_len], mask[:, :prompt_len], all_logits=True)
+    valid = mask[:, :prompt_len]
+    diff = (prefill - expected[:, :prompt_len])[valid].abs().max().item()
+    assert diff < 1e-4, f"prefill logits differ by {diff}"
+    for step in range(DECODE_STEPS):
+        position = prompt_len + step
+        logits = executor.decode(ids[:, position])
+        diff = (logits - expected[:, position]).abs().max().item()
+        assert diff < 1e-4, f"decode step {step} logits differ by {diff}"
+    assert executor.storage.length == ids.shape[1]
+    executor.storage.check_integrity()
+
+
+def test_sharded_and_bin_checkpoints_load_identically(tiny_checkpoint, tmp_path: Path) -> None:
+    """One checkpoint saved as single safetensors, sharded safetensors and .bin gives equal logits."""
+    single = tiny_checkpoint("llama-gqa")
+    hf = make_hf_model("llama-gqa")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    (binary / "config.json").write_text((single / "config.json").read_text())
+    state = load_file(str(single / "model.safetensors"))
+    names = sorted(state)
+    torch.save({n: state[n] for n in names[: len(names) // 2]}, binary / "pytorch_model-00001-of-00002.bin")
+    torch.save({n: state[n] for n in names[len(names) // 2:]}, binary / "pytorch_model-00002-of-00002.bin")
+    ids = torch.tensor([[5, 9, 17, 3, 44]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    results = []
+    for directory in (single, sharded, binary):
+        executor = cpu_llm(directory).make_executor(1, 8)
+        results.append(executor.prefill(ids, mask, all_logits=True))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_checkpoint_mismatch_is_reported(tiny_checkpoint, tmp_path: Path) -> None:
+    source = tiny_checkpoint("opt")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    with pytest.raises(KvprError, match="1 missing|missing"):
+        cpu_llm(broken)
