@@ -13,7 +13,7 @@ import torch
 
 from kvpr.cache.storage import CacheShape, KVStorage
 from kvpr.config import EngineConfig, ModelConfig, Offload, SamplingParams
-from kvpr.device import check_device_memory, pin_host_memory, resolve_device, resolve_dtype
+from kvpr.device import check_device_memory, check_host_memory, pin_host_memory, resolve_device, resolve_dtype
 from kvpr.errors import KvprError
 from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
 from kvpr.runtime.executor import Executor
@@ -125,13 +125,9 @@ class LLM:
 
     def make_executor(self, batch_size: int, max_len: int) -> Executor:
         """A fresh cache and executor for one batch of ``batch_size`` rows and ``max_len`` slots."""
-        self._check_context(max_len)
+        shape = self.check_fits(batch_size, max_len)
         cache, runtime = self.config.cache, self.config.runtime
         offloaded = cache.offload is Offload.CPU
-        shape = CacheShape.for_model(self.model_config, batch_size, max_len, self.dtype)
-        if offloaded:
-            staging = 2 * (shape.kv_bytes() + (shape.x_bytes() if cache.stores_inputs else 0)) // shape.num_layers
-            check_device_memory(staging, self.device, "the double staging buffers of one layer's cache")
         storage = KVStorage(
             shape,
             torch.device("cpu") if offloaded else self.device,
@@ -142,6 +138,21 @@ class LLM:
         if runtime.overlap:
             return OverlappedExecutor(self.model, storage, self.device, offloaded, split, runtime.num_chunks)
         return SequentialExecutor(self.model, storage, self.device, offloaded, split)
+
+    def check_fits(self, batch_size: int, max_len: int) -> CacheShape:
+        """Raise a KvprError, before allocating anything, if this batch cannot run here."""
+        self._check_context(max_len)
+        cache = self.config.cache
+        shape = CacheShape.for_model(self.model_config, batch_size, max_len, self.dtype)
+        inputs = shape.x_bytes() if cache.stores_inputs else 0
+        what = f"the KV cache (b={batch_size}, {max_len} slots, {shape.num_layers} layers)"
+        if cache.offload is Offload.CPU:
+            check_host_memory(shape.kv_bytes() + inputs, what + " in host memory")
+            staging = 2 * (shape.kv_bytes() + inputs) // shape.num_layers
+            check_device_memory(staging, self.device, "the double staging buffers of one layer's cache")
+        else:
+            check_device_memory(shape.kv_bytes(), self.device, what)
+        return shape
 
     def _check_context(self, max_len: int) -> None:
         cfg = self.model_config

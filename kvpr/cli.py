@@ -135,6 +135,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise KvprError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     llm = LLM(build_engine_config(args))
+    llm.check_fits(args.batch_size, args.prompt_len + args.gen_len)
     generator = torch.Generator().manual_seed(args.seed)
     vocab = llm.model_config.vocab_size
     prompts = torch.randint(0, vocab, (args.batch_size, args.prompt_len), generator=generator).tolist()

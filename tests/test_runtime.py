@@ -1,0 +1,96 @@
+"""Every execution path gives the same greedy tokens as the GPU-resident run (and the oracle)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import cpu_llm
+from kvpr.config import SamplingParams
+from kvpr.runtime.batch import BatchState
+from kvpr.runtime.latency import chunk_bounds
+from kvpr.scheduler.policy import round_fraction
+
+PATHS = [
+    ("cpu", "off", True),
+    ("cpu", 0.0, True),
+    ("cpu", 0.25, True),
+    ("cpu", 0.5, True),
+    ("cpu", 1.0, True),
+    ("cpu", 0.5, False),
+    ("cpu", 1.0, False),
+    ("none", "off", False),
+]
+PROMPTS = {1: [[5, 17, 33, 2, 90, 11]], 3: [[5, 17, 33, 2, 90, 11], [7, 7, 61], [100, 3, 44, 21, 9, 8, 71, 12, 4]]}
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "qwen2"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_tokens_equal_across_paths(tiny_checkpoint, family: str, batch_size: int) -> None:
+    directory = tiny_checkpoint(family)
+    params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+    reference = [c.token_ids for c in cpu_llm(directory).generate(PROMPTS[batch_size], params)]
+    assert all(len(tokens) == 12 for tokens in reference)
+    for offload, recompute, overlap in PATHS:
+        llm = cpu_llm(directory, offload, recompute, overlap)
+        tokens = [c.token_ids for c in llm.generate(PROMPTS[batch_size], params)]
+        assert tokens == reference, (offload, recompute, overlap)
+        if offload == "cpu" and recompute not in ("off", 0.0):
+            assert max(llm.last_stats.recompute_lens) > 0
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+def test_batched_equals_one_by_one(tiny_checkpoint, family: str) -> None:
+    """Left padding changes nothing: each row of a batch equals the same prompt run alone."""
+    llm = cpu_llm(tiny_checkpoint(family), "cpu", 0.5)
+    params = SamplingParams(max_new_tokens=10, stop_on_eos=False)
+    batched = [c.token_ids for c in llm.generate(PROMPTS[3], params)]
+    alone = [llm.generate([prompt], params)[0].token_ids for prompt in PROMPTS[3]]
+    assert batched == alone
+
+
+def test_recompute_fraction_follows_context(tiny_checkpoint) -> None:
+    llm = cpu_llm(tiny_checkpoint("llama-gqa"), "cpu", 0.25)
+    llm.generate([[5, 6, 7, 8, 9, 10, 11, 12]], SamplingParams(max_new_tokens=6, stop_on_eos=False))
+    # decode step k sees s = 8 + k cached tokens
+    assert llm.last_stats.recompute_lens == [round_fraction(0.25, 8 + k) for k in range(5)]
+
+
+def test_sampling_is_seeded_and_stops_on_eos(tiny_checkpoint) -> None:
+    llm = cpu_llm(tiny_checkpoint("opt"), "cpu", 0.5)
+    params = SamplingParams(max_new_tokens=20, temperature=1.5, top_p=0.9, seed=3, stop_on_eos=False)
+    first = llm.generate(PROMPTS[3], params)
+    second = llm.generate(PROMPTS[3], params)
+    assert [c.token_ids for c in first] == [c.token_ids for c in second]
+    greedy = llm.generate(PROMPTS[3], SamplingParams(max_new_tokens=20, stop_on_eos=False))
+    assert [c.token_ids for c in first] != [c.token_ids for c in greedy]
+    # Make the first greedy token of row 0 the EOS: that row stops at once, the others go on.
+    eos = greedy[0].token_ids[0]
+    llm.model_config = dataclasses.replace(llm.model_config, eos_token_ids=(eos,))
+    stopped = llm.generate(PROMPTS[3], SamplingParams(max_new_tokens=20))
+    assert stopped[0].token_ids == [eos] and stopped[0].finish_reason == "eos"
+    for row in (1, 2):
+        expected = greedy[row].token_ids
+        cut = expected.index(eos) + 1 if eos in expected else len(expected)
+        assert stopped[row].token_ids == expected[:cut]
+
+
+def test_batch_state_positions_and_mask() -> None:
+    state = BatchState(batch_size=2, max_len=6, device=torch.device("cpu"))
+    positions, mask = state.append(torch.tensor([[False, True, True], [True, True, True]]))
+    assert positions.tolist() == [[0, 0, 1], [0, 1, 2]]
+    assert mask.shape == (2, 1, 3, 3)
+    assert mask[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    positions, mask = state.append(torch.tensor([[True], [True]]))
+    assert positions.tolist() == [[2], [3]]
+    assert mask[:, 0, 0].tolist() == [[False, True, True, True], [True, True, True, True]]
+
+
+@pytest.mark.parametrize("length,chunks", [(0, 4), (1, 4), (10, 3), (16, 16), (5, 8)])
+def test_chunk_bounds_cover_the_range(length: int, chunks: int) -> None:
+    bounds = chunk_bounds(length, chunks)
+    covered = [t for start, end in bounds for t in range(start, end)]
+    assert covered == list(range(length))
+    assert len(bounds) <= chunks and all(end > start for start, end in bounds)
