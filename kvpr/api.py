@@ -6,13 +6,15 @@ sized for each batch, run the token loop, and decode text.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from kvpr.cache.storage import CacheShape, KVStorage
-from kvpr.config import EngineConfig, ModelConfig, Offload, SamplingParams
+from kvpr.config import CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams
 from kvpr.device import check_device_memory, check_host_memory, pin_host_memory, resolve_device, resolve_dtype
 from kvpr.errors import KvprError
 from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
@@ -75,6 +77,18 @@ class LLM:
         self.tokenizer = _load_tokenizer(source.directory) if source.directory else None
         self.name = source.name
         self.last_stats: RunStats | None = None
+
+    def with_placement(self, cache: CacheConfig, runtime: RuntimeConfig | None = None) -> "LLM":
+        """The same loaded weights under another cache placement / runtime (no reload).
+
+        The device and dtype stay those the weights were loaded with.
+        """
+        clone = copy.copy(self)
+        runtime = runtime or self.config.runtime
+        runtime = dataclasses.replace(runtime, device=self.config.runtime.device, dtype=self.config.runtime.dtype)
+        clone.config = self.config.replace(cache=cache, runtime=runtime)
+        clone.last_stats = None
+        return clone
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, **overrides: Any) -> "LLM":

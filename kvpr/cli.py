@@ -86,7 +86,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
     llm = LLM(build_engine_config(args))
     stream = len(args.prompt) == 1 and not args.json
-    printer = _StreamPrinter(llm) if stream else None
+    printer = _StreamPrinter(llm, args.prompt[0]) if stream else None
     completions = llm.generate(args.prompt, params, on_token=printer.on_token if printer else None)
     if printer is not None:
         printer.close()
@@ -107,15 +107,14 @@ class _StreamPrinter:
     """Prints a single prompt's continuation as tokens arrive (decoding the whole suffix each time
     so multi-token characters come out right)."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, prompt: str) -> None:
         self.llm = llm
         self.tokens: list[int] = []
         self.printed = ""
-        self.started = False
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
 
     def on_token(self, row: int, token: int) -> None:
-        if not self.started:
-            self.started = True
         self.tokens.append(token)
         text = self.llm.decode_text(self.tokens)
         sys.stdout.write(text[len(self.printed):])

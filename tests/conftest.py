@@ -71,12 +71,25 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
     return make
 
 
-def cpu_llm(model: str | Path | None, offload: str = "none", recompute: Any = "off", overlap: bool = True) -> LLM:
-    """An fp32 CPU engine (exact arithmetic, as CI runs it)."""
+def make_llm(
+    model: str | Path | None,
+    offload: str = "none",
+    recompute: Any = "off",
+    overlap: bool = True,
+    device: str = "cpu",
+    dtype: str = "float32",
+    dummy_weights: bool = False,
+) -> LLM:
     return LLM(
         EngineConfig(
             model=None if model is None else str(model),
+            dummy_weights=dummy_weights,
             cache=CacheConfig(offload=Offload(offload), recompute=recompute),
-            runtime=RuntimeConfig(device="cpu", dtype="float32", overlap=overlap, num_chunks=3),
+            runtime=RuntimeConfig(device=device, dtype=dtype, overlap=overlap, num_chunks=3),
         )
     )
+
+
+def cpu_llm(model: str | Path | None, offload: str = "none", recompute: Any = "off", overlap: bool = True) -> LLM:
+    """An fp32 CPU engine (exact arithmetic, as CI runs it)."""
+    return make_llm(model, offload, recompute, overlap)

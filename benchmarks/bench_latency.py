@@ -1,0 +1,272 @@
+"""Latency mode side by side: transformers (KV on GPU, offloaded cache), kvpr (off, auto), the floor.
+
+One run, one GPU, the same seeded prompts and the same weights for every system (transformers'
+model is built around kvpr's tensors, whose names match the checkpoint). Writes
+``latency-<device>-<yyyymmdd>.json``, a markdown table and a PNG chart into ``--out``.
+
+    python benchmarks/bench_latency.py --suite paper long --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvpr.api import LLM  # noqa: E402
+from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams  # noqa: E402
+from kvpr.errors import KvprError  # noqa: E402
+from kvpr.models.registry import BUILTIN_CONFIGS  # noqa: E402
+from kvpr.scheduler.cost_model import Schedule  # noqa: E402
+from kvpr.scheduler.plan import plan_decode_step  # noqa: E402
+from kvpr.scheduler.profiler import load_or_measure  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    batch_size: int
+    prompt_len: int
+    gen_len: int
+
+
+SUITES: dict[str, list[Case]] = {
+    "smoke": [Case("opt-1.3b", 8, 256, 8)],
+    "paper": [Case("opt-6.7b", 32, 256, 32)],
+    "long": [
+        Case("opt-6.7b", 16, 2048, 16),
+        Case("opt-6.7b", 32, 2048, 8),
+        Case("opt-6.7b", 64, 1024, 8),
+        Case("llama-3-8b", 16, 2048, 16),
+        Case("llama-3-8b", 8, 8192, 8),
+        Case("opt-13b", 16, 2048, 8),
+    ],
+}
+SYSTEMS = ("hf-gpu", "hf-offloaded", "kvpr-off", "kvpr-auto", "floor")
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _prompts(case: Case, vocab: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(10, vocab - 10, (case.batch_size, case.prompt_len), generator=generator)
+
+
+def run_kvpr(llm: LLM, case: Case, prompts: torch.Tensor, recompute: Any) -> dict[str, Any]:
+    placed = llm.with_placement(CacheConfig(offload=Offload.CPU, recompute=recompute))
+    placed.generate(prompts[:1, :16].tolist(), SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up
+    placed.generate(prompts.tolist(), SamplingParams(max_new_tokens=case.gen_len, stop_on_eos=False))
+    stats = placed.last_stats
+    assert stats is not None
+    contexts = [case.prompt_len + step + 1 for step in range(len(stats.recompute_lens))]
+    fraction = sum(l / s for l, s in zip(stats.recompute_lens, contexts)) / max(1, len(contexts))
+    decode_ms = 1e3 * sum(stats.step_s) / len(stats.step_s)
+    return {
+        "prefill_s": stats.prefill_s,
+        "decode_ms_per_token": decode_ms,
+        "recompute_fraction": fraction,
+        "recompute_lens": stats.recompute_lens,
+    }
+
+
+def _hf_model(llm: LLM, name: str) -> torch.nn.Module:
+    """transformers' model of the same architecture, wrapped around kvpr's weight tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.for_model(**BUILTIN_CONFIGS[name])
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config, dtype=llm.dtype)
+    hf.load_state_dict(llm.model.state_dict(), strict=False, assign=True)
+    backbone = getattr(hf, "model", None)
+    if backbone is not None and hasattr(backbone, "rotary_emb"):  # buffers were made on meta
+        backbone.rotary_emb = type(backbone.rotary_emb)(config=hf_config, device=llm.device)
+    return hf.eval()
+
+
+def run_hf(hf: torch.nn.Module, case: Case, prompts: torch.Tensor, offloaded: bool) -> dict[str, Any]:
+    ids = prompts.to("cuda")
+    mask = torch.ones_like(ids)
+    extra = {"cache_implementation": "offloaded"} if offloaded else {}
+
+    def timed(new_tokens: int) -> float:
+        _sync()
+        start = time.perf_counter()
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=False, pad_token_id=0, **extra)
+        _sync()
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        hf.generate(input_ids=ids[:1, :16], attention_mask=mask[:1, :16], max_new_tokens=2, do_sample=False,
+                    pad_token_id=0, **extra)  # warm-up
+        prefill = timed(1)
+        full = timed(case.gen_len)
+    return {"prefill_s": prefill, "decode_ms_per_token": 1e3 * (full - prefill) / (case.gen_len - 1)}
+
+
+def floor_row(llm: LLM, case: Case, profile: Any) -> dict[str, Any]:
+    """max(PCIe bytes / measured bandwidth, compute) per layer for the plan kvpr-auto uses."""
+    cfg = llm.model_config
+    element = torch.empty((), dtype=llm.dtype).element_size()
+    floors = []
+    for step in range(case.gen_len - 1):
+        plan = plan_decode_step(cfg, case.batch_size, case.prompt_len + step + 1, profile, element, element,
+                                Schedule.CHUNKED, llm.config.runtime.num_chunks)
+        floors.append(plan.predicted_floor_s)
+    return {"prefill_s": None, "decode_ms_per_token": 1e3 * cfg.num_layers * sum(floors) / len(floors)}
+
+
+def _kv_fits_on_gpu(llm: LLM, case: Case) -> bool:
+    cfg = llm.model_config
+    kv = 2 * cfg.num_layers * (case.prompt_len + case.gen_len) * case.batch_size * cfg.kv_size * 2
+    free, _ = torch.cuda.mem_get_info()
+    return kv * 1.3 + 4 * 2**30 < free
+
+
+def bench(cases: list[Case], systems: tuple[str, ...]) -> tuple[list[dict[str, Any]], float]:
+    rows: list[dict[str, Any]] = []
+    bandwidth = 0.0
+    by_model: dict[str, list[Case]] = {}
+    for case in cases:
+        by_model.setdefault(case.model, []).append(case)
+    progress = tqdm(total=len(cases) * len(systems), desc="latency bench")
+    for model, model_cases in by_model.items():
+        config = EngineConfig(model=model, dummy_weights=True, runtime=RuntimeConfig(device="cuda", dtype="float16"))
+        llm = LLM(config)
+        hf = _hf_model(llm, model) if any(s.startswith("hf") for s in systems) else None
+        profile = load_or_measure(llm.device, llm.model_config, llm.dtype, model_cases[0].batch_size, progress=True)
+        bandwidth = max(bandwidth, profile.h2d_bytes_per_s(256 * 2**20) / 1e9)
+        for case in model_cases:
+            prompts = _prompts(case, llm.model_config.vocab_size)
+            for system in systems:
+                progress.set_postfix_str(f"{model} b={case.batch_size} s={case.prompt_len} {system}")
+                row: dict[str, Any] = {**asdict(case), "system": system}
+                try:
+                    if system == "hf-gpu":
+                        if not _kv_fits_on_gpu(llm, case):
+                            row["skipped"] = "KV cache does not fit on the GPU"
+                        else:
+                            row.update(run_hf(hf, case, prompts, offloaded=False))
+                    elif system == "hf-offloaded":
+                        row.update(run_hf(hf, case, prompts, offloaded=True))
+                    elif system == "kvpr-off":
+                        row.update(run_kvpr(llm, case, prompts, "off"))
+                    elif system == "kvpr-auto":
+                        row.update(run_kvpr(llm, case, prompts, "auto"))
+                    elif system.startswith("kvpr-"):
+                        row.update(run_kvpr(llm, case, prompts, float(system.removeprefix("kvpr-"))))
+                    elif system == "floor":
+                        row.update(floor_row(llm, case, profile))
+                except (torch.cuda.OutOfMemoryError, KvprError) as err:
+                    row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                _free()
+                if row.get("decode_ms_per_token"):
+                    row["tokens_per_s"] = case.batch_size * 1e3 / row["decode_ms_per_token"]
+                rows.append(row)
+                tqdm.write(json.dumps({k: v for k, v in row.items() if k != "recompute_lens"}))
+                progress.update()
+        del llm, hf
+        _free()
+    progress.close()
+    return rows, bandwidth
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """kvpr-auto relative to each other system of the same case (> 1 means kvpr is faster)."""
+    key = lambda r: (r["model"], r["batch_size"], r["prompt_len"], r["gen_len"])  # noqa: E731
+    auto = {key(r): r for r in rows if r["system"] == "kvpr-auto" and r.get("decode_ms_per_token")}
+    for row in rows:
+        mine = auto.get(key(row))
+        if mine and row.get("decode_ms_per_token") and row["system"] != "kvpr-auto":
+            row["kvpr_auto_speedup"] = row["decode_ms_per_token"] / mine["decode_ms_per_token"]
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | b | prompt | gen | system | decode ms/token | prefill s | tokens/s | l/s | kvpr-auto speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['prompt_len']} | {r['gen_len']} | {r['system']} | "
+            f"{fmt(r.get('decode_ms_per_token'), '.1f') if not r.get('skipped') else 'skipped'} | "
+            f"{fmt(r.get('prefill_s'), '.2f')} | {fmt(r.get('tokens_per_s'), '.1f')} | "
+            f"{fmt(r.get('recompute_fraction'), '.2f')} | {fmt(r.get('kvpr_auto_speedup'), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["model"], r["batch_size"], r["prompt_len"]) for r in rows})
+    systems = [s for s in dict.fromkeys(r["system"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(cases)), 4))
+    width = 0.8 / len(systems)
+    for index, system in enumerate(systems):
+        values = []
+        for case in cases:
+            match = [r for r in rows if (r["model"], r["batch_size"], r["prompt_len"]) == case and r["system"] == system]
+            values.append(match[0].get("decode_ms_per_token") or 0.0 if match else 0.0)
+        ax.bar([c + index * width for c in range(len(cases))], values, width, label=system)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels([f"{m}\nb={b} s={p}" for m, b, p in cases], fontsize=8)
+    ax.set_ylabel("decode ms / token (lower is better)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("Latency mode, KV offloaded to host memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", nargs="+", default=["paper", "long"], choices=list(SUITES))
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS))
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", default="latency")
+    parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD)")
+    args = parser.parse_args()
+    cases = [case for suite in args.suite for case in SUITES[suite]]
+    rows, bandwidth = bench(cases, tuple(args.systems))
+    add_ratios(rows)
+    device = torch.cuda.get_device_name()
+    date = datetime.date.today().strftime("%Y%m%d")
+    commit = args.commit or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.tag}-{device.replace(' ', '_')}-{date}"
+    result = {"device": device, "date": date, "commit": commit or "unknown", "torch": torch.__version__,
+              "bandwidth_h2d_gbps": bandwidth, "rows": rows}
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    table = markdown(rows)
+    (out / f"{stem}.md").write_text(table + "\n")
+    plot(rows, out / f"{stem}.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Measures the rates the cost model needs on this machine, and caches them as JSON.
+
+Hardware numbers never live in code: the solver plans with a HardwareProfile measured here (CUDA:
+pinned copies and GEMMs timed with events) or loaded from a file. On a CPU-only machine the same
+quantities are measured on tiny sizes (memcpy, CPU matmul) so CI exercises every path in < 3 s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvpr.config import Arch, ModelConfig
+from kvpr.errors import KvprError
+from kvpr.scheduler.cost_model import RateCurve
+
+PROFILE_FORMAT_VERSION = 1
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Measured transfer and compute rates of one device (and torch version), for one model shape."""
+
+    device_name: str
+    torch_version: str
+    h2d: RateCurve  # (chunk bytes, bytes/s) of pinned host-to-device copies
+    d2h: RateCurve  # (chunk bytes, bytes/s) of pinned device-to-host copies
+    gemm: RateCurve  # (M rows, FLOP/s) of [M, gemm_hidden] x [gemm_hidden, gemm_kv_width]
+    gemm_hidden: int
+    gemm_kv_width: int  # 2 * n_kv * d: K and V projections fused
+    dtype: str = "float16"
+    batch_size: int = 1  # batch of the attention timings
+    attention: tuple[tuple[int, float], ...] = ()  # (context_len, seconds) of one decode attention
+    decode_layer_s: float | None = None  # one decode layer's GEMMs at M = batch_size, no I/O, no attention
+    created: str = ""  # ISO 8601, UTC
+    format_version: int = PROFILE_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.gemm_hidden < 1 or self.gemm_kv_width < 1 or self.batch_size < 1:
+            raise KvprError("profile has a GEMM width or batch size < 1: re-run kvpr profile")
+        if any(s < 1 or not (math.isfinite(t) and t > 0) for s, t in self.attention):
+            raise KvprError("profile has an attention timing that is not positive: re-run kvpr profile")
+        if self.decode_layer_s is not None and not (math.isfinite(self.decode_layer_s) and self.decode_layer_s > 0):
+            raise KvprError(f"profile has decode_layer_s={self.decode_layer_s}: re-run kvpr profile")
+
+    def h2d_bytes_per_s(self, nbytes: float) -> float:
+        return self.h2d.rate(nbytes)
+
+    def d2h_bytes_per_s(self, nbytes: float) -> float:
+        return self.d2h.rate(nbytes)
+
+    def gemm_flop_per_s(self, rows: float) -> float:
+        return self.gemm.rate(rows)
+
+    def attention_s(self, context_len: int) -> float:
+        """Linear in s between measured points; below/above them, proportional to the nearest one."""
+        if not self.attention:
+            raise KvprError("this profile has no attention timings: re-run kvpr profile")
+        points = sorted(self.attention)
+        for (s0, t0), (s1, t1) in pairwise(points):
+            if s0 <= context_len <= s1:
+                return t0 + (t1 - t0) * (context_len - s0) / (s1 - s0)
+        s_end, t_end = points[0] if context_len < points[0][0] else points[-1]
+        return t_end * context_len / s_end
+
+    def covers(self, model: ModelConfig, dtype: torch.dtype) -> bool:
+        """Whether the GEMM rates were measured for this model's recompute shape and dtype."""
+        return (self.gemm_hidden, self.gemm_kv_width, self.dtype) == (
+            model.hidden_size, 2 * model.kv_size, _dtype_name(dtype))
+
+    def to_json(self) -> str:
+        fields: dict[str, Any] = {
+            "format_version": self.format_version, "device_name": self.device_name,
+            "torch_version": self.torch_version, "created": self.created, "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "h2d": [list(p) for p in self.h2d.points], "d2h": [list(p) for p in self.d2h.points],
+            "gemm_hidden": self.gemm_hidden, "gemm_kv_width": self.gemm_kv_width,
+            "gemm": [list(p) for p in self.gemm.points],
+            "attention": [list(p) for p in self.attention], "decode_layer_s": self.decode_layer_s,
+        }
+        # one line per measured point, [size, rate] (a newline never occurs inside a JSON string)
+        number = r"(-?[0-9][0-9.eE+-]*)"
+        return re.sub(rf"\[\n *{number},\n *{number}\n *\]", r"[\1, \2]", json.dumps(fields, indent=2))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "profile") -> HardwareProfile:
+        fix = "delete it or re-run kvpr profile"
+        try:
+            data = json.loads(text)
+            version = int(data["format_version"])
+        except (ValueError, TypeError, KeyError) as problem:
+            raise KvprError(f"{source} is not a kvpr profile ({problem}): {fix}") from None
+        if version != PROFILE_FORMAT_VERSION:
+            raise KvprError(f"{source} has profile format {version}, this kvpr reads {PROFILE_FORMAT_VERSION}: {fix}")
+        try:
+            decode = data["decode_layer_s"]
+            return cls(
+                device_name=str(data["device_name"]), torch_version=str(data["torch_version"]),
+                h2d=RateCurve.from_points((float(n), float(r)) for n, r in data["h2d"]),
+                d2h=RateCurve.from_points((float(n), float(r)) for n, r in data["d2h"]),
+                gemm=RateCurve.from_points((float(m), float(r)) for m, r in data["gemm"]),
+                gemm_hidden=int(data["gemm_hidden"]), gemm_kv_width=int(data["gemm_kv_width"]),
+                dtype=str(data["dtype"]), batch_size=int(data["batch_size"]),
+                attention=tuple((int(s), float(t)) for s, t in data["attention"]),
+                decode_layer_s=None if decode is None else float(decode),
+                created=str(data["created"]), format_version=version,
+            )
+        except (ValueError, TypeError, KeyError) as problem:
+            kind = type(problem).__name__
+            raise KvprError(f"{source} is a malformed kvpr profile ({kind}: {problem}): {fix}") from None
+        except KvprError as problem:
+            raise KvprError(f"{source}: {problem}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically (a reader never sees half a file); creates the directory."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        partial.write_text(self.to_json() + "\n")
+        partial.replace(target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> HardwareProfile:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise KvprError(f"profile {path} not found: run kvpr profile to create it, or drop --profile") from None
+        except OSError as problem:
+            raise KvprError(f"profile {path} cannot be read ({problem.strerror}): check the path") from None
+        return cls.from_json(text, source=f"profile {path}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def device_name(device: torch.device) -> str:
+    """A human name of the device, stable across runs (the cache key)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine() or 'unknown'} x{os.cpu_count() or 1}"
+
+
+def default_profile_path(device_name: str, torch_version: str) -> Path:
+    """$XDG_CACHE_HOME (or ~/.cache)/kvpr/profiles/<device>__torch-<version>.json."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+    def clean(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "unknown"
+
+    return base / "kvpr" / "profiles" / f"{clean(device_name)}__torch-{clean(torch_version)}.json"
+
+
+@dataclass(frozen=True)
+class _Ladder:
+    """Sizes and time budgets of one measurement run."""
+
+    copy_bytes: tuple[int, ...]
+    gemm_rows: tuple[int, ...]
+    attention_lens: tuple[int, ...]
+    min_time_s: float  # time each point for at least this long, after a warm-up
+    phase_budget_s: float  # stop a ladder once its phase has taken this long
+    layer_weight_bytes: int  # time the layer's GEMMs only if its weights fit in this
+
+
+def _ladder(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int) -> _Ladder:
+    """CUDA: 1..256 MiB chunks and GEMMs to 64K rows, capped by free memory; CPU: tiny and quick."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv_row = 2 * model.num_kv_heads * model.head_dim * elem * batch_size  # K,V bytes per token
+    row = (model.hidden_size + 2 * model.kv_size) * elem  # bytes of one GEMM input + output row
+    if device.type != "cuda":
+        budget = 64 * _MIB
+        rows = tuple(4**k for k in range(6) if 4**k * row <= budget)
+        lens = tuple(s for s in (64, 256, 1024, 4096) if s <= model.max_position and s * kv_row <= budget)
+        return _Ladder(tuple(_MIB // 4 * 4**k for k in range(4)), rows or (1,), lens or (min(64, model.max_position),),
+                       min_time_s=0.01, phase_budget_s=0.35, layer_weight_bytes=budget)
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = free // 4
+    copies = tuple(_MIB << k for k in range(9) if _MIB << k <= budget) or (_MIB,)
+    rows = tuple(16 << k for k in range(13) if (16 << k) * row <= budget)
+    lens = tuple(s for s in (128 << k for k in range(9)) if s <= model.max_position and s * kv_row <= budget)
+    return _Ladder(copies, rows or (16,), lens or (128,), min_time_s=0.05, phase_budget_s=60.0,
+                   layer_weight_bytes=budget)
+
+
+def _timer(device: torch.device, min_time_s: float) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call of ``fn``: warm up, then time ever more repeats until one run lasts ``min_time_s``."""
+
+    def time_cuda(fn: Callable[[], object]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(2):
+            fn()  # warm-up: allocator, kernel choice, clocks
+        reps = 1
+        while True:
+            start.record()  # both events on the current stream: they bracket exactly the repeats
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+            if elapsed >= min_time_s or reps >= 1 << 12:
+                return elapsed / reps
+            reps = min(1 << 12, max(2 * reps, math.ceil(reps * min_time_s / max(elapsed, 1e-7))))
+
+    def time_cpu(fn: Callable[[], object]) -> float:
+        fn()  # warm-up: first touch of pages, kernel choice
+        reps = 1
+        while True:
+            begin = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            elapsed = time.perf_counter() - begin
+            if elapsed >= min_time_s or reps >= 1 << 12:
+                return elapsed / reps
+            reps = min(1 << 12, max(2 * reps, math.ceil(reps * min_time_s / max(elapsed, 1e-7))))
+
+    return time_cuda if device.type == "cuda" else time_cpu
+
+
+class _Progress:
+    """A rich progress bar per measurement phase when enabled; silent otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def phase(self, name: str, total: int) -> None:
+        if self._bar is not None:
+            self._task = self._bar.add_task(name, total=total)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+
+def _ladder_points(sizes: tuple[int, ...], budget_s: float, measure: Callable[[int], float],
+                   progress: _Progress) -> list[tuple[int, float]]:
+    """measure(size) for increasing sizes until the phase's time budget is spent (at least one)."""
+    began, points = time.perf_counter(), []
+    for size in sizes:
+        points.append((size, measure(size)))
+        progress.advance()
+        if time.perf_counter() - began > budget_s:
+            break
+    return points
+
+
+def measure_profile(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int,
+                    progress: bool = False) -> HardwareProfile:
+    """Measure H2D/D2H copy bandwidth, the recompute GEMM rate, decode attention and layer GEMM times."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cuda", "cpu"):
+        raise KvprError(f"cannot profile device {device}: kvpr profiles cuda and cpu devices")
+    ladder = _ladder(device, model, dtype, batch_size)
+    clock = _timer(device, ladder.min_time_s)
+    with _Progress(progress) as bar, torch.inference_mode():
+        h2d, d2h = _measure_copies(device, ladder, clock, bar)
+        gemm = _measure_gemm(device, model, dtype, ladder, clock, bar)
+        bar.phase("decode attention and layer", len(ladder.attention_lens) + 1)
+        attention = _ladder_points(ladder.attention_lens, ladder.phase_budget_s,
+                                   lambda s: clock(_attention_call(model, dtype, device, batch_size, s)), bar)
+        layer = _layer_gemms(model, dtype, device, batch_size, ladder.layer_weight_bytes)
+        decode_layer_s = clock(layer) if layer is not None else None
+        bar.advance()
+    return HardwareProfile(
+        device_name=device_name(device), torch_version=str(torch.__version__),
+        h2d=RateCurve.from_points(h2d), d2h=RateCurve.from_points(d2h), gemm=RateCurve.from_points(gemm),
+        gemm_hidden=model.hidden_size, gemm_kv_width=2 * model.kv_size, dtype=_dtype_name(dtype),
+        batch_size=batch_size, attention=tuple(attention), decode_layer_s=decode_layer_s,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+_Clock = Callable[[Callable[[], object]], float]
+
+
+def _measure_copies(device: torch.device, ladder: _Ladder, clock: _Clock,
+                    bar: _Progress) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(bytes, bytes/s) both ways: pinned host <-> device on CUDA, plain memcpy between host tensors on CPU."""
+    largest = max(ladder.copy_bytes)
+    host = torch.empty(largest, dtype=torch.uint8, pin_memory=device.type == "cuda").fill_(1)
+    dev = torch.empty(largest, dtype=torch.uint8, device=device).fill_(1)
+
+    def rate(src: torch.Tensor, dst: torch.Tensor) -> float:
+        # non_blocking from/to pinned memory: the copy is queued on the current stream, timed by events
+        return src.numel() / clock(lambda: dst.copy_(src, non_blocking=True))
+
+    bar.phase("host -> device copies", len(ladder.copy_bytes))
+    h2d = _ladder_points(ladder.copy_bytes, ladder.phase_budget_s, lambda n: rate(host[:n], dev[:n]), bar)
+    bar.phase("device -> host copies", len(ladder.copy_bytes))
+    d2h = _ladder_points(ladder.copy_bytes, ladder.phase_budget_s, lambda n: rate(dev[:n], host[:n]), bar)
+    return h2d, d2h
+
+
+def _measure_gemm(device: torch.device, model: ModelConfig, dtype: torch.dtype, ladder: _Ladder, clock: _Clock,
+                  bar: _Progress) -> list[tuple[int, float]]:
+    """(M rows, FLOP/s) of the recompute GEMM [M, h] x [h, 2*kv]."""
+    hidden, width = model.hidden_size, 2 * model.kv_size
+    top = max(ladder.gemm_rows)
+    x = _filled((top, hidden), dtype, device)  # [M, h]
+    w = _filled((hidden, width), dtype, device)  # [h, 2*kv]
+    out = torch.empty(top, width, dtype=dtype, device=device)  # [M, 2*kv]
+
+    def rate(rows: int) -> float:
+        x_rows, out_rows = x[:rows], out[:rows]
+        return 2.0 * rows * hidden * width / clock(lambda: torch.mm(x_rows, w, out=out_rows))
+
+    bar.phase("recompute GEMM", len(ladder.gemm_rows))
+    return _ladder_points(ladder.gemm_rows, ladder.phase_budget_s, rate, bar)
+
+
+def _filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Random on CUDA (realistic power draw); a constant on CPU (randn of big weights is slow)."""
+    if device.type == "cuda":
+        return torch.randn(shape, device=device).to(dtype)
+    return torch.full(shape, 0.01, dtype=dtype, device=device)
+
+
+def _attention_call(model: ModelConfig, dtype: torch.dtype, device: torch.device, batch_size: int,
+                    context_len: int) -> Callable[[], torch.Tensor]:
+    """One decode step's attention: one query token per sequence against ``context_len`` keys."""
+    d = model.head_dim
+    q = _filled((batch_size, model.num_q_heads, 1, d), dtype, device)  # [b, n_q, 1, d]
+    k = _filled((batch_size, model.num_kv_heads, context_len, d), dtype, device)  # [b, n_kv, s, d]
+    v = _filled((batch_size, model.num_kv_heads, context_len, d), dtype, device)  # [b, n_kv, s, d]
+    gqa = model.num_q_heads != model.num_kv_heads
+    return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+
+def _layer_gemms(model: ModelConfig, dtype: torch.dtype, device: torch.device, batch_size: int,
+                 max_weight_bytes: int) -> Callable[[], None] | None:
+    """The projections and MLP of one decode layer at M = b rows, if its weights fit the budget."""
+    h, inter = model.hidden_size, model.intermediate_size
+    mlp_in = 2 * inter if model.arch is Arch.LLAMA else inter  # gate+up fused (SwiGLU) or fc1
+    shapes = [(h, model.q_size + 2 * model.kv_size), (model.q_size, h), (h, mlp_in), (inter, h)]
+    elem = torch.empty((), dtype=dtype).element_size()
+    if sum(k * n for k, n in shapes) * elem > max_weight_bytes:
+        return None
+    weights = [_filled(shape, dtype, device) for shape in shapes]
+    inputs = [_filled((batch_size, k), dtype, device) for k, _ in shapes]  # [b, in_features]
+
+    def run() -> None:
+        for x, w in zip(inputs, weights, strict=True):
+            torch.mm(x, w)
+
+    return run
+
+
+def load_or_measure(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int,
+                    path: str | os.PathLike[str] | None = None, reprofile: bool = False,
+                    progress: bool = False) -> HardwareProfile:
+    """An explicit ``path`` is loaded (or, with ``reprofile``, measured into); otherwise the cached
+    profile of this device and torch version is reused if it covers the model's recompute GEMM and
+    dtype, else measured and cached. Attention timings stay those of the batch first profiled."""
+    device = torch.device(device)
+    if path is not None and not reprofile:
+        return HardwareProfile.load(path)
+    name, version = device_name(device), str(torch.__version__)
+    target = Path(path) if path is not None else default_profile_path(name, version)
+    if not reprofile and target.exists():
+        try:
+            cached = HardwareProfile.load(target)
+        except KvprError:
+            cached = None  # stale or damaged cache: measure again and overwrite it
+        if cached is not None and (cached.device_name, cached.torch_version) == (name, version) \
+                and cached.covers(model, dtype):
+            return cached
+    profile = measure_profile(device, model, dtype, batch_size, progress)
+    profile.save(target)
+    return profile

@@ -1,0 +1,74 @@
+"""The same equality tests on a CUDA device in fp16 (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_hf_model, make_llm
+from kvpr.config import SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+# fp16 logits of the tiny models are O(10); kernels differ from transformers' in summation order.
+FP16_ATOL = 5e-2
+PATHS = [("none", "off", True), ("cpu", "off", True), ("cpu", 0.5, True), ("cpu", 1.0, True),
+         ("cpu", "auto", True), ("cpu", 0.5, False)]
+PROMPTS = [[5, 17, 33, 2, 90, 11], [7, 7, 61], [100, 3, 44, 21, 9, 8, 71, 12, 4]]
+
+
+def gpu_llm(model, offload="none", recompute="off", overlap=True, dummy_weights=False):
+    return make_llm(model, offload, recompute, overlap, device="cuda", dtype="float16", dummy_weights=dummy_weights)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "qwen2"])
+@pytest.mark.parametrize("offload,recompute", [("none", "off"), ("cpu", 0.5), ("cpu", 1.0)])
+def test_fp16_logits_against_hf(tiny_checkpoint, family: str, offload: str, recompute) -> None:
+    hf = make_hf_model(family).to("cuda", torch.float16)
+    llm = gpu_llm(tiny_checkpoint(family), offload, recompute)
+    ids = torch.tensor([PROMPTS[2] + [5, 6, 7, 8, 9, 10, 11, 12]], device="cuda")
+    prompt_len = len(PROMPTS[2])
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits.float()
+    executor = llm.make_executor(1, ids.shape[1])
+    mask = torch.ones_like(ids[:, :prompt_len], dtype=torch.bool)
+    prefill = executor.prefill(ids[:, :prompt_len], mask, all_logits=True).float()
+    assert (prefill - expected[:, :prompt_len]).abs().max().item() < FP16_ATOL
+    for position in range(prompt_len, ids.shape[1]):
+        logits = executor.decode(ids[:, position]).float()
+        assert (logits - expected[:, position]).abs().max().item() < FP16_ATOL, position
+    executor.finish()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+def test_fp16_greedy_tokens_equal_across_paths(tiny_checkpoint, family: str) -> None:
+    params = SamplingParams(max_new_tokens=16, stop_on_eos=False)
+    reference = [c.token_ids for c in gpu_llm(tiny_checkpoint(family)).generate(PROMPTS, params)]
+    for offload, recompute, overlap in PATHS:
+        llm = gpu_llm(tiny_checkpoint(family), offload, recompute, overlap)
+        assert [c.token_ids for c in llm.generate(PROMPTS, params)] == reference, (offload, recompute, overlap)
+
+
+def test_offloaded_storage_is_pinned_exactly() -> None:
+    llm = gpu_llm("opt-125m", "cpu", 0.5, dummy_weights=True)
+    executor = llm.make_executor(3, 100)
+    assert executor.storage.is_pinned
+    shape = executor.storage.shape
+    assert executor.storage.nbytes == shape.kv_bytes() + shape.x_bytes()
+
+
+def test_dummy_opt_overlapped_matches_sequential() -> None:
+    """A real-size layer stack: the overlapped executor's logits equal the oracle's (fp16 tolerance)."""
+    prompts = torch.randint(0, 50000, (4, 64), generator=torch.Generator().manual_seed(0)).tolist()
+    outputs = []
+    for overlap in (True, False):
+        llm = gpu_llm("opt-125m", "cpu", 0.5, overlap=overlap, dummy_weights=True)
+        executor = llm.make_executor(4, 80)
+        ids = torch.tensor(prompts, device="cuda")
+        executor.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        steps = [executor.decode(ids[:, step]).float() for step in range(8)]
+        executor.finish()
+        outputs.append(torch.stack(steps))
+    assert (outputs[0] - outputs[1]).abs().max().item() < 1e-2

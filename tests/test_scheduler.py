@@ -1,0 +1,368 @@
+"""Scheduler: rate curves, profile JSON and measurement, cost model, exact split solver, plans."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpr.config import Arch, ModelConfig
+from kvpr.errors import KvprError
+from kvpr.scheduler import profiler
+from kvpr.scheduler.cost_model import (
+    LayerShape,
+    RateCurve,
+    Schedule,
+    chunked_s,
+    floor_s,
+    full_copy_s,
+    kv_copy_s,
+    recompute_s,
+    sequential_s,
+    step_model,
+    step_s,
+    x_copy_s,
+)
+from kvpr.scheduler.plan import SplitPlan, format_plans, plan_decode_step
+from kvpr.scheduler.profiler import HardwareProfile, default_profile_path, load_or_measure, measure_profile
+from kvpr.scheduler.solver import resident_tokens, solve_split
+
+MIB = 1 << 20
+
+
+def synthetic_profile(h2d: list[tuple[float, float]], gemm: list[tuple[float, float]], hidden: int = 4096,
+                      kv_width: int = 8192) -> HardwareProfile:
+    return HardwareProfile(
+        device_name="synthetic", torch_version="0", h2d=RateCurve.from_points(h2d),
+        d2h=RateCurve.from_points(h2d), gemm=RateCurve.from_points(gemm), gemm_hidden=hidden,
+        gemm_kv_width=kv_width, batch_size=32, attention=((1024, 1e-4), (4096, 3e-4)), decode_layer_s=2e-3,
+        created="2025-01-01T00:00:00+00:00",
+    )
+
+
+# The DESIGN section 1 figures of the H100 host, written out here as test data.
+H100 = synthetic_profile([(MIB, 28e9), (8 * MIB, 49e9), (256 * MIB, 55e9)], [(256, 355e12), (4096, 720e12)])
+
+
+def model_config(hidden: int, num_q_heads: int, num_kv_heads: int, num_layers: int = 2,
+                 max_position: int = 4096) -> ModelConfig:
+    return ModelConfig(arch=Arch.LLAMA, model_type="llama", vocab_size=128, hidden_size=hidden,
+                       intermediate_size=2 * hidden, num_layers=num_layers, num_q_heads=num_q_heads,
+                       num_kv_heads=num_kv_heads, head_dim=hidden // num_q_heads, max_position=max_position)
+
+
+TINY = model_config(64, 4, 2)
+
+
+# ---------------------------------------------------------------- rate curves and profiles
+
+
+def test_rate_curve_interpolates_in_log_size_and_clamps() -> None:
+    curve = RateCurve.from_points([(4 * MIB, 40e9), (MIB, 20e9)])
+    assert curve.sizes == (MIB, 4 * MIB)
+    assert curve.rate(2 * MIB) == pytest.approx(30e9)  # halfway in log(size)
+    assert curve.rate(MIB * 2**0.5) == pytest.approx(25e9)
+    assert curve.rate(1) == 20e9 and curve.rate(1e12) == 40e9  # clamped at both ends
+    assert curve.log_slope(2 * MIB) == pytest.approx(20e9 / math.log(4))
+    assert curve.log_slope(1) == 0.0 and curve.peak == 40e9
+    assert RateCurve.from_points([(1, 2.0), (1, 4.0)]).rates == (3.0,)  # repeated sizes averaged
+    profile = synthetic_profile([(MIB, 20e9), (4 * MIB, 40e9)], [(16, 1e12), (256, 5e12)])
+    assert profile.h2d_bytes_per_s(2 * MIB) == pytest.approx(30e9)
+    assert profile.gemm_flop_per_s(64) == pytest.approx(3e12)
+    assert profile.gemm_flop_per_s(1) == 1e12 and profile.gemm_flop_per_s(1 << 20) == 5e12
+
+
+@pytest.mark.parametrize("points", [[], [(0.0, 1.0)], [(1.0, -1.0)], [(1.0, math.nan)]])
+def test_rate_curve_rejects_bad_points(points: list[tuple[float, float]]) -> None:
+    with pytest.raises(KvprError):
+        RateCurve.from_points(points)
+
+
+def test_attention_interpolates_and_scales_beyond_points() -> None:
+    assert H100.attention_s(2048) == pytest.approx(1e-4 + 2e-4 / 3)
+    assert H100.attention_s(8192) == pytest.approx(6e-4)  # proportional to s past the last point
+    assert H100.attention_s(512) == pytest.approx(0.5e-4)
+
+
+def test_profile_json_round_trip(tmp_path: Path) -> None:
+    assert HardwareProfile.from_json(H100.to_json()) == H100
+    path = H100.save(tmp_path / "deep" / "dir" / "p.json")
+    assert HardwareProfile.load(path) == H100
+    assert json.loads(path.read_text())["h2d"][0] == [MIB, 28e9]
+
+
+def test_profile_load_errors_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(KvprError, match="not found"):
+        HardwareProfile.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(KvprError, match="not a kvpr profile"):
+        HardwareProfile.load(bad)
+    data = json.loads(H100.to_json())
+    del data["gemm"]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(KvprError, match="malformed"):
+        HardwareProfile.load(bad)
+    data = json.loads(H100.to_json())
+    data["h2d"] = [[MIB, -5.0]]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(KvprError, match="positive"):
+        HardwareProfile.load(bad)
+    data = json.loads(H100.to_json())
+    data["format_version"] = 999
+    bad.write_text(json.dumps(data))
+    with pytest.raises(KvprError, match="format 999"):
+        HardwareProfile.load(bad)
+
+
+def test_measure_profile_on_cpu_for_real_and_round_trip() -> None:
+    began = time.perf_counter()
+    profile = measure_profile(torch.device("cpu"), TINY, torch.float32, batch_size=2, progress=False)
+    assert time.perf_counter() - began < 3.0
+    assert profile.device_name == profiler.device_name(torch.device("cpu"))
+    assert profile.torch_version == str(torch.__version__) and profile.dtype == "float32"
+    assert (profile.gemm_hidden, profile.gemm_kv_width, profile.batch_size) == (64, 64, 2)
+    assert profile.covers(TINY, torch.float32) and not profile.covers(TINY, torch.float16)
+    assert len(profile.h2d.sizes) >= 2 and profile.h2d.sizes[0] == MIB // 4
+    assert len(profile.gemm.sizes) >= 2 and len(profile.attention) >= 2
+    # a memcpy runs at 10 MB/s .. 1 TB/s and a tiny matmul at 1 MFLOP/s .. 10 TFLOP/s on any CPU
+    assert all(1e7 < rate < 1e12 for rate in (*profile.h2d.rates, *profile.d2h.rates))
+    assert all(1e6 < rate < 1e13 for rate in profile.gemm.rates)
+    assert profile.decode_layer_s is not None and 0 < profile.decode_layer_s < 0.1
+    assert HardwareProfile.from_json(profile.to_json()) == profile
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_measure_profile_on_cuda() -> None:
+    model = model_config(1024, 16, 4, max_position=4096)
+    profile = measure_profile(torch.device("cuda"), model, torch.float16, batch_size=8, progress=False)
+    assert profile.device_name == torch.cuda.get_device_name() and profile.dtype == "float16"
+    assert profile.h2d.sizes[0] == MIB and len(profile.h2d.sizes) >= 4
+    # any PCIe or NVLink-C2C link: 1 to 1000 GB/s; larger pinned chunks are not slower than 1 MiB ones
+    assert all(1e9 < rate < 1e12 for rate in (*profile.h2d.rates, *profile.d2h.rates))
+    assert profile.h2d.rate(max(profile.h2d.sizes)) > profile.h2d.rate(MIB)
+    assert profile.gemm.rate(max(profile.gemm.sizes)) > profile.gemm.rate(16)  # bigger GEMMs run closer to peak
+    assert profile.decode_layer_s is not None and len(profile.attention) >= 4
+    assert HardwareProfile.from_json(profile.to_json()) == profile
+
+
+def test_default_profile_path_is_sanitized_under_the_cache_dir(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = default_profile_path("NVIDIA H100 80GB HBM3", "2.11.0+cu128")
+    assert path == tmp_path / "kvpr" / "profiles" / "NVIDIA_H100_80GB_HBM3__torch-2.11.0_cu128.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_profile_path("a/../b", "1").parent == Path.home() / ".cache" / "kvpr" / "profiles"
+    assert "/" not in default_profile_path("a/../b", "1").name
+
+
+def test_load_or_measure_reuses_only_a_matching_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls: list[ModelConfig] = []
+
+    def fake_measure(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int,
+                     progress: bool) -> HardwareProfile:
+        calls.append(model)
+        return HardwareProfile(
+            device_name=profiler.device_name(device), torch_version=str(torch.__version__), h2d=H100.h2d,
+            d2h=H100.d2h, gemm=H100.gemm, gemm_hidden=model.hidden_size, gemm_kv_width=2 * model.kv_size,
+            dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, created=f"run {len(calls)}")
+
+    monkeypatch.setattr(profiler, "measure_profile", fake_measure)
+    cpu = torch.device("cpu")
+    first = load_or_measure(cpu, TINY, torch.float32, 2)
+    assert len(calls) == 1
+    assert default_profile_path(first.device_name, first.torch_version).exists()
+    assert load_or_measure(cpu, TINY, torch.float32, 2) == first and len(calls) == 1  # cache hit
+    other = model_config(128, 4, 4)
+    assert load_or_measure(cpu, other, torch.float32, 2).gemm_hidden == 128 and len(calls) == 2  # new shape
+    assert load_or_measure(cpu, other, torch.float32, 2, reprofile=True).created == "run 3"
+    cache = default_profile_path(first.device_name, first.torch_version)
+    cache.write_text("damaged")
+    assert load_or_measure(cpu, other, torch.float32, 2).created == "run 4"  # damaged cache re-measured
+    explicit = tmp_path / "mine.json"
+    with pytest.raises(KvprError, match="not found"):
+        load_or_measure(cpu, TINY, torch.float32, 2, path=explicit)
+    H100.save(explicit)
+    assert load_or_measure(cpu, TINY, torch.float32, 2, path=explicit) == H100  # explicit path: as is
+    assert len(calls) == 4
+
+
+# ---------------------------------------------------------------- cost model
+
+
+def test_cost_model_matches_hand_arithmetic() -> None:
+    profile = synthetic_profile([(1.0, 10e9)], [(1.0, 1e12)])  # constant B = 10 GB/s, F = 1 TFLOP/s
+    shape = LayerShape(batch_size=2, context_len=100, hidden_size=64, kv_size=32, x_bytes_per_token_elem=2,
+                       kv_bytes_per_token_elem=0.25)
+    split = 40
+    t_x = 2 * split * 64 * 2 / 10e9
+    t_kv = 2 * (100 - split) * 2 * 32 * 0.25 / 10e9
+    t_rc = 2 * split * 2 * 64 * 2 * 32 / 1e12
+    assert x_copy_s(shape, profile, split) == pytest.approx(t_x, rel=1e-12)
+    assert kv_copy_s(shape, profile, 100 - split) == pytest.approx(t_kv, rel=1e-12)
+    assert recompute_s(shape, profile, split) == pytest.approx(t_rc, rel=1e-12)
+    assert sequential_s(shape, profile, split) == pytest.approx(t_x + max(t_rc, t_kv), rel=1e-12)
+    assert chunked_s(shape, profile, split, 4) == pytest.approx(max(t_x + t_kv, t_x / 4 + t_rc), rel=1e-12)
+    assert full_copy_s(shape, profile) == pytest.approx(2 * 100 * 64 * 0.25 / 10e9, rel=1e-12)
+    for schedule in Schedule:
+        assert step_s(shape, profile, 0, schedule) == full_copy_s(shape, profile)
+    assert floor_s(shape, profile, split) == pytest.approx(max((2 * split * 64 * 2 + 2 * 60 * 64 * 0.25) / 10e9, t_rc))
+    with pytest.raises(KvprError):
+        step_s(shape, profile, 101, Schedule.SEQUENTIAL)
+
+
+def test_cost_model_evaluates_rates_at_the_copied_block_size() -> None:
+    profile = synthetic_profile([(MIB, 10e9), (64 * MIB, 40e9)], [(64, 1e12), (4096, 4e12)])
+    shape = LayerShape(32, 2048, 1024, 1024, 2, 2)  # X of 2048 tokens: 128 MiB
+    assert x_copy_s(shape, profile, 2048) == pytest.approx(128 * MIB / 40e9)  # one block, clamped at 64 MiB
+    assert x_copy_s(shape, profile, 2048, blocks=8) == pytest.approx(128 * MIB / profile.h2d.rate(16 * MIB))
+    assert recompute_s(shape, profile, 2048, blocks=16) == pytest.approx(
+        shape.recompute_flops(2048) / profile.gemm.rate(32 * 2048 / 16))
+    t_x, t_rc = x_copy_s(shape, profile, 2048, blocks=8), recompute_s(shape, profile, 2048, blocks=8)
+    assert chunked_s(shape, profile, 2048, 8) == pytest.approx(max(t_x, t_x / 8 + t_rc))
+
+
+# ---------------------------------------------------------------- solver
+
+
+def brute_force(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, num_chunks: int,
+                granularity: int) -> tuple[list[int], float]:
+    grid = sorted({*range(0, shape.context_len + 1, granularity), shape.context_len})
+    model = step_model(shape, profile, schedule, num_chunks)
+    return grid, min(model.seconds(split) for split in grid)
+
+
+@st.composite
+def rate_curves(draw: st.DrawFn, low: float, high: float, rate_low: float, rate_high: float) -> RateCurve:
+    count = draw(st.integers(1, 6))
+    exponents = draw(st.lists(st.floats(math.log10(low), math.log10(high)), min_size=count, max_size=count,
+                              unique=True))
+    rates = draw(st.lists(st.floats(math.log10(rate_low), math.log10(rate_high)), min_size=count,
+                          max_size=count))
+    return RateCurve.from_points((10**e, 10**r) for e, r in zip(exponents, rates, strict=True))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    b=st.integers(1, 64), s=st.integers(0, 2500), h=st.integers(16, 8192), kv=st.integers(8, 8192),
+    ex=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]), ekv=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]),
+    h2d=rate_curves(1e3, 1e10, 1e8, 1e11), gemm=rate_curves(1.0, 1e6, 1e10, 1e15),
+    schedule=st.sampled_from(list(Schedule)), num_chunks=st.integers(1, 16),
+    granularity=st.one_of(st.just(1), st.integers(1, 300)),
+)
+def test_solver_equals_brute_force_minimum(b: int, s: int, h: int, kv: int, ex: float, ekv: float, h2d: RateCurve,
+                                           gemm: RateCurve, schedule: Schedule, num_chunks: int,
+                                           granularity: int) -> None:
+    profile = HardwareProfile("synthetic", "0", h2d, h2d, gemm, h, 2 * kv)
+    shape = LayerShape(b, s, h, kv, ex, ekv)
+    choice = solve_split(shape, profile, schedule, num_chunks, granularity)
+    grid, best = brute_force(shape, profile, schedule, num_chunks, granularity)
+    assert choice.recompute_len in grid
+    assert choice.predicted_s == step_s(shape, profile, choice.recompute_len, schedule, num_chunks)
+    assert choice.predicted_s <= best * (1 + 1e-9)
+    assert choice.copy_all_s == full_copy_s(shape, profile)
+
+
+@pytest.mark.parametrize("schedule", list(Schedule))
+@pytest.mark.parametrize(("hidden", "kv_size", "ex", "ekv"), [
+    (4096, 1024, 2, 2),  # Llama-3-8B: X is 2x K,V
+    (576, 192, 2, 2),  # SmolLM2-135M: X is 1.5x K,V
+    (4096, 4096, 2, 0.5),  # OPT-6.7B with 4-bit K,V and fp16 X: X is 2x the encoded K,V
+])
+def test_solver_finds_no_recompute_when_x_outweighs_kv(schedule: Schedule, hidden: int, kv_size: int, ex: float,
+                                                       ekv: float) -> None:
+    for batch, context in ((1, 512), (32, 2048), (8, 8192)):
+        choice = solve_split(LayerShape(batch, context, hidden, kv_size, ex, ekv), H100, schedule, 16)
+        assert choice.recompute_len == 0
+        assert choice.predicted_s == choice.copy_all_s
+
+
+@pytest.mark.parametrize(("hidden", "bandwidth", "flops", "batch", "context"), [
+    (4096, 32e9, 312e12, 32, 2048),  # the paper's constants: l*/s = 0.70
+    (5120, 32e9, 312e12, 8, 1000),  # 0.66
+    (7168, 32e9, 312e12, 1, 4096),  # 0.58
+    (4096, 55e9, 720e12, 64, 3000),  # H100-like: 0.76
+])
+def test_solver_matches_mha_closed_form(hidden: int, bandwidth: float, flops: float, batch: int,
+                                        context: int) -> None:
+    profile = synthetic_profile([(MIB, bandwidth)], [(64, flops)])
+    shape = LayerShape(batch, context, hidden, hidden, 2, 2)
+    choice = solve_split(shape, profile, Schedule.SEQUENTIAL)
+    expected = 1 / (1 + hidden * bandwidth / flops)
+    assert abs(choice.recompute_len / context - expected) <= 1 / context
+    assert choice.copy_all_s / choice.predicted_s == pytest.approx(1 / (1 - expected / 2), rel=2e-3)
+
+
+def test_solver_reproduces_design_figures_for_opt_6_7b() -> None:
+    shape = LayerShape(32, 2048, 4096, 4096, 2, 2)
+    assert full_copy_s(shape, H100) == pytest.approx(19.5e-3, rel=0.01)
+    sequential = solve_split(shape, H100, Schedule.SEQUENTIAL)
+    assert sequential.recompute_len / 2048 == pytest.approx(0.76, abs=0.01)
+    assert sequential.predicted_s == pytest.approx(12.1e-3, rel=0.01)
+    chunked = solve_split(shape, H100, Schedule.CHUNKED, num_chunks=16)
+    assert chunked.recompute_len == 2048  # X is half of K,V: recompute everything
+    assert chunked.predicted_s == pytest.approx(2048 * 32 * 4096 * 2 / H100.h2d.rate(32 * MIB))  # X copy bound
+    assert chunked.speedup > 1.85
+
+
+def test_solver_respects_granularity() -> None:
+    shape = LayerShape(32, 2050, 4096, 4096, 2, 2)
+    choice = solve_split(shape, H100, Schedule.SEQUENTIAL, granularity=64)
+    assert choice.recompute_len % 64 == 0 and choice.recompute_len / 2050 == pytest.approx(0.76, abs=0.03)
+    assert solve_split(shape, H100, Schedule.CHUNKED, granularity=64).recompute_len == 2050  # s itself allowed
+    with pytest.raises(KvprError):
+        solve_split(shape, H100, Schedule.CHUNKED, granularity=0)
+
+
+def test_resident_tokens() -> None:
+    model = model_config(4096, 32, 8, num_layers=32)  # K,V: 2 * 1024 elements per token per layer
+    per_token = 4 * 32 * 2 * 1024 * 2  # batch 4, fp16: 512 KiB per token
+    assert resident_tokens(model, 4, 10_000, 1000 * per_token + 5 * MIB, 2, 5 * MIB) == 1000
+    assert resident_tokens(model, 4, 10_000, 1000 * per_token + 5 * MIB - 1, 2, 5 * MIB) == 999
+    assert resident_tokens(model, 4, 600, 1000 * per_token, 2, 0) == 600  # all fit
+    assert resident_tokens(model, 4, 600, MIB, 2, 2 * MIB) == 0  # reserve exceeds free memory
+    assert resident_tokens(model, 4, 10_000, 1000 * per_token, 0.5, 0) == 4000  # a 4-bit codec
+    with pytest.raises(KvprError):
+        resident_tokens(model, 0, 100, MIB, 2, 0)
+
+
+# ---------------------------------------------------------------- plans
+
+
+def test_plan_decode_step_is_consistent_and_cheap() -> None:
+    opt = model_config(4096, 32, 32, num_layers=32, max_position=2048)
+    plan = plan_decode_step(opt, 32, 2048, H100, 2, 2, Schedule.SEQUENTIAL, 16)
+    assert isinstance(plan, SplitPlan)
+    assert plan.recompute_len / 2048 == pytest.approx(0.76, abs=0.01) and plan.copy_len == 2048 - plan.recompute_len
+    assert plan.predicted_full_copy_s == pytest.approx(19.5e-3, rel=0.01)
+    assert plan.predicted_floor_s <= plan.predicted_s < plan.predicted_full_copy_s
+    shape = LayerShape(32, 2048, 4096, 4096, 2, 2)
+    assert plan.predicted_floor_s == floor_s(shape, H100, plan.recompute_len)
+    for schedule in Schedule:
+        timings = []
+        for step in range(200):
+            began = time.perf_counter()
+            plan_decode_step(opt, 32, 2048 + 64 * step, H100, 2, 2, schedule, 8)
+            timings.append(time.perf_counter() - began)
+        assert statistics.median(timings) < 1e-3
+
+
+def test_format_plans_table() -> None:
+    opt = model_config(4096, 32, 32, num_layers=32, max_position=2048)
+    text = format_plans(opt, 32, [512, 2048], H100, 2, 2, 16)
+    row = next(line for line in text.splitlines() if " 2048 " in line)
+    sequential = plan_decode_step(opt, 32, 2048, H100, 2, 2, Schedule.SEQUENTIAL, 16)
+    chunked = plan_decode_step(opt, 32, 2048, H100, 2, 2, Schedule.CHUNKED, 16)
+    for value in (sequential.predicted_full_copy_s * 1e3, sequential.predicted_s * 1e3, chunked.predicted_s * 1e3,
+                  chunked.predicted_floor_s * 1e3):
+        assert f"{value:.3f}" in row
+    assert "0.762" in row and "1.000" in row and "synthetic" in text
