@@ -67,7 +67,80 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--gen-len", type=int, default=32)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of the timed run to this file")
+
+    profile = commands.add_parser("profile", help="measure this machine's copy bandwidth and GEMM rates for a model")
+    profile.add_argument("--model", default=None, help="model whose shapes to profile (weights are not loaded)")
+    profile.add_argument("--batch-size", type=int, default=1)
+    profile.add_argument("--device", default="auto")
+    profile.add_argument("--dtype", default="auto")
+    profile.add_argument("--profile", default=None, help="file to write (default: the user's cache directory)")
+    profile.add_argument("--reprofile", action="store_true", help="measure again even if a cached profile fits")
+
+    plan = commands.add_parser("plan", help="print the split the scheduler picks and the predicted time of each alternative")
+    plan.add_argument("--model", default=None)
+    plan.add_argument("--batch-size", type=int, default=1)
+    plan.add_argument("--context", type=int, nargs="+", default=[256, 1024, 2048, 4096], help="context lengths s")
+    plan.add_argument("--device", default="auto")
+    plan.add_argument("--dtype", default="auto")
+    plan.add_argument("--num-chunks", type=int, default=8)
+    plan.add_argument("--profile", default=None, help="hardware profile JSON (lets a GPU plan be made on any machine)")
     return parser
+
+
+def _model_config(name: str | None) -> Any:
+    """The configuration of ``--model`` without loading weights."""
+    from kvpr.models.loader import resolve_source
+
+    return resolve_source(name, dummy_weights=True).config
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from kvpr.device import resolve_device, resolve_dtype
+    from kvpr.scheduler.profiler import load_or_measure
+
+    if args.batch_size < 1:
+        raise KvprError(f"--batch-size {args.batch_size}: must be >= 1")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    cfg = _model_config(args.model)
+    profile = load_or_measure(device, cfg, dtype, args.batch_size, path=args.profile,
+                              reprofile=args.reprofile or args.profile is not None, progress=True)
+    print(f"profile of {profile.device_name} (torch {profile.torch_version}, {profile.dtype})")
+    for size in (1 << 20, 8 << 20, 64 << 20, 256 << 20):
+        print(f"  H2D {size >> 20:4d} MiB: {profile.h2d_bytes_per_s(size) / 1e9:6.1f} GB/s   "
+              f"D2H: {profile.d2h_bytes_per_s(size) / 1e9:6.1f} GB/s")
+    for rows in (256, 4096, 65536):
+        print(f"  recompute GEMM M={rows:6d}: {profile.gemm_flop_per_s(rows) / 1e12:7.1f} TFLOP/s")
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from kvpr.device import resolve_device, resolve_dtype
+    from kvpr.scheduler.plan import format_plans
+    from kvpr.scheduler.profiler import load_or_measure
+
+    if args.batch_size < 1 or any(s < 1 for s in args.context):
+        raise KvprError("--batch-size and --context must be >= 1")
+    cfg = _model_config(args.model)
+    if args.profile is not None:
+        from kvpr.scheduler.profiler import HardwareProfile
+
+        profile = HardwareProfile.load(args.profile)
+        element = 2 if profile.dtype in ("float16", "bfloat16") else 4
+    else:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        profile = load_or_measure(device, cfg, dtype, args.batch_size, progress=True)
+        element = torch_element_size(dtype)
+    print(format_plans(cfg, args.batch_size, args.context, profile, element, element, args.num_chunks))
+    return 0
+
+
+def torch_element_size(dtype: Any) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -139,7 +212,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     vocab = llm.model_config.vocab_size
     prompts = torch.randint(0, vocab, (args.batch_size, args.prompt_len), generator=generator).tolist()
     params = SamplingParams(max_new_tokens=args.gen_len, stop_on_eos=False)
-    llm.generate(prompts, params)
+    llm.generate(prompts[:1], SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up
+    if args.trace:
+        _traced(lambda: llm.generate(prompts, params), args.trace)
+    else:
+        llm.generate(prompts, params)
     stats = llm.last_stats
     assert stats is not None
     report = {
@@ -167,13 +244,26 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _traced(run: Any, path: str) -> None:
+    """Run under torch.profiler; write a Chrome trace (copies and kernels per stream) and print the
+    top operations by device time to stderr."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        run()
+    prof.export_chrome_trace(path)
+    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_key, row_limit=15), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _quiet_libraries()
-        if args.command == "generate":
-            return _run_generate(args)
-        return _run_bench(args)
+        runners = {"generate": _run_generate, "bench": _run_bench, "profile": _run_profile, "plan": _run_plan}
+        return runners[args.command](args)
     except KvprError as err:
         print(f"kvpr: error: {err}", file=sys.stderr)
         return 2

@@ -30,6 +30,22 @@ class DecoderLayer(nn.Module):
         """X [..., h] -> K, V [..., n_kv, d]; K rotated when the model uses RoPE."""
         raise NotImplementedError
 
+    def kv_into(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        k_out: torch.Tensor,
+        v_out: torch.Tensor,
+    ) -> None:
+        """Recompute: X [t, b, h] -> K, V written in place into contiguous k_out, v_out [t, b, n_kv, d].
+
+        Same arithmetic as ``kv_from_input``; writing into the preallocated buffer saves a copy
+        and a kernel launch per chunk, which matters when a decode step is launch-bound.
+        """
+        k, v = self.kv_from_input(x, rope)
+        k_out.copy_(k)
+        v_out.copy_(v)
+
     def query(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:

@@ -7,8 +7,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvpr.config import RopeConfig
+
+# Backends for attention with an explicit mask, in order of preference (see ``attend``).
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm(nn.Module):
@@ -61,6 +65,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def linear_into(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> None:
+    """``out = x W^T + b`` written in place: x [rows, in], out [rows, out] (a contiguous view)."""
+    if linear.bias is not None:
+        torch.addmm(linear.bias, x, linear.weight.t(), out=out)
+    else:
+        torch.mm(x, linear.weight.t(), out=out)
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -72,7 +84,20 @@ def attend(
         mask: [b, 1, q, S] bool, True where a query may attend a key.
     Returns:
         [b, q, n_q * d]
+
+    For one new token the ``n_q / n_kv`` query heads of a group are folded into the query axis,
+    so grouped K,V are read once and never repeated. cuDNN's kernel is excluded: it builds a new
+    plan for every context length, which costs milliseconds of CPU per call in a decode loop.
     """
     b, n_q, q_len, d = q.shape
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != n_q)
+    n_kv, group = k.shape[1], n_q // k.shape[1]
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        if q_len == 1:
+            folded = q.reshape(b, n_kv, group, d)  # [b, n_kv, g, d]: the group's queries as rows
+            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)  # [b, n_kv, g, d]
+            return out.reshape(b, 1, n_q * d)
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)  # [b, n_q, S, d]
+            v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [b, n_q, q, d]
     return out.transpose(1, 2).reshape(b, q_len, n_q * d)

@@ -8,6 +8,7 @@ from torch import nn
 
 from kvpr.config import ModelConfig
 from kvpr.models.base import DecoderLayer, DecoderModel
+from kvpr.models.common import linear_into
 
 # OPT's learned position table starts 2 rows in (a fairseq convention kept by the checkpoints).
 _POSITION_OFFSET = 2
@@ -46,6 +47,17 @@ class OPTLayer(DecoderLayer):
         k = self.self_attn.k_proj(x).unflatten(-1, heads)  # [..., n_kv, d]
         v = self.self_attn.v_proj(x).unflatten(-1, heads)  # [..., n_kv, d]
         return k, v
+
+    def kv_into(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        k_out: torch.Tensor,
+        v_out: torch.Tensor,
+    ) -> None:
+        rows = x.reshape(-1, x.shape[-1])  # [t*b, h]
+        linear_into(rows, self.self_attn.k_proj, k_out.view(rows.shape[0], -1))
+        linear_into(rows, self.self_attn.v_proj, v_out.view(rows.shape[0], -1))
 
     def query(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         heads = (self.self_attn.num_heads, self.self_attn.head_dim)

@@ -129,9 +129,8 @@ class OverlappedExecutor(Executor):
                 for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
                     streams.compute_waits(ready)  # X chunk is on the device
                     chunk_rope = None if rope_old is None else (rope_old[0][start:end], rope_old[1][start:end])
-                    k_chunk, v_chunk = layer.kv_from_input(buffers.x[start:end], chunk_rope)  # type: ignore[index]
-                    keys[start:end] = k_chunk
-                    values[start:end] = v_chunk
+                    # recompute written in place into the staging buffer: [chunk, b, n_kv, d]
+                    layer.kv_into(buffers.x[start:end], chunk_rope, keys[start:end], values[start:end])  # type: ignore[index]
                 streams.compute_waits(buffers.kv_ready)  # copied K,V of [l, s) are on the device
             else:
                 keys, values = self.storage.k(index), self.storage.v(index)

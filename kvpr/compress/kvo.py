@@ -1,0 +1,334 @@
+"""KVO (DAC 2025): quantisation-aware pruning of the KV cache, in packed form (real bytes).
+
+Finalised windows are split into chunks whose tokens are reordered by importance, so the first
+token of each chunk is its salient anchor. K: 8-bit anchors, the other tokens as 2-bit differences
+from the dequantised anchor with only the largest ``k_keep`` of each channel group kept. V: per
+channel over token groups, 2-bit with 4-bit anchors on a finer grid of the same range, keeping the
+anchors and the largest values. See DESIGN.md section 3; the decode-time cache is kvo_state.py.
+
+Tensor layouts of one encoded block of ``C`` chunks (``A = chunk - 1`` non-anchors,
+``P = group / chunk`` anchors per V group, ``nG = C / P`` V groups), all uint8 unless noted:
+
+| name            | shape                                   | content                          |
+|-----------------|-----------------------------------------|----------------------------------|
+| order           | [C, b, n_kv, chunk*pb/8]                | original in-chunk index per slot |
+| k_anchor_codes  | [C, b, n_kv, d*8/8]                     | anchor K, 8-bit                  |
+| k_anchor_scale  | [C, b, n_kv, d/G] fp16 (and _zero)      | per token, per 32 channels       |
+| k_diff_codes    | [C, b, n_kv, A, d/G * k_keep*2/8]       | kept differences only, 2-bit     |
+| k_diff_scale    | [C, b, n_kv, A, d/G] fp16 (and _zero)   | per token, per 32 channels       |
+| k_keep          | [C, b, n_kv, A, d/8]                    | keep mask, 1 bit per channel     |
+| v_anchor_codes  | [nG, b, n_kv, P, d*4/8]                 | anchor V, 4-bit                  |
+| v_codes         | [nG, b, n_kv, v_keep-P, d*2/8]          | kept non-anchor V only, 2-bit    |
+| v_keep          | [nG, b, n_kv, G-P, d/8]                 | keep mask of the non-anchors     |
+| v_scale         | [nG, b, n_kv, d] fp16 (and v_zero)      | per channel, per 32 tokens       |
+| rk_codes        | [r, b, n_kv, d]                         | recent form (``r`` tokens): K    |
+| rk_scale        | [r, b, n_kv, d/G] fp16 (and rk_zero)    | int8 per token, per 32 channels  |
+| rv              | [r, b, n_kv, d] fp16                    | recent form: V as is             |
+
+The codec keeps a trailing partial window (``t % window`` tokens) in the recent form, as the
+decode-time cache keeps its recent window. Slot ``j`` of chunk ``c`` holds original token
+``c*chunk + order[c, ..., j]``; the codec's decode undoes the order, the decode-time cache does
+not need to (RoPE is already applied to K).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from kvpr.cache.codec import EncodedKV, check_codec, check_kv, owned
+from kvpr.compress.packing import (
+    PACK_BITS,
+    pack_bits,
+    pack_mask,
+    packed_len,
+    unpack_bits,
+    unpack_mask,
+)
+from kvpr.compress.quant import dequantize, dequantize_groups, fit_range, quantize, quantize_groups
+from kvpr.errors import KvprError
+
+Tensors = dict[str, torch.Tensor]
+TensorMap = Mapping[str, torch.Tensor]
+RECENT_NAMES: tuple[str, ...] = ("rk_codes", "rk_scale", "rk_zero", "rv")
+
+
+@dataclass(frozen=True)
+class KVOConfig:
+    """KVO knobs; the defaults are the authors' released configuration."""
+
+    window: int = 64  # tokens finalised at a time; the recent window holds window..2*window-1
+    chunk: int = 8  # tokens per chunk, the first (after reordering) is the anchor
+    top_chunks: int = 48  # chunks attended per decode step, besides the recent window
+    k_anchor_bits: int = 8
+    k_diff_bits: int = 2
+    k_keep: int = 8  # differences kept per channel group of a non-anchor key
+    v_bits: int = 2
+    v_anchor_bits: int = 4
+    v_keep: int = 16  # values kept per token group of a channel, anchors included
+    group: int = 32  # K channel group and V token group
+    uncompressed_layers: int = 2  # the first layers stay fp16
+    gqa_reduce: str = "max"  # combine the query heads of a KV head when scoring chunks: max|sum
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "gqa_reduce" and (not isinstance(value, int) or value < 0):
+                raise KvprError(f"KVO {f.name} must be a non-negative int, not {value!r}")
+        for name in ("k_anchor_bits", "k_diff_bits", "v_bits", "v_anchor_bits"):
+            if getattr(self, name) not in PACK_BITS:
+                raise KvprError(f"KVO {name}={getattr(self, name)}: use one of {PACK_BITS}")
+        if min(self.window, self.chunk, self.top_chunks, self.group) <= 0:
+            raise KvprError("KVO window, chunk, top_chunks and group must be positive")
+        if self.group % self.chunk or self.window % self.group or self.group > 255:
+            raise KvprError(
+                f"KVO needs chunk ({self.chunk}) | group ({self.group}) | window ({self.window}) "
+                "and group <= 255; pick sizes that divide each other"
+            )
+        if not 1 <= self.k_keep <= self.group:
+            raise KvprError(f"KVO k_keep={self.k_keep} must be in [1, group={self.group}]")
+        if not self.anchors_per_group <= self.v_keep <= self.group:
+            raise KvprError(
+                f"KVO v_keep={self.v_keep} must be in [{self.anchors_per_group} anchors, "
+                f"group={self.group}]"
+            )
+        if self.v_anchor_bits < self.v_bits:
+            raise KvprError("KVO v_anchor_bits must be >= v_bits (anchors use a finer grid)")
+        if self.gqa_reduce not in ("max", "sum"):
+            raise KvprError(f"KVO gqa_reduce='{self.gqa_reduce}': use 'max' or 'sum'")
+
+    @classmethod
+    def from_params(cls, **params: object) -> KVOConfig:
+        """Build from keyword parameters, naming any unknown one in a KvprError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise KvprError(f"unknown KVO parameters {unknown}: use {sorted(known)}")
+        return cls(**params)  # type: ignore[arg-type]
+
+    @property
+    def anchors_per_group(self) -> int:
+        return self.group // self.chunk
+
+    @property
+    def order_bits(self) -> int:
+        """Bits per stored in-chunk index (3 bits of information for chunk 8, packed as 4)."""
+        return next(bits for bits in PACK_BITS if (1 << bits) >= self.chunk)
+
+    def compresses_layer(self, layer: int) -> bool:
+        """Layers before ``uncompressed_layers`` stay fp16 (dense, unpruned)."""
+        return layer >= self.uncompressed_layers
+
+    def window_nbytes(self, b: int, n_kv: int, d: int) -> int:
+        """Bytes of one encoded window of ``b`` sequences: codes, scales, zeros, masks, order."""
+        cfg, n_chunks = self, self.window // self.chunk
+        non_anchors, groups = cfg.chunk - 1, d // cfg.group
+        k_anchor = packed_len(d, cfg.k_anchor_bits) + 4 * groups
+        k_other = groups * packed_len(cfg.k_keep, cfg.k_diff_bits) + 4 * groups + packed_len(d, 1)
+        order = packed_len(cfg.chunk, cfg.order_bits)
+        anchors = cfg.anchors_per_group
+        v_group = (
+            anchors * packed_len(d, cfg.v_anchor_bits)
+            + (cfg.v_keep - anchors) * packed_len(d, cfg.v_bits)
+            + (cfg.group - anchors) * packed_len(d, 1)
+            + 4 * d
+        )
+        per_head = n_chunks * (k_anchor + non_anchors * k_other + order)
+        per_head += (cfg.window // cfg.group) * v_group
+        return b * n_kv * per_head
+
+
+def check_head_dim(d: int, cfg: KVOConfig) -> None:
+    if d % cfg.group or d % 8:
+        raise KvprError(f"KVO needs head_dim {d} to be a multiple of group {cfg.group} and of 8")
+
+
+def largest(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:
+    """Ascending indices of the ``count`` largest entries along ``dim``; ties go to the lower
+    index, so CPU and GPU keep the same entries (topk breaks ties differently on each)."""
+    top = torch.argsort(x, dim=dim, descending=True, stable=True).narrow(dim, 0, count)
+    return top.sort(dim=dim).values
+
+
+def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig) -> Tensors:
+    """Reorder, quantise and prune ``t`` tokens (``t % group == 0``) into KVO tensors.
+
+    Args:
+        k, v: [t, b, n_kv, d]. scores: [t, b, n_kv], higher = more attended (ties keep order).
+    Returns:
+        the named tensors of the module docstring's table.
+    """
+    t, b, n, d = k.shape
+    S, G, A, P = cfg.chunk, cfg.group, cfg.chunk - 1, cfg.anchors_per_group
+    C, nG, groups = t // S, t // G, d // G
+    order = scores.float().reshape(C, S, b, n).permute(0, 2, 3, 1)  # [C, b, n, S]
+    order = torch.argsort(order, dim=-1, descending=True, stable=True)
+    index = order.unsqueeze(-1).expand(C, b, n, S, d)
+    kr = k.float().reshape(C, S, b, n, d).permute(0, 2, 3, 1, 4).gather(3, index)  # [C, b, n, S, d]
+    vr = v.float().reshape(C, S, b, n, d).permute(0, 2, 3, 1, 4).gather(3, index)
+
+    ka_codes, ka_scale, ka_zero = quantize_groups(kr[..., 0, :], cfg.k_anchor_bits, G)
+    ka_hat = dequantize_groups(ka_codes, ka_scale, ka_zero, cfg.k_anchor_bits, d)  # [C, b, n, d]
+    diff = (kr[..., 1:, :] - ka_hat.unsqueeze(-2)).reshape(C, b, n, A, groups, G)
+    levels = (1 << cfg.k_diff_bits) - 1
+    kd_scale, kd_zero = fit_range(diff, -1, levels)  # [C, b, n, A, d/G, 1]
+    kd_codes = quantize(diff, kd_scale, kd_zero, levels)  # [C, b, n, A, d/G, G]
+    kept = largest(diff.abs(), cfg.k_keep, dim=-1)  # [C, b, n, A, d/G, k_keep]
+    k_keep = torch.zeros_like(diff, dtype=torch.bool).scatter_(-1, kept, True)
+
+    vg = vr.reshape(nG, P, b, n, S, d).permute(0, 2, 3, 1, 4, 5)  # [nG, b, n, P, S, d]
+    levels, a_levels = (1 << cfg.v_bits) - 1, (1 << cfg.v_anchor_bits) - 1
+    v_scale, v_zero = fit_range(vg, (3, 4), levels)  # [nG, b, n, 1, 1, d]
+    v_scale, v_zero = v_scale.squeeze(3), v_zero.squeeze(3)  # [nG, b, n, 1, d]
+    va_codes = quantize(vg[..., 0, :], v_scale.float() * (levels / a_levels), v_zero, a_levels)
+    others = vg[..., 1:, :].reshape(nG, b, n, P * A, d)  # [nG, b, n, G-P, d]
+    vo_codes = quantize(others, v_scale, v_zero, levels)
+    v_kept = largest(others.abs(), cfg.v_keep - P, dim=3)  # [nG, b, n, v_keep-P, d]
+    v_keep = torch.zeros_like(others, dtype=torch.bool).scatter_(3, v_kept, True)
+    return {
+        "order": pack_bits(order, cfg.order_bits),
+        "k_anchor_codes": ka_codes,
+        "k_anchor_scale": ka_scale,
+        "k_anchor_zero": ka_zero,
+        "k_diff_codes": pack_bits(kd_codes.gather(-1, kept), cfg.k_diff_bits).flatten(-2),
+        "k_diff_scale": kd_scale.squeeze(-1),
+        "k_diff_zero": kd_zero.squeeze(-1),
+        "k_keep": pack_mask(k_keep.flatten(-2)),
+        "v_anchor_codes": pack_bits(va_codes, cfg.v_anchor_bits),
+        "v_codes": pack_bits(vo_codes.gather(3, v_kept), cfg.v_bits),
+        "v_keep": pack_mask(v_keep),
+        "v_scale": v_scale.squeeze(-2),
+        "v_zero": v_zero.squeeze(-2),
+    }
+
+
+def decode_anchor_keys(ts: TensorMap, cfg: KVOConfig, d: int) -> torch.Tensor:
+    """Dequantised anchor keys, float32 [..., d] (``...`` = the leading dims of the tensors)."""
+    codes, scale, zero = ts["k_anchor_codes"], ts["k_anchor_scale"], ts["k_anchor_zero"]
+    return dequantize_groups(codes, scale, zero, cfg.k_anchor_bits, d)
+
+
+def decode_k_chunks(ts: TensorMap, cfg: KVOConfig, d: int) -> torch.Tensor:
+    """K of whole chunks in stored order, float32 [..., chunk, d], from chunk-indexed tensors."""
+    groups, A, G = d // cfg.group, cfg.chunk - 1, cfg.group
+    anchor = decode_anchor_keys(ts, cfg, d)  # [..., d]
+    lead = anchor.shape[:-1]
+    keep = unpack_bits(ts["k_keep"], 1, d).reshape(*lead, A, groups, G)  # uint8 0/1
+    compact = ts["k_diff_codes"].reshape(*lead, A, groups, packed_len(cfg.k_keep, cfg.k_diff_bits))
+    compact = unpack_bits(compact, cfg.k_diff_bits, cfg.k_keep)  # [..., A, d/G, k_keep]
+    # kept channel -> its place in ``compact``; counts <= k_keep fit uint8 (group <= 255)
+    slot = keep.cumsum(-1, dtype=torch.uint8).long().sub_(1).clamp_(min=0)
+    codes = compact.gather(-1, slot)  # [..., A, d/G, G]
+    diff = dequantize(codes, ts["k_diff_scale"].unsqueeze(-1), ts["k_diff_zero"].unsqueeze(-1))
+    diff = torch.where(keep.bool(), diff, torch.zeros_like(diff)).reshape(*lead, A, d)
+    return torch.cat([anchor.unsqueeze(-2), anchor.unsqueeze(-2) + diff], dim=-2)
+
+
+def decode_v_groups(ts: TensorMap, cfg: KVOConfig, d: int) -> torch.Tensor:
+    """V of whole token groups in stored order, float32 [..., P, chunk, d] (P chunks a group)."""
+    P, A = cfg.anchors_per_group, cfg.chunk - 1
+    levels, a_levels = (1 << cfg.v_bits) - 1, (1 << cfg.v_anchor_bits) - 1
+    scale, zero = ts["v_scale"].float().unsqueeze(-2), ts["v_zero"].float().unsqueeze(-2)
+    lead = scale.shape[:-2]
+    anchors = dequantize(unpack_bits(ts["v_anchor_codes"], cfg.v_anchor_bits, d),
+                         scale * (levels / a_levels), zero)  # [..., P, d]
+    keep = unpack_mask(ts["v_keep"], d)  # [..., G-P, d]
+    compact = unpack_bits(ts["v_codes"], cfg.v_bits, d)  # [..., v_keep-P, d]
+    slot = (keep.cumsum(-2) - 1).clamp_(min=0)
+    others = dequantize(compact.gather(-2, slot), scale, zero)  # [..., G-P, d]
+    others = torch.where(keep, others, torch.zeros_like(others)).reshape(*lead, P, A, d)
+    return torch.cat([anchors.unsqueeze(-2), others], dim=-2)
+
+
+def decode_v_chunks(ts: TensorMap, position: torch.Tensor, cfg: KVOConfig, d: int) -> torch.Tensor:
+    """V of one chunk of each group, float32 [..., chunk, d], without decoding the whole group.
+
+    Args:
+        ts: group-indexed tensors with leading dims ``...``; position: int64 [...], the chunk's
+            place in its group (``chunk_index % P``).
+    """
+    A, lead = cfg.chunk - 1, position.shape
+    levels, a_levels = (1 << cfg.v_bits) - 1, (1 << cfg.v_anchor_bits) - 1
+    scale, zero = ts["v_scale"].float().unsqueeze(-2), ts["v_zero"].float().unsqueeze(-2)
+    row = position[..., None, None]  # [..., 1, 1]
+    anchor = ts["v_anchor_codes"].gather(-2, row.expand(*lead, 1, ts["v_anchor_codes"].shape[-1]))
+    anchor = dequantize(unpack_bits(anchor, cfg.v_anchor_bits, d), scale * (levels / a_levels), zero)
+    keep = unpack_bits(ts["v_keep"], 1, d)  # uint8 0/1 [..., G-P, d]: the group's mask
+    rows = torch.arange(keep.shape[-2], device=keep.device)[:, None]  # [G-P, 1]
+    first = row * A  # [..., 1, 1]: the chunk's first non-anchor row
+    # Kept values of earlier chunks come first in ``v_codes``; counts fit uint8 (< group).
+    before = (keep * (rows < first)).sum(dim=-2, keepdim=True, dtype=torch.uint8)  # [..., 1, d]
+    keep = keep.gather(-2, (first + torch.arange(A, device=keep.device)[:, None]).expand(*lead, A, d))
+    slot = (before + keep.cumsum(-2, dtype=torch.uint8)).long().sub_(1).clamp_(min=0)  # [..., A, d]
+    others = dequantize(unpack_bits(ts["v_codes"], cfg.v_bits, d).gather(-2, slot), scale, zero)
+    others = torch.where(keep.bool(), others, torch.zeros_like(others))
+    return torch.cat([anchor, others], dim=-2)
+
+
+def encode_recent(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig) -> Tensors:
+    """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16."""
+    codes, scale, zero = quantize_groups(k, 8, cfg.group)
+    return {"rk_codes": codes, "rk_scale": scale, "rk_zero": zero, "rv": owned(v, torch.float16)}
+
+
+def decode_recent_k(ts: TensorMap, d: int) -> torch.Tensor:
+    """Float32 [t, b, n_kv, d] keys of the recent-window form."""
+    return dequantize_groups(ts["rk_codes"], ts["rk_scale"], ts["rk_zero"], 8, d)
+
+
+class KVOCodec:
+    """KVO as a block codec: whole windows compressed, a trailing partial window in recent form.
+
+    ``decode`` returns tokens in their original order (the stored ``order`` is applied back).
+    """
+
+    name = "kvo"
+
+    def __init__(self, config: KVOConfig | None = None) -> None:
+        self.config = config or KVOConfig()
+
+    def encode(
+        self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> EncodedKV:
+        """Encode [t, b, n_kv, d]; ``scores`` [t, b, n_kv] is each token's accumulated attention
+        (None: no reordering, the first token of each chunk is its anchor)."""
+        t, b, n, d = check_kv(k, v)
+        cfg = self.config
+        check_head_dim(d, cfg)
+        if scores is None:
+            scores = torch.zeros(t, b, n, device=k.device)
+        if scores.shape != (t, b, n):
+            raise KvprError(f"KVO scores {tuple(scores.shape)} must be [t, b, n_kv] = {(t, b, n)}")
+        full = t - t % cfg.window
+        tensors = encode_chunks(k[:full], v[:full], scores[:full], cfg)
+        tensors |= encode_recent(k[full:], v[full:], cfg)
+        return EncodedKV(self.name, (t, b, n, d), tensors)
+
+    def decode(self, enc: EncodedKV, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        check_codec(enc, self.name)
+        cfg, ts = self.config, enc.tensors
+        t, b, n, d = enc.shape
+        S = cfg.chunk
+        C = ts["order"].shape[0]
+        kr = decode_k_chunks(ts, cfg, d)  # [C, b, n, S, d]
+        vr = decode_v_groups(ts, cfg, d)  # [nG, b, n, P, S, d]
+        vr = vr.permute(0, 3, 1, 2, 4, 5).reshape(C, b, n, S, d)
+        order = unpack_bits(ts["order"], cfg.order_bits, S).long()  # [C, b, n, S]
+        index = order.unsqueeze(-1).expand(C, b, n, S, d)
+        k = torch.empty_like(kr).scatter_(3, index, kr)  # slot j -> original position order[j]
+        v = torch.empty_like(vr).scatter_(3, index, vr)
+        k = k.permute(0, 3, 1, 2, 4).reshape(C * S, b, n, d)
+        v = v.permute(0, 3, 1, 2, 4).reshape(C * S, b, n, d)
+        k = torch.cat([k, decode_recent_k(ts, d)]).to(dtype)
+        v = torch.cat([v, ts["rv"].float()]).to(dtype)
+        return k, v  # [t, b, n_kv, d]
+
+    def nbytes(self, enc: EncodedKV) -> int:
+        return enc.nbytes
+
+    def bytes_per_token(self, b: int, n_kv: int, d: int) -> float:
+        """Steady state: one encoded window per ``window`` tokens (the recent window excluded)."""
+        return self.config.window_nbytes(b, n_kv, d) / self.config.window

@@ -1,0 +1,123 @@
+"""Asymmetric min/max quantisation with fp16 scale and zero point, and the int8/int4 codecs.
+
+Scale and zero are rounded to fp16 *outward* (zero down, scale up) so the fp16 grid still covers
+the group's range: every element then decodes within half a step of its value, which is the
+bound the tests check against a float64 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpr.cache.codec import EncodedKV, check_codec, check_kv
+from kvpr.compress.packing import PACK_BITS, pack_bits, packed_len, unpack_bits
+from kvpr.errors import KvprError
+
+# fp16 has an 11-bit significand: nudging by 2**-10 before rounding makes rounding go outward.
+_OUTWARD = 2.0**-10
+
+
+def fit_range(
+    x: torch.Tensor, dim: int | tuple[int, ...], levels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of an asymmetric grid of ``levels + 1`` points covering ``x`` along ``dim``.
+
+    Args:
+        x: float tensor; reduced along ``dim`` (kept as size-1 dims).
+        levels: number of steps, ``2**bits - 1``.
+    Returns:
+        (scale, zero), fp16, with ``zero <= min(x)`` and ``zero + levels * scale >= max(x)``.
+    """
+    x = x.float()
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    zero = (lo - lo.abs() * _OUTWARD).to(torch.float16)
+    # Multiply by the reciprocal: CUDA divides by a scalar that way, so CPU and GPU agree bitwise.
+    step = (hi - zero.float()) * (1.0 / levels)
+    scale = (step * (1 + _OUTWARD)).to(torch.float16)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes ``round((x - zero) / scale)`` clamped to ``[0, levels]``, as uint8 (broadcasting)."""
+    step = scale.float()
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: every code 0
+    codes = torch.round((x.float() - zero.float()) / step)
+    return codes.clamp_(0, levels).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``codes * scale + zero`` in float32 (broadcasting)."""
+    return codes.float() * scale.float() + zero.float()
+
+
+def quantize_groups(
+    x: torch.Tensor, bits: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row asymmetric quantisation in groups of ``group`` along the last dim, packed.
+
+    Args:
+        x: [..., d] with ``d % group == 0``.
+    Returns:
+        codes uint8 [..., d * bits / 8], scale and zero fp16 [..., d / group].
+    """
+    d = x.shape[-1]
+    if group <= 0 or d % group:
+        raise KvprError(f"head_dim {d} is not a multiple of the quantisation group {group}; "
+                        "choose a group that divides head_dim")
+    levels = (1 << bits) - 1
+    xg = x.reshape(*x.shape[:-1], d // group, group)  # [..., d/G, G]
+    scale, zero = fit_range(xg, -1, levels)  # [..., d/G, 1]
+    codes = quantize(xg, scale, zero, levels).reshape(x.shape)  # [..., d]
+    return pack_bits(codes, bits), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize_groups(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, d: int
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_groups`: float32 [..., d]."""
+    groups = scale.shape[-1]
+    codes = unpack_bits(packed, bits, d).reshape(*packed.shape[:-1], groups, d // groups)
+    return dequantize(codes, scale.unsqueeze(-1), zero.unsqueeze(-1)).reshape(*packed.shape[:-1], d)
+
+
+def group_bytes(d: int, bits: int, group: int) -> int:
+    """Bytes of one row of ``d`` values: packed codes plus an fp16 scale and zero per group."""
+    return packed_len(d, bits) + 4 * (d // group)
+
+
+class GroupQuantCodec:
+    """K and V both per token, ``bits`` asymmetric in groups of ``group_size`` channels (int8, int4)."""
+
+    def __init__(self, bits: int, group_size: int = 32) -> None:
+        if bits not in PACK_BITS or bits == 1:
+            raise KvprError(f"group quantisation supports 2, 4 or 8 bits, not {bits}")
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise KvprError(f"group_size must be a positive int, not {group_size!r}")
+        self.bits = bits
+        self.group_size = group_size
+        self.name = f"int{bits}"
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> EncodedKV:
+        shape = check_kv(k, v)
+        tensors: dict[str, torch.Tensor] = {}
+        for part, x in (("k", k), ("v", v)):
+            codes, scale, zero = quantize_groups(x, self.bits, self.group_size)  # [t, b, n_kv, *]
+            tensors |= {f"{part}_codes": codes, f"{part}_scale": scale, f"{part}_zero": zero}
+        return EncodedKV(self.name, shape, tensors)
+
+    def decode(self, enc: EncodedKV, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        check_codec(enc, self.name)
+        d = enc.shape[3]
+        ts = enc.tensors
+        k, v = (
+            dequantize_groups(ts[f"{p}_codes"], ts[f"{p}_scale"], ts[f"{p}_zero"], self.bits, d)
+            for p in ("k", "v")
+        )
+        return k.to(dtype), v.to(dtype)  # [t, b, n_kv, d]
+
+    def nbytes(self, enc: EncodedKV) -> int:
+        return enc.nbytes
+
+    def bytes_per_token(self, b: int, n_kv: int, d: int) -> float:
+        return float(2 * b * n_kv * group_bytes(d, self.bits, self.group_size))
