@@ -68,8 +68,12 @@ def _sync() -> None:
 
 
 def _free() -> None:
+    """Give back device memory and the pinned host blocks torch's host allocator keeps cached."""
     gc.collect()
     torch.cuda.empty_cache()
+    host_empty_cache = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds only
+    if host_empty_cache is not None:
+        host_empty_cache()
 
 
 def _prompts(case: Case, vocab: int) -> torch.Tensor:
@@ -108,27 +112,37 @@ def _hf_model(llm: LLM, name: str) -> torch.nn.Module:
     return hf.eval()
 
 
+class _StepClock:
+    """A logits processor that timestamps every generated token (after a device sync), so the
+    peer's prefill and per-token decode times come from one generate call, like kvpr's."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _sync()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 def run_hf(hf: torch.nn.Module, case: Case, prompts: torch.Tensor, offloaded: bool) -> dict[str, Any]:
+    from transformers import LogitsProcessorList
+
     ids = prompts.to("cuda")
     mask = torch.ones_like(ids)
     extra = {"cache_implementation": "offloaded"} if offloaded else {}
-
-    def timed(new_tokens: int) -> float:
-        _sync()
-        start = time.perf_counter()
-        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                    do_sample=False, pad_token_id=0, **extra)
-        _sync()
-        return time.perf_counter() - start
-
     # The peer gets the same attention backends as kvpr: cuDNN's rebuilds a plan per context length
     # (milliseconds of CPU per call) and failed outright at b=16, s=2048 on torch 2.11.
     with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
         hf.generate(input_ids=ids[:1, :16], attention_mask=mask[:1, :16], max_new_tokens=2, do_sample=False,
                     pad_token_id=0, **extra)  # warm-up
-        prefill = timed(1)
-        full = timed(case.gen_len)
-    return {"prefill_s": prefill, "decode_ms_per_token": 1e3 * (full - prefill) / (case.gen_len - 1)}
+        clock = _StepClock()
+        _sync()
+        start = time.perf_counter()
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=case.gen_len, min_new_tokens=case.gen_len,
+                    do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]), **extra)
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return {"prefill_s": clock.stamps[0] - start, "decode_ms_per_token": 1e3 * sum(steps) / len(steps)}
 
 
 def floor_row(llm: LLM, case: Case, profile: Any) -> dict[str, Any]:
@@ -151,7 +165,7 @@ def _kv_fits_on_gpu(llm: LLM, case: Case) -> bool:
 
 
 def bench(
-    cases: list[Case], systems: tuple[str, ...], checkpoint: Callable[[list[dict[str, Any]]], None] | None = None
+    cases: list[Case], systems: tuple[str, ...], host_memory_gib: float | None = None, checkpoint: Callable[[list[dict[str, Any]]], None] | None = None
 ) -> tuple[list[dict[str, Any]], float]:
     """Run every system on every case; ``checkpoint(rows)`` is called after each row."""
     rows: list[dict[str, Any]] = []
@@ -161,7 +175,8 @@ def bench(
         by_model.setdefault(case.model, []).append(case)
     progress = tqdm(total=len(cases) * len(systems), desc="latency bench")
     for model, model_cases in by_model.items():
-        config = EngineConfig(model=model, dummy_weights=True, runtime=RuntimeConfig(device="cuda", dtype="float16"))
+        runtime = RuntimeConfig(device="cuda", dtype="float16", host_memory_gib=host_memory_gib)
+        config = EngineConfig(model=model, dummy_weights=True, runtime=runtime)
         llm = LLM(config)
         hf = _hf_model(llm, model) if any(s.startswith("hf") for s in systems) else None
         profile = load_or_measure(llm.device, llm.model_config, llm.dtype, model_cases[0].batch_size, progress=True)
@@ -259,6 +274,7 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS))
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="latency")
+    parser.add_argument("--host-memory-gib", type=float, default=None, help="host memory budget (see kvpr --help)")
     parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD)")
     args = parser.parse_args()
     cases = [case for suite in args.suite for case in SUITES[suite]]
@@ -276,7 +292,7 @@ def main() -> None:
                   "bandwidth_h2d_gbps": bandwidth, "rows": rows}
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
 
-    rows, bandwidth = bench(cases, tuple(args.systems), checkpoint=write)
+    rows, bandwidth = bench(cases, tuple(args.systems), args.host_memory_gib, checkpoint=write)
     add_ratios(rows)
     write(rows, bandwidth)
     table = markdown(rows)

@@ -17,5 +17,6 @@ if [ "$mode" = tests ] || [ "$mode" = all ]; then
   python3 -m pytest tests/test_gpu.py tests/test_models.py tests/test_runtime.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
-  python3 benchmarks/bench_latency.py --suite "${@:-paper}" --out "$OUT" --commit "${KVPR_COMMIT:-unknown}"
+  python3 benchmarks/bench_latency.py --suite "${@:-paper}" --out "$OUT" --commit "${KVPR_COMMIT:-unknown}" \
+    --host-memory-gib "${HOST_MEMORY_GIB:-100}"
 fi

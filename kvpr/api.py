@@ -68,7 +68,7 @@ class LLM:
         self.model_config: ModelConfig = source.config
         self.model = build_model(self.model_config)
         weight_bytes = sum(p.numel() for p in self.model.parameters()) * _element_size(self.dtype)
-        check_device_memory(weight_bytes, self.device, f"the weights of {source.name}")
+        check_device_memory(weight_bytes, self.device, f"the weights of {source.name}", config.runtime.host_memory_gib)
         if config.dummy_weights:
             init_dummy_weights(self.model, self.device, self.dtype, seed=0)
         else:
@@ -160,12 +160,13 @@ class LLM:
         shape = CacheShape.for_model(self.model_config, batch_size, max_len, self.dtype)
         inputs = shape.x_bytes() if cache.stores_inputs else 0
         what = f"the KV cache (b={batch_size}, {max_len} slots, {shape.num_layers} layers)"
+        budget = self.config.runtime.host_memory_gib
         if cache.offload is Offload.CPU:
-            check_host_memory(shape.kv_bytes() + inputs, what + " in host memory")
+            check_host_memory(shape.kv_bytes() + inputs, what + " in host memory", budget)
             staging = 2 * (shape.kv_bytes() + inputs) // shape.num_layers
-            check_device_memory(staging, self.device, "the double staging buffers of one layer's cache")
+            check_device_memory(staging, self.device, "the double staging buffers of one layer's cache", budget)
         else:
-            check_device_memory(shape.kv_bytes(), self.device, what)
+            check_device_memory(shape.kv_bytes(), self.device, what, budget)
         return shape
 
     def _check_context(self, max_len: int) -> None:

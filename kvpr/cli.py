@@ -24,6 +24,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlap", action="store_true", help="run the plain sequential executor (the oracle)")
     parser.add_argument("--num-chunks", type=int, default=8, help="X chunks per layer in the recompute pipeline")
     parser.add_argument("--profile", default=None, help="hardware profile JSON to plan with (default: measured and cached)")
+    parser.add_argument("--host-memory-gib", type=float, default=None,
+                        help="host memory kvpr may use (default: what the OS reports available now)")
 
 
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -42,6 +44,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
             overlap=not args.no_overlap,
             num_chunks=args.num_chunks,
             profile_path=args.profile,
+            host_memory_gib=args.host_memory_gib,
         ),
     )
 

@@ -268,9 +268,11 @@ class RuntimeConfig:
     overlap: bool = True
     num_chunks: int = 8  # X chunks per layer in the recompute pipeline
     profile_path: str | None = None
-    trace_path: str | None = None
+    host_memory_gib: float | None = None  # host budget; None: what the OS reports available
 
     def __post_init__(self) -> None:
+        if self.host_memory_gib is not None and not self.host_memory_gib > 0:
+            raise KvprError(f"--host-memory-gib {self.host_memory_gib}: must be > 0")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise KvprError(f"--dtype {self.dtype!r}: use auto, float32, float16 or bfloat16")
         if self.num_chunks < 1:

@@ -71,20 +71,25 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.T
     return tensor
 
 
-def check_host_memory(nbytes: int, what: str) -> None:
-    """Raise if ``nbytes`` more host memory would not fit in what is available now."""
-    available = psutil.virtual_memory().available
-    if nbytes > 0.9 * available:
+def check_host_memory(nbytes: int, what: str, budget_gib: float | None = None) -> None:
+    """Raise if ``nbytes`` more host memory would not fit.
+
+    The limit is what the OS reports available now, or ``budget_gib`` when the user states it
+    (``--host-memory-gib``): some VMs report only a part of their memory until it is touched.
+    """
+    available = budget_gib * GIB if budget_gib is not None else 0.9 * psutil.virtual_memory().available
+    if nbytes > available:
         raise KvprError(
             f"{what} needs {nbytes / GIB:.2f} GiB of host memory but only {available / GIB:.2f} GiB "
-            "is available: lower --batch-size, the prompt/generation lengths, or use a smaller model"
+            "is available: lower --batch-size or the prompt/generation lengths, use a smaller model, "
+            "or state the real budget with --host-memory-gib"
         )
 
 
-def check_device_memory(nbytes: int, device: torch.device, what: str) -> None:
+def check_device_memory(nbytes: int, device: torch.device, what: str, host_budget_gib: float | None = None) -> None:
     """Raise if ``nbytes`` more memory would not fit on ``device`` (host memory for the CPU)."""
     if device.type != "cuda":
-        check_host_memory(nbytes, what)
+        check_host_memory(nbytes, what, host_budget_gib)
         return
     free, _total = torch.cuda.mem_get_info(device)
     if nbytes > 0.95 * free:

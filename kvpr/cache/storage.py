@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpr.config import ModelConfig
-from kvpr.device import check_device_memory, check_host_memory, host_empty
+from kvpr.device import host_empty
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,7 @@ class KVStorage:
         device: the tier: the compute device (resident cache) or ``cpu`` (offloaded).
         pin: pin host memory (only for ``cpu`` with a CUDA compute device).
         store_inputs: also keep X, the layer inputs recomputation starts from.
-    Raises:
-        KvprError: when the tier has not enough free memory (checked before allocating).
+    The caller checks that the tier has room (``LLM.check_fits``) before constructing one.
     """
 
     def __init__(self, shape: CacheShape, device: torch.device, pin: bool, store_inputs: bool) -> None:
@@ -67,13 +66,6 @@ class KVStorage:
         self.device = device
         self.store_inputs = store_inputs
         self.length = 0
-        needed = shape.kv_bytes() + (shape.x_bytes() if store_inputs else 0)
-        tier = "host" if device.type == "cpu" else str(device)
-        what = f"the KV cache on {tier} (b={shape.batch_size}, {shape.max_len} slots, {shape.num_layers} layers)"
-        if device.type == "cpu":
-            check_host_memory(needed, what)
-        else:
-            check_device_memory(needed, device, what)
         kv_shape = (shape.num_layers, shape.max_len, shape.batch_size, shape.num_kv_heads, shape.head_dim)
         x_shape = (shape.num_layers, shape.max_len, shape.batch_size, shape.hidden_size)
         self._k = self._empty(kv_shape, pin)  # [L, s_max, b, n_kv, d]
