@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from kvpr.cache.storage import CacheShape, KVStorage
-from kvpr.config import CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams
+from kvpr.config import RECOMPUTE_AUTO, CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams
 from kvpr.device import check_device_memory, check_host_memory, pin_host_memory, resolve_device, resolve_dtype
 from kvpr.errors import KvprError
 from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
@@ -22,7 +22,7 @@ from kvpr.runtime.executor import Executor
 from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_tokens
 from kvpr.runtime.latency import OverlappedExecutor
 from kvpr.runtime.reference import SequentialExecutor
-from kvpr.scheduler.policy import make_split_policy
+from kvpr.scheduler.policy import make_split_policy, recompute_can_pay
 
 
 @dataclass
@@ -146,7 +146,7 @@ class LLM:
             shape,
             torch.device("cpu") if offloaded else self.device,
             pin=offloaded and pin_host_memory(self.device),
-            store_inputs=cache.stores_inputs,
+            store_inputs=self._stores_inputs(),
         )
         split = make_split_policy(cache, runtime, self.model_config, batch_size, self.device, self.dtype)
         if runtime.overlap:
@@ -158,7 +158,7 @@ class LLM:
         self._check_context(max_len)
         cache = self.config.cache
         shape = CacheShape.for_model(self.model_config, batch_size, max_len, self.dtype)
-        inputs = shape.x_bytes() if cache.stores_inputs else 0
+        inputs = shape.x_bytes() if self._stores_inputs() else 0
         what = f"the KV cache (b={batch_size}, {max_len} slots, {shape.num_layers} layers)"
         budget = self.config.runtime.host_memory_gib
         if cache.offload is Offload.CPU:
@@ -168,6 +168,14 @@ class LLM:
         else:
             check_device_memory(shape.kv_bytes(), self.device, what, budget)
         return shape
+
+    def _stores_inputs(self) -> bool:
+        """Keep X beside K,V only where recomputation may run and can pay (see recompute_can_pay)."""
+        cache = self.config.cache
+        if cache.recompute == RECOMPUTE_AUTO:
+            element = _element_size(self.dtype)
+            return cache.stores_inputs and recompute_can_pay(self.model_config, element, element)
+        return cache.stores_inputs
 
     def _check_context(self, max_len: int) -> None:
         cfg = self.model_config

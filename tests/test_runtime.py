@@ -94,3 +94,16 @@ def test_chunk_bounds_cover_the_range(length: int, chunks: int) -> None:
     covered = [t for start, end in bounds for t in range(start, end)]
     assert covered == list(range(length))
     assert len(bounds) <= chunks and all(end > start for start, end in bounds)
+
+
+def test_auto_on_gqa_never_stores_inputs(tiny_checkpoint) -> None:
+    """The GQA test model's X (h=64) is as large as its K,V (2 * 2 heads * 16): recomputing cannot
+    pay, so auto keeps no X at all; OPT (MHA, X half of K,V) keeps it."""
+    from kvpr.scheduler.policy import recompute_can_pay
+
+    gqa = cpu_llm(tiny_checkpoint("llama-gqa"), "cpu", "auto")
+    assert not recompute_can_pay(gqa.model_config, 4, 4)
+    executor = gqa.make_executor(1, 16)
+    assert not executor.storage.store_inputs
+    mha = cpu_llm(tiny_checkpoint("opt"), "cpu", "auto")
+    assert recompute_can_pay(mha.model_config, 4, 4) and mha.make_executor(1, 16).storage.store_inputs

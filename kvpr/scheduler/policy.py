@@ -25,6 +25,16 @@ def round_fraction(fraction: float, context_len: int) -> int:
     return min(context_len, max(0, math.floor(fraction * context_len + 0.5)))
 
 
+def recompute_can_pay(model: ModelConfig, x_bytes_per_elem: float, kv_bytes_per_elem: float) -> bool:
+    """Whether any split ``l > 0`` can beat copying K,V, whatever the hardware.
+
+    Both cost models are bounded below by the bytes crossing the link, ``t_x(l) + t_kv(s-l)``,
+    which grows with ``l`` when a token's X is at least as large as its K and V. Then ``l = 0``
+    is optimal and X need not even be stored (GQA models in fp16: X is 1.5-4x larger than K,V).
+    """
+    return model.hidden_size * x_bytes_per_elem < 2 * model.kv_size * kv_bytes_per_elem
+
+
 def make_split_policy(
     cache: CacheConfig,
     runtime: RuntimeConfig,
@@ -34,7 +44,10 @@ def make_split_policy(
     dtype: torch.dtype,
 ) -> SplitPolicy:
     """Build the per-step policy for one batch."""
-    if cache.recompute == RECOMPUTE_OFF:
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    if cache.recompute == RECOMPUTE_OFF or (
+        cache.recompute == RECOMPUTE_AUTO and not recompute_can_pay(model, element_bytes, element_bytes)
+    ):
         return lambda context_len: 0
     if cache.recompute != RECOMPUTE_AUTO:
         fraction = float(cache.recompute)
