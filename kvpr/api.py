@@ -137,6 +137,30 @@ class LLM:
             for ids, tokens, by_eos in zip(prompt_ids, output.tokens, output.finished_by_eos)
         ]
 
+    @torch.inference_mode()
+    def score(self, sequences: Sequence[Sequence[int]], prefix_len: int) -> torch.Tensor:
+        """Log-probabilities [b, n - prefix_len] of each sequence's tokens after ``prefix_len``.
+
+        The prefix is prefilled; the rest is fed one token per decode step (teacher forcing), so
+        the cache placement, the split and any codec shape the result exactly as in generation.
+        All sequences must have the same length n.
+        """
+        lengths = {len(seq) for seq in sequences}
+        if len(lengths) != 1:
+            raise KvprError("score needs sequences of one length: cut them to a common window")
+        length = lengths.pop()
+        if not 0 < prefix_len < length:
+            raise KvprError(f"prefix_len={prefix_len} must lie in [1, {length - 1}]")
+        ids = torch.tensor([list(seq) for seq in sequences], dtype=torch.long, device=self.device)  # [b, n]
+        executor = self.make_executor(ids.shape[0], length)
+        logits = executor.prefill(ids[:, :prefix_len], torch.ones_like(ids[:, :prefix_len], dtype=torch.bool))
+        scores = [torch.log_softmax(logits[:, -1].float(), dim=-1).gather(1, ids[:, prefix_len : prefix_len + 1])]
+        for position in range(prefix_len, length - 1):
+            step_logits = executor.decode(ids[:, position]).float()  # [b, V]
+            scores.append(torch.log_softmax(step_logits, dim=-1).gather(1, ids[:, position + 1 : position + 2]))
+        executor.finish()
+        return torch.cat(scores, dim=1).cpu()  # [b, n - prefix_len]
+
     def make_executor(self, batch_size: int, max_len: int) -> Executor:
         """A fresh cache and executor for one batch of ``batch_size`` rows and ``max_len`` slots."""
         shape = self.check_fits(batch_size, max_len)

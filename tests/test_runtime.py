@@ -107,3 +107,15 @@ def test_auto_on_gqa_never_stores_inputs(tiny_checkpoint) -> None:
     assert not executor.storage.store_inputs
     mha = cpu_llm(tiny_checkpoint("opt"), "cpu", "auto")
     assert recompute_can_pay(mha.model_config, 4, 4) and mha.make_executor(1, 16).storage.store_inputs
+
+
+def test_score_equals_generate_logprobs(tiny_checkpoint) -> None:
+    """Teacher-forced scores through the offloaded split equal those of the resident cache."""
+    llm = cpu_llm(tiny_checkpoint("opt"), "cpu", 0.5)
+    prompt = PROMPTS[3][2]
+    tokens = llm.generate([prompt], SamplingParams(max_new_tokens=6, stop_on_eos=False))[0].token_ids
+    scores = llm.score([prompt + tokens], prefix_len=len(prompt))
+    assert scores.shape == (1, 6)
+    resident = cpu_llm(tiny_checkpoint("opt")).score([prompt + tokens], prefix_len=len(prompt))
+    torch.testing.assert_close(scores, resident, atol=1e-5, rtol=0)
+    assert (scores <= 0).all() and (scores > -20).all()
