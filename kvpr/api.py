@@ -7,12 +7,14 @@ sized for each batch, run the token loop, and decode text.
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from kvpr.cache.codec import KVCodec, make_codec
 from kvpr.cache.storage import CacheShape, KVStorage
 from kvpr.config import RECOMPUTE_AUTO, CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams
 from kvpr.device import check_device_memory, check_host_memory, pin_host_memory, resolve_device, resolve_dtype
@@ -22,7 +24,7 @@ from kvpr.runtime.executor import Executor
 from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_tokens
 from kvpr.runtime.latency import OverlappedExecutor
 from kvpr.runtime.reference import SequentialExecutor
-from kvpr.scheduler.policy import make_split_policy, recompute_can_pay
+from kvpr.scheduler.policy import kv_bytes_per_element, make_split_policy, recompute_can_pay
 
 
 @dataclass
@@ -66,6 +68,7 @@ class LLM:
         self.dtype = resolve_dtype(config.runtime.dtype, self.device)
         source = resolve_source(config.model, config.dummy_weights)
         self.model_config: ModelConfig = source.config
+        self._codec()  # reject a bad --kv-codec before loading weights
         self.model = build_model(self.model_config)
         weight_bytes = sum(p.numel() for p in self.model.parameters()) * _element_size(self.dtype)
         check_device_memory(weight_bytes, self.device, f"the weights of {source.name}", config.runtime.host_memory_gib)
@@ -87,6 +90,7 @@ class LLM:
         runtime = runtime or self.config.runtime
         runtime = dataclasses.replace(runtime, device=self.config.runtime.device, dtype=self.config.runtime.dtype)
         clone.config = self.config.replace(cache=cache, runtime=runtime)
+        clone._codec()
         clone.last_stats = None
         return clone
 
@@ -166,13 +170,15 @@ class LLM:
         shape = self.check_fits(batch_size, max_len)
         cache, runtime = self.config.cache, self.config.runtime
         offloaded = cache.offload is Offload.CPU
+        codec = self._codec()
         storage = KVStorage(
             shape,
             torch.device("cpu") if offloaded else self.device,
             pin=offloaded and pin_host_memory(self.device),
             store_inputs=self._stores_inputs(),
+            codec=codec,
         )
-        split = make_split_policy(cache, runtime, self.model_config, batch_size, self.device, self.dtype)
+        split = make_split_policy(cache, runtime, self.model_config, batch_size, self.device, self.dtype, codec)
         if runtime.overlap:
             return OverlappedExecutor(self.model, storage, self.device, offloaded, split, runtime.num_chunks)
         return SequentialExecutor(self.model, storage, self.device, offloaded, split)
@@ -186,19 +192,38 @@ class LLM:
         what = f"the KV cache (b={batch_size}, {max_len} slots, {shape.num_layers} layers)"
         budget = self.config.runtime.host_memory_gib
         if cache.offload is Offload.CPU:
-            check_host_memory(shape.kv_bytes() + inputs, what + " in host memory", budget)
-            staging = 2 * (shape.kv_bytes() + inputs) // shape.num_layers
+            stored = shape.kv_bytes(self._codec())
+            check_host_memory(stored + inputs, what + " in host memory", budget)
+            staging = 2 * (shape.kv_bytes() + stored + inputs) // shape.num_layers
             check_device_memory(staging, self.device, "the double staging buffers of one layer's cache", budget)
         else:
             check_device_memory(shape.kv_bytes(), self.device, what, budget)
         return shape
+
+    def _codec(self) -> KVCodec | None:
+        """The codec of the host tier (None: K,V as computed). Raises for names the tier cannot hold."""
+        name = self.config.cache.kv_codec
+        if name == "none":
+            return None
+        params = {}
+        if name in ("int8", "int4"):  # groups of 32 channels, or fewer where head_dim is not a multiple
+            params["group_size"] = math.gcd(32, self.model_config.head_dim)
+        codec = make_codec(name, **params)
+        if not codec.tokenwise:
+            raise KvprError(
+                f"codec {name} groups tokens and cannot live in kvpr's token-major host tier yet: "
+                "use --kv-codec fp16, int8 or int4"
+            )
+        return codec
 
     def _stores_inputs(self) -> bool:
         """Keep X beside K,V only where recomputation may run and can pay (see recompute_can_pay)."""
         cache = self.config.cache
         if cache.recompute == RECOMPUTE_AUTO:
             element = _element_size(self.dtype)
-            return cache.stores_inputs and recompute_can_pay(self.model_config, element, element)
+            codec = self._codec()
+            kv_element = element if codec is None else kv_bytes_per_element(codec, self.model_config)
+            return cache.stores_inputs and recompute_can_pay(self.model_config, element, kv_element)
         return cache.stores_inputs
 
     def _check_context(self, max_len: int) -> None:

@@ -19,6 +19,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dummy-weights", action="store_true", help="random weights of the model's real configuration")
     parser.add_argument("--offload", default="none", help="where the KV cache lives: none (device) or cpu (host)")
     parser.add_argument("--recompute", default="off", help="off, auto, or a fraction F in [0,1]: recompute l=round(F*s) tokens from X")
+    parser.add_argument("--kv-codec", default="none",
+                        help="how the offloaded K,V are stored: none (as computed), fp16, int8 or int4")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     parser.add_argument("--no-overlap", action="store_true", help="run the plain sequential executor (the oracle)")
@@ -37,7 +39,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
         dummy_weights=args.dummy_weights,
-        cache=CacheConfig(offload=offload, recompute=parse_recompute(args.recompute)),
+        cache=CacheConfig(offload=offload, recompute=parse_recompute(args.recompute), kv_codec=args.kv_codec),
         runtime=RuntimeConfig(
             device=args.device,
             dtype=args.dtype,

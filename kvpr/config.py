@@ -241,8 +241,14 @@ class CacheConfig:
 
     offload: Offload = Offload.NONE
     recompute: str | float = RECOMPUTE_OFF
+    kv_codec: str = "none"  # "none": K,V stored as computed; else a name of kvpr.cache.codec
 
     def __post_init__(self) -> None:
+        if self.kv_codec != "none" and self.offload is not Offload.CPU:
+            raise KvprError(
+                f"--kv-codec {self.kv_codec} needs --offload cpu: codecs apply where the cache is "
+                "written to the host tier"
+            )
         if not isinstance(self.offload, Offload):
             raise KvprError(f"offload={self.offload!r}: use Offload.NONE or Offload.CPU")
         if parse_recompute(self.recompute) != self.recompute:

@@ -53,6 +53,9 @@ class KVCodec(Protocol):
 
     Contract:
         name: registry name (``make_codec(name)`` builds an equal codec).
+        tokenwise: every tensor of ``encode``'s result has the token axis first and each token is
+            encoded on its own, so any token range can be stored, copied and decoded by slicing
+            (what a token-major host tier needs). Codecs with token groups or windows are not.
         encode(k, v) -> EncodedKV
             k, v: [t, b, n_kv, d] of one layer, any float dtype, RoPE already applied to k; any
             ``t >= 0``. Codecs with token groups keep a partial trailing group in a lossless-enough
@@ -70,6 +73,7 @@ class KVCodec(Protocol):
     """
 
     name: str
+    tokenwise: bool
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> EncodedKV: ...
 
@@ -111,6 +115,8 @@ _IDENTITY_DTYPES: tuple[tuple[str, torch.dtype], ...] = (
 
 class IdentityCodec:
     """Stores K,V as they are, cast to one float dtype: the uncompressed baseline."""
+
+    tokenwise = True
 
     def __init__(self, dtype: torch.dtype = torch.float16) -> None:
         names = {dt: n for n, dt in _IDENTITY_DTYPES}

@@ -1,15 +1,15 @@
-"""Per-layer K, V and layer inputs X of every cached token, on one tier (device or host).
+"""Per-layer K, V (as a codec stores them) and layer inputs X of every cached token, on one tier.
 
-Layout: token-major, one allocation per kind, ``[L, s_max, b, ...]``. Any token range ``[a, c)``
-of a layer is then one contiguous block, so each host-to-device copy of a chunk is a single DMA
-transfer (DESIGN.md section 1: a strided copy of the same bytes ran 11x slower).
+Layout: token-major, one allocation per stored part, ``[L, s_max, b, ...]``. Any token range
+``[a, c)`` of a layer is then one contiguous block, so each host-to-device copy of a chunk is a
+single DMA transfer (DESIGN.md section 1: a strided copy of the same bytes ran 11x slower).
 
-    index     kind   shape per layer          present
-    k[layer]  K      [s_max, b, n_kv, d]      always (RoPE already applied)
-    v[layer]  V      [s_max, b, n_kv, d]      always
-    x[layer]  X      [s_max, b, h]            when recomputation may run (``store_inputs``)
+    part            shape per layer                  present
+    k, v            [s_max, b, n_kv, d]              uncompressed cache (identity codec)
+    k_codes, ...    [s_max, b, n_kv, *]              a tokenwise codec's parts (int8, int4)
+    x               [s_max, b, h]                    when recomputation may run
 
-Slots ``[0, length)`` are filled; the row validity (left padding) lives in the batch state.
+Slots ``[0, length)`` are filled; row validity (left padding) lives in the batch state.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpr.cache.codec import EncodedKV, IdentityCodec, KVCodec
 from kvpr.config import ModelConfig
 from kvpr.device import host_empty
+from kvpr.errors import KvprError
 
 
 @dataclass(frozen=True)
 class CacheShape:
-    """Sizes that fix the storage: layers, slots, batch, heads, dtype."""
+    """Sizes that fix the storage: layers, slots, batch, heads, dtype of the model."""
 
     num_layers: int
     max_len: int
@@ -42,63 +44,102 @@ class CacheShape:
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
-    def kv_bytes(self) -> int:
-        """Bytes of K and V for all layers and slots."""
-        return 2 * self.num_layers * self.max_len * self.batch_size * self.num_kv_heads * self.head_dim * self.element_size
+    def kv_bytes(self, codec: KVCodec | None = None) -> int:
+        """Bytes of K and V for all layers and slots, as ``codec`` stores them (metadata included)."""
+        if codec is None:
+            per_token = 2 * self.batch_size * self.num_kv_heads * self.head_dim * self.element_size
+        else:
+            per_token = codec.bytes_per_token(self.batch_size, self.num_kv_heads, self.head_dim)
+        return int(self.num_layers * self.max_len * per_token)
 
     def x_bytes(self) -> int:
         return self.num_layers * self.max_len * self.batch_size * self.hidden_size * self.element_size
 
 
+def token_layout(codec: KVCodec, shape: CacheShape) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Per-token shape and dtype of each part ``codec`` stores, read off a one-token encoding."""
+    if not codec.tokenwise:
+        raise KvprError(
+            f"codec {codec.name} groups tokens and cannot live in a token-major cache tier yet: "
+            "use --kv-codec fp16, int8 or int4"
+        )
+    probe = torch.zeros(1, shape.batch_size, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype)
+    encoded = codec.encode(probe, probe)
+    return {name: (tuple(t.shape[1:]), t.dtype) for name, t in encoded.tensors.items()}
+
+
 class KVStorage:
-    """K, V (and optionally X) for all layers on one tier.
+    """K,V parts (and optionally X) for all layers on one tier.
 
     Args:
         shape: sizes of the storage.
         device: the tier: the compute device (resident cache) or ``cpu`` (offloaded).
         pin: pin host memory (only for ``cpu`` with a CUDA compute device).
         store_inputs: also keep X, the layer inputs recomputation starts from.
+        codec: how K,V are stored; None stores them as they are in the model dtype.
     The caller checks that the tier has room (``LLM.check_fits``) before constructing one.
     """
 
-    def __init__(self, shape: CacheShape, device: torch.device, pin: bool, store_inputs: bool) -> None:
+    def __init__(
+        self, shape: CacheShape, device: torch.device, pin: bool, store_inputs: bool, codec: KVCodec | None = None
+    ) -> None:
         self.shape = shape
         self.device = device
         self.store_inputs = store_inputs
+        self.codec: KVCodec = codec or IdentityCodec(shape.dtype)
+        self.raw = isinstance(self.codec, IdentityCodec) and self.codec.dtype == shape.dtype
         self.length = 0
-        kv_shape = (shape.num_layers, shape.max_len, shape.batch_size, shape.num_kv_heads, shape.head_dim)
-        x_shape = (shape.num_layers, shape.max_len, shape.batch_size, shape.hidden_size)
-        self._k = self._empty(kv_shape, pin)  # [L, s_max, b, n_kv, d]
-        self._v = self._empty(kv_shape, pin)  # [L, s_max, b, n_kv, d]
-        self._x = self._empty(x_shape, pin) if store_inputs else None  # [L, s_max, b, h]
+        leading = (shape.num_layers, shape.max_len)
+        self._parts = {
+            name: self._empty(leading + per_token, dtype, pin)  # [L, s_max, b, ...]
+            for name, (per_token, dtype) in token_layout(self.codec, shape).items()
+        }
+        x_shape = leading + (shape.batch_size, shape.hidden_size)
+        self._x = self._empty(x_shape, shape.dtype, pin) if store_inputs else None  # [L, s_max, b, h]
 
-    def _empty(self, shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
         if self.device.type == "cpu":
-            return host_empty(shape, self.shape.dtype, pin)
-        return torch.empty(shape, dtype=self.shape.dtype, device=self.device)
+            return host_empty(shape, dtype, pin)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return tuple(self._parts)
 
     @property
     def nbytes(self) -> int:
-        tensors = [self._k, self._v] + ([self._x] if self._x is not None else [])
+        tensors = list(self._parts.values()) + ([self._x] if self._x is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def is_pinned(self) -> bool:
-        return self.device.type == "cpu" and self._k.is_pinned()
+        return self.device.type == "cpu" and all(t.is_pinned() for t in self._parts.values())
+
+    def part(self, name: str, layer: int) -> torch.Tensor:
+        """[s_max, b, ...] one stored part of one layer (a view)."""
+        return self._parts[name][layer]
 
     def k(self, layer: int) -> torch.Tensor:
-        """[s_max, b, n_kv, d] keys of one layer (a view)."""
-        return self._k[layer]
+        """[s_max, b, n_kv, d] keys of one layer (a view); only for an uncompressed cache."""
+        assert self.raw, "compressed storage: decode parts instead"
+        return self._parts["k"][layer]
 
     def v(self, layer: int) -> torch.Tensor:
-        """[s_max, b, n_kv, d] values of one layer (a view)."""
-        return self._v[layer]
+        """[s_max, b, n_kv, d] values of one layer (a view); only for an uncompressed cache."""
+        assert self.raw, "compressed storage: decode parts instead"
+        return self._parts["v"][layer]
 
     def x(self, layer: int) -> torch.Tensor:
         """[s_max, b, h] layer inputs of one layer (a view)."""
         if self._x is None:
             raise ValueError("this storage keeps no layer inputs (store_inputs=False)")
         return self._x[layer]
+
+    def encoded(self, parts: dict[str, torch.Tensor]) -> EncodedKV:
+        """Wrap token-range slices of the parts ([t, b, ...] each) as the codec's encoded block."""
+        num_tokens = next(iter(parts.values())).shape[0]
+        s = self.shape
+        return EncodedKV(self.codec.name, (num_tokens, s.batch_size, s.num_kv_heads, s.head_dim), parts)
 
     def reserve(self, num_tokens: int) -> int:
         """Claim the next ``num_tokens`` slots; returns the first. The caller fills them."""
@@ -112,7 +153,8 @@ class KVStorage:
         """Invariants of the bookkeeping: length within bounds, shapes and tier consistent."""
         s = self.shape
         assert 0 <= self.length <= s.max_len, (self.length, s.max_len)
-        assert self._k.shape == self._v.shape == (s.num_layers, s.max_len, s.batch_size, s.num_kv_heads, s.head_dim)
-        assert self._k.device.type == self.device.type
+        for tensor in self._parts.values():
+            assert tensor.shape[:3] == (s.num_layers, s.max_len, s.batch_size)
+            assert tensor.device.type == self.device.type
         if self._x is not None:
             assert self._x.shape == (s.num_layers, s.max_len, s.batch_size, s.hidden_size)

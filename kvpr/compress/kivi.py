@@ -25,6 +25,8 @@ from kvpr.errors import KvprError
 class KiviCodec:
     """K per channel (groups of ``token_group`` tokens), V per token (groups of ``group_size``)."""
 
+    tokenwise = False  # token groups / windows: not sliceable per token
+
     def __init__(self, bits: int = 2, group_size: int = 32, token_group: int = 32) -> None:
         if bits not in (2, 4, 8):
             raise KvprError(f"kivi supports 2, 4 or 8 bits, not {bits}")

@@ -285,6 +285,8 @@ class KVOCodec:
     ``decode`` returns tokens in their original order (the stored ``order`` is applied back).
     """
 
+    tokenwise = False  # token groups / windows: not sliceable per token
+
     name = "kvo"
 
     def __init__(self, config: KVOConfig | None = None) -> None:

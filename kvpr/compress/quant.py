@@ -89,6 +89,8 @@ def group_bytes(d: int, bits: int, group: int) -> int:
 class GroupQuantCodec:
     """K and V both per token, ``bits`` asymmetric in groups of ``group_size`` channels (int8, int4)."""
 
+    tokenwise = True
+
     def __init__(self, bits: int, group_size: int = 32) -> None:
         if bits not in PACK_BITS or bits == 1:
             raise KvprError(f"group quantisation supports 2, 4 or 8 bits, not {bits}")

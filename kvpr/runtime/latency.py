@@ -49,6 +49,15 @@ class _LayerBuffers:
             if storage.store_inputs
             else None
         )  # [s_max, b, h]
+        # A compressed tier's parts land here before they are decoded into k, v.
+        self.parts = (
+            {}
+            if storage.raw
+            else {
+                name: torch.empty_like(storage.part(name, 0), device=device)  # [s_max, b, ...]
+                for name in storage.part_names
+            }
+        )
         self.x_ready = [streams.event() for _ in range(num_chunks)]
         self.kv_ready = streams.event()
         self.free = streams.event()
@@ -80,7 +89,11 @@ class OverlappedExecutor(Executor):
             self.storage.k(layer)[start:end] = k
             self.storage.v(layer)[start:end] = v
             return
-        tensors = [(self.storage.k(layer), k), (self.storage.v(layer), v)]
+        if self.storage.raw:
+            tensors = [(self.storage.k(layer), k), (self.storage.v(layer), v)]
+        else:  # encoded on the compute stream, so only the compressed bytes cross the link
+            encoded = self.storage.codec.encode(k, v).tensors
+            tensors = [(self.storage.part(name, layer), part) for name, part in encoded.items()]
         if self.storage.store_inputs:
             tensors.append((self.storage.x(layer), x))
         # Device-to-host on the copy stream, after the compute that produced the tensors.
@@ -101,8 +114,14 @@ class OverlappedExecutor(Executor):
             for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
                 buffers.x[start:end].copy_(storage.x(layer)[start:end], non_blocking=True)  # type: ignore[index]
                 self.streams.record_on_copy(ready)  # chunk landed: its recompute may start
-            buffers.k[recompute_len:context_len].copy_(storage.k(layer)[recompute_len:context_len], non_blocking=True)
-            buffers.v[recompute_len:context_len].copy_(storage.v(layer)[recompute_len:context_len], non_blocking=True)
+            if storage.raw:
+                buffers.k[recompute_len:context_len].copy_(storage.k(layer)[recompute_len:context_len], non_blocking=True)
+                buffers.v[recompute_len:context_len].copy_(storage.v(layer)[recompute_len:context_len], non_blocking=True)
+            else:
+                for name, staged in buffers.parts.items():
+                    staged[recompute_len:context_len].copy_(
+                        storage.part(name, layer)[recompute_len:context_len], non_blocking=True
+                    )
             self.streams.record_on_copy(buffers.kv_ready)  # K,V of [l, s) landed: attention may start
 
     def _decode_layers(
@@ -132,6 +151,8 @@ class OverlappedExecutor(Executor):
                     # recompute written in place into the staging buffer: [chunk, b, n_kv, d]
                     layer.kv_into(buffers.x[start:end], chunk_rope, keys[start:end], values[start:end])  # type: ignore[index]
                 streams.compute_waits(buffers.kv_ready)  # copied K,V of [l, s) are on the device
+                if not self.storage.raw and slot > recompute_len:
+                    self._decode_parts(buffers, recompute_len, slot)
             else:
                 keys, values = self.storage.k(index), self.storage.v(index)
             keys[slot] = k_new[:, 0]
@@ -142,6 +163,13 @@ class OverlappedExecutor(Executor):
                 self._store(index, slot, k_new.transpose(0, 1), v_new.transpose(0, 1), x_new.transpose(0, 1))
             hidden = layer.finish(hidden, out)
         return hidden
+
+    def _decode_parts(self, buffers: _LayerBuffers, start: int, end: int) -> None:
+        """Decode the copied parts of tokens [start, end) into the K,V staging buffer."""
+        parts = {name: staged[start:end] for name, staged in buffers.parts.items()}
+        k, v = self.storage.codec.decode(self.storage.encoded(parts), self.dtype)  # [t, b, n_kv, d]
+        buffers.k[start:end] = k
+        buffers.v[start:end] = v
 
     def finish(self) -> None:
         self.streams.synchronize()

@@ -17,8 +17,8 @@ class SequentialExecutor(Executor):
 
     def _store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
         end = start + k.shape[0]
-        self.storage.k(layer)[start:end] = k
-        self.storage.v(layer)[start:end] = v
+        for name, part in self.storage.codec.encode(k, v).tensors.items():
+            self.storage.part(name, layer)[start:end] = part
         if self.storage.store_inputs:
             self.storage.x(layer)[start:end] = x
 
@@ -41,8 +41,10 @@ class SequentialExecutor(Executor):
                 k_old, v_old = layer.kv_from_input(x_old, rope_old)  # [l, b, n_kv, d]
                 parts_k.append(k_old)
                 parts_v.append(v_old)
-            parts_k.append(self.storage.k(index)[recompute_len:slot].to(device))  # [s-l, b, n_kv, d]
-            parts_v.append(self.storage.v(index)[recompute_len:slot].to(device))
+            stored = {n: self.storage.part(n, index)[recompute_len:slot].to(device) for n in self.storage.part_names}
+            k_copied, v_copied = self.storage.codec.decode(self.storage.encoded(stored), self.dtype)
+            parts_k.append(k_copied)  # [s-l, b, n_kv, d]
+            parts_v.append(v_copied)
             parts_k.append(k_new.transpose(0, 1))
             parts_v.append(v_new.transpose(0, 1))
             keys = torch.cat(parts_k).permute(1, 2, 0, 3)  # [b, n_kv, s+1, d]

@@ -15,6 +15,7 @@ import torch
 from kvpr.config import RECOMPUTE_AUTO, RECOMPUTE_OFF, CacheConfig, ModelConfig, RuntimeConfig
 
 if TYPE_CHECKING:
+    from kvpr.cache.codec import KVCodec
     from kvpr.scheduler.profiler import HardwareProfile
 
 SplitPolicy = Callable[[int], int]
@@ -42,11 +43,13 @@ def make_split_policy(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    codec: "KVCodec | None" = None,
 ) -> SplitPolicy:
-    """Build the per-step policy for one batch."""
+    """Build the per-step policy for one batch (``codec``: how K,V are stored on the host)."""
     element_bytes = torch.empty((), dtype=dtype).element_size()
+    kv_element_bytes = element_bytes if codec is None else kv_bytes_per_element(codec, model)
     if cache.recompute == RECOMPUTE_OFF or (
-        cache.recompute == RECOMPUTE_AUTO and not recompute_can_pay(model, element_bytes, element_bytes)
+        cache.recompute == RECOMPUTE_AUTO and not recompute_can_pay(model, element_bytes, kv_element_bytes)
     ):
         return lambda context_len: 0
     if cache.recompute != RECOMPUTE_AUTO:
@@ -55,22 +58,33 @@ def make_split_policy(
     from kvpr.scheduler.profiler import load_or_measure
 
     profile = load_or_measure(device, model, dtype, batch_size, path=runtime.profile_path)
-    return auto_policy(model, batch_size, profile, dtype, runtime.num_chunks)
+    return auto_policy(model, batch_size, profile, dtype, runtime.num_chunks, kv_element_bytes)
+
+
+def kv_bytes_per_element(codec: "KVCodec", model: ModelConfig) -> float:
+    """Stored bytes per K (or V) element under ``codec``, metadata included (fractional)."""
+    return codec.bytes_per_token(1, model.num_kv_heads, model.head_dim) / (2 * model.kv_size)
 
 
 def auto_policy(
-    model: ModelConfig, batch_size: int, profile: "HardwareProfile", dtype: torch.dtype, num_chunks: int
+    model: ModelConfig,
+    batch_size: int,
+    profile: "HardwareProfile",
+    dtype: torch.dtype,
+    num_chunks: int,
+    kv_element_bytes: float | None = None,
 ) -> SplitPolicy:
     """The solver's choice at each context length (memoised: one solve per distinct ``s``)."""
     from kvpr.scheduler.cost_model import Schedule
     from kvpr.scheduler.plan import plan_decode_step
 
     element_bytes = torch.empty((), dtype=dtype).element_size()
+    kv_bytes = kv_element_bytes if kv_element_bytes is not None else element_bytes
 
     @lru_cache(maxsize=None)
     def recompute_len(context_len: int) -> int:
         plan = plan_decode_step(
-            model, batch_size, context_len, profile, element_bytes, element_bytes, Schedule.CHUNKED, num_chunks
+            model, batch_size, context_len, profile, kv_bytes, element_bytes, Schedule.CHUNKED, num_chunks
         )
         return plan.recompute_len
 
