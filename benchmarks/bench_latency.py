@@ -16,9 +16,10 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.nn.attention import sdpa_kernel
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvpr.api import LLM  # noqa: E402
 from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams  # noqa: E402
-from kvpr.errors import KvprError  # noqa: E402
 from kvpr.models.common import ATTENTION_BACKENDS  # noqa: E402
 from kvpr.models.registry import BUILTIN_CONFIGS  # noqa: E402
 from kvpr.scheduler.cost_model import Schedule  # noqa: E402
@@ -90,8 +90,8 @@ def run_kvpr(llm: LLM, case: Case, prompts: torch.Tensor, recompute: Any) -> dic
     placed.generate(prompts.tolist(), SamplingParams(max_new_tokens=case.gen_len, stop_on_eos=False))
     stats = placed.last_stats
     assert stats is not None
-    contexts = [case.prompt_len + step + 1 for step in range(len(stats.recompute_lens))]
-    fraction = sum(l / s for l, s in zip(stats.recompute_lens, contexts)) / max(1, len(contexts))
+    contexts = [case.prompt_len + step for step in range(len(stats.recompute_lens))]  # s at each decode step
+    fraction = sum(recomputed / s for recomputed, s in zip(stats.recompute_lens, contexts)) / max(1, len(contexts))
     decode_ms = 1e3 * sum(stats.step_s) / len(stats.step_s)
     return {
         "prefill_s": stats.prefill_s,
@@ -137,13 +137,27 @@ def run_hf(hf: torch.nn.Module, case: Case, prompts: torch.Tensor, offloaded: bo
     # The peer gets the same attention backends as kvpr: cuDNN's rebuilds a plan per context length
     # (milliseconds of CPU per call) and failed outright at b=16, s=2048 on torch 2.11.
     with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
-        hf.generate(input_ids=ids[:1, :16], attention_mask=mask[:1, :16], max_new_tokens=2, do_sample=False,
-                    pad_token_id=0, **extra)  # warm-up
+        hf.generate(
+            input_ids=ids[:1, :16],
+            attention_mask=mask[:1, :16],
+            max_new_tokens=2,
+            do_sample=False,
+            pad_token_id=0,
+            **extra,
+        )  # warm-up
         clock = _StepClock()
         _sync()
         start = time.perf_counter()
-        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=case.gen_len, min_new_tokens=case.gen_len,
-                    do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]), **extra)
+        hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=case.gen_len,
+            min_new_tokens=case.gen_len,
+            do_sample=False,
+            pad_token_id=0,
+            logits_processor=LogitsProcessorList([clock]),
+            **extra,
+        )
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
     return {"prefill_s": clock.stamps[0] - start, "decode_ms_per_token": 1e3 * sum(steps) / len(steps)}
 
@@ -154,8 +168,16 @@ def floor_row(llm: LLM, case: Case, profile: Any) -> dict[str, Any]:
     element = torch.empty((), dtype=llm.dtype).element_size()
     floors = []
     for step in range(case.gen_len - 1):
-        plan = plan_decode_step(cfg, case.batch_size, case.prompt_len + step + 1, profile, element, element,
-                                Schedule.CHUNKED, llm.config.runtime.num_chunks)
+        plan = plan_decode_step(
+            cfg,
+            case.batch_size,
+            case.prompt_len + step + 1,
+            profile,
+            element,
+            element,
+            Schedule.CHUNKED,
+            llm.config.runtime.num_chunks,
+        )
         floors.append(plan.predicted_floor_s)
     return {"prefill_s": None, "decode_ms_per_token": 1e3 * cfg.num_layers * sum(floors) / len(floors)}
 
@@ -168,7 +190,10 @@ def _kv_fits_on_gpu(llm: LLM, case: Case) -> bool:
 
 
 def bench(
-    cases: list[Case], systems: tuple[str, ...], host_memory_gib: float | None = None, checkpoint: Callable[[list[dict[str, Any]]], None] | None = None
+    cases: list[Case],
+    systems: tuple[str, ...],
+    host_memory_gib: float | None = None,
+    checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Run every system on every case; ``checkpoint(rows)`` is called after each row."""
     rows: list[dict[str, Any]] = []
@@ -232,8 +257,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | b | prompt | gen | system | decode ms/token | prefill s | tokens/s | l/s | kvpr-auto speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | b | prompt | gen | system | decode ms/token | prefill s | tokens/s | l/s | kvpr-auto speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         lines.append(
@@ -258,7 +285,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for index, system in enumerate(systems):
         values = []
         for case in cases:
-            match = [r for r in rows if (r["model"], r["batch_size"], r["prompt_len"]) == case and r["system"] == system]
+            match = [
+                r for r in rows if (r["model"], r["batch_size"], r["prompt_len"]) == case and r["system"] == system
+            ]
             values.append(match[0].get("decode_ms_per_token") or 0.0 if match else 0.0)
         ax.bar([c + index * width for c in range(len(cases))], values, width, label=system)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
@@ -283,16 +312,23 @@ def main() -> None:
     cases = [case for suite in args.suite for case in SUITES[suite]]
     device = torch.cuda.get_device_name()
     date = datetime.date.today().strftime("%Y%m%d")
-    commit = args.commit or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = (
+        args.commit
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.tag}-{device.replace(' ', '_')}-{date}"
 
     def write(rows: list[dict[str, Any]], bandwidth: float = 0.0) -> None:
-        result = {"device": device, "date": date, "commit": commit or "unknown", "torch": torch.__version__,
-                  "bandwidth_h2d_gbps": bandwidth, "rows": rows}
+        result = {
+            "device": device,
+            "date": date,
+            "commit": commit or "unknown",
+            "torch": torch.__version__,
+            "bandwidth_h2d_gbps": bandwidth,
+            "rows": rows,
+        }
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
 
     rows, bandwidth = bench(cases, tuple(args.systems), args.host_memory_gib, checkpoint=write)

@@ -7,10 +7,11 @@ sized for each batch, run the token loop, and decode text.
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -106,7 +107,9 @@ class LLM:
             raise KvprError("no prompts given: pass at least one prompt")
         if all(isinstance(p, str) for p in prompts):
             if self.tokenizer is None:
-                raise KvprError(f"model {self.name} has no tokenizer: pass token ids, or a model directory with tokenizer files")
+                raise KvprError(
+                    f"model {self.name} has no tokenizer: pass token ids, or a model directory with tokenizer files"
+                )
             return [self.tokenizer(p)["input_ids"] for p in prompts]  # type: ignore[index]
         return [list(map(int, p)) for p in prompts]  # type: ignore[arg-type]
 
@@ -248,8 +251,8 @@ class LLM:
         input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
         valid = torch.zeros((len(prompt_ids), width), dtype=torch.bool)
         for row, ids in enumerate(prompt_ids):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            valid[row, width - len(ids):] = True
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            valid[row, width - len(ids) :] = True
         return input_ids.to(self.device), valid.to(self.device)
 
 
@@ -278,4 +281,3 @@ def _load_tokenizer(directory: Any) -> Any:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as err:
         raise KvprError(f"cannot load the tokenizer in {directory}: {str(err).splitlines()[0]}") from None
-

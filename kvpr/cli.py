@@ -8,26 +8,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams, parse_recompute
 from kvpr.errors import KvprError
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="HF directory, .gguf file or built-in name (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model", default=None, help="HF directory, .gguf file or built-in name (default: SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--dummy-weights", action="store_true", help="random weights of the model's real configuration")
     parser.add_argument("--offload", default="none", help="where the KV cache lives: none (device) or cpu (host)")
-    parser.add_argument("--recompute", default="off", help="off, auto, or a fraction F in [0,1]: recompute l=round(F*s) tokens from X")
-    parser.add_argument("--kv-codec", default="none",
-                        help="how the offloaded K,V are stored: none (as computed), fp16, int8 or int4")
+    parser.add_argument(
+        "--recompute", default="off", help="off, auto, or a fraction F in [0,1]: recompute l=round(F*s) tokens from X"
+    )
+    parser.add_argument(
+        "--kv-codec", default="none", help="how the offloaded K,V are stored: none (as computed), fp16, int8 or int4"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     parser.add_argument("--no-overlap", action="store_true", help="run the plain sequential executor (the oracle)")
     parser.add_argument("--num-chunks", type=int, default=8, help="X chunks per layer in the recompute pipeline")
-    parser.add_argument("--profile", default=None, help="hardware profile JSON to plan with (default: measured and cached)")
-    parser.add_argument("--host-memory-gib", type=float, default=None,
-                        help="host memory kvpr may use (default: what the OS reports available now)")
+    parser.add_argument(
+        "--profile", default=None, help="hardware profile JSON to plan with (default: measured and cached)"
+    )
+    parser.add_argument(
+        "--host-memory-gib",
+        type=float,
+        default=None,
+        help="host memory kvpr may use (default: what the OS reports available now)",
+    )
 
 
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -52,7 +64,9 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpr", description="LLM inference with an offloaded KV cache and partial recomputation")
+    parser = argparse.ArgumentParser(
+        prog="kvpr", description="LLM inference with an offloaded KV cache and partial recomputation"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate text for one or more prompts")
@@ -82,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--profile", default=None, help="file to write (default: the user's cache directory)")
     profile.add_argument("--reprofile", action="store_true", help="measure again even if a cached profile fits")
 
-    plan = commands.add_parser("plan", help="print the split the scheduler picks and the predicted time of each alternative")
+    plan = commands.add_parser(
+        "plan", help="print the split the scheduler picks and the predicted time of each alternative"
+    )
     plan.add_argument("--model", default=None)
     plan.add_argument("--batch-size", type=int, default=1)
     plan.add_argument("--context", type=int, nargs="+", default=[256, 1024, 2048, 4096], help="context lengths s")
@@ -109,12 +125,21 @@ def _run_profile(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cfg = _model_config(args.model)
-    profile = load_or_measure(device, cfg, dtype, args.batch_size, path=args.profile,
-                              reprofile=args.reprofile or args.profile is not None, progress=True)
+    profile = load_or_measure(
+        device,
+        cfg,
+        dtype,
+        args.batch_size,
+        path=args.profile,
+        reprofile=args.reprofile or args.profile is not None,
+        progress=True,
+    )
     print(f"profile of {profile.device_name} (torch {profile.torch_version}, {profile.dtype})")
     for size in (1 << 20, 8 << 20, 64 << 20, 256 << 20):
-        print(f"  H2D {size >> 20:4d} MiB: {profile.h2d_bytes_per_s(size) / 1e9:6.1f} GB/s   "
-              f"D2H: {profile.d2h_bytes_per_s(size) / 1e9:6.1f} GB/s")
+        print(
+            f"  H2D {size >> 20:4d} MiB: {profile.h2d_bytes_per_s(size) / 1e9:6.1f} GB/s   "
+            f"D2H: {profile.d2h_bytes_per_s(size) / 1e9:6.1f} GB/s"
+        )
     for rows in (256, 4096, 65536):
         print(f"  recompute GEMM M={rows:6d}: {profile.gemm_flop_per_s(rows) / 1e12:7.1f} TFLOP/s")
     return 0
@@ -171,7 +196,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     elif args.json:
         stats = llm.last_stats.to_dict() if llm.last_stats else {}
         results = [
-            {"prompt": p, "prompt_token_ids": c.prompt_token_ids, "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
+            {
+                "prompt": p,
+                "prompt_token_ids": c.prompt_token_ids,
+                "token_ids": c.token_ids,
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+            }
             for p, c in zip(args.prompt, completions)
         ]
         print(json.dumps({"model": llm.name, "completions": results, "stats": stats}, indent=1))
@@ -195,7 +226,7 @@ class _StreamPrinter:
     def on_token(self, row: int, token: int) -> None:
         self.tokens.append(token)
         text = self.llm.decode_text(self.tokens)
-        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.write(text[len(self.printed) :])
         sys.stdout.flush()
         self.printed = text
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from kvpr.errors import KvprError
 
@@ -108,9 +109,7 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in _MODEL_TYPES:
             supported = ", ".join(sorted(_MODEL_TYPES))
-            raise KvprError(
-                f"unsupported architecture model_type={model_type!r}: kvpr runs {supported}"
-            )
+            raise KvprError(f"unsupported architecture model_type={model_type!r}: kvpr runs {supported}")
         arch = _MODEL_TYPES[model_type]
         try:
             return _from_hf_opt(hf) if arch is Arch.OPT else _from_hf_llama(hf, model_type)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -13,28 +14,75 @@ from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
 
 # name -> (transformers config class name, kwargs). Sizes are tiny; the options are the real ones.
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama-gqa": ("LlamaConfig", dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rope_theta=500000.0, tie_word_embeddings=False, eos_token_id=127, bos_token_id=1,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-    )),
-    "qwen2": ("Qwen2Config", dict(
-        vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, eos_token_id=127, use_sliding_window=False,
-    )),
-    "opt": ("OPTConfig", dict(
-        vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=256, word_embed_proj_dim=64, eos_token_id=127, pad_token_id=1,
-        bos_token_id=2,
-    )),
-    "opt-350m-style": ("OPTConfig", dict(
-        vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=256, word_embed_proj_dim=32, do_layer_norm_before=False,
-        eos_token_id=127, pad_token_id=1, bos_token_id=2,
-    )),
+    "llama-gqa": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+            eos_token_id=127,
+            bos_token_id=1,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            vocab_size=128,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            eos_token_id=127,
+            use_sliding_window=False,
+        ),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
+            vocab_size=128,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+            eos_token_id=127,
+            pad_token_id=1,
+            bos_token_id=2,
+        ),
+    ),
+    "opt-350m-style": (
+        "OPTConfig",
+        dict(
+            vocab_size=128,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=False,
+            eos_token_id=127,
+            pad_token_id=1,
+            bos_token_id=2,
+        ),
+    ),
 }
 
 

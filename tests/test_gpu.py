@@ -14,8 +14,14 @@ pytestmark = [
 ]
 # fp16 logits of the tiny models are O(10); kernels differ from transformers' in summation order.
 FP16_ATOL = 5e-2
-PATHS = [("none", "off", True), ("cpu", "off", True), ("cpu", 0.5, True), ("cpu", 1.0, True),
-         ("cpu", "auto", True), ("cpu", 0.5, False)]
+PATHS = [
+    ("none", "off", True),
+    ("cpu", "off", True),
+    ("cpu", 0.5, True),
+    ("cpu", 1.0, True),
+    ("cpu", "auto", True),
+    ("cpu", 0.5, False),
+]
 PROMPTS = [[5, 17, 33, 2, 90, 11], [7, 7, 61], [100, 3, 44, 21, 9, 8, 71, 12, 4]]
 
 

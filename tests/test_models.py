@@ -27,7 +27,7 @@ def _batch(vocab: int, lengths: list[int], extra: int, seed: int = 1) -> tuple[t
     ids = torch.randint(3, vocab - 1, (len(lengths), width), generator=generator)
     mask = torch.zeros(len(lengths), width, dtype=torch.bool)
     for row, length in enumerate(lengths):
-        mask[row, max(lengths) - length:] = True
+        mask[row, max(lengths) - length :] = True
         ids[row, : max(lengths) - length] = 0
     return ids, mask
 
@@ -70,7 +70,7 @@ def test_sharded_and_bin_checkpoints_load_identically(tiny_checkpoint, tmp_path:
     state = load_file(str(single / "model.safetensors"))
     names = sorted(state)
     torch.save({n: state[n] for n in names[: len(names) // 2]}, binary / "pytorch_model-00001-of-00002.bin")
-    torch.save({n: state[n] for n in names[len(names) // 2:]}, binary / "pytorch_model-00002-of-00002.bin")
+    torch.save({n: state[n] for n in names[len(names) // 2 :]}, binary / "pytorch_model-00002-of-00002.bin")
     ids = torch.tensor([[5, 9, 17, 3, 44]])
     mask = torch.ones_like(ids, dtype=torch.bool)
     results = []

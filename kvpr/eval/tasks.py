@@ -13,6 +13,7 @@ the filler's tokens that precede the asked needle. Not LongBench or RULER: not c
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -103,10 +104,27 @@ class TaskBuilder:
         articles = self._wiki()
         target = rng.choice(self._answerable())
         question = f'Question: which article is described as "{articles[target].description}"?\nAnswer: the title is'
-        fixed = self._count(DOC_HEADER + DOC_SEPARATOR + question) + self._doc_len(target)
-        budget = target_len - fixed
+        budget = target_len - self._count(DOC_HEADER + question) - self._doc_len(target)
         order = list(range(len(articles)))
         rng.shuffle(order)
+        item: TaskItem | None = None
+        for _attempt in range(4):  # re-size until the prompt measures within tolerance
+            texts, lens = self._distractors(order, target, budget, target_len)
+            offsets = [0]
+            for length in lens:
+                offsets.append(offsets[-1] + length)
+            at = min(range(len(offsets)), key=lambda slot: abs(offsets[slot] - depth * offsets[-1]))
+            texts.insert(at, self._doc_text(target) + DOC_SEPARATOR)
+            real_depth = offsets[at] / offsets[-1] if offsets[-1] else 0.0
+            item = self._item("multi_doc", DOC_HEADER + "".join(texts) + question, articles[target].title, real_depth, target_len)
+            if abs(item.length - target_len) <= 2:
+                break
+            budget += target_len - item.length
+        assert item is not None
+        return item
+
+    def _distractors(self, order: list[int], target: int, budget: int, target_len: int) -> tuple[list[str], list[int]]:
+        """Whole articles in seeded order that fit ``budget`` tokens, then the head of one more to fill it."""
         chosen, used = [], 0
         for index in order[: 50 * max(1, target_len // 64)]:
             if budget - used < 8:
@@ -114,14 +132,15 @@ class TaskBuilder:
             if index != target and used + self._doc_len(index) <= budget:
                 chosen.append(index)
                 used += self._doc_len(index)
-        offsets = [0]
-        for index in chosen:
-            offsets.append(offsets[-1] + self._doc_len(index))
-        at = min(range(len(offsets)), key=lambda slot: abs(offsets[slot] - depth * used))
-        chosen.insert(at, target)
-        prompt = DOC_HEADER + "".join(self._doc_text(i) + DOC_SEPARATOR for i in chosen) + question
-        real_depth = offsets[at] / used if used else 0.0
-        return self._item("multi_doc", prompt, articles[target].title, real_depth, target_len)
+        texts = [self._doc_text(i) + DOC_SEPARATOR for i in chosen]
+        lens = [self._doc_len(i) for i in chosen]
+        if budget - used >= 8:
+            taken = set(chosen)
+            spare = next(i for i in order if i != target and i not in taken)
+            head = tokenize_documents(self.tokenizer, [self._doc_text(spare)])[0][: budget - used - 2]
+            texts.append(self.tokenizer.decode(head) + DOC_SEPARATOR)
+            lens.append(budget - used)
+        return texts, lens
 
     # -- filler tasks --------------------------------------------------------------------------
 
@@ -142,38 +161,48 @@ class TaskBuilder:
         budget = target_len - fixed
         if budget < 16:
             raise KvprError(f"target length {target_len} leaves no room for filler: use at least {fixed + 16}")
-        start = rng.randrange(0, len(filler) - 2 * budget)
+        first = bisect.bisect_left(stops, rng.randrange(0, len(filler) - 2 * budget))
+        start = stops[first] if first < len(stops) else 0  # begin at a sentence start
         item: TaskItem | None = None
         for _attempt in range(4):  # re-size until the prompt measures within tolerance
             window = filler[start : start + budget]
             cuts = sorted((self._cut(stops, start, budget, d), text) for d, text in needles)
-            pieces, previous = [header], 0
+            pieces, previous = [], 0
             for cut, text in cuts:
-                pieces += [self.tokenizer.decode(window[previous:cut]), " " + text]
+                pieces += [self._decode_joined(window[previous:cut]), " " + text]
                 previous = cut
-            pieces += [self.tokenizer.decode(window[previous:]), "\n\n", question]
+            pieces += [self._decode_joined(window[previous:]), "\n\n", question]
             asked = self._cut(stops, start, budget, depth)
-            item = self._item(task, "".join(pieces), answer, asked / budget, target_len)
-            if abs(item.length - target_len) <= self._tolerance(target_len) // 2:
+            prompt = header + "".join(pieces).lstrip(" ")
+            item = self._item(task, prompt, answer, asked / budget, target_len)
+            if abs(item.length - target_len) <= 2:
                 break
             budget += target_len - item.length
         assert item is not None
         return item
 
+    def _decode_joined(self, ids: Sequence[int]) -> str:
+        """Filler text that starts with whitespace, so a needle before it stays a separate sentence."""
+        text = self.tokenizer.decode(list(ids))
+        return text if not text or text[0].isspace() else " " + text
+
     def _cut(self, stops: list[int], start: int, budget: int, depth: float) -> int:
-        """Offset in the window [start, start + budget) of the sentence end nearest ``depth``."""
+        """Offset in the window [start, start + budget] of the sentence end nearest ``depth``."""
         want = start + round(depth * budget)
-        inside = [s for s in stops if start <= s <= start + budget]
-        best = min(inside, key=lambda s: abs(s - want)) if inside else want
+        low, high = bisect.bisect_left(stops, start), bisect.bisect_right(stops, start + budget)
+        pos = bisect.bisect_left(stops, want, low, high)
+        near = stops[max(low, pos - 1) : min(high, pos + 1)]  # the stops either side of want
+        best = min(near, key=lambda s: abs(s - want)) if near else want
         return best - start
 
     # -- corpora -------------------------------------------------------------------------------
 
     def _essays(self) -> tuple[list[int], list[int]]:
         if self._filler is None or self._stops is None:
+            separator = tokenize_documents(self.tokenizer, ["\n\n"])[0]
             stream: list[int] = []
             for ids in tokenize_documents(self.tokenizer, [doc.text for doc in paul_graham_essays()]):
-                stream.extend(ids + tokenize_documents(self.tokenizer, ["\n\n"])[0])
+                stream.extend(ids + separator)
             ends = {tok for tok in set(stream) if self.tokenizer.decode([tok]).rstrip().endswith((".", "?", "!"))}
             self._filler = stream
             self._stops = [pos + 1 for pos, tok in enumerate(stream) if tok in ends]

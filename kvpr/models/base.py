@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from kvpr.models.common import apply_rope, linear_into
+
 if TYPE_CHECKING:
     from kvpr.config import ModelConfig
 
@@ -24,11 +26,20 @@ class DecoderLayer(nn.Module):
         """[..., h] residual stream -> [..., h] input of the attention projections (X)."""
         raise NotImplementedError
 
+    head_dim: int
+
+    def kv_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """The K and V projections (checkpoint modules)."""
+        raise NotImplementedError
+
     def kv_from_input(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """X [..., h] -> K, V [..., n_kv, d]; K rotated when the model uses RoPE."""
-        raise NotImplementedError
+        k_proj, v_proj = self.kv_projections()
+        k = k_proj(x).unflatten(-1, (-1, self.head_dim))  # [..., n_kv, d]
+        v = v_proj(x).unflatten(-1, (-1, self.head_dim))  # [..., n_kv, d]
+        return (k if rope is None else apply_rope(k, *rope)), v
 
     def kv_into(
         self,
@@ -42,13 +53,14 @@ class DecoderLayer(nn.Module):
         Same arithmetic as ``kv_from_input``; writing into the preallocated buffer saves a copy
         and a kernel launch per chunk, which matters when a decode step is launch-bound.
         """
-        k, v = self.kv_from_input(x, rope)
-        k_out.copy_(k)
-        v_out.copy_(v)
+        k_proj, v_proj = self.kv_projections()
+        rows = x.reshape(-1, x.shape[-1])  # [t*b, h]
+        linear_into(rows, k_proj, k_out.view(rows.shape[0], -1))
+        linear_into(rows, v_proj, v_out.view(rows.shape[0], -1))
+        if rope is not None:
+            k_out.copy_(apply_rope(k_out, *rope))
 
-    def query(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor:
+    def query(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """X [b, q, h] -> Q [b, n_q, q, d]."""
         raise NotImplementedError
 
@@ -70,9 +82,7 @@ class DecoderModel(nn.Module):
         """Token ids [b, q] at positions [b, q] -> residual stream [b, q, h]."""
         raise NotImplementedError
 
-    def rope(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos, sin [*positions.shape, 1, d] for rotary models, None otherwise."""
         return None
 

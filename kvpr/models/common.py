@@ -73,9 +73,7 @@ def linear_into(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> None:
         torch.mm(x, linear.weight.t(), out=out)
 
 
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention of q over assembled K,V (GQA aware).
 
     Args:

@@ -8,7 +8,7 @@ from torch import nn
 
 from kvpr.config import ModelConfig
 from kvpr.models.base import DecoderLayer, DecoderModel
-from kvpr.models.common import RMSNorm, apply_rope, linear_into, rope_cos_sin, rope_inv_freq
+from kvpr.models.common import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 class LlamaAttention(nn.Module):
@@ -35,6 +35,7 @@ class LlamaMLP(nn.Module):
 class LlamaLayer(DecoderLayer):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.head_dim = cfg.head_dim
         self.self_attn = LlamaAttention(cfg)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -43,28 +44,8 @@ class LlamaLayer(DecoderLayer):
     def attn_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.input_layernorm(hidden)
 
-    def kv_from_input(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = self.self_attn
-        heads = (attn.num_kv_heads, attn.head_dim)
-        k = attn.k_proj(x).unflatten(-1, heads)  # [..., n_kv, d]
-        v = attn.v_proj(x).unflatten(-1, heads)  # [..., n_kv, d]
-        assert rope is not None
-        return apply_rope(k, *rope), v
-
-    def kv_into(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        k_out: torch.Tensor,
-        v_out: torch.Tensor,
-    ) -> None:
-        rows = x.reshape(-1, x.shape[-1])  # [t*b, h]
-        linear_into(rows, self.self_attn.k_proj, k_out.view(rows.shape[0], -1))
-        linear_into(rows, self.self_attn.v_proj, v_out.view(rows.shape[0], -1))
-        assert rope is not None
-        k_out.copy_(apply_rope(k_out, *rope))
+    def kv_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        return self.self_attn.k_proj, self.self_attn.v_proj
 
     def query(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         attn = self.self_attn

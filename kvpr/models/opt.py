@@ -8,7 +8,6 @@ from torch import nn
 
 from kvpr.config import ModelConfig
 from kvpr.models.base import DecoderLayer, DecoderModel
-from kvpr.models.common import linear_into
 
 # OPT's learned position table starts 2 rows in (a fairseq convention kept by the checkpoints).
 _POSITION_OFFSET = 2
@@ -30,6 +29,7 @@ class OPTLayer(DecoderLayer):
         super().__init__()
         h, affine = cfg.hidden_size, cfg.layer_norm_affine
         self.pre_layer_norm = cfg.pre_layer_norm
+        self.head_dim = cfg.head_dim
         self.activation = F.relu if cfg.activation == "relu" else F.gelu
         self.self_attn = OPTAttention(cfg)
         self.self_attn_layer_norm = nn.LayerNorm(h, elementwise_affine=affine, bias=affine)
@@ -40,24 +40,8 @@ class OPTLayer(DecoderLayer):
     def attn_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.self_attn_layer_norm(hidden) if self.pre_layer_norm else hidden
 
-    def kv_from_input(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        heads = (self.self_attn.num_heads, self.self_attn.head_dim)
-        k = self.self_attn.k_proj(x).unflatten(-1, heads)  # [..., n_kv, d]
-        v = self.self_attn.v_proj(x).unflatten(-1, heads)  # [..., n_kv, d]
-        return k, v
-
-    def kv_into(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        k_out: torch.Tensor,
-        v_out: torch.Tensor,
-    ) -> None:
-        rows = x.reshape(-1, x.shape[-1])  # [t*b, h]
-        linear_into(rows, self.self_attn.k_proj, k_out.view(rows.shape[0], -1))
-        linear_into(rows, self.self_attn.v_proj, v_out.view(rows.shape[0], -1))
+    def kv_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        return self.self_attn.k_proj, self.self_attn.v_proj
 
     def query(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         heads = (self.self_attn.num_heads, self.self_attn.head_dim)

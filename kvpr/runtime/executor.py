@@ -6,7 +6,8 @@ differ only in how cached K,V reach attention (sequentially, or overlapped on st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 

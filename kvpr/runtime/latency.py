@@ -79,9 +79,7 @@ class OverlappedExecutor(Executor):
         super().__init__(model, storage, device, offloaded, split)
         self.streams = StreamSet(device)
         self.num_chunks = num_chunks
-        self.buffers = (
-            [_LayerBuffers(storage, device, self.streams, num_chunks) for _ in range(2)] if offloaded else []
-        )
+        self.buffers = [_LayerBuffers(storage, device, self.streams, num_chunks) for _ in range(2)] if offloaded else []
 
     def _store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
         end = start + k.shape[0]
@@ -115,8 +113,12 @@ class OverlappedExecutor(Executor):
                 buffers.x[start:end].copy_(storage.x(layer)[start:end], non_blocking=True)  # type: ignore[index]
                 self.streams.record_on_copy(ready)  # chunk landed: its recompute may start
             if storage.raw:
-                buffers.k[recompute_len:context_len].copy_(storage.k(layer)[recompute_len:context_len], non_blocking=True)
-                buffers.v[recompute_len:context_len].copy_(storage.v(layer)[recompute_len:context_len], non_blocking=True)
+                buffers.k[recompute_len:context_len].copy_(
+                    storage.k(layer)[recompute_len:context_len], non_blocking=True
+                )
+                buffers.v[recompute_len:context_len].copy_(
+                    storage.v(layer)[recompute_len:context_len], non_blocking=True
+                )
             else:
                 for name, staged in buffers.parts.items():
                     staged[recompute_len:context_len].copy_(

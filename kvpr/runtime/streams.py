@@ -6,8 +6,8 @@ the same arithmetic everywhere and is testable without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
 
 import torch
 

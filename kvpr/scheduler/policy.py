@@ -7,8 +7,9 @@ step with the measured hardware profile, so ``l`` follows ``s`` as it grows.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -81,7 +82,7 @@ def auto_policy(
     element_bytes = torch.empty((), dtype=dtype).element_size()
     kv_bytes = kv_element_bytes if kv_element_bytes is not None else element_bytes
 
-    @lru_cache(maxsize=None)
+    @cache
     def recompute_len(context_len: int) -> int:
         plan = plan_decode_step(
             model, batch_size, context_len, profile, kv_bytes, element_bytes, Schedule.CHUNKED, num_chunks
