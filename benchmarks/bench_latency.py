@@ -64,6 +64,7 @@ SUITES: dict[str, list[Case]] = {
     ],
 }
 SYSTEMS = ("hf-gpu", "hf-offloaded", "kvpr-off", "kvpr-auto", "floor")
+# Also accepted by --systems: kvpr-int8, kvpr-int4 (compressed host tier), kvpr-F (fixed fraction F).
 
 
 def _sync() -> None:
@@ -84,8 +85,8 @@ def _prompts(case: Case, vocab: int) -> torch.Tensor:
     return torch.randint(10, vocab - 10, (case.batch_size, case.prompt_len), generator=generator)
 
 
-def run_kvpr(llm: LLM, case: Case, prompts: torch.Tensor, recompute: Any) -> dict[str, Any]:
-    placed = llm.with_placement(CacheConfig(offload=Offload.CPU, recompute=recompute))
+def run_kvpr(llm: LLM, case: Case, prompts: torch.Tensor, recompute: Any, codec: str = "none") -> dict[str, Any]:
+    placed = llm.with_placement(CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=codec))
     placed.generate(prompts[:1, :16].tolist(), SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up
     placed.generate(prompts.tolist(), SamplingParams(max_new_tokens=case.gen_len, stop_on_eos=False))
     stats = placed.last_stats
@@ -226,7 +227,9 @@ def bench(
                         row.update(run_kvpr(llm, case, prompts, "off"))
                     elif system == "kvpr-auto":
                         row.update(run_kvpr(llm, case, prompts, "auto"))
-                    elif system.startswith("kvpr-"):
+                    elif system in ("kvpr-int8", "kvpr-int4"):  # compressed host tier, split chosen by auto
+                        row.update(run_kvpr(llm, case, prompts, "auto", system.removeprefix("kvpr-")))
+                    elif system.startswith("kvpr-"):  # a fixed fraction, e.g. kvpr-0.5
                         row.update(run_kvpr(llm, case, prompts, float(system.removeprefix("kvpr-"))))
                     elif system == "floor":
                         row.update(floor_row(llm, case, profile))

@@ -78,3 +78,22 @@ def test_dummy_opt_overlapped_matches_sequential() -> None:
         executor.finish()
         outputs.append(torch.stack(steps))
     assert (outputs[0] - outputs[1]).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_compressed_tier_overlapped_matches_sequential(tiny_checkpoint, codec: str) -> None:
+    from kvpr.api import LLM
+    from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
+
+    outputs = []
+    for overlap in (True, False):
+        llm = LLM(
+            EngineConfig(
+                model=str(tiny_checkpoint("opt")),
+                cache=CacheConfig(offload=Offload.CPU, recompute=0.5, kv_codec=codec),
+                runtime=RuntimeConfig(device="cuda", dtype="float16", overlap=overlap, num_chunks=3),
+            )
+        )
+        params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+        outputs.append([c.token_ids for c in llm.generate(PROMPTS, params)])
+    assert outputs[0] == outputs[1]
