@@ -64,7 +64,8 @@ SUITES: dict[str, list[Case]] = {
     ],
 }
 SYSTEMS = ("hf-gpu", "hf-offloaded", "kvpr-off", "kvpr-auto", "floor")
-# Also accepted by --systems: kvpr-int8, kvpr-int4 (compressed host tier), kvpr-F (fixed fraction F).
+# Also accepted by --systems: kvpr-int8, kvpr-int4 (compressed host tier), kvpr-resident (auto split
+# plus --gpu-resident auto), kvpr-F (fixed fraction F).
 
 
 def _sync() -> None:
@@ -85,8 +86,11 @@ def _prompts(case: Case, vocab: int) -> torch.Tensor:
     return torch.randint(10, vocab - 10, (case.batch_size, case.prompt_len), generator=generator)
 
 
-def run_kvpr(llm: LLM, case: Case, prompts: torch.Tensor, recompute: Any, codec: str = "none") -> dict[str, Any]:
-    placed = llm.with_placement(CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=codec))
+def run_kvpr(
+    llm: LLM, case: Case, prompts: torch.Tensor, recompute: Any, codec: str = "none", resident: int | str = 0
+) -> dict[str, Any]:
+    cache = CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=codec, gpu_resident=resident)
+    placed = llm.with_placement(cache)
     placed.generate(prompts[:1, :16].tolist(), SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up
     placed.generate(prompts.tolist(), SamplingParams(max_new_tokens=case.gen_len, stop_on_eos=False))
     stats = placed.last_stats
@@ -227,6 +231,8 @@ def bench(
                         row.update(run_kvpr(llm, case, prompts, "off"))
                     elif system == "kvpr-auto":
                         row.update(run_kvpr(llm, case, prompts, "auto"))
+                    elif system == "kvpr-resident":  # auto split + as many tokens on the GPU as fit
+                        row.update(run_kvpr(llm, case, prompts, "auto", resident="auto"))
                     elif system in ("kvpr-int8", "kvpr-int4"):  # compressed host tier, split chosen by auto
                         row.update(run_kvpr(llm, case, prompts, "auto", system.removeprefix("kvpr-")))
                     elif system.startswith("kvpr-"):  # a fixed fraction, e.g. kvpr-0.5

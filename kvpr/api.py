@@ -26,6 +26,7 @@ from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_to
 from kvpr.runtime.latency import OverlappedExecutor
 from kvpr.runtime.reference import SequentialExecutor
 from kvpr.scheduler.policy import kv_bytes_per_element, make_split_policy, recompute_can_pay
+from kvpr.scheduler.solver import resident_tokens
 
 
 @dataclass
@@ -182,9 +183,24 @@ class LLM:
             codec=codec,
         )
         split = make_split_policy(cache, runtime, self.model_config, batch_size, self.device, self.dtype, codec)
+        resident = self._resident_cap(shape) if offloaded else 0
         if runtime.overlap:
-            return OverlappedExecutor(self.model, storage, self.device, offloaded, split, runtime.num_chunks)
-        return SequentialExecutor(self.model, storage, self.device, offloaded, split)
+            return OverlappedExecutor(self.model, storage, self.device, offloaded, split, runtime.num_chunks, resident)
+        return SequentialExecutor(self.model, storage, self.device, offloaded, split, resident)
+
+    def _resident_cap(self, shape: CacheShape) -> int:
+        """How many of the oldest tokens keep their K,V on the GPU (``--gpu-resident``)."""
+        wanted = self.config.cache.gpu_resident
+        if wanted != "auto":
+            return int(wanted)
+        if self.device.type != "cuda":
+            return 0  # no device memory apart from the host tier
+        free, _total = torch.cuda.mem_get_info(self.device)
+        staging = 2 * (shape.kv_bytes() + shape.x_bytes()) // shape.num_layers
+        # Keep room for the staging buffers, activations and allocator slack.
+        reserve = staging + free // 10 + 2 * 1024**3
+        element = _element_size(self.dtype)
+        return resident_tokens(self.model_config, shape.batch_size, shape.max_len, free, element, reserve)
 
     def check_fits(self, batch_size: int, max_len: int) -> CacheShape:
         """Raise a KvprError, before allocating anything, if this batch cannot run here."""
@@ -198,7 +214,10 @@ class LLM:
             stored = shape.kv_bytes(self._codec())
             check_host_memory(stored + inputs, what + " in host memory", budget)
             staging = 2 * (shape.kv_bytes() + stored + inputs) // shape.num_layers
-            check_device_memory(staging, self.device, "the double staging buffers of one layer's cache", budget)
+            wanted = cache.gpu_resident
+            if wanted != "auto" and wanted:  # an explicit count: its K,V must fit too
+                staging += shape.kv_bytes() * min(int(wanted), max_len) // max_len
+            check_device_memory(staging, self.device, "the staging buffers and GPU-resident tokens", budget)
         else:
             check_device_memory(shape.kv_bytes(), self.device, what, budget)
         return shape

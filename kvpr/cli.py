@@ -11,7 +11,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams, parse_recompute
+from kvpr.config import (
+    CacheConfig,
+    EngineConfig,
+    Offload,
+    RuntimeConfig,
+    SamplingParams,
+    parse_recompute,
+    parse_resident,
+)
 from kvpr.errors import KvprError
 
 
@@ -26,6 +34,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kv-codec", default="none", help="how the offloaded K,V are stored: none (as computed), fp16, int8 or int4"
+    )
+    parser.add_argument(
+        "--gpu-resident",
+        default="0",
+        help="with --offload cpu: keep the K,V of this many oldest tokens on the GPU too, or auto (fit free memory)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
@@ -51,7 +64,12 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
         dummy_weights=args.dummy_weights,
-        cache=CacheConfig(offload=offload, recompute=parse_recompute(args.recompute), kv_codec=args.kv_codec),
+        cache=CacheConfig(
+            offload=offload,
+            recompute=parse_recompute(args.recompute),
+            kv_codec=args.kv_codec,
+            gpu_resident=parse_resident(args.gpu_resident),
+        ),
         runtime=RuntimeConfig(
             device=args.device,
             dtype=args.dtype,

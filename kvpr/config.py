@@ -219,6 +219,16 @@ RECOMPUTE_OFF = "off"
 RECOMPUTE_AUTO = "auto"
 
 
+def parse_resident(value: str) -> int | str:
+    """``auto`` or a token count."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise KvprError(f"--gpu-resident {value!r}: use auto or a token count >= 0") from None
+
+
 def parse_recompute(value: str | float | None) -> str | float:
     """``off``, ``auto`` or a fraction F in [0, 1] (``l = round(F * s)``)."""
     if value is None:
@@ -241,8 +251,11 @@ class CacheConfig:
     offload: Offload = Offload.NONE
     recompute: str | float = RECOMPUTE_OFF
     kv_codec: str = "none"  # "none": K,V stored as computed; else a name of kvpr.cache.codec
+    gpu_resident: int | str = 0  # oldest tokens whose K,V also stay on the GPU: N, or "auto"
 
     def __post_init__(self) -> None:
+        if self.gpu_resident != "auto" and not (isinstance(self.gpu_resident, int) and self.gpu_resident >= 0):
+            raise KvprError(f"--gpu-resident {self.gpu_resident!r}: use auto or a token count >= 0")
         if self.kv_codec != "none" and self.offload is not Offload.CPU:
             raise KvprError(
                 f"--kv-codec {self.kv_codec} needs --offload cpu: codecs apply where the cache is "

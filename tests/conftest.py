@@ -127,12 +127,13 @@ def make_llm(
     device: str = "cpu",
     dtype: str = "float32",
     dummy_weights: bool = False,
+    gpu_resident: int | str = 0,
 ) -> LLM:
     return LLM(
         EngineConfig(
             model=None if model is None else str(model),
             dummy_weights=dummy_weights,
-            cache=CacheConfig(offload=Offload(offload), recompute=recompute),
+            cache=CacheConfig(offload=Offload(offload), recompute=recompute, gpu_resident=gpu_resident),
             runtime=RuntimeConfig(device=device, dtype=dtype, overlap=overlap, num_chunks=3),
         )
     )

@@ -97,3 +97,12 @@ def test_compressed_tier_overlapped_matches_sequential(tiny_checkpoint, codec: s
         params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
         outputs.append([c.token_ids for c in llm.generate(PROMPTS, params)])
     assert outputs[0] == outputs[1]
+
+
+def test_auto_residency_keeps_tokens_on_the_gpu(tiny_checkpoint) -> None:
+    params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+    reference = [c.token_ids for c in gpu_llm(tiny_checkpoint("opt")).generate(PROMPTS, params)]
+    llm = make_llm(tiny_checkpoint("opt"), "cpu", "auto", device="cuda", dtype="float16", gpu_resident="auto")
+    executor = llm.make_executor(3, 30)
+    assert executor.resident_cap == 30  # a tiny model's whole cache fits
+    assert [c.token_ids for c in llm.generate(PROMPTS, params)] == reference

@@ -9,11 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIGS, cpu_llm, make_hf_model
+from conftest import TINY_CONFIGS, cpu_llm, make_hf_model, make_llm
 from kvpr.errors import KvprError
 
 DECODE_STEPS = 16
-PLACEMENTS = [("none", "off", True), ("cpu", 0.5, True), ("cpu", 1.0, False), ("cpu", "off", False)]
+# (offload, recompute, overlap, GPU-resident tokens)
+PLACEMENTS = [
+    ("none", "off", True, 0),
+    ("cpu", 0.5, True, 0),
+    ("cpu", 1.0, False, 0),
+    ("cpu", "off", False, 0),
+    ("cpu", 0.5, True, 4),
+]
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -33,11 +40,11 @@ def _batch(vocab: int, lengths: list[int], extra: int, seed: int = 1) -> tuple[t
 
 
 @pytest.mark.parametrize("family", list(TINY_CONFIGS))
-@pytest.mark.parametrize("offload,recompute,overlap", PLACEMENTS)
-def test_against_hf_logits(tiny_checkpoint, family: str, offload: str, recompute, overlap: bool) -> None:
+@pytest.mark.parametrize("offload,recompute,overlap,resident", PLACEMENTS)
+def test_against_hf_logits(tiny_checkpoint, family: str, offload: str, recompute, overlap: bool, resident: int) -> None:
     """Prefill logits and 16 teacher-forced decode steps equal transformers' (max abs diff < 1e-4)."""
     hf = make_hf_model(family)
-    llm = cpu_llm(tiny_checkpoint(family), offload, recompute, overlap)
+    llm = make_llm(tiny_checkpoint(family), offload, recompute, overlap, gpu_resident=resident)
     lengths = [7, 3, 11]
     ids, mask = _batch(llm.model_config.vocab_size, lengths, DECODE_STEPS)
     with torch.no_grad():

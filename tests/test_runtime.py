@@ -119,3 +119,22 @@ def test_score_equals_generate_logprobs(tiny_checkpoint) -> None:
     resident = cpu_llm(tiny_checkpoint("opt")).score([prompt + tokens], prefix_len=len(prompt))
     torch.testing.assert_close(scores, resident, atol=1e-5, rtol=0)
     assert (scores <= 0).all() and (scores > -20).all()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+@pytest.mark.parametrize("resident", [2, 5, 100])
+def test_gpu_resident_prefix_gives_the_same_tokens(tiny_checkpoint, family: str, resident: int) -> None:
+    """Tokens [0, r) kept on the device, [r, r+l) recomputed, the rest copied: same greedy tokens.
+    r = 100 exceeds every prompt, so the whole prompt stays resident and only new tokens travel."""
+    from conftest import make_llm
+
+    directory = tiny_checkpoint(family)
+    params = SamplingParams(max_new_tokens=10, stop_on_eos=False)
+    reference = [c.token_ids for c in cpu_llm(directory).generate(PROMPTS[3], params)]
+    for recompute in ("off", 0.5, 1.0):
+        for overlap in (True, False):
+            llm = make_llm(directory, "cpu", recompute, overlap, gpu_resident=resident)
+            assert [c.token_ids for c in llm.generate(PROMPTS[3], params)] == reference, (recompute, overlap)
+            offloaded = [9 + step - min(resident, 9) for step in range(9)]  # s - r at each step
+            if recompute == 1.0:
+                assert llm.last_stats.recompute_lens == offloaded

@@ -88,8 +88,7 @@ def check_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
     """Assert the shared [t, b, n_kv, d] shape of a K,V block; returns it."""
     if k.dim() != 4 or k.shape != v.shape:
         raise KvprError(
-            f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [t, b, n_kv, d]; "
-            "pass token-major K,V of one layer"
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [t, b, n_kv, d]; pass token-major K,V of one layer"
         )
     t, b, n_kv, d = k.shape
     return t, b, n_kv, d

@@ -92,8 +92,7 @@ class KVOConfig:
             raise KvprError(f"KVO k_keep={self.k_keep} must be in [1, group={self.group}]")
         if not self.anchors_per_group <= self.v_keep <= self.group:
             raise KvprError(
-                f"KVO v_keep={self.v_keep} must be in [{self.anchors_per_group} anchors, "
-                f"group={self.group}]"
+                f"KVO v_keep={self.v_keep} must be in [{self.anchors_per_group} anchors, group={self.group}]"
             )
         if self.v_anchor_bits < self.v_bits:
             raise KvprError("KVO v_anchor_bits must be >= v_bits (anchors use a finer grid)")
@@ -233,8 +232,9 @@ def decode_v_groups(ts: TensorMap, cfg: KVOConfig, d: int) -> torch.Tensor:
     levels, a_levels = (1 << cfg.v_bits) - 1, (1 << cfg.v_anchor_bits) - 1
     scale, zero = ts["v_scale"].float().unsqueeze(-2), ts["v_zero"].float().unsqueeze(-2)
     lead = scale.shape[:-2]
-    anchors = dequantize(unpack_bits(ts["v_anchor_codes"], cfg.v_anchor_bits, d),
-                         scale * (levels / a_levels), zero)  # [..., P, d]
+    anchors = dequantize(
+        unpack_bits(ts["v_anchor_codes"], cfg.v_anchor_bits, d), scale * (levels / a_levels), zero
+    )  # [..., P, d]
     keep = unpack_mask(ts["v_keep"], d)  # [..., G-P, d]
     compact = unpack_bits(ts["v_codes"], cfg.v_bits, d)  # [..., v_keep-P, d]
     slot = (keep.cumsum(-2) - 1).clamp_(min=0)
@@ -292,9 +292,7 @@ class KVOCodec:
     def __init__(self, config: KVOConfig | None = None) -> None:
         self.config = config or KVOConfig()
 
-    def encode(
-        self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None
-    ) -> EncodedKV:
+    def encode(self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None) -> EncodedKV:
         """Encode [t, b, n_kv, d]; ``scores`` [t, b, n_kv] is each token's accumulated attention
         (None: no reordering, the first token of each chunk is its anchor)."""
         t, b, n, d = check_kv(k, v)

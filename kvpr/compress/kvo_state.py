@@ -25,8 +25,15 @@ from kvpr.compress.kvo import (
 )
 from kvpr.errors import KvprError
 
-_K_NAMES = ("k_anchor_codes", "k_anchor_scale", "k_anchor_zero", "k_diff_codes", "k_diff_scale",
-            "k_diff_zero", "k_keep")
+_K_NAMES = (
+    "k_anchor_codes",
+    "k_anchor_scale",
+    "k_anchor_zero",
+    "k_diff_codes",
+    "k_diff_scale",
+    "k_diff_zero",
+    "k_keep",
+)
 _V_NAMES = ("v_anchor_codes", "v_codes", "v_keep", "v_scale", "v_zero")
 
 
@@ -171,9 +178,7 @@ class KVOLayerState:
         scores = scores.masked_fill(empty[:, None, :], float("-inf"))
         return scores.topk(min(top, self.num_chunks), dim=-1).indices
 
-    def gather(
-        self, selected: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gather(self, selected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decode the selected chunks and the recent window for attention.
 
         Args:
@@ -211,8 +216,13 @@ class KVOLayerState:
 
     def nbytes(self) -> int:
         """Bytes held: packed windows, chunk validity and the recent window with its scores."""
-        tensors = [*self.windows.values(), *self.recent.values(), self.chunk_valid,
-                   self.recent_scores, self.recent_valid]
+        tensors = [
+            *self.windows.values(),
+            *self.recent.values(),
+            self.chunk_valid,
+            self.recent_scores,
+            self.recent_valid,
+        ]
         return sum(x.numel() * x.element_size() for x in tensors)
 
     def check_integrity(self) -> None:

@@ -17,9 +17,7 @@ from kvpr.errors import KvprError
 _OUTWARD = 2.0**-10
 
 
-def fit_range(
-    x: torch.Tensor, dim: int | tuple[int, ...], levels: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_range(x: torch.Tensor, dim: int | tuple[int, ...], levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero of an asymmetric grid of ``levels + 1`` points covering ``x`` along ``dim``.
 
     Args:
@@ -51,9 +49,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return codes.float() * scale.float() + zero.float()
 
 
-def quantize_groups(
-    x: torch.Tensor, bits: int, group: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row asymmetric quantisation in groups of ``group`` along the last dim, packed.
 
     Args:
@@ -63,8 +59,9 @@ def quantize_groups(
     """
     d = x.shape[-1]
     if group <= 0 or d % group:
-        raise KvprError(f"head_dim {d} is not a multiple of the quantisation group {group}; "
-                        "choose a group that divides head_dim")
+        raise KvprError(
+            f"head_dim {d} is not a multiple of the quantisation group {group}; choose a group that divides head_dim"
+        )
     levels = (1 << bits) - 1
     xg = x.reshape(*x.shape[:-1], d // group, group)  # [..., d/G, G]
     scale, zero = fit_range(xg, -1, levels)  # [..., d/G, 1]
@@ -72,9 +69,7 @@ def quantize_groups(
     return pack_bits(codes, bits), scale.squeeze(-1), zero.squeeze(-1)
 
 
-def dequantize_groups(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, d: int
-) -> torch.Tensor:
+def dequantize_groups(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     """Inverse of :func:`quantize_groups`: float32 [..., d]."""
     groups = scale.shape[-1]
     codes = unpack_bits(packed, bits, d).reshape(*packed.shape[:-1], groups, d // groups)
@@ -113,8 +108,7 @@ class GroupQuantCodec:
         d = enc.shape[3]
         ts = enc.tensors
         k, v = (
-            dequantize_groups(ts[f"{p}_codes"], ts[f"{p}_scale"], ts[f"{p}_zero"], self.bits, d)
-            for p in ("k", "v")
+            dequantize_groups(ts[f"{p}_codes"], ts[f"{p}_scale"], ts[f"{p}_zero"], self.bits, d) for p in ("k", "v")
         )
         return k.to(dtype), v.to(dtype)  # [t, b, n_kv, d]
 

@@ -30,7 +30,14 @@ class Executor:
         storage: the cache; on ``device`` (resident) or on the host (offloaded).
         offloaded: whether ``storage`` is a host tier reached by copies (also true on a CPU-only
             machine, where the copies are memcpy, so the offload path is tested there too).
-        split: the recompute policy, asked once per decode step.
+        split: the recompute policy, asked once per decode step with the offloaded length.
+        resident_cap: at most this many of the oldest tokens (the prompt's first) keep a copy of
+            their K,V on ``device``; decode steps never copy them. Token ranges of a step::
+
+                [0, r)          resident on the device
+                [r, r + l)      recomputed from X (copied over the link)
+                [r + l, s)      K,V copied over the link
+                s               the new token
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class Executor:
         device: torch.device,
         offloaded: bool,
         split: SplitPolicy,
+        resident_cap: int = 0,
     ) -> None:
         self.model = model
         self.storage = storage
@@ -50,12 +58,17 @@ class Executor:
         self.layers: list[DecoderLayer] = model.decoder_layers
         self.batch = BatchState(storage.shape.batch_size, storage.shape.max_len, device)
         self.recompute_lens: list[int] = []  # l chosen at each decode step (for reports)
+        self.resident_cap = resident_cap if offloaded else 0
+        self.resident_len = 0  # r, fixed by prefill
+        self.resident_k: torch.Tensor | None = None  # [L, r, b, n_kv, d] on device
+        self.resident_v: torch.Tensor | None = None
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Run the prompt [b, q] (``valid`` marks real tokens); returns logits [b, q or 1, V]."""
         assert input_ids.shape == valid.shape and self.storage.length == 0
         start = self.storage.reserve(input_ids.shape[1])
+        self._make_resident(min(self.resident_cap, input_ids.shape[1]))
         positions, mask = self.batch.append(valid)
         rope = self.model.rope(positions, self.dtype)  # [b, q, 1, d]
         hidden = self.model.embed(input_ids, positions)  # [b, q, h]
@@ -64,6 +77,9 @@ class Executor:
             k, v = layer.kv_from_input(x, rope)  # [b, q, n_kv, d]
             out = attend(layer.query(x, rope), k.transpose(1, 2), v.transpose(1, 2), mask)
             self._store(index, start, k.transpose(0, 1), v.transpose(0, 1), x.transpose(0, 1))
+            if self.resident_len:
+                self.resident_k[index] = k[:, : self.resident_len].transpose(0, 1)  # type: ignore[index]
+                self.resident_v[index] = v[:, : self.resident_len].transpose(0, 1)  # type: ignore[index]
             hidden = layer.finish(hidden, out)
         if not all_logits:
             hidden = hidden[:, -1:]
@@ -73,17 +89,26 @@ class Executor:
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """One new token per row, token_ids [b] -> logits [b, V]."""
         context_len = self.storage.length
-        recompute_len = self.split(context_len) if self.offloaded else 0
-        assert 0 <= recompute_len <= context_len
+        resident = self.resident_len
+        recompute_len = self.split(context_len - resident) if self.offloaded else 0
+        assert 0 <= recompute_len <= context_len - resident
         self.recompute_lens.append(recompute_len)
         slot = self.storage.reserve(1)
         positions, mask = self.batch.append(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
         hidden = self.model.embed(token_ids.unsqueeze(1), positions)  # [b, 1, h]
         rope_new = self.model.rope(positions, self.dtype)  # [b, 1, 1, d]
-        old_positions = self.batch.positions[:, :recompute_len].transpose(0, 1)  # [l, b]
+        old_positions = self.batch.positions[:, resident : resident + recompute_len].transpose(0, 1)  # [l, b]
         rope_old = self.model.rope(old_positions, self.dtype) if recompute_len else None  # [l, b, 1, d]
         hidden = self._decode_layers(hidden, mask, rope_new, rope_old, slot, recompute_len)
         return self.model.logits(hidden)[:, -1]
+
+    def _make_resident(self, resident_len: int) -> None:
+        self.resident_len = resident_len
+        if resident_len:
+            shape = self.storage.shape
+            size = (shape.num_layers, resident_len, shape.batch_size, shape.num_kv_heads, shape.head_dim)
+            self.resident_k = torch.empty(size, dtype=self.dtype, device=self.device)
+            self.resident_v = torch.empty(size, dtype=self.dtype, device=self.device)
 
     def _decode_layers(
         self,

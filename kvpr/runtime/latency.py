@@ -75,8 +75,9 @@ class OverlappedExecutor(Executor):
         offloaded: bool,
         split: SplitPolicy,
         num_chunks: int,
+        resident_cap: int = 0,
     ) -> None:
-        super().__init__(model, storage, device, offloaded, split)
+        super().__init__(model, storage, device, offloaded, split, resident_cap)
         self.streams = StreamSet(device)
         self.num_chunks = num_chunks
         self.buffers = [_LayerBuffers(storage, device, self.streams, num_chunks) for _ in range(2)] if offloaded else []
@@ -103,28 +104,24 @@ class OverlappedExecutor(Executor):
                 host[start:end].copy_(source, non_blocking=True)
 
     def _issue_loads(self, layer: int, recompute_len: int, context_len: int) -> None:
-        """Queue the loads of one layer on the copy stream: X chunks first, then K,V of [l, s)."""
+        """Queue the loads of one layer on the copy stream: X chunks of [r, r+l) first, then the
+        K,V of [r+l, s) (see the table in ``Executor``)."""
         buffers = self.buffers[layer % 2]
         storage = self.storage
-        buffers.chunks = chunk_bounds(recompute_len, self.num_chunks)
+        resident = self.resident_len
+        copied_from = resident + recompute_len
+        buffers.chunks = [(resident + a, resident + c) for a, c in chunk_bounds(recompute_len, self.num_chunks)]
         self.streams.copy_waits(buffers.free)  # the layer two back has finished reading this buffer
         with self.streams.on_copy():
             for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
                 buffers.x[start:end].copy_(storage.x(layer)[start:end], non_blocking=True)  # type: ignore[index]
                 self.streams.record_on_copy(ready)  # chunk landed: its recompute may start
-            if storage.raw:
-                buffers.k[recompute_len:context_len].copy_(
-                    storage.k(layer)[recompute_len:context_len], non_blocking=True
+            targets = {"k": buffers.k, "v": buffers.v} if storage.raw else buffers.parts
+            for name, staged in targets.items():
+                staged[copied_from:context_len].copy_(
+                    storage.part(name, layer)[copied_from:context_len], non_blocking=True
                 )
-                buffers.v[recompute_len:context_len].copy_(
-                    storage.v(layer)[recompute_len:context_len], non_blocking=True
-                )
-            else:
-                for name, staged in buffers.parts.items():
-                    staged[recompute_len:context_len].copy_(
-                        storage.part(name, layer)[recompute_len:context_len], non_blocking=True
-                    )
-            self.streams.record_on_copy(buffers.kv_ready)  # K,V of [l, s) landed: attention may start
+            self.streams.record_on_copy(buffers.kv_ready)  # K,V of [r+l, s) landed: attention may start
 
     def _decode_layers(
         self,
@@ -147,14 +144,19 @@ class OverlappedExecutor(Executor):
             if self.offloaded:
                 buffers = self.buffers[index % 2]
                 keys, values = buffers.k, buffers.v
+                resident = self.resident_len
+                if resident:  # device-to-device, on the compute stream
+                    keys[:resident] = self.resident_k[index]  # type: ignore[index]
+                    values[:resident] = self.resident_v[index]  # type: ignore[index]
                 for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
                     streams.compute_waits(ready)  # X chunk is on the device
-                    chunk_rope = None if rope_old is None else (rope_old[0][start:end], rope_old[1][start:end])
+                    offset = slice(start - resident, end - resident)  # rope_old covers [r, r+l)
+                    chunk_rope = None if rope_old is None else (rope_old[0][offset], rope_old[1][offset])
                     # recompute written in place into the staging buffer: [chunk, b, n_kv, d]
                     layer.kv_into(buffers.x[start:end], chunk_rope, keys[start:end], values[start:end])  # type: ignore[index]
                 streams.compute_waits(buffers.kv_ready)  # copied K,V of [l, s) are on the device
-                if not self.storage.raw and slot > recompute_len:
-                    self._decode_parts(buffers, recompute_len, slot)
+                if not self.storage.raw and slot > resident + recompute_len:
+                    self._decode_parts(buffers, resident + recompute_len, slot)
             else:
                 keys, values = self.storage.k(index), self.storage.v(index)
             keys[slot] = k_new[:, 0]

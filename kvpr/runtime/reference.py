@@ -32,18 +32,23 @@ class SequentialExecutor(Executor):
         recompute_len: int,
     ) -> torch.Tensor:
         device = self.device
+        resident = self.resident_len
+        copied_from = resident + recompute_len
         for index, layer in enumerate(self.layers):
             x_new = layer.attn_input(hidden)  # [b, 1, h]
             k_new, v_new = layer.kv_from_input(x_new, rope_new)  # [b, 1, n_kv, d]
             parts_k, parts_v = [], []
+            if resident:
+                parts_k.append(self.resident_k[index])  # type: ignore[index]  # [r, b, n_kv, d]
+                parts_v.append(self.resident_v[index])  # type: ignore[index]
             if recompute_len:
-                x_old = self.storage.x(index)[:recompute_len].to(device)  # [l, b, h]
+                x_old = self.storage.x(index)[resident:copied_from].to(device)  # [l, b, h]
                 k_old, v_old = layer.kv_from_input(x_old, rope_old)  # [l, b, n_kv, d]
                 parts_k.append(k_old)
                 parts_v.append(v_old)
-            stored = {n: self.storage.part(n, index)[recompute_len:slot].to(device) for n in self.storage.part_names}
+            stored = {n: self.storage.part(n, index)[copied_from:slot].to(device) for n in self.storage.part_names}
             k_copied, v_copied = self.storage.codec.decode(self.storage.encoded(stored), self.dtype)
-            parts_k.append(k_copied)  # [s-l, b, n_kv, d]
+            parts_k.append(k_copied)  # [s-r-l, b, n_kv, d]
             parts_v.append(v_copied)
             parts_k.append(k_new.transpose(0, 1))
             parts_v.append(v_new.transpose(0, 1))

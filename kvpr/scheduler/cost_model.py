@@ -206,8 +206,9 @@ def kv_copy_term(shape: LayerShape, profile: HardwareProfile) -> TimeTerm:
 
 def recompute_term(shape: LayerShape, profile: HardwareProfile, blocks: int = 1) -> TimeTerm:
     """t_rc as a function of l: size = M = b*l rows, work = FLOPs per row, ``blocks`` GEMMs."""
-    return TimeTerm(profile.gemm, 0.0, float(shape.batch_size), shape.recompute_flops(1) / shape.batch_size,
-                    float(blocks))
+    return TimeTerm(
+        profile.gemm, 0.0, float(shape.batch_size), shape.recompute_flops(1) / shape.batch_size, float(blocks)
+    )
 
 
 Weights = tuple[float, float, float]  # weights on (t_x, t_kv, t_rc)
@@ -237,11 +238,21 @@ def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, 
         raise KvprError(f"num_chunks={num_chunks}: must be >= 1")
     if schedule is Schedule.SEQUENTIAL:
         # t_x + max(t_rc, t_kv) == max(t_x + t_rc, t_x + t_kv)
-        return StepModel(x_copy_term(shape, profile), kv_copy_term(shape, profile), recompute_term(shape, profile),
-                         (1.0, 0.0, 1.0), (1.0, 1.0, 0.0))
+        return StepModel(
+            x_copy_term(shape, profile),
+            kv_copy_term(shape, profile),
+            recompute_term(shape, profile),
+            (1.0, 0.0, 1.0),
+            (1.0, 1.0, 0.0),
+        )
     if schedule is Schedule.CHUNKED:
-        return StepModel(x_copy_term(shape, profile, num_chunks), kv_copy_term(shape, profile),
-                         recompute_term(shape, profile, num_chunks), (1.0, 1.0, 0.0), (1.0 / num_chunks, 0.0, 1.0))
+        return StepModel(
+            x_copy_term(shape, profile, num_chunks),
+            kv_copy_term(shape, profile),
+            recompute_term(shape, profile, num_chunks),
+            (1.0, 1.0, 0.0),
+            (1.0 / num_chunks, 0.0, 1.0),
+        )
     raise KvprError(f"unknown schedule {schedule!r}: use Schedule.SEQUENTIAL or Schedule.CHUNKED")
 
 
@@ -268,8 +279,9 @@ def recompute_s(shape: LayerShape, profile: HardwareProfile, recompute_len: int,
     return recompute_term(shape, profile, blocks).seconds(recompute_len)
 
 
-def step_s(shape: LayerShape, profile: HardwareProfile, recompute_len: int, schedule: Schedule,
-           num_chunks: int = 8) -> float:
+def step_s(
+    shape: LayerShape, profile: HardwareProfile, recompute_len: int, schedule: Schedule, num_chunks: int = 8
+) -> float:
     """Predicted T(l) of one layer under ``schedule``."""
     _check_split(shape, recompute_len)
     return step_model(shape, profile, schedule, num_chunks).seconds(recompute_len)

@@ -44,38 +44,75 @@ class SplitPlan:
         return self.predicted_full_copy_s / self.predicted_s if self.predicted_s > 0 else 1.0
 
 
-def plan_decode_step(model: ModelConfig, batch_size: int, context_len: int, profile: HardwareProfile,
-                     kv_bytes_per_elem: float, x_bytes_per_elem: float, schedule: Schedule,
-                     num_chunks: int, granularity: int = 1) -> SplitPlan:
+def plan_decode_step(
+    model: ModelConfig,
+    batch_size: int,
+    context_len: int,
+    profile: HardwareProfile,
+    kv_bytes_per_elem: float,
+    x_bytes_per_elem: float,
+    schedule: Schedule,
+    num_chunks: int,
+    granularity: int = 1,
+) -> SplitPlan:
     """The best split of the ``context_len`` offloaded tokens for one decode step (cheap: ~0.1-1 ms).
 
     Element sizes are those stored on the host (a codec may make them fractional).
     """
-    shape = LayerShape(batch_size, context_len, model.hidden_size, model.kv_size, x_bytes_per_elem,
-                       kv_bytes_per_elem)
+    shape = LayerShape(batch_size, context_len, model.hidden_size, model.kv_size, x_bytes_per_elem, kv_bytes_per_elem)
     choice = solve_split(shape, profile, schedule, num_chunks, granularity)
-    return SplitPlan(choice.recompute_len, context_len, schedule, choice.predicted_s, choice.copy_all_s,
-                     floor_s(shape, profile, choice.recompute_len))
+    return SplitPlan(
+        choice.recompute_len,
+        context_len,
+        schedule,
+        choice.predicted_s,
+        choice.copy_all_s,
+        floor_s(shape, profile, choice.recompute_len),
+    )
 
 
-def format_plans(model: ModelConfig, batch_size: int, context_lens: Sequence[int], profile: HardwareProfile,
-                 kv_bytes_per_elem: float, x_bytes_per_elem: float, num_chunks: int) -> str:
+def format_plans(
+    model: ModelConfig,
+    batch_size: int,
+    context_lens: Sequence[int],
+    profile: HardwareProfile,
+    kv_bytes_per_elem: float,
+    x_bytes_per_elem: float,
+    num_chunks: int,
+) -> str:
     """A table, per context length, of predicted ms per layer: copy all, best sequential, best chunked, floor."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(
-        title=(f"{model.model_type}: h={model.hidden_size}, K,V width={2 * model.kv_size}, batch {batch_size}, "
-               f"X {x_bytes_per_elem:g} B/elem, K,V {kv_bytes_per_elem:g} B/elem, on {profile.device_name}"),
-        caption=(f"predicted ms per layer (x{model.num_layers} layers per step); l = recomputed tokens; "
-                 "floor = the best plan's PCIe bytes at peak bandwidth or FLOPs at peak GEMM rate"),
+        title=(
+            f"{model.model_type}: h={model.hidden_size}, K,V width={2 * model.kv_size}, batch {batch_size}, "
+            f"X {x_bytes_per_elem:g} B/elem, K,V {kv_bytes_per_elem:g} B/elem, on {profile.device_name}"
+        ),
+        caption=(
+            f"predicted ms per layer (x{model.num_layers} layers per step); l = recomputed tokens; "
+            "floor = the best plan's PCIe bytes at peak bandwidth or FLOPs at peak GEMM rate"
+        ),
     )
-    for header in ("context s", "copy all K,V", "sequential: l/s", "ms", "x", f"chunked ({num_chunks}): l/s",
-                   "ms", "x", "floor ms"):
+    for header in (
+        "context s",
+        "copy all K,V",
+        "sequential: l/s",
+        "ms",
+        "x",
+        f"chunked ({num_chunks}): l/s",
+        "ms",
+        "x",
+        "floor ms",
+    ):
         table.add_column(header, justify="right")
     for context_len in context_lens:
-        plans = [plan_decode_step(model, batch_size, context_len, profile, kv_bytes_per_elem, x_bytes_per_elem,
-                                  schedule, num_chunks) for schedule in (Schedule.SEQUENTIAL, Schedule.CHUNKED)]
+        plans = [
+            plan_decode_step(
+                model, batch_size, context_len, profile, kv_bytes_per_elem, x_bytes_per_elem, schedule, num_chunks
+            )
+            for schedule in (Schedule.SEQUENTIAL, Schedule.CHUNKED)
+        ]
         best = min(plans, key=lambda plan: plan.predicted_s)
         row = [str(context_len), f"{plans[0].predicted_full_copy_s * 1e3:.3f}"]
         for plan in plans:

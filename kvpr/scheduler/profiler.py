@@ -80,17 +80,26 @@ class HardwareProfile:
     def covers(self, model: ModelConfig, dtype: torch.dtype) -> bool:
         """Whether the GEMM rates were measured for this model's recompute shape and dtype."""
         return (self.gemm_hidden, self.gemm_kv_width, self.dtype) == (
-            model.hidden_size, 2 * model.kv_size, _dtype_name(dtype))
+            model.hidden_size,
+            2 * model.kv_size,
+            _dtype_name(dtype),
+        )
 
     def to_json(self) -> str:
         fields: dict[str, Any] = {
-            "format_version": self.format_version, "device_name": self.device_name,
-            "torch_version": self.torch_version, "created": self.created, "dtype": self.dtype,
+            "format_version": self.format_version,
+            "device_name": self.device_name,
+            "torch_version": self.torch_version,
+            "created": self.created,
+            "dtype": self.dtype,
             "batch_size": self.batch_size,
-            "h2d": [list(p) for p in self.h2d.points], "d2h": [list(p) for p in self.d2h.points],
-            "gemm_hidden": self.gemm_hidden, "gemm_kv_width": self.gemm_kv_width,
+            "h2d": [list(p) for p in self.h2d.points],
+            "d2h": [list(p) for p in self.d2h.points],
+            "gemm_hidden": self.gemm_hidden,
+            "gemm_kv_width": self.gemm_kv_width,
             "gemm": [list(p) for p in self.gemm.points],
-            "attention": [list(p) for p in self.attention], "decode_layer_s": self.decode_layer_s,
+            "attention": [list(p) for p in self.attention],
+            "decode_layer_s": self.decode_layer_s,
         }
         # one line per measured point, [size, rate] (a newline never occurs inside a JSON string)
         number = r"(-?[0-9][0-9.eE+-]*)"
@@ -109,15 +118,19 @@ class HardwareProfile:
         try:
             decode = data["decode_layer_s"]
             return cls(
-                device_name=str(data["device_name"]), torch_version=str(data["torch_version"]),
+                device_name=str(data["device_name"]),
+                torch_version=str(data["torch_version"]),
                 h2d=RateCurve.from_points((float(n), float(r)) for n, r in data["h2d"]),
                 d2h=RateCurve.from_points((float(n), float(r)) for n, r in data["d2h"]),
                 gemm=RateCurve.from_points((float(m), float(r)) for m, r in data["gemm"]),
-                gemm_hidden=int(data["gemm_hidden"]), gemm_kv_width=int(data["gemm_kv_width"]),
-                dtype=str(data["dtype"]), batch_size=int(data["batch_size"]),
+                gemm_hidden=int(data["gemm_hidden"]),
+                gemm_kv_width=int(data["gemm_kv_width"]),
+                dtype=str(data["dtype"]),
+                batch_size=int(data["batch_size"]),
                 attention=tuple((int(s), float(t)) for s, t in data["attention"]),
                 decode_layer_s=None if decode is None else float(decode),
-                created=str(data["created"]), format_version=version,
+                created=str(data["created"]),
+                format_version=version,
             )
         except (ValueError, TypeError, KeyError) as problem:
             kind = type(problem).__name__
@@ -187,15 +200,22 @@ def _ladder(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_
         budget = 64 * _MIB
         rows = tuple(4**k for k in range(6) if 4**k * row <= budget)
         lens = tuple(s for s in (64, 256, 1024, 4096) if s <= model.max_position and s * kv_row <= budget)
-        return _Ladder(tuple(_MIB // 4 * 4**k for k in range(4)), rows or (1,), lens or (min(64, model.max_position),),
-                       min_time_s=0.01, phase_budget_s=0.35, layer_weight_bytes=budget)
+        return _Ladder(
+            tuple(_MIB // 4 * 4**k for k in range(4)),
+            rows or (1,),
+            lens or (min(64, model.max_position),),
+            min_time_s=0.01,
+            phase_budget_s=0.35,
+            layer_weight_bytes=budget,
+        )
     free, _ = torch.cuda.mem_get_info(device)
     budget = free // 4
     copies = tuple(_MIB << k for k in range(9) if _MIB << k <= budget) or (_MIB,)
     rows = tuple(16 << k for k in range(13) if (16 << k) * row <= budget)
     lens = tuple(s for s in (128 << k for k in range(9)) if s <= model.max_position and s * kv_row <= budget)
-    return _Ladder(copies, rows or (16,), lens or (128,), min_time_s=0.05, phase_budget_s=60.0,
-                   layer_weight_bytes=budget)
+    return _Ladder(
+        copies, rows or (16,), lens or (128,), min_time_s=0.05, phase_budget_s=60.0, layer_weight_bytes=budget
+    )
 
 
 def _timer(device: torch.device, min_time_s: float) -> Callable[[Callable[[], object]], float]:
@@ -262,8 +282,9 @@ class _Progress:
             self._bar.advance(self._task)
 
 
-def _ladder_points(sizes: tuple[int, ...], budget_s: float, measure: Callable[[int], float],
-                   progress: _Progress) -> list[tuple[int, float]]:
+def _ladder_points(
+    sizes: tuple[int, ...], budget_s: float, measure: Callable[[int], float], progress: _Progress
+) -> list[tuple[int, float]]:
     """measure(size) for increasing sizes until the phase's time budget is spent (at least one)."""
     began, points = time.perf_counter(), []
     for size in sizes:
@@ -274,8 +295,9 @@ def _ladder_points(sizes: tuple[int, ...], budget_s: float, measure: Callable[[i
     return points
 
 
-def measure_profile(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int,
-                    progress: bool = False) -> HardwareProfile:
+def measure_profile(
+    device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int, progress: bool = False
+) -> HardwareProfile:
     """Measure H2D/D2H copy bandwidth, the recompute GEMM rate, decode attention and layer GEMM times."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -288,16 +310,27 @@ def measure_profile(device: torch.device, model: ModelConfig, dtype: torch.dtype
         h2d, d2h = _measure_copies(device, ladder, clock, bar)
         gemm = _measure_gemm(device, model, dtype, ladder, clock, bar)
         bar.phase("decode attention and layer", len(ladder.attention_lens) + 1)
-        attention = _ladder_points(ladder.attention_lens, ladder.phase_budget_s,
-                                   lambda s: clock(_attention_call(model, dtype, device, batch_size, s)), bar)
+        attention = _ladder_points(
+            ladder.attention_lens,
+            ladder.phase_budget_s,
+            lambda s: clock(_attention_call(model, dtype, device, batch_size, s)),
+            bar,
+        )
         layer = _layer_gemms(model, dtype, device, batch_size, ladder.layer_weight_bytes)
         decode_layer_s = clock(layer) if layer is not None else None
         bar.advance()
     return HardwareProfile(
-        device_name=device_name(device), torch_version=str(torch.__version__),
-        h2d=RateCurve.from_points(h2d), d2h=RateCurve.from_points(d2h), gemm=RateCurve.from_points(gemm),
-        gemm_hidden=model.hidden_size, gemm_kv_width=2 * model.kv_size, dtype=_dtype_name(dtype),
-        batch_size=batch_size, attention=tuple(attention), decode_layer_s=decode_layer_s,
+        device_name=device_name(device),
+        torch_version=str(torch.__version__),
+        h2d=RateCurve.from_points(h2d),
+        d2h=RateCurve.from_points(d2h),
+        gemm=RateCurve.from_points(gemm),
+        gemm_hidden=model.hidden_size,
+        gemm_kv_width=2 * model.kv_size,
+        dtype=_dtype_name(dtype),
+        batch_size=batch_size,
+        attention=tuple(attention),
+        decode_layer_s=decode_layer_s,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -305,8 +338,9 @@ def measure_profile(device: torch.device, model: ModelConfig, dtype: torch.dtype
 _Clock = Callable[[Callable[[], object]], float]
 
 
-def _measure_copies(device: torch.device, ladder: _Ladder, clock: _Clock,
-                    bar: _Progress) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+def _measure_copies(
+    device: torch.device, ladder: _Ladder, clock: _Clock, bar: _Progress
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(bytes, bytes/s) both ways: pinned host <-> device on CUDA, plain memcpy between host tensors on CPU."""
     largest = max(ladder.copy_bytes)
     host = torch.empty(largest, dtype=torch.uint8, pin_memory=device.type == "cuda").fill_(1)
@@ -323,8 +357,9 @@ def _measure_copies(device: torch.device, ladder: _Ladder, clock: _Clock,
     return h2d, d2h
 
 
-def _measure_gemm(device: torch.device, model: ModelConfig, dtype: torch.dtype, ladder: _Ladder, clock: _Clock,
-                  bar: _Progress) -> list[tuple[int, float]]:
+def _measure_gemm(
+    device: torch.device, model: ModelConfig, dtype: torch.dtype, ladder: _Ladder, clock: _Clock, bar: _Progress
+) -> list[tuple[int, float]]:
     """(M rows, FLOP/s) of the recompute GEMM [M, h] x [h, 2*kv]."""
     hidden, width = model.hidden_size, 2 * model.kv_size
     top = max(ladder.gemm_rows)
@@ -347,8 +382,9 @@ def _filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     return torch.full(shape, 0.01, dtype=dtype, device=device)
 
 
-def _attention_call(model: ModelConfig, dtype: torch.dtype, device: torch.device, batch_size: int,
-                    context_len: int) -> Callable[[], torch.Tensor]:
+def _attention_call(
+    model: ModelConfig, dtype: torch.dtype, device: torch.device, batch_size: int, context_len: int
+) -> Callable[[], torch.Tensor]:
     """One decode step's attention: one query token per sequence against ``context_len`` keys."""
     d = model.head_dim
     q = _filled((batch_size, model.num_q_heads, 1, d), dtype, device)  # [b, n_q, 1, d]
@@ -358,8 +394,9 @@ def _attention_call(model: ModelConfig, dtype: torch.dtype, device: torch.device
     return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
 
 
-def _layer_gemms(model: ModelConfig, dtype: torch.dtype, device: torch.device, batch_size: int,
-                 max_weight_bytes: int) -> Callable[[], None] | None:
+def _layer_gemms(
+    model: ModelConfig, dtype: torch.dtype, device: torch.device, batch_size: int, max_weight_bytes: int
+) -> Callable[[], None] | None:
     """The projections and MLP of one decode layer at M = b rows, if its weights fit the budget."""
     h, inter = model.hidden_size, model.intermediate_size
     mlp_in = 2 * inter if model.arch is Arch.LLAMA else inter  # gate+up fused (SwiGLU) or fc1
@@ -377,9 +414,15 @@ def _layer_gemms(model: ModelConfig, dtype: torch.dtype, device: torch.device, b
     return run
 
 
-def load_or_measure(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int,
-                    path: str | os.PathLike[str] | None = None, reprofile: bool = False,
-                    progress: bool = False) -> HardwareProfile:
+def load_or_measure(
+    device: torch.device,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    batch_size: int,
+    path: str | os.PathLike[str] | None = None,
+    reprofile: bool = False,
+    progress: bool = False,
+) -> HardwareProfile:
     """An explicit ``path`` is loaded (or, with ``reprofile``, measured into); otherwise the cached
     profile of this device and torch version is reused if it covers the model's recompute GEMM and
     dtype, else measured and cached. Attention timings stay those of the batch first profiled."""
@@ -393,8 +436,11 @@ def load_or_measure(device: torch.device, model: ModelConfig, dtype: torch.dtype
             cached = HardwareProfile.load(target)
         except KvprError:
             cached = None  # stale or damaged cache: measure again and overwrite it
-        if cached is not None and (cached.device_name, cached.torch_version) == (name, version) \
-                and cached.covers(model, dtype):
+        if (
+            cached is not None
+            and (cached.device_name, cached.torch_version) == (name, version)
+            and cached.covers(model, dtype)
+        ):
             return cached
     profile = measure_profile(device, model, dtype, batch_size, progress)
     profile.save(target)

@@ -159,8 +159,9 @@ class _Search:
             heapq.heappush(heap, (bound, first, last, where))
 
 
-def solve_split(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, num_chunks: int = 8,
-                granularity: int = 1) -> SplitChoice:
+def solve_split(
+    shape: LayerShape, profile: HardwareProfile, schedule: Schedule, num_chunks: int = 8, granularity: int = 1
+) -> SplitChoice:
     """The l in [0, s] (a multiple of ``granularity``, or s) that minimises the predicted T(l)."""
     if granularity < 1:
         raise KvprError(f"granularity={granularity}: must be >= 1")
@@ -172,8 +173,9 @@ def solve_split(shape: LayerShape, profile: HardwareProfile, schedule: Schedule,
     return SplitChoice(best, model.seconds(best), copy_all)
 
 
-def resident_tokens(model: ModelConfig, batch_size: int, context_len: int, free_gpu_bytes: int,
-                    dtype_bytes: float, reserve_bytes: int) -> int:
+def resident_tokens(
+    model: ModelConfig, batch_size: int, context_len: int, free_gpu_bytes: int, dtype_bytes: float, reserve_bytes: int
+) -> int:
     """How many tokens' K,V (every layer, whole batch) fit in free GPU memory beyond ``reserve_bytes``.
 
     Those tokens stay resident and are never copied; the split applies to the rest.
