@@ -124,7 +124,74 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="auto")
     plan.add_argument("--num-chunks", type=int, default=8)
     plan.add_argument("--profile", default=None, help="hardware profile JSON (lets a GPU plan be made on any machine)")
+
+    evaluate = commands.add_parser("eval", help="perplexity and long-context retrieval under several cache codecs")
+    evaluate.add_argument("--model", default=None)
+    evaluate.add_argument(
+        "--codecs", nargs="+", default=["none", "int8", "int4"], help="none (as computed), int8, int4"
+    )
+    evaluate.add_argument("--recompute", default="off", help="split used with the offloaded codecs (see generate)")
+    evaluate.add_argument("--context", type=int, nargs="+", default=[512, 1024], help="context lengths in tokens")
+    evaluate.add_argument("--items", type=int, default=10, help="items per task and context length")
+    evaluate.add_argument("--windows", type=int, default=4, help="perplexity windows per context length")
+    evaluate.add_argument("--tasks", nargs="+", default=None, help="passkey, kv_retrieval, multi_doc (default: all)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--dtype", default="auto")
+    evaluate.add_argument("--out", default="eval-results", help="directory for the JSON, markdown and PNG")
+    evaluate.add_argument("--json", action="store_true", help="also print the rows as JSON")
     return parser
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from kvpr.api import LLM
+    from kvpr.cache.codec import make_codec
+    from kvpr.eval.harness import evaluate, write_report
+    from kvpr.eval.tasks import TASK_NAMES
+
+    for flag in ("items", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise KvprError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.windows < 0 or any(c < 32 for c in args.context):
+        raise KvprError("--windows must be >= 0 and every --context >= 32")
+    recompute = parse_recompute(args.recompute)
+    configs = [
+        (name, CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=name))
+        if name != "none"
+        else (name, CacheConfig())
+        for name in args.codecs
+    ]
+    llm = LLM(EngineConfig(model=args.model, runtime=RuntimeConfig(device=args.device, dtype=args.dtype)))
+
+    def stored_bytes(name: str, cache: CacheConfig, model: Any) -> float:
+        """K and V of one token, every layer, as stored (fp16 when uncompressed)."""
+        if name == "none":
+            return float(2 * model.num_layers * model.kv_size * 2)
+        return model.num_layers * make_codec(name).bytes_per_token(1, model.num_kv_heads, model.head_dim)
+
+    rows = evaluate(
+        llm,
+        configs,
+        args.context,
+        args.items,
+        args.seed,
+        tasks=tuple(args.tasks or TASK_NAMES),
+        num_windows=args.windows,
+        batch_size=args.batch_size,
+        bytes_per_token=stored_bytes,
+    )
+    paths = write_report(rows, args.out, llm.name)
+    for row in rows:
+        print(
+            f"{row['codec']:>6} ctx={row['context_len']:5d} bytes/token={row['bytes_per_token']:8.0f} "
+            f"ppl={row['ppl'] if row['ppl'] is None else format(row['ppl'], '.2f')} "
+            f"retrieval={row['retrieval_acc'] if row['retrieval_acc'] is None else format(row['retrieval_acc'], '.2f')}"
+        )
+    print(f"report: {paths['json']} {paths['markdown']} {paths['png']}")
+    if args.json:
+        print(json.dumps([{k: v for k, v in row.items() if k != "items"} for row in rows], indent=1))
+    return 0
 
 
 def _model_config(name: str | None) -> Any:
@@ -316,7 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _quiet_libraries()
-        runners = {"generate": _run_generate, "bench": _run_bench, "profile": _run_profile, "plan": _run_plan}
+        runners = {
+            "generate": _run_generate,
+            "bench": _run_bench,
+            "profile": _run_profile,
+            "plan": _run_plan,
+            "eval": _run_eval,
+        }
         return runners[args.command](args)
     except KvprError as err:
         print(f"kvpr: error: {err}", file=sys.stderr)

@@ -6,17 +6,21 @@
 - ``multi_doc``: Wikipedia leads (title, description, text) concatenated; the question gives one
   description and the answer is that article's exact title.
 
-Prompts are plain completions that end where the answer should start ("... The pass key is"): the
-default SmolLM2 answers these well above chance without its chat template. Depth is the fraction of
-the filler's tokens that precede the asked needle. Not LongBench or RULER: not comparable with papers.
+Prompts are plain completions that end where the answer should start ("... The pass key is"),
+chosen on the default SmolLM2 (no chat template), 10 probe items at 1K/2K tokens: passkey ending in a
+bare "The pass key is" 10/10 and 10/10; "Question: What is the pass key?\nAnswer: The pass key is"
+9/10 and 8/10; "What is the pass key? The pass key is" 7/10 at 1K. Multi-document at 1K: title
+before description 0/5, description before title 4/5. Depth is the fraction of the filler's tokens
+that precede the asked needle. Not LongBench or RULER: not comparable with papers.
 """
 
 from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from kvpr.errors import KvprError
 from kvpr.eval.corpus import Article, paul_graham_essays, tokenize_documents, wiki_articles
@@ -24,11 +28,10 @@ from kvpr.eval.corpus import Article, paul_graham_essays, tokenize_documents, wi
 TASK_NAMES: tuple[str, ...] = ("passkey", "kv_retrieval", "multi_doc")
 
 # Keys of the kv_retrieval needles: short, common, one word each, never a substring of another.
-WORDS: tuple[str, ...] = (
-    "apple", "river", "candle", "falcon", "garden", "hammer", "island", "jacket", "kettle", "lemon",
-    "mirror", "needle", "orange", "pepper", "rabbit", "saddle", "tiger", "violin", "window", "zebra",
-    "anchor", "basket", "cactus", "dolphin", "engine", "forest", "guitar", "helmet", "igloo", "jungle",
-    "ladder", "magnet", "napkin", "oyster", "parrot", "quartz", "rocket", "sponge", "tunnel", "walrus",
+WORDS: tuple[str, ...] = tuple(
+    "apple river candle falcon garden hammer island jacket kettle lemon mirror needle orange pepper "
+    "rabbit saddle tiger violin window zebra anchor basket cactus dolphin engine forest guitar helmet "
+    "igloo jungle ladder magnet napkin oyster parrot quartz rocket sponge tunnel walrus".split()
 )
 
 PASSKEY_HEADER = (
@@ -39,8 +42,9 @@ KV_HEADER = (
     "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
     "I will quiz you about the numbers afterwards.\n\n"
 )
-DOC_HEADER = "Below are several encyclopedia articles. Each has a title and a short description.\n\n"
+DOC_HEADER = "Below are several encyclopedia articles, each with a description, a title and a text.\n\n"
 DOC_SEPARATOR = "\n\n"
+_CLOSE_ENOUGH = 2  # tokens: stop re-sizing a prompt once this near its target
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class TaskItem:
     target_len: int
 
 
+def length_tolerance(target_len: int) -> int:
+    """How far a prompt may miss its target length (items usually land within 2 tokens)."""
+    return max(8, round(0.02 * target_len))
+
+
 def depths(num_items: int) -> list[float]:
     """Evenly spaced depths 0..1 (one item: the middle)."""
     if num_items < 1:
@@ -65,9 +74,8 @@ def depths(num_items: int) -> list[float]:
 class TaskBuilder:
     """Makes seeded task items for one tokenizer; tokenizes each corpus once, on first use."""
 
-    def __init__(self, tokenizer: Any, length_tolerance: float = 0.02) -> None:
+    def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.length_tolerance = length_tolerance
         self._filler: list[int] | None = None  # essay token stream
         self._stops: list[int] | None = None  # positions just after a sentence end in the stream
         self._articles: list[Article] | None = None
@@ -76,17 +84,23 @@ class TaskBuilder:
     # -- public --------------------------------------------------------------------------------
 
     def items(self, task: str, target_len: int, num_items: int, seed: int) -> list[TaskItem]:
-        """``num_items`` items of ``task`` at depths 0..1, each about ``target_len`` tokens long."""
+        """``num_items`` items of ``task`` at depths 0..1, each about ``target_len`` tokens long.
+
+        Item ``index`` draws from ``Random(seed * 1_000_003 + index)``: the same seed gives the same
+        items at every context length and for every cache config.
+        """
         makers = {"passkey": self.passkey, "kv_retrieval": self.kv_retrieval, "multi_doc": self.multi_doc}
         if task not in makers:
             raise KvprError(f"unknown task {task!r}: use one of {', '.join(TASK_NAMES)}")
-        return [makers[task](target_len, depth, seed * 1_000_003 + index) for index, depth in enumerate(depths(num_items))]
+        return [
+            makers[task](target_len, depth, seed * 1_000_003 + index) for index, depth in enumerate(depths(num_items))
+        ]
 
     def passkey(self, target_len: int, depth: float, seed: int) -> TaskItem:
         rng = random.Random(seed)
         key = str(rng.randint(10_000, 99_999))
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        question = "What is the pass key? The pass key is"
+        question = "The pass key is"
         return self._in_filler("passkey", PASSKEY_HEADER, [(depth, needle)], question, key, target_len, depth, rng)
 
     def kv_retrieval(self, target_len: int, depth: float, seed: int, num_needles: int = 8) -> TaskItem:
@@ -103,8 +117,10 @@ class TaskBuilder:
         rng = random.Random(seed)
         articles = self._wiki()
         target = rng.choice(self._answerable())
-        question = f'Question: which article is described as "{articles[target].description}"?\nAnswer: the title is'
+        question = f"Question: which article has this description?\nDescription: {articles[target].description}\nTitle:"
         budget = target_len - self._count(DOC_HEADER + question) - self._doc_len(target)
+        if budget < 0:
+            raise KvprError(f"target length {target_len} is shorter than one article: use at least 512 tokens")
         order = list(range(len(articles)))
         rng.shuffle(order)
         item: TaskItem | None = None
@@ -116,8 +132,10 @@ class TaskBuilder:
             at = min(range(len(offsets)), key=lambda slot: abs(offsets[slot] - depth * offsets[-1]))
             texts.insert(at, self._doc_text(target) + DOC_SEPARATOR)
             real_depth = offsets[at] / offsets[-1] if offsets[-1] else 0.0
-            item = self._item("multi_doc", DOC_HEADER + "".join(texts) + question, articles[target].title, real_depth, target_len)
-            if abs(item.length - target_len) <= 2:
+            item = self._item(
+                "multi_doc", DOC_HEADER + "".join(texts) + question, articles[target].title, real_depth, target_len
+            )
+            if abs(item.length - target_len) <= _CLOSE_ENOUGH:
                 break
             budget += target_len - item.length
         assert item is not None
@@ -175,7 +193,7 @@ class TaskBuilder:
             asked = self._cut(stops, start, budget, depth)
             prompt = header + "".join(pieces).lstrip(" ")
             item = self._item(task, prompt, answer, asked / budget, target_len)
-            if abs(item.length - target_len) <= 2:
+            if abs(item.length - target_len) <= _CLOSE_ENOUGH:
                 break
             budget += target_len - item.length
         assert item is not None
@@ -192,7 +210,7 @@ class TaskBuilder:
         low, high = bisect.bisect_left(stops, start), bisect.bisect_right(stops, start + budget)
         pos = bisect.bisect_left(stops, want, low, high)
         near = stops[max(low, pos - 1) : min(high, pos + 1)]  # the stops either side of want
-        best = min(near, key=lambda s: abs(s - want)) if near else want
+        best = min([start, start + budget, *near], key=lambda s: abs(s - want))  # window ends count as stops
         return best - start
 
     # -- corpora -------------------------------------------------------------------------------
@@ -227,7 +245,7 @@ class TaskBuilder:
 
     def _doc_text(self, index: int) -> str:
         a = self._wiki()[index]
-        return f"Title: {a.title}\nDescription: {a.description}\n{a.extract}"
+        return f"Description: {a.description}\nTitle: {a.title}\nText: {a.extract}"
 
     def _doc_len(self, index: int) -> int:
         if index not in self._doc_lens:
@@ -238,9 +256,6 @@ class TaskBuilder:
 
     def _count(self, text: str) -> int:
         return len(tokenize_documents(self.tokenizer, [text])[0])
-
-    def _tolerance(self, target_len: int) -> int:
-        return max(8, round(self.length_tolerance * target_len))
 
     def _item(self, task: str, prompt: str, answer: str, depth: float, target_len: int) -> TaskItem:
         length = len(self.tokenizer(prompt)["input_ids"])  # as LLM.encode counts, special tokens included

