@@ -1,11 +1,14 @@
 """Latency mode: weights on the GPU, K,V and X on the host, the KVPR split overlapped on streams.
 
-Per decode step, with ``s`` cached tokens and the recomputed prefix ``l`` chosen by the policy,
-for each layer (double buffer ``p = layer % 2``)::
+Per decode step, with ``s`` cached tokens, ``r`` of them resident on the device and the
+recomputed range ``l`` chosen by the policy, for each layer (double buffer ``p = layer % 2``)::
 
-    copy stream    | X[0:l] in c chunks -> xbuf[p] | K,V[l:s] -> kvbuf[p][l:s] |   (layer+1 ...)
-    compute stream | q, k_new, v_new | recompute chunk 1..c into kvbuf[p][0:l] | attention | MLP
-                                       (waits each X chunk)                     (waits K,V)
+    copy stream    | X[r:r+l] in c chunks -> xbuf[p] | K,V[r+l:s] -> kvbuf[p] |      (layer+1 ...)
+    compute stream | q, k_new, v_new | resident[0:r] -> kvbuf[p] | recompute chunk 1..c | attention | MLP
+                                                        (waits each X chunk)   (waits K,V)
+
+With a codec the copied K,V are the codec's parts, decoded on the compute stream after they land,
+and the write-back is encoded first.
 
 The loads of layer ``i+1`` are issued before layer ``i`` computes, so they stream in while it
 runs. A buffer is refilled only after the layer two back has finished with it. The new token's
