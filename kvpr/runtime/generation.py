@@ -11,6 +11,7 @@ import torch
 from kvpr.config import SamplingParams
 from kvpr.runtime.executor import Executor
 from kvpr.runtime.sampling import make_generator, sample_next
+from kvpr.runtime.streams import TokenMailbox
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
 
@@ -37,30 +38,36 @@ def generate_tokens(
     """Run one batch to completion. input_ids, valid: [b, q] on the executor's device."""
     b = input_ids.shape[0]
     generator = make_generator(params, input_ids.device)
+    mailbox = TokenMailbox(b, input_ids.device)
     tokens: list[list[int]] = [[] for _ in range(b)]
     stopped = [False] * b
-
-    start = time.perf_counter()
-    logits = executor.prefill(input_ids, valid)[:, -1]  # [b, V]
-    next_ids = sample_next(logits, params, generator)  # [b]
-    host_ids = next_ids.tolist()  # synchronises: the host needs the token to stream and to stop
-    prefill_s = time.perf_counter() - start
     step_s: list[float] = []
 
+    start = time.perf_counter()
+    ids = sample_next(executor.prefill(input_ids, valid)[:, -1], params, generator)  # [b]
+    slot = mailbox.post(ids)
+    last = start
     for step in range(params.max_new_tokens):
+        has_next = step + 1 < params.max_new_tokens
+        if has_next:  # queue the next step before the host waits for this one's tokens
+            next_ids = sample_next(executor.decode(ids), params, generator)
+            next_slot = mailbox.post(next_ids)
+        host_ids = mailbox.read(slot)  # the one wait per step: the host needs tokens to stream and stop
+        now = time.perf_counter()
+        if step == 0:
+            prefill_s = now - start
+        else:
+            step_s.append(now - last)
+        last = now
         for row, token in enumerate(host_ids):
             if not stopped[row]:
                 tokens[row].append(token)
                 if on_token is not None:
                     on_token(row, token)
         stopped = [s or (t in eos_ids and params.stop_on_eos) for s, t in zip(stopped, host_ids)]
-        if all(stopped) or step + 1 == params.max_new_tokens:
-            break
-        start = time.perf_counter()
-        logits = executor.decode(next_ids)
-        next_ids = sample_next(logits, params, generator)
-        host_ids = next_ids.tolist()  # the one synchronisation per step (see above)
-        step_s.append(time.perf_counter() - start)
+        if all(stopped) or not has_next:
+            break  # a step queued ahead is discarded
+        ids, slot = next_ids, next_slot
     executor.finish()
     return GenerationOutput(
         tokens=tokens,

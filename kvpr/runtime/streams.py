@@ -61,3 +61,34 @@ class StreamSet:
     def synchronize(self) -> None:
         if self.enabled:
             torch.cuda.synchronize(self.device)
+
+
+class TokenMailbox:
+    """Sampled token ids copied to host memory without blocking the stream.
+
+    The copy and an event are queued right after sampling, so the next decode step can be queued
+    behind them before the host waits: the host then waits for this step's tokens only, while the
+    device already runs the next step (no idle gap between steps). Two slots alternate.
+    """
+
+    def __init__(self, batch_size: int, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.slots = [torch.empty(batch_size, dtype=torch.long, pin_memory=self.enabled) for _ in range(2)]
+        self.events = [torch.cuda.Event() if self.enabled else None for _ in range(2)]
+        self.turn = 0
+
+    def post(self, token_ids: torch.Tensor) -> int:
+        """Queue the copy of token_ids [b]; returns the slot to ``read`` later."""
+        slot, self.turn = self.turn, self.turn ^ 1
+        self.slots[slot].copy_(token_ids, non_blocking=True)  # after the sampling kernels, in stream order
+        event = self.events[slot]
+        if event is not None:
+            event.record()  # completes when the copy has landed
+        return slot
+
+    def read(self, slot: int) -> list[int]:
+        """Wait for one posted copy (not for work queued after it) and return the ids."""
+        event = self.events[slot]
+        if event is not None:
+            event.synchronize()
+        return self.slots[slot].tolist()
