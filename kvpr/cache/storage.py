@@ -5,8 +5,7 @@ Layout: token-major, one allocation per stored part, ``[L, s_max, b, ...]``. Any
 single DMA transfer (DESIGN.md section 1: a strided copy of the same bytes ran 11x slower).
 
     part            shape per layer                  present
-    kv              [s_max, b, 2, n_kv, d]           uncompressed cache: K and V side by side, so
-                                                     a token range of both is one block
+    k, v            [s_max, b, n_kv, d]              uncompressed cache (identity codec)
     k_codes, ...    [s_max, b, n_kv, *]              a tokenwise codec's parts (int8, int4)
     x               [s_max, b, h]                    when recomputation may run
 
@@ -91,12 +90,9 @@ class KVStorage:
         self.raw = isinstance(self.codec, IdentityCodec) and self.codec.dtype == shape.dtype
         self.length = 0
         leading = (shape.num_layers, shape.max_len)
-        layout = token_layout(self.codec, shape)
-        if self.raw:
-            layout = {"kv": ((shape.batch_size, 2, shape.num_kv_heads, shape.head_dim), shape.dtype)}
         self._parts = {
             name: self._empty(leading + per_token, dtype, pin)  # [L, s_max, b, ...]
-            for name, (per_token, dtype) in layout.items()
+            for name, (per_token, dtype) in token_layout(self.codec, shape).items()
         }
         x_shape = leading + (shape.batch_size, shape.hidden_size)
         self._x = self._empty(x_shape, shape.dtype, pin) if store_inputs else None  # [L, s_max, b, h]
@@ -123,18 +119,15 @@ class KVStorage:
         """[s_max, b, ...] one stored part of one layer (a view)."""
         return self._parts[name][layer]
 
-    def kv(self, layer: int) -> torch.Tensor:
-        """[s_max, b, 2, n_kv, d] keys and values of one layer (a view); only uncompressed."""
-        assert self.raw, "compressed storage: decode parts instead"
-        return self._parts["kv"][layer]
-
     def k(self, layer: int) -> torch.Tensor:
-        """[s_max, b, n_kv, d] keys of one layer (a strided view); only uncompressed."""
-        return self.kv(layer)[:, :, 0]
+        """[s_max, b, n_kv, d] keys of one layer (a view); only for an uncompressed cache."""
+        assert self.raw, "compressed storage: decode parts instead"
+        return self._parts["k"][layer]
 
     def v(self, layer: int) -> torch.Tensor:
-        """[s_max, b, n_kv, d] values of one layer (a strided view); only uncompressed."""
-        return self.kv(layer)[:, :, 1]
+        """[s_max, b, n_kv, d] values of one layer (a view); only for an uncompressed cache."""
+        assert self.raw, "compressed storage: decode parts instead"
+        return self._parts["v"][layer]
 
     def x(self, layer: int) -> torch.Tensor:
         """[s_max, b, h] layer inputs of one layer (a view)."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kvpr.models.common import apply_rope
+from kvpr.models.common import apply_rope, linear_into
 
 if TYPE_CHECKING:
     from kvpr.config import ModelConfig
@@ -41,38 +41,24 @@ class DecoderLayer(nn.Module):
         v = v_proj(x).unflatten(-1, (-1, self.head_dim))  # [..., n_kv, d]
         return (k if rope is None else apply_rope(k, *rope)), v
 
-    def fuse_kv_projections(self) -> None:
-        """Put the K and V weights (and biases) in one tensor [2*n_kv*d, h], the two projections
-        becoming views of it, so recomputation runs one GEMM per chunk with twice the width
-        (more efficient at the small row counts of a chunk) and no extra memory."""
-        k_proj, v_proj = self.kv_projections()
-        rows = k_proj.weight.shape[0]
-        fused = torch.cat((k_proj.weight.detach(), v_proj.weight.detach()))  # [2*n_kv*d, h]
-        k_proj.weight = nn.Parameter(fused[:rows], requires_grad=False)
-        v_proj.weight = nn.Parameter(fused[rows:], requires_grad=False)
-        self.kv_weight = fused
-        self.kv_bias: torch.Tensor | None = None
-        if k_proj.bias is not None and v_proj.bias is not None:
-            fused_bias = torch.cat((k_proj.bias.detach(), v_proj.bias.detach()))
-            k_proj.bias = nn.Parameter(fused_bias[:rows], requires_grad=False)
-            v_proj.bias = nn.Parameter(fused_bias[rows:], requires_grad=False)
-            self.kv_bias = fused_bias
+    def kv_into(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        k_out: torch.Tensor,
+        v_out: torch.Tensor,
+    ) -> None:
+        """Recompute: X [t, b, h] -> K, V written in place into contiguous k_out, v_out [t, b, n_kv, d].
 
-    def kv_into(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv_out: torch.Tensor) -> None:
-        """Recompute: X [t, b, h] -> K and V written in place into contiguous kv_out [t, b, 2, n_kv, d].
-
-        Same arithmetic as ``kv_from_input`` in one GEMM (see ``fuse_kv_projections``), written
-        straight into the staging buffer: no copy, fewer launches per chunk.
+        Same arithmetic as ``kv_from_input``; writing into the preallocated buffer saves a copy
+        and a kernel launch per chunk, which matters when a decode step is launch-bound.
         """
+        k_proj, v_proj = self.kv_projections()
         rows = x.reshape(-1, x.shape[-1])  # [t*b, h]
-        out = kv_out.view(rows.shape[0], -1)  # [t*b, 2*n_kv*d]
-        if self.kv_bias is not None:
-            torch.addmm(self.kv_bias, rows, self.kv_weight.t(), out=out)
-        else:
-            torch.mm(rows, self.kv_weight.t(), out=out)
+        linear_into(rows, k_proj, k_out.view(rows.shape[0], -1))
+        linear_into(rows, v_proj, v_out.view(rows.shape[0], -1))
         if rope is not None:
-            keys = kv_out[:, :, 0]  # [t, b, n_kv, d]
-            keys.copy_(apply_rope(keys, *rope))
+            k_out.copy_(apply_rope(k_out, *rope))
 
     def query(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """X [b, q, h] -> Q [b, n_q, q, d]."""

@@ -65,6 +65,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def linear_into(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> None:
+    """``out = x W^T + b`` written in place: x [rows, in], out [rows, out] (a contiguous view)."""
+    if linear.bias is not None:
+        torch.addmm(linear.bias, x, linear.weight.t(), out=out)
+    else:
+        torch.mm(x, linear.weight.t(), out=out)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention of q over assembled K,V (GQA aware).
 

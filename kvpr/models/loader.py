@@ -197,8 +197,6 @@ def _assign(model: DecoderModel, values: dict[str, torch.Tensor], tied: dict[str
     for alias, source in tied.items():  # keep one shared Parameter, not two copies
         module_name, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(module_name), attr, model.get_parameter(source))
-    for layer in model.decoder_layers:
-        layer.fuse_kv_projections()
 
 
 def _normalise_name(name: str, params: dict[str, Any]) -> str:

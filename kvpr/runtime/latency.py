@@ -44,10 +44,9 @@ class _LayerBuffers:
 
     def __init__(self, storage: "KVStorage", device: torch.device, streams: StreamSet, num_chunks: int) -> None:
         shape = storage.shape
-        kv_shape = (shape.max_len, shape.batch_size, 2, shape.num_kv_heads, shape.head_dim)
-        self.kv = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, 2, n_kv, d]
-        self.k = self.kv[:, :, 0]  # [s_max, b, n_kv, d] strided views
-        self.v = self.kv[:, :, 1]
+        kv_shape = (shape.max_len, shape.batch_size, shape.num_kv_heads, shape.head_dim)
+        self.k = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, n_kv, d]
+        self.v = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, n_kv, d]
         self.x = (
             torch.empty((shape.max_len, shape.batch_size, shape.hidden_size), dtype=shape.dtype, device=device)
             if storage.store_inputs
@@ -93,7 +92,7 @@ class OverlappedExecutor(Executor):
             self.storage.v(layer)[start:end] = v
             return
         if self.storage.raw:
-            tensors = [(self.storage.kv(layer), torch.stack((k, v), dim=2))]  # one block: [t, b, 2, n_kv, d]
+            tensors = [(self.storage.k(layer), k), (self.storage.v(layer), v)]
         else:  # encoded on the compute stream, so only the compressed bytes cross the link
             encoded = self.storage.codec.encode(k, v).tensors
             tensors = [(self.storage.part(name, layer), part) for name, part in encoded.items()]
@@ -120,7 +119,7 @@ class OverlappedExecutor(Executor):
             for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
                 buffers.x[start:end].copy_(storage.x(layer)[start:end], non_blocking=True)  # type: ignore[index]
                 self.streams.record_on_copy(ready)  # chunk landed: its recompute may start
-            targets = {"kv": buffers.kv} if storage.raw else buffers.parts
+            targets = {"k": buffers.k, "v": buffers.v} if storage.raw else buffers.parts
             for name, staged in targets.items():
                 staged[copied_from:context_len].copy_(
                     storage.part(name, layer)[copied_from:context_len], non_blocking=True
@@ -157,7 +156,7 @@ class OverlappedExecutor(Executor):
                     offset = slice(start - resident, end - resident)  # rope_old covers [r, r+l)
                     chunk_rope = None if rope_old is None else (rope_old[0][offset], rope_old[1][offset])
                     # recompute written in place into the staging buffer: [chunk, b, n_kv, d]
-                    layer.kv_into(buffers.x[start:end], chunk_rope, buffers.kv[start:end])  # type: ignore[index]
+                    layer.kv_into(buffers.x[start:end], chunk_rope, keys[start:end], values[start:end])  # type: ignore[index]
                 streams.compute_waits(buffers.kv_ready)  # copied K,V of [l, s) are on the device
                 if not self.storage.raw and slot > resident + recompute_len:
                     self._decode_parts(buffers, resident + recompute_len, slot)

@@ -17,11 +17,8 @@ class SequentialExecutor(Executor):
 
     def _store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
         end = start + k.shape[0]
-        if self.storage.raw:
-            self.storage.kv(layer)[start:end] = torch.stack((k, v), dim=2)  # [t, b, 2, n_kv, d]
-        else:
-            for name, part in self.storage.codec.encode(k, v).tensors.items():
-                self.storage.part(name, layer)[start:end] = part
+        for name, part in self.storage.codec.encode(k, v).tensors.items():
+            self.storage.part(name, layer)[start:end] = part
         if self.storage.store_inputs:
             self.storage.x(layer)[start:end] = x
 
@@ -49,12 +46,8 @@ class SequentialExecutor(Executor):
                 k_old, v_old = layer.kv_from_input(x_old, rope_old)  # [l, b, n_kv, d]
                 parts_k.append(k_old)
                 parts_v.append(v_old)
-            if self.storage.raw:
-                kv = self.storage.kv(index)[copied_from:slot].to(device)  # [s-r-l, b, 2, n_kv, d]
-                k_copied, v_copied = kv[:, :, 0], kv[:, :, 1]
-            else:
-                stored = {n: self.storage.part(n, index)[copied_from:slot].to(device) for n in self.storage.part_names}
-                k_copied, v_copied = self.storage.codec.decode(self.storage.encoded(stored), self.dtype)
+            stored = {n: self.storage.part(n, index)[copied_from:slot].to(device) for n in self.storage.part_names}
+            k_copied, v_copied = self.storage.codec.decode(self.storage.encoded(stored), self.dtype)
             parts_k.append(k_copied)  # [s-r-l, b, n_kv, d]
             parts_v.append(v_copied)
             parts_k.append(k_new.transpose(0, 1))
