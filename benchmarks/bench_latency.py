@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvpr.api import LLM  # noqa: E402
 from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams  # noqa: E402
+from kvpr.device import element_size  # noqa: E402
 from kvpr.models.common import ATTENTION_BACKENDS  # noqa: E402
 from kvpr.models.registry import BUILTIN_CONFIGS  # noqa: E402
 from kvpr.scheduler.cost_model import Schedule  # noqa: E402
@@ -170,7 +171,7 @@ def run_hf(hf: torch.nn.Module, case: Case, prompts: torch.Tensor, offloaded: bo
 def floor_row(llm: LLM, case: Case, profile: Any) -> dict[str, Any]:
     """max(PCIe bytes / measured bandwidth, compute) per layer for the plan kvpr-auto uses."""
     cfg = llm.model_config
-    element = torch.empty((), dtype=llm.dtype).element_size()
+    element = element_size(llm.dtype)
     floors = []
     for step in range(case.gen_len - 1):
         plan = plan_decode_step(

@@ -16,16 +16,23 @@ from typing import Any
 import torch
 
 from kvpr.cache.codec import KVCodec, make_codec
-from kvpr.cache.storage import CacheShape, KVStorage
-from kvpr.config import RECOMPUTE_AUTO, CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams
-from kvpr.device import check_device_memory, check_host_memory, pin_host_memory, resolve_device, resolve_dtype
+from kvpr.cache.storage import CacheShape, KVStorage, require_tokenwise
+from kvpr.config import CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams
+from kvpr.device import (
+    check_device_memory,
+    check_host_memory,
+    element_size,
+    pin_host_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from kvpr.errors import KvprError
 from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
 from kvpr.runtime.executor import Executor
 from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_tokens
 from kvpr.runtime.latency import OverlappedExecutor
 from kvpr.runtime.reference import SequentialExecutor
-from kvpr.scheduler.policy import kv_bytes_per_element, make_split_policy, recompute_can_pay
+from kvpr.scheduler.policy import make_split_policy, recompute_may_run
 from kvpr.scheduler.solver import resident_tokens
 
 
@@ -70,9 +77,9 @@ class LLM:
         self.dtype = resolve_dtype(config.runtime.dtype, self.device)
         source = resolve_source(config.model, config.dummy_weights)
         self.model_config: ModelConfig = source.config
-        self._codec()  # reject a bad --kv-codec before loading weights
+        self.codec = self._make_codec()  # rejects a bad --kv-codec before the weights load
         self.model = build_model(self.model_config)
-        weight_bytes = sum(p.numel() for p in self.model.parameters()) * _element_size(self.dtype)
+        weight_bytes = sum(p.numel() for p in self.model.parameters()) * element_size(self.dtype)
         check_device_memory(weight_bytes, self.device, f"the weights of {source.name}", config.runtime.host_memory_gib)
         if config.dummy_weights:
             init_dummy_weights(self.model, self.device, self.dtype, seed=0)
@@ -92,7 +99,7 @@ class LLM:
         runtime = runtime or self.config.runtime
         runtime = dataclasses.replace(runtime, device=self.config.runtime.device, dtype=self.config.runtime.dtype)
         clone.config = self.config.replace(cache=cache, runtime=runtime)
-        clone._codec()
+        clone.codec = clone._make_codec()
         clone.last_stats = None
         return clone
 
@@ -174,15 +181,14 @@ class LLM:
         shape = self.check_fits(batch_size, max_len)
         cache, runtime = self.config.cache, self.config.runtime
         offloaded = cache.offload is Offload.CPU
-        codec = self._codec()
         storage = KVStorage(
             shape,
             torch.device("cpu") if offloaded else self.device,
             pin=offloaded and pin_host_memory(self.device),
             store_inputs=self._stores_inputs(),
-            codec=codec,
+            codec=self.codec,
         )
-        split = make_split_policy(cache, runtime, self.model_config, batch_size, self.device, self.dtype, codec)
+        split = make_split_policy(cache, runtime, self.model_config, batch_size, self.device, self.dtype, self.codec)
         resident = self._resident_cap(shape) if offloaded else 0
         if runtime.overlap:
             return OverlappedExecutor(self.model, storage, self.device, offloaded, split, runtime.num_chunks, resident)
@@ -199,19 +205,20 @@ class LLM:
         staging = 2 * (shape.kv_bytes() + shape.x_bytes()) // shape.num_layers
         # Keep room for the staging buffers, activations and allocator slack.
         reserve = staging + free // 10 + 2 * 1024**3
-        element = _element_size(self.dtype)
-        return resident_tokens(self.model_config, shape.batch_size, shape.max_len, free, element, reserve)
+        return resident_tokens(
+            self.model_config, shape.batch_size, shape.max_len, free, element_size(self.dtype), reserve
+        )
 
     def check_fits(self, batch_size: int, max_len: int) -> CacheShape:
         """Raise a KvprError, before allocating anything, if this batch cannot run here."""
         self._check_context(max_len)
         cache = self.config.cache
         shape = CacheShape.for_model(self.model_config, batch_size, max_len, self.dtype)
-        inputs = shape.x_bytes() if self._stores_inputs() else 0
         what = f"the KV cache (b={batch_size}, {max_len} slots, {shape.num_layers} layers)"
         budget = self.config.runtime.host_memory_gib
         if cache.offload is Offload.CPU:
-            stored = shape.kv_bytes(self._codec())
+            stored = shape.kv_bytes(self.codec)
+            inputs = shape.x_bytes() if self._stores_inputs() else 0
             check_host_memory(stored + inputs, what + " in host memory", budget)
             staging = 2 * (shape.kv_bytes() + stored + inputs) // shape.num_layers
             wanted = cache.gpu_resident
@@ -222,7 +229,7 @@ class LLM:
             check_device_memory(shape.kv_bytes(), self.device, what, budget)
         return shape
 
-    def _codec(self) -> KVCodec | None:
+    def _make_codec(self) -> KVCodec | None:
         """The codec of the host tier (None: K,V as computed). Raises for names the tier cannot hold."""
         name = self.config.cache.kv_codec
         if name == "none":
@@ -230,23 +237,12 @@ class LLM:
         params = {}
         if name in ("int8", "int4"):  # groups of 32 channels, or fewer where head_dim is not a multiple
             params["group_size"] = math.gcd(32, self.model_config.head_dim)
-        codec = make_codec(name, **params)
-        if not codec.tokenwise:
-            raise KvprError(
-                f"codec {name} groups tokens and cannot live in kvpr's token-major host tier yet: "
-                "use --kv-codec fp16, int8 or int4"
-            )
-        return codec
+        return require_tokenwise(make_codec(name, **params))
 
     def _stores_inputs(self) -> bool:
-        """Keep X beside K,V only where recomputation may run and can pay (see recompute_can_pay)."""
+        """Keep X beside K,V only where recomputation may run and can pay (see recompute_may_run)."""
         cache = self.config.cache
-        if cache.recompute == RECOMPUTE_AUTO:
-            element = _element_size(self.dtype)
-            codec = self._codec()
-            kv_element = element if codec is None else kv_bytes_per_element(codec, self.model_config)
-            return cache.stores_inputs and recompute_can_pay(self.model_config, element, kv_element)
-        return cache.stores_inputs
+        return cache.stores_inputs and recompute_may_run(cache, self.model_config, self.dtype, self.codec)
 
     def _check_context(self, max_len: int) -> None:
         cfg = self.model_config
@@ -283,10 +279,6 @@ def _stats(output: GenerationOutput, shape: torch.Size) -> RunStats:
         step_s=output.step_s,
         recompute_lens=output.recompute_lens,
     )
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _load_tokenizer(directory: Any) -> Any:

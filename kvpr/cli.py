@@ -146,8 +146,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from kvpr.api import LLM
-    from kvpr.cache.codec import make_codec
-    from kvpr.eval.harness import evaluate, write_report
+    from kvpr.eval.harness import evaluate, fp16_bytes_per_token, write_report
     from kvpr.eval.tasks import TASK_NAMES
 
     for flag in ("items", "batch_size"):
@@ -166,9 +165,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     def stored_bytes(name: str, cache: CacheConfig, model: Any) -> float:
         """K and V of one token, every layer, as stored (fp16 when uncompressed)."""
-        if name == "none":
-            return float(2 * model.num_layers * model.kv_size * 2)
-        return model.num_layers * make_codec(name).bytes_per_token(1, model.num_kv_heads, model.head_dim)
+        codec = llm.with_placement(cache).codec  # the very codec the run uses
+        if codec is None:
+            return fp16_bytes_per_token(name, cache, model)
+        return model.num_layers * codec.bytes_per_token(1, model.num_kv_heads, model.head_dim)
 
     rows = evaluate(
         llm,
@@ -231,31 +231,25 @@ def _run_profile(args: argparse.Namespace) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from kvpr.device import resolve_device, resolve_dtype
+    import torch
+
+    from kvpr.device import element_size, resolve_device, resolve_dtype
     from kvpr.scheduler.plan import format_plans
-    from kvpr.scheduler.profiler import load_or_measure
+    from kvpr.scheduler.profiler import HardwareProfile, load_or_measure
 
     if args.batch_size < 1 or any(s < 1 for s in args.context):
         raise KvprError("--batch-size and --context must be >= 1")
     cfg = _model_config(args.model)
     if args.profile is not None:
-        from kvpr.scheduler.profiler import HardwareProfile
-
         profile = HardwareProfile.load(args.profile)
-        element = 2 if profile.dtype in ("float16", "bfloat16") else 4
+        dtype = resolve_dtype(profile.dtype, torch.device("cpu"))  # the dtype it was measured in
     else:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         profile = load_or_measure(device, cfg, dtype, args.batch_size, progress=True)
-        element = torch_element_size(dtype)
+    element = element_size(dtype)
     print(format_plans(cfg, args.batch_size, args.context, profile, element, element, args.num_chunks))
     return 0
-
-
-def torch_element_size(dtype: Any) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:

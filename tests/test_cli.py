@@ -9,6 +9,9 @@ import pytest
 
 from kvpr.cli import main
 
+# opt-125m with random weights on the CPU: real shapes, no checkpoint needed.
+DUMMY_BENCH = ["bench", "--model", "opt-125m", "--dummy-weights", "--device", "cpu"]
+
 
 def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     code = main(argv)
@@ -66,38 +69,12 @@ def test_bad_flag_values(capsys, tiny_checkpoint, flags: list[str], needle: str)
 
 
 def test_prompt_longer_than_context(capsys) -> None:
-    argv = [
-        "bench",
-        "--model",
-        "opt-125m",
-        "--dummy-weights",
-        "--device",
-        "cpu",
-        "--prompt-len",
-        "2040",
-        "--gen-len",
-        "16",
-    ]
+    argv = DUMMY_BENCH + ["--prompt-len", "2040", "--gen-len", "16"]
     assert "supports 2048" in _error_line(capsys, argv)
 
 
 def test_not_enough_host_memory_is_checked_before_allocating(capsys) -> None:
-    argv = [
-        "bench",
-        "--model",
-        "opt-125m",
-        "--dummy-weights",
-        "--device",
-        "cpu",
-        "--offload",
-        "cpu",
-        "--batch-size",
-        "100000",
-        "--prompt-len",
-        "1024",
-        "--gen-len",
-        "8",
-    ]
+    argv = DUMMY_BENCH + ["--offload", "cpu", "--batch-size", "100000", "--prompt-len", "1024", "--gen-len", "8"]
     line = _error_line(capsys, argv)
     assert "GiB of host memory" in line and "--batch-size" in line
 
@@ -107,25 +84,8 @@ def test_builtin_config_needs_dummy_weights(capsys) -> None:
 
 
 def test_bench_runs_on_dummy_weights(capsys) -> None:
-    argv = [
-        "bench",
-        "--model",
-        "opt-125m",
-        "--dummy-weights",
-        "--device",
-        "cpu",
-        "--offload",
-        "cpu",
-        "--recompute",
-        "0.5",
-        "--batch-size",
-        "2",
-        "--prompt-len",
-        "16",
-        "--gen-len",
-        "4",
-        "--json",
-    ]
+    placement = ["--offload", "cpu", "--recompute", "0.5"]
+    argv = DUMMY_BENCH + placement + ["--batch-size", "2", "--prompt-len", "16", "--gen-len", "4", "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["batch_size"] == 2 and len(report["step_ms"]) == 3

@@ -20,7 +20,7 @@ import torch
 
 from kvpr.cache.codec import EncodedKV, IdentityCodec, KVCodec
 from kvpr.config import ModelConfig
-from kvpr.device import host_empty
+from kvpr.device import element_size, host_empty
 from kvpr.errors import KvprError
 
 
@@ -42,7 +42,7 @@ class CacheShape:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return element_size(self.dtype)
 
     def kv_bytes(self, codec: KVCodec | None = None) -> int:
         """Bytes of K and V for all layers and slots, as ``codec`` stores them (metadata included)."""
@@ -56,13 +56,19 @@ class CacheShape:
         return self.num_layers * self.max_len * self.batch_size * self.hidden_size * self.element_size
 
 
-def token_layout(codec: KVCodec, shape: CacheShape) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Per-token shape and dtype of each part ``codec`` stores, read off a one-token encoding."""
+def require_tokenwise(codec: KVCodec) -> KVCodec:
+    """Raise unless ``codec`` can live in this token-major tier (see ``KVCodec.tokenwise``)."""
     if not codec.tokenwise:
         raise KvprError(
-            f"codec {codec.name} groups tokens and cannot live in a token-major cache tier yet: "
+            f"codec {codec.name} groups tokens and cannot live in kvpr's token-major host tier yet: "
             "use --kv-codec fp16, int8 or int4"
         )
+    return codec
+
+
+def token_layout(codec: KVCodec, shape: CacheShape) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Per-token shape and dtype of each part ``codec`` stores, read off a one-token encoding."""
+    require_tokenwise(codec)
     probe = torch.zeros(1, shape.batch_size, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype)
     encoded = codec.encode(probe, probe)
     return {name: (tuple(t.shape[1:]), t.dtype) for name, t in encoded.tensors.items()}

@@ -6,14 +6,15 @@ step with the measured hardware profile, so ``l`` follows ``s`` as it grows.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvpr.config import RECOMPUTE_AUTO, RECOMPUTE_OFF, CacheConfig, ModelConfig, RuntimeConfig
+from kvpr.device import element_size
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec
@@ -37,6 +38,23 @@ def recompute_can_pay(model: ModelConfig, x_bytes_per_elem: float, kv_bytes_per_
     return model.hidden_size * x_bytes_per_elem < 2 * model.kv_size * kv_bytes_per_elem
 
 
+def stored_element_bytes(model: ModelConfig, dtype: torch.dtype, codec: KVCodec | None) -> tuple[float, float]:
+    """Bytes per element of X and of K (or V) as the host tier stores them: X in the model dtype,
+    K,V under ``codec`` (metadata included, so possibly fractional) or in the model dtype."""
+    x_bytes = element_size(dtype)
+    return x_bytes, (x_bytes if codec is None else kv_bytes_per_element(codec, model))
+
+
+def recompute_may_run(cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, codec: KVCodec | None) -> bool:
+    """Whether any decode step of a run can choose ``l > 0``: recomputation is on and, for
+    ``auto``, can pay at all (see ``recompute_can_pay``). Only then is X worth storing."""
+    if cache.recompute == RECOMPUTE_OFF:
+        return False
+    if cache.recompute == RECOMPUTE_AUTO:
+        return recompute_can_pay(model, *stored_element_bytes(model, dtype, codec))
+    return True
+
+
 def make_split_policy(
     cache: CacheConfig,
     runtime: RuntimeConfig,
@@ -47,11 +65,7 @@ def make_split_policy(
     codec: "KVCodec | None" = None,
 ) -> SplitPolicy:
     """Build the per-step policy for one batch (``codec``: how K,V are stored on the host)."""
-    element_bytes = torch.empty((), dtype=dtype).element_size()
-    kv_element_bytes = element_bytes if codec is None else kv_bytes_per_element(codec, model)
-    if cache.recompute == RECOMPUTE_OFF or (
-        cache.recompute == RECOMPUTE_AUTO and not recompute_can_pay(model, element_bytes, kv_element_bytes)
-    ):
+    if not recompute_may_run(cache, model, dtype, codec):
         return lambda context_len: 0
     if cache.recompute != RECOMPUTE_AUTO:
         fraction = float(cache.recompute)
@@ -59,7 +73,8 @@ def make_split_policy(
     from kvpr.scheduler.profiler import load_or_measure
 
     profile = load_or_measure(device, model, dtype, batch_size, path=runtime.profile_path)
-    return auto_policy(model, batch_size, profile, dtype, runtime.num_chunks, kv_element_bytes)
+    x_bytes, kv_bytes = stored_element_bytes(model, dtype, codec)
+    return auto_policy(model, batch_size, profile, x_bytes, kv_bytes, runtime.num_chunks)
 
 
 def kv_bytes_per_element(codec: "KVCodec", model: ModelConfig) -> float:
@@ -71,21 +86,19 @@ def auto_policy(
     model: ModelConfig,
     batch_size: int,
     profile: "HardwareProfile",
-    dtype: torch.dtype,
+    x_bytes: float,
+    kv_bytes: float,
     num_chunks: int,
-    kv_element_bytes: float | None = None,
 ) -> SplitPolicy:
-    """The solver's choice at each context length (memoised: one solve per distinct ``s``)."""
+    """The solver's choice at each context length (memoised: one solve per distinct ``s``);
+    ``x_bytes``/``kv_bytes``: stored bytes per element (``stored_element_bytes``)."""
     from kvpr.scheduler.cost_model import Schedule
     from kvpr.scheduler.plan import plan_decode_step
 
-    element_bytes = torch.empty((), dtype=dtype).element_size()
-    kv_bytes = kv_element_bytes if kv_element_bytes is not None else element_bytes
-
-    @cache
+    @functools.cache
     def recompute_len(context_len: int) -> int:
         plan = plan_decode_step(
-            model, batch_size, context_len, profile, kv_bytes, element_bytes, Schedule.CHUNKED, num_chunks
+            model, batch_size, context_len, profile, kv_bytes, x_bytes, Schedule.CHUNKED, num_chunks
         )
         return plan.recompute_len
 

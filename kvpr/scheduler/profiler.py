@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpr.config import Arch, ModelConfig
+from kvpr.device import element_size
 from kvpr.errors import KvprError
 from kvpr.scheduler.cost_model import RateCurve
 
@@ -193,7 +194,7 @@ class _Ladder:
 
 def _ladder(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int) -> _Ladder:
     """CUDA: 1..256 MiB chunks and GEMMs to 64K rows, capped by free memory; CPU: tiny and quick."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = element_size(dtype)
     kv_row = 2 * model.num_kv_heads * model.head_dim * elem * batch_size  # K,V bytes per token
     row = (model.hidden_size + 2 * model.kv_size) * elem  # bytes of one GEMM input + output row
     if device.type != "cuda":
@@ -401,7 +402,7 @@ def _layer_gemms(
     h, inter = model.hidden_size, model.intermediate_size
     mlp_in = 2 * inter if model.arch is Arch.LLAMA else inter  # gate+up fused (SwiGLU) or fc1
     shapes = [(h, model.q_size + 2 * model.kv_size), (model.q_size, h), (h, mlp_in), (inter, h)]
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = element_size(dtype)
     if sum(k * n for k, n in shapes) * elem > max_weight_bytes:
         return None
     weights = [_filled(shape, dtype, device) for shape in shapes]
