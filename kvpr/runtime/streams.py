@@ -13,17 +13,21 @@ import torch
 
 
 class StreamSet:
-    """A compute stream (the current one) and one copy stream for both directions.
+    """A compute stream (the current one), a copy stream for loads, and where write-backs go.
 
-    One copy stream is enough: a layer's write-back is issued after its compute, and the next
-    load that could conflict (two layers on) must wait for that compute anyway.
+    Latency mode uses one copy stream for both directions: a layer's write-back is issued after
+    its compute, and the next load that could conflict (two layers on) must wait for that compute
+    anyway. Throughput mode asks for a separate store stream (``separate_store=True``): there the
+    next layer's weights are loaded while this layer's batches compute, and a load queued behind a
+    store would wait for the store's compute.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, separate_store: bool = False) -> None:
         self.enabled = device.type == "cuda"
         self.device = device
         self.compute = torch.cuda.current_stream(device) if self.enabled else None
         self.copy = torch.cuda.Stream(device) if self.enabled else None
+        self.store = (torch.cuda.Stream(device) if separate_store else self.copy) if self.enabled else None
 
     def event(self) -> torch.cuda.Event | None:
         return torch.cuda.Event() if self.enabled else None
@@ -57,6 +61,25 @@ class StreamSet:
     def on_copy(self) -> Iterator[None]:
         with torch.cuda.stream(self.copy) if self.enabled else nullcontext():
             yield
+
+    @contextmanager
+    def on_store_after_compute(self) -> Iterator[None]:
+        """Run device-to-host write-backs on the store stream, after the compute queued so far."""
+        if not self.enabled:
+            yield
+            return
+        self.store.wait_stream(self.compute)  # type: ignore[union-attr]
+        with torch.cuda.stream(self.store):
+            yield
+
+    def keep_alive_for_store(self, tensor: torch.Tensor) -> None:
+        """Tell the caching allocator ``tensor`` is read by the store stream (no early reuse)."""
+        if self.enabled and tensor.is_cuda:
+            tensor.record_stream(self.store)  # type: ignore[arg-type]
+
+    def record_on_store(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.record(self.store)
 
     def synchronize(self) -> None:
         if self.enabled:
