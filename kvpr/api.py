@@ -15,14 +15,14 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvpr.cache.codec import KVCodec, make_codec
 from kvpr.cache.disk import check_offload_dir
 from kvpr.cache.storage import CacheShape, KVStorage, require_tokenwise
-from kvpr.config import CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams
+from kvpr.config import CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams, Tier
 from kvpr.device import (
     check_device_memory,
     check_host_memory,
@@ -37,10 +37,13 @@ from kvpr.runtime.executor import Executor
 from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_tokens
 from kvpr.runtime.latency import OverlappedExecutor
 from kvpr.runtime.reference import SequentialExecutor
-from kvpr.runtime.throughput import CacheSplit, ThroughputExecutor
-from kvpr.runtime.weights import LayerWeights, Tier
+from kvpr.runtime.throughput import ThroughputExecutor
+from kvpr.runtime.weights import LayerWeights
 from kvpr.scheduler.policy import make_split_policy, recompute_may_run
 from kvpr.scheduler.solver import resident_tokens
+
+if TYPE_CHECKING:
+    from kvpr.scheduler.throughput_policy import ThroughputPlan
 
 
 @dataclass
@@ -293,7 +296,7 @@ class LLM:
                 f"{throughput.gpu_batch_size}: raise --num-gpu-batches or --gpu-batch-size"
             )
         placement, cfg = throughput.placement, self.model_config
-        tiers = CacheSplit.of(max_len, placement.cache_gpu, placement.cache_cpu)
+        tiers = placement.cache_split(max_len)
         per_slot = CacheShape.for_model(cfg, batch_size, 1, self.dtype)  # one slot of the whole block
         kv, x = per_slot.kv_bytes(), (per_slot.x_bytes() if self._stores_inputs() else 0)
         lane = CacheShape.for_model(cfg, min(batch_size, throughput.gpu_batch_size), max_len, self.dtype)
@@ -403,3 +406,57 @@ def _load_tokenizer(directory: Any) -> Any:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as err:
         raise KvprError(f"cannot load the tokenizer in {directory}: {str(err).splitlines()[0]}") from None
+
+
+def plan_throughput(
+    config: EngineConfig, prompt_len: int, gen_len: int, allow_recompute: bool = True
+) -> "ThroughputPlan":
+    """Throughput mode's policy search for this machine: placement, GPU batch size, number of GPU
+    batches and recompute fraction that maximise predicted tokens/s (``allow_recompute=False``:
+    FlexGen's own search). Plans on a measured profile, or on ``--profile FILE`` on any machine."""
+    import psutil
+
+    from kvpr.cache.disk import measure_disk_bps
+    from kvpr.scheduler.profiler import HardwareProfile, load_or_measure
+    from kvpr.scheduler.throughput_policy import MachineLimits, ThroughputWorkload, search_policy
+
+    model = resolve_source(config.model, dummy_weights=True).config
+    runtime = config.runtime
+    if runtime.profile_path is not None:
+        profile = HardwareProfile.load(runtime.profile_path)
+        dtype = resolve_dtype(profile.dtype, torch.device("cpu"))
+    else:
+        device = resolve_device(runtime.device)
+        if device.type != "cuda":
+            raise KvprError("the throughput policy plans for a GPU: run on one, or pass --profile FILE measured there")
+        dtype = resolve_dtype(runtime.dtype, device)
+        profile = load_or_measure(device, model, dtype, 1, progress=True)
+    gpu_bytes = float(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else 80.0 * 2**30
+    host = runtime.host_memory_gib * 2**30 if runtime.host_memory_gib else 0.9 * psutil.virtual_memory().available
+    offload_dir = config.throughput.offload_dir if config.throughput else None
+    disk_bytes, disk_rates = 0.0, (1e9, 1e9)  # rates unused without a disk tier
+    if offload_dir is not None:
+        disk_rates = measure_disk_bps(offload_dir)
+        disk_bytes = float(shutil.disk_usage(offload_dir).free) * 0.9
+    limits = MachineLimits(0.9 * gpu_bytes, host, disk_bytes, *disk_rates)
+    return search_policy(
+        model,
+        profile,
+        limits,
+        ThroughputWorkload(prompt_len, gen_len),
+        allow_recompute=allow_recompute,
+        dtype_bytes=element_size(dtype),
+        offload_dir=offload_dir,
+    )
+
+
+def with_throughput_plan(config: EngineConfig, plan: "ThroughputPlan") -> EngineConfig:
+    """``config`` running ``plan``: its placement and batches, its recompute fraction (the disk
+    directory and weight pinning stay the user's)."""
+    user = config.throughput or plan.config
+    throughput = dataclasses.replace(plan.config, offload_dir=user.offload_dir, pin_weight=user.pin_weight)
+    offload = Offload.NONE if throughput.placement.cache_gpu >= 100 else Offload.CPU
+    recompute = plan.recompute_fraction if offload is Offload.CPU else "off"
+    return config.replace(
+        throughput=throughput, cache=dataclasses.replace(config.cache, offload=offload, recompute=recompute)
+    )

@@ -12,11 +12,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvpr.config import (
+    RECOMPUTE_AUTO,
+    RECOMPUTE_OFF,
     CacheConfig,
     EngineConfig,
     Offload,
+    Placement,
     RuntimeConfig,
     SamplingParams,
+    ThroughputConfig,
     parse_recompute,
     parse_resident,
 )
@@ -30,7 +34,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dummy-weights", action="store_true", help="random weights of the model's real configuration")
     parser.add_argument("--offload", default="none", help="where the KV cache lives: none (device) or cpu (host)")
     parser.add_argument(
-        "--recompute", default="off", help="off, auto, or a fraction F in [0,1]: recompute l=round(F*s) tokens from X"
+        "--recompute",
+        default=None,
+        help="off (default), auto, or a fraction F in [0,1]: recompute l=round(F*s) tokens from X",
     )
     parser.add_argument(
         "--kv-codec", default="none", help="how the offloaded K,V are stored: none (as computed), fp16, int8 or int4"
@@ -47,6 +53,24 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile", default=None, help="hardware profile JSON to plan with (default: measured and cached)"
     )
+    throughput = parser.add_argument_group("throughput mode (FlexGen's setting; on when --percent is given)")
+    throughput.add_argument("--mode", choices=["latency", "throughput"], default=None, help="default: latency")
+    throughput.add_argument(
+        "--percent",
+        nargs=6,
+        default=None,
+        metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
+        help="percent of weights, KV cache and activations on GPU and CPU; the rest on disk (as FlexGen)",
+    )
+    throughput.add_argument("--gpu-batch-size", type=int, default=4, help="rows of one GPU batch")
+    throughput.add_argument("--num-gpu-batches", type=int, default=1, help="GPU batches per block")
+    throughput.add_argument("--offload-dir", default=None, help="directory of the disk tier")
+    throughput.add_argument(
+        "--pin-weight", action=argparse.BooleanOptionalAction, default=True, help="pin the CPU share of the weights"
+    )
+    throughput.add_argument(
+        "--kv-partial", action="store_true", help="partial KV recomputation: --recompute auto unless given"
+    )
     parser.add_argument(
         "--host-memory-gib",
         type=float,
@@ -55,18 +79,43 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def throughput_config(args: argparse.Namespace) -> ThroughputConfig | None:
+    """Throughput mode's placement and block, or None in latency mode."""
+    mode = args.mode or ("throughput" if args.percent is not None else "latency")
+    if mode == "latency":
+        if args.percent is not None:
+            raise KvprError("--percent places weights and activations too: it needs --mode throughput")
+        return None
+    placement = Placement.parse(args.percent) if args.percent is not None else Placement()
+    return ThroughputConfig(
+        placement=placement,
+        gpu_batch_size=args.gpu_batch_size,
+        num_gpu_batches=args.num_gpu_batches,
+        offload_dir=args.offload_dir,
+        pin_weight=args.pin_weight,
+    )
+
+
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     """The one function that turns flags into configuration."""
+    throughput = throughput_config(args)
+    recompute = args.recompute or (RECOMPUTE_AUTO if args.kv_partial else RECOMPUTE_OFF)
+    offload_name = args.offload
+    if throughput is not None:  # the placement decides; the cache leaves the GPU unless all of it stays
+        if args.offload != "none":
+            raise KvprError("--offload is latency mode's flag: in throughput mode --percent places the cache")
+        offload_name = "none" if throughput.placement.cache_gpu >= 100 else "cpu"
     try:
-        offload = Offload(args.offload)
+        offload = Offload(offload_name)
     except ValueError:
         raise KvprError(f"--offload {args.offload!r}: use none or cpu") from None
     return EngineConfig(
         model=args.model,
         dummy_weights=args.dummy_weights,
+        throughput=throughput,
         cache=CacheConfig(
             offload=offload,
-            recompute=parse_recompute(args.recompute),
+            recompute=parse_recompute(recompute),
             kv_codec=args.kv_codec,
             gpu_resident=parse_resident(args.gpu_resident),
         ),
@@ -99,7 +148,13 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time prefill and decode on synthetic prompts")
     _add_engine_flags(bench)
-    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--batch-size", type=int, default=None, help="rows (default: 1; in throughput mode one block)")
+    bench.add_argument(
+        "--policy",
+        choices=["manual", "auto"],
+        default="manual",
+        help="throughput mode: auto searches placement, batch sizes and recompute fraction from the cost model",
+    )
     bench.add_argument("--prompt-len", type=int, default=256)
     bench.add_argument("--gen-len", type=int, default=32)
     bench.add_argument("--seed", type=int, default=0)
@@ -318,14 +373,21 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from kvpr.api import LLM
 
-    for flag in ("batch_size", "prompt_len", "gen_len"):
+    for flag in ("prompt_len", "gen_len"):
         if getattr(args, flag) < 1:
             raise KvprError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    llm = LLM(build_engine_config(args))
-    llm.check_fits(args.batch_size, args.prompt_len + args.gen_len)
+    config = build_engine_config(args)
+    if args.policy == "auto":
+        config = _auto_policy(config, args)
+    # Throughput mode's natural batch is one full block (as FlexGen runs it).
+    batch_size = args.batch_size or (config.throughput.block_size if config.throughput else 1)
+    if batch_size < 1:
+        raise KvprError(f"--batch-size {batch_size}: must be >= 1")
+    llm = LLM(config)
+    llm.check_fits(batch_size, args.prompt_len + args.gen_len)
     generator = torch.Generator().manual_seed(args.seed)
     vocab = llm.model_config.vocab_size
-    prompts = torch.randint(0, vocab, (args.batch_size, args.prompt_len), generator=generator).tolist()
+    prompts = torch.randint(0, vocab, (batch_size, args.prompt_len), generator=generator).tolist()
     params = SamplingParams(max_new_tokens=args.gen_len, stop_on_eos=False)
     llm.generate(prompts[:1], SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up
     if args.trace:
@@ -334,29 +396,53 @@ def _run_bench(args: argparse.Namespace) -> int:
         llm.generate(prompts, params)
     stats = llm.last_stats
     assert stats is not None
+    throughput = config.throughput
     report = {
         "model": llm.name,
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
-        "offload": args.offload,
-        "recompute": args.recompute,
+        "mode": "latency" if throughput is None else "throughput",
+        "offload": config.cache.offload.value,
+        "recompute": config.cache.recompute,
         "overlap": not args.no_overlap,
         "gen_len": args.gen_len,
         **stats.to_dict(),
     }
+    if throughput is not None:
+        report["policy"] = {
+            "percent": list(throughput.placement.as_percent()),
+            "gpu_batch_size": throughput.gpu_batch_size,
+            "num_gpu_batches": throughput.num_gpu_batches,
+            "pin_weight": throughput.pin_weight,
+        }
     steps = stats.step_s
     decode_s = sum(steps)
-    report["tokens_per_s"] = args.batch_size * len(steps) / decode_s if decode_s else None
+    report["tokens_per_s"] = batch_size * len(steps) / decode_s if decode_s else None
+    # FlexGen's figure: every generated token over prefill plus decode.
+    report["generation_tokens_per_s"] = batch_size * (len(steps) + 1) / (stats.prefill_s + decode_s)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         ms = report["decode_ms_per_token"]
         recompute = stats.recompute_lens[-1] if stats.recompute_lens else 0
+        where = f"offload={report['offload']}" if throughput is None else f"--percent {throughput.placement}"
         print(
-            f"{llm.name} b={args.batch_size} prompt={args.prompt_len} gen={args.gen_len} offload={args.offload} "
-            f"recompute={args.recompute}: prefill {stats.prefill_s:.3f} s, decode {ms:.2f} ms/token, "
-            f"{report['tokens_per_s']:.1f} tokens/s, last l={recompute}"
+            f"{llm.name} b={batch_size} prompt={args.prompt_len} gen={args.gen_len} {where} "
+            f"recompute={config.cache.recompute}: prefill {stats.prefill_s:.3f} s, decode {ms:.2f} ms/token, "
+            f"{report['generation_tokens_per_s']:.1f} generated tokens/s, last l={recompute}"
         )
     return 0
+
+
+def _auto_policy(config: EngineConfig, args: argparse.Namespace) -> EngineConfig:
+    """``--policy auto``: the searched throughput policy for this workload replaces the flags'."""
+    from kvpr.api import plan_throughput, with_throughput_plan
+    from kvpr.scheduler.throughput_policy import format_plans
+
+    if config.throughput is None:
+        raise KvprError("--policy auto searches a throughput-mode policy: add --mode throughput")
+    plan = plan_throughput(config, args.prompt_len, args.gen_len)
+    print(format_plans([("auto", plan)]), file=sys.stderr)
+    return with_throughput_plan(config, plan)
 
 
 def _traced(run: Any, path: str) -> None:

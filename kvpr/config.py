@@ -322,6 +322,50 @@ def _percent(value: float, what: str) -> float:
     return float(value)
 
 
+class Tier(str, enum.Enum):
+    """Where a tensor lives in throughput mode."""
+
+    GPU = "gpu"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+def tier_at(percentile: float, gpu_percent: float, cpu_percent: float) -> Tier:
+    """The tier holding ``percentile`` when the GPU, CPU and disk shares are laid end to end
+    (FlexGen's ``get_choice``: strictly below the running total)."""
+    if percentile < gpu_percent:
+        return Tier.GPU
+    if percentile < gpu_percent + cpu_percent:
+        return Tier.CPU
+    return Tier.DISK
+
+
+@dataclass(frozen=True)
+class CacheSplit:
+    """Slots of each cache tier for a cache of ``max_len`` slots: ``[0, gpu)``, ``[gpu, gpu + cpu)``,
+    and the rest on disk (percentages rounded to whole slots)."""
+
+    max_len: int
+    gpu: int
+    cpu: int
+
+    @classmethod
+    def of(cls, max_len: int, gpu_percent: float, cpu_percent: float) -> "CacheSplit":
+        gpu = min(max_len, round(max_len * gpu_percent / 100))
+        cpu = min(max_len - gpu, round(max_len * (gpu_percent + cpu_percent) / 100) - gpu)
+        return cls(max_len, gpu, cpu)
+
+    @property
+    def disk(self) -> int:
+        return self.max_len - self.gpu - self.cpu
+
+    def ranges(self, length: int) -> tuple[int, int, int]:
+        """How many of the first ``length`` slots lie on the GPU, CPU and disk tiers."""
+        on_gpu = min(length, self.gpu)
+        on_cpu = min(length, self.gpu + self.cpu) - on_gpu
+        return on_gpu, on_cpu, length - on_gpu - on_cpu
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where weights, KV cache and activations live in throughput mode, as FlexGen's
@@ -377,6 +421,23 @@ class Placement:
     @property
     def uses_disk(self) -> bool:
         return any(share > 0 for share in (self.weights_disk, self.cache_disk, self.act_disk))
+
+    def weight_tiers(self, sizes: Sequence[int]) -> list[Tier]:
+        """The tier of each tensor of a layer (``sizes`` in elements, in parameter order): the one
+        holding the middle of the tensor's byte range (FlexGen's rule)."""
+        total, before, tiers = sum(sizes), 0, []
+        for size in sizes:
+            tiers.append(tier_at(100.0 * (before + size / 2) / total, self.weights_gpu, self.weights_cpu))
+            before += size
+        return tiers
+
+    def cache_split(self, max_len: int) -> CacheSplit:
+        return CacheSplit.of(max_len, self.cache_gpu, self.cache_cpu)
+
+    @property
+    def activation_tier(self) -> Tier:
+        """Activations live where their 50th percentile falls (FlexGen's rule)."""
+        return tier_at(50.0, self.act_gpu, self.act_cpu)
 
     def as_percent(self) -> tuple[float, float, float, float, float, float]:
         return (self.weights_gpu, self.weights_cpu, self.cache_gpu, self.cache_cpu, self.act_gpu, self.act_cpu)

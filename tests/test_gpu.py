@@ -106,3 +106,26 @@ def test_auto_residency_keeps_tokens_on_the_gpu(tiny_checkpoint) -> None:
     executor = llm.make_executor(3, 30)
     assert executor.resident_cap == 30  # a tiny model's whole cache fits
     assert [c.token_ids for c in llm.generate(PROMPTS, params)] == reference
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+@pytest.mark.parametrize(
+    "percent,recompute", [("100 0 100 0 100 0", "off"), ("0 100 0 100 0 100", 0.5), ("30 30 30 30 30 30", 1.0)]
+)
+def test_throughput_mode_matches_latency_mode(tiny_checkpoint, tmp_path, family: str, percent: str, recompute) -> None:
+    """The block schedule on CUDA streams (weights streamed per layer, cache on three tiers, X
+    chunks recomputed as they land) gives the tokens of the GPU-resident latency run."""
+    from kvpr.api import LLM
+    from kvpr.config import CacheConfig, EngineConfig, Offload, Placement, RuntimeConfig, ThroughputConfig
+
+    params = SamplingParams(max_new_tokens=16, stop_on_eos=False)
+    reference = [c.token_ids for c in gpu_llm(tiny_checkpoint(family)).generate(PROMPTS, params)]
+    llm = LLM(
+        EngineConfig(
+            model=str(tiny_checkpoint(family)),
+            cache=CacheConfig(offload=Offload.CPU, recompute=recompute),
+            runtime=RuntimeConfig(device="cuda", dtype="float16", num_chunks=3),
+            throughput=ThroughputConfig(Placement.parse(percent.split()), 2, 2, offload_dir=str(tmp_path)),
+        )
+    )
+    assert [c.token_ids for c in llm.generate(PROMPTS, params)] == reference

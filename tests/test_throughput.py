@@ -13,10 +13,19 @@ from hypothesis import strategies as st
 from conftest import cpu_llm
 from kvpr.api import LLM
 from kvpr.cache.disk import DiskQueue, DiskTensor
-from kvpr.config import CacheConfig, EngineConfig, Offload, Placement, RuntimeConfig, SamplingParams, ThroughputConfig
+from kvpr.config import (
+    CacheConfig,
+    CacheSplit,
+    EngineConfig,
+    Offload,
+    Placement,
+    RuntimeConfig,
+    SamplingParams,
+    ThroughputConfig,
+    Tier,
+    tier_at,
+)
 from kvpr.errors import KvprError
-from kvpr.runtime.throughput import CacheSplit
-from kvpr.runtime.weights import Tier, layer_tiers, tier_at
 
 PROMPTS = [[5, 17, 33, 2, 90, 11], [7, 7, 61], [100, 3, 44, 21, 9, 8, 71, 12, 4], [1, 2, 3], [9, 9]]
 
@@ -97,9 +106,10 @@ def test_cache_split_is_a_partition(max_len: int, gpu: int, cpu: int) -> None:
 
 def test_weight_tiers_follow_flexgen_midpoint_rule() -> None:
     # Four equal tensors: midpoints at 12.5, 37.5, 62.5, 87.5 percent of the layer.
-    assert layer_tiers([1, 1, 1, 1], 40, 30) == [Tier.GPU, Tier.GPU, Tier.CPU, Tier.DISK]
-    assert layer_tiers([1, 1, 1, 1], 0, 100) == [Tier.CPU] * 4
-    assert layer_tiers([8, 1, 1], 50, 50) == [Tier.GPU, Tier.CPU, Tier.CPU]  # midpoint 40% -> GPU
+    assert Placement(40, 30).weight_tiers([1, 1, 1, 1]) == [Tier.GPU, Tier.GPU, Tier.CPU, Tier.DISK]
+    assert Placement(0, 100).weight_tiers([1, 1, 1, 1]) == [Tier.CPU] * 4
+    assert Placement(50, 50).weight_tiers([8, 1, 1]) == [Tier.GPU, Tier.CPU, Tier.CPU]  # midpoint 40% -> GPU
+    assert Placement(act_gpu=50, act_cpu=50).activation_tier is Tier.CPU
     assert tier_at(50, 50, 50) is Tier.CPU  # strictly below the running total, as FlexGen
     assert tier_at(50, 100, 0) is Tier.GPU and tier_at(50, 0, 0) is Tier.DISK
 

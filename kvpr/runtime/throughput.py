@@ -26,7 +26,6 @@ temporary directory) is tested against the latency-mode executors without a GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,13 +33,13 @@ import torch
 
 from kvpr.cache.disk import DiskQueue, DiskTensor
 from kvpr.cache.storage import CacheShape, KVStorage
+from kvpr.config import CacheSplit, Tier
 from kvpr.device import host_empty
 from kvpr.models.common import attend
 from kvpr.runtime.batch import BatchState
 from kvpr.runtime.executor import SplitPolicy
 from kvpr.runtime.latency import chunk_bounds
 from kvpr.runtime.streams import StreamSet
-from kvpr.runtime.weights import Tier, tier_at
 
 if TYPE_CHECKING:
     from kvpr.config import ModelConfig, ThroughputConfig
@@ -48,32 +47,6 @@ if TYPE_CHECKING:
     from kvpr.runtime.weights import LayerWeights
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
-
-
-@dataclass(frozen=True)
-class CacheSplit:
-    """Slots of each cache tier for a cache of ``max_len`` slots: ``[0, gpu)``, ``[gpu, gpu + cpu)``,
-    and the rest on disk (percentages rounded to whole slots)."""
-
-    max_len: int
-    gpu: int
-    cpu: int
-
-    @classmethod
-    def of(cls, max_len: int, gpu_percent: float, cpu_percent: float) -> "CacheSplit":
-        gpu = min(max_len, round(max_len * gpu_percent / 100))
-        cpu = min(max_len - gpu, round(max_len * (gpu_percent + cpu_percent) / 100) - gpu)
-        return cls(max_len, gpu, cpu)
-
-    @property
-    def disk(self) -> int:
-        return self.max_len - self.gpu - self.cpu
-
-    def ranges(self, length: int) -> tuple[int, int, int]:
-        """How many of the first ``length`` slots lie on the GPU, CPU and disk tiers."""
-        on_gpu = min(length, self.gpu)
-        on_cpu = min(length, self.gpu + self.cpu) - on_gpu
-        return on_gpu, on_cpu, length - on_gpu - on_cpu
 
 
 def _view(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -242,7 +215,7 @@ class ThroughputExecutor:
         self.streams = StreamSet(device, separate_store=True)
         weights.start(self.streams)
         placement = config.placement
-        self.split = CacheSplit.of(max_len, placement.cache_gpu, placement.cache_cpu)
+        self.split = placement.cache_split(max_len)
         self.store_inputs = store_inputs and self.split.cpu > 0
         pin = self.streams.enabled
         gbs = config.gpu_batch_size
@@ -265,8 +238,7 @@ class ThroughputExecutor:
             _Staging(widest, self.split, device, self.streams, num_chunks, self.store_inputs) for _ in range(2)
         ]
         self.disk_queue = DiskQueue()
-        act_tier = tier_at(50.0, placement.act_gpu, placement.act_cpu)
-        self.acts = _Activations(act_tier, device, directory, self.disk_queue, pin)
+        self.acts = _Activations(placement.activation_tier, device, directory, self.disk_queue, pin)
         self.length = 0
         self.recompute_len = 0
         self.recompute_lens: list[int] = []

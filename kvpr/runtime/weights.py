@@ -13,44 +13,19 @@ computes from the other; the layer's parameters are pointed at the buffer while 
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvpr.cache.disk import DiskTensor
+from kvpr.config import Tier
 from kvpr.device import host_empty
 
 if TYPE_CHECKING:
     from kvpr.config import Placement
     from kvpr.models.base import DecoderModel
     from kvpr.runtime.streams import StreamSet
-
-
-class Tier(str, enum.Enum):
-    GPU = "gpu"
-    CPU = "cpu"
-    DISK = "disk"
-
-
-def tier_at(percentile: float, gpu_percent: float, cpu_percent: float) -> Tier:
-    """The tier holding ``percentile`` when GPU, CPU and disk shares are laid end to end (FlexGen's
-    ``get_choice``: strictly below the running total)."""
-    if percentile < gpu_percent:
-        return Tier.GPU
-    if percentile < gpu_percent + cpu_percent:
-        return Tier.CPU
-    return Tier.DISK
-
-
-def layer_tiers(sizes: list[int], gpu_percent: float, cpu_percent: float) -> list[Tier]:
-    """The tier of each tensor of a layer (``sizes`` in elements, in parameter order)."""
-    total, before, tiers = sum(sizes), 0, []
-    for size in sizes:
-        tiers.append(tier_at(100.0 * (before + size / 2) / total, gpu_percent, cpu_percent))
-        before += size
-    return tiers
 
 
 class LayerWeights:
@@ -81,7 +56,7 @@ class LayerWeights:
                 self._layer_of[f"{prefix[id(layer)]}.{local}"] = (index, local)
         params = list(layers[0].named_parameters())
         sizes = [p.numel() for _name, p in params]
-        tiers = layer_tiers(sizes, placement.weights_gpu, placement.weights_cpu)
+        tiers = placement.weight_tiers(sizes)
         self.tier = {name: tier for (name, _p), tier in zip(params, tiers)}
         # Offsets in one layer's flat buffer: CPU share first, then disk share.
         self._slots: dict[str, tuple[int, torch.Size]] = {}
