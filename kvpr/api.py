@@ -12,7 +12,7 @@ import math
 import shutil
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,17 @@ import torch
 from kvpr.cache.codec import KVCodec, make_codec
 from kvpr.cache.disk import check_offload_dir
 from kvpr.cache.storage import CacheShape, KVStorage, require_tokenwise
-from kvpr.config import CacheConfig, EngineConfig, ModelConfig, Offload, RuntimeConfig, SamplingParams, Tier
+from kvpr.config import (
+    RECOMPUTE_AUTO,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    Offload,
+    RuntimeConfig,
+    SamplingParams,
+    ThroughputConfig,
+    Tier,
+)
 from kvpr.device import (
     check_device_memory,
     check_host_memory,
@@ -267,10 +277,6 @@ class LLM:
         throughput = self.config.throughput
         assert throughput is not None and self.layer_weights is not None
         self._check_throughput_fits(batch_size, max_len)
-        cache, runtime = self.config.cache, self.config.runtime
-        split = make_split_policy(
-            cache, runtime, self.model_config, throughput.gpu_batch_size, self.device, self.dtype, self.codec
-        )
         return ThroughputExecutor(  # type: ignore[return-value]
             self.model,
             self.layer_weights,
@@ -279,11 +285,26 @@ class LLM:
             max_len,
             self.device,
             self.dtype,
-            split,
+            self._recompute_fraction(throughput),
             self._stores_inputs(),
-            runtime.num_chunks,
+            self.config.runtime.num_chunks,
             self._offload_dir(),
         )
+
+    def _recompute_fraction(self, throughput: ThroughputConfig) -> Callable[[int], float]:
+        """Throughput mode's recompute policy: context length -> fraction of the CPU tier recomputed."""
+        recompute = self.config.cache.recompute
+        if not self._stores_inputs():
+            return lambda context_len: 0.0
+        if recompute != RECOMPUTE_AUTO:
+            return lambda context_len: float(recompute)
+        from kvpr.scheduler.profiler import load_or_measure
+        from kvpr.scheduler.throughput_policy import recompute_fraction_policy
+
+        profile = load_or_measure(
+            self.device, self.model_config, self.dtype, throughput.gpu_batch_size, self.config.runtime.profile_path
+        )
+        return recompute_fraction_policy(self.model_config, profile, throughput, element_size(self.dtype))
 
     def _check_throughput_fits(self, batch_size: int, max_len: int) -> None:
         """Raise a KvprError, before allocating, if one block's cache does not fit its tiers."""

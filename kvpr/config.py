@@ -351,9 +351,9 @@ class CacheSplit:
 
     @classmethod
     def of(cls, max_len: int, gpu_percent: float, cpu_percent: float) -> "CacheSplit":
-        gpu = min(max_len, round(max_len * gpu_percent / 100))
-        cpu = min(max_len - gpu, round(max_len * (gpu_percent + cpu_percent) / 100) - gpu)
-        return cls(max_len, gpu, cpu)
+        gpu_end = min(max_len, math.floor(max_len * gpu_percent / 100 + 0.5))  # halves round up
+        cpu_end = min(max_len, math.floor(max_len * (gpu_percent + cpu_percent) / 100 + 0.5))
+        return cls(max_len, gpu_end, cpu_end - gpu_end)
 
     @property
     def disk(self) -> int:

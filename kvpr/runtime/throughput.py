@@ -16,7 +16,8 @@ Each lane's cache is split by token slots, the oldest first (``Placement`` docst
                     chunks, each recomputed as it lands), K,V of the rest copied
     [g + c, s_max)  disk tier: read into pinned staging by the host, then copied
 
-``l`` comes from the split policy, asked once per step with the cached length of the CPU tier.
+``l = round(F * c_s)`` of the ``c_s`` cached CPU-tier tokens, with ``F`` fixed (``--recompute F``) or
+chosen each step by the throughput cost model (``auto``: ``recompute_fraction_policy``).
 Activations (the residual stream between layers) live on the tier holding the placement's 50th
 percentile. Embeddings, final norm and LM head run on the GPU for the whole block at once.
 
@@ -26,6 +27,7 @@ temporary directory) is tested against the latency-mode executors without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,9 +39,9 @@ from kvpr.config import CacheSplit, Tier
 from kvpr.device import host_empty
 from kvpr.models.common import attend
 from kvpr.runtime.batch import BatchState
-from kvpr.runtime.executor import SplitPolicy
 from kvpr.runtime.latency import chunk_bounds
 from kvpr.runtime.streams import StreamSet
+from kvpr.scheduler.policy import round_fraction
 
 if TYPE_CHECKING:
     from kvpr.config import ModelConfig, ThroughputConfig
@@ -89,52 +91,72 @@ class _Staging:
 class _Activations:
     """The residual stream of each lane between layers, kept on the activation tier.
 
-    CPU: copied to a pinned buffer and back on the compute stream (stream order makes the reuse
-    of the buffer safe). Disk: the same buffer, written to a file by the disk thread and read back.
+    GPU: held as is. CPU: written to a pinned buffer on the store stream after the layer, and
+    loaded back on the copy stream with the unit's cache (``load``), so neither direction holds up
+    the compute stream behind a large copy. Disk: the same buffer, written to a file by the disk
+    thread and read back by the host before the load is queued.
     """
 
     def __init__(self, tier: Tier, device: torch.device, directory: Path | None, queue: DiskQueue, pin: bool) -> None:
         self.tier, self.device, self.directory, self.queue, self.pin = tier, device, directory, queue, pin
-        self._on_device: dict[int, torch.Tensor] = {}
+        self._held: dict[int, torch.Tensor] = {}  # lane -> on the device (GPU tier, or loaded)
+        self._ready: dict[int, object] = {}  # lane -> event of its load
         self._host: dict[int, torch.Tensor] = {}  # lane -> flat pinned buffer
+        self._stored: dict[int, object] = {}  # lane -> event of a put not yet loaded back
         self._shape: dict[int, tuple[int, ...]] = {}
         self._files: dict[int, DiskTensor] = {}
 
     def put(self, lane: int, hidden: torch.Tensor, streams: StreamSet) -> None:
         """Keep ``hidden`` [b, q, h] (on the compute device) until the lane's next layer."""
         if self.tier is Tier.GPU:
-            self._on_device[lane] = hidden
+            self._held[lane] = hidden
             return
         host = self._host.get(lane)
         if host is None or host.numel() < hidden.numel():  # sized by the prefill, the largest put
             host = self._host[lane] = host_empty((hidden.numel(),), hidden.dtype, self.pin)
         self._shape[lane] = tuple(hidden.shape)
         staged = _view(host, self._shape[lane])
-        staged.copy_(hidden, non_blocking=True)
+        stored = streams.event()
+        with streams.on_store_after_compute():
+            streams.keep_alive_for_store(hidden)
+            staged.copy_(hidden, non_blocking=True)
+            streams.record_on_store(stored)
+        self._stored[lane] = stored
         if self.tier is Tier.DISK:
             if lane not in self._files or self._files[lane].shape[1] < hidden.numel():
                 assert self.directory is not None
                 self._files[lane] = DiskTensor(self.directory / f"act-{lane}.bin", (1, hidden.numel()), hidden.dtype)
-            done = streams.event()
-            streams.record_on_compute(done)
             file = self._files[lane]
 
             def write() -> None:
-                if done is not None:
-                    done.synchronize()
+                if stored is not None:
+                    stored.synchronize()  # type: ignore[attr-defined]
                 file.write(0, 0, staged.reshape(1, -1))
 
             self.queue.submit(("act", lane), write)
 
-    def get(self, lane: int) -> torch.Tensor:
-        """The lane's residual stream [b, q, h] on the compute device."""
-        if self.tier is Tier.GPU:
-            return self._on_device.pop(lane)
+    def load(self, lane: int, streams: StreamSet) -> None:
+        """Queue the lane's residual stream back to the device on the copy stream (CPU, disk)."""
+        if self.tier is Tier.GPU or lane not in self._stored:
+            return  # on the device already, or queued (the lane's next put has not happened yet)
         staged = _view(self._host[lane], self._shape[lane])
-        if self.tier is Tier.DISK:
+        if self.tier is Tier.DISK:  # the host reads the file now, while the device runs
             self.queue.wait(("act", lane))
             self._files[lane].read_into(0, 0, staged.reshape(1, -1))
-        return staged.to(self.device, non_blocking=True, copy=True)
+        loaded = torch.empty(self._shape[lane], dtype=staged.dtype, device=self.device)
+        ready = streams.event()
+        streams.copy_waits(self._stored.pop(lane))  # type: ignore[arg-type]
+        with streams.on_copy():
+            loaded.copy_(staged, non_blocking=True)
+            streams.record_on_copy(ready)  # type: ignore[arg-type]
+        self._held[lane], self._ready[lane] = loaded, ready
+
+    def get(self, lane: int, streams: StreamSet) -> torch.Tensor:
+        """The lane's residual stream [b, q, h] on the compute device."""
+        self.load(lane, streams)
+        if self.tier is not Tier.GPU:
+            streams.compute_waits(self._ready.pop(lane))  # type: ignore[arg-type]
+        return self._held.pop(lane)
 
     def close(self) -> None:
         for file in self._files.values():
@@ -201,7 +223,7 @@ class ThroughputExecutor:
         max_len: int,
         device: torch.device,
         dtype: torch.dtype,
-        split: SplitPolicy,
+        recompute_fraction: Callable[[int], float],
         store_inputs: bool,
         num_chunks: int,
         directory: Path | None,
@@ -210,7 +232,7 @@ class ThroughputExecutor:
             raise ValueError(f"{batch_size} rows exceed the block of {config.block_size}")
         self.model, self.weights, self.device, self.dtype = model, weights, device, dtype
         self.layers = model.decoder_layers
-        self.split_policy = split
+        self.recompute_fraction = recompute_fraction
         self.num_chunks = num_chunks
         self.streams = StreamSet(device, separate_store=True)
         weights.start(self.streams)
@@ -266,7 +288,8 @@ class ThroughputExecutor:
             raise ValueError(f"cache holds {self.split.max_len} slots; all are used")
         self.length += 1
         _on_gpu, on_cpu, _on_disk = self.split.ranges(context_len)
-        self.recompute_len = self.split_policy(on_cpu) if self.store_inputs and on_cpu else 0
+        fraction = self.recompute_fraction(context_len) if self.store_inputs and on_cpu else 0.0
+        self.recompute_len = round_fraction(fraction, on_cpu)  # the oldest of the CPU tier's tokens
         assert 0 <= self.recompute_len <= on_cpu
         self.recompute_lens.append(self.recompute_len)
         first_cpu = self.split.gpu
@@ -299,13 +322,18 @@ class ThroughputExecutor:
         are queued before this unit's compute, so they stream in while it runs."""
         units = [(layer, lane) for layer in range(len(self.layers)) for lane in range(len(self.lanes))]
         slots = {}
-        if loads:
-            slots[units[0]] = self._issue_loads(*units[0])
+
+        def queue_loads(layer: int, lane: int) -> None:
+            self.acts.load(lane, self.streams)  # the residual stream first: compute needs it first
+            if loads:
+                slots[layer, lane] = self._issue_loads(layer, lane)
+
+        queue_loads(*units[0])
         for position, (layer, lane) in enumerate(units):
             if lane == 0:
                 self.weights.activate(layer)
-            if loads and position + 1 < len(units):
-                slots[units[position + 1]] = self._issue_loads(*units[position + 1])
+            if position + 1 < len(units):
+                queue_loads(*units[position + 1])
             if lane == 0:  # behind the next unit's cache on the copy stream
                 self.weights.prefetch((layer + 1) % len(self.layers))
             compute(layer, lane, slots.pop((layer, lane), None))
@@ -314,7 +342,7 @@ class ThroughputExecutor:
 
     def _prefill_unit(self, layer_index: int, lane_index: int, _slot: _Staging | None) -> None:
         layer, lane = self.layers[layer_index], self.lanes[lane_index]
-        hidden = self.acts.get(lane_index)  # [b, q, h]
+        hidden = self.acts.get(lane_index, self.streams)  # [b, q, h]
         x = layer.attn_input(hidden)
         k, v = layer.kv_from_input(x, lane.rope_new)  # [b, q, n_kv, d]
         out = attend(layer.query(x, lane.rope_new), k.transpose(1, 2), v.transpose(1, 2), lane.mask)  # type: ignore[arg-type]
@@ -368,7 +396,7 @@ class ThroughputExecutor:
         layer, lane = self.layers[layer_index], self.lanes[lane_index]
         context_len = self.length - 1  # the new token's slot
         on_gpu, _on_cpu, _on_disk = self.split.ranges(context_len)
-        hidden = self.acts.get(lane_index)  # [b, 1, h]
+        hidden = self.acts.get(lane_index, self.streams)  # [b, 1, h]
         x_new = layer.attn_input(hidden)
         q = layer.query(x_new, lane.rope_new)  # [b, n_q, 1, d]
         k_new, v_new = layer.kv_from_input(x_new, lane.rope_new)  # [b, 1, n_kv, d]
@@ -454,6 +482,6 @@ class ThroughputExecutor:
     def _logits(self, all_logits: bool) -> torch.Tensor:
         outputs = []
         for index in range(len(self.lanes)):
-            hidden = self.acts.get(index)
+            hidden = self.acts.get(index, self.streams)
             outputs.append(self.model.logits(hidden if all_logits else hidden[:, -1:]))
         return torch.cat(outputs)
