@@ -430,11 +430,16 @@ def _load_tokenizer(directory: Any) -> Any:
 
 
 def plan_throughput(
-    config: EngineConfig, prompt_len: int, gen_len: int, allow_recompute: bool = True
+    config: EngineConfig,
+    prompt_len: int,
+    gen_len: int,
+    allow_recompute: bool = True,
+    gpu_memory_gib: float | None = None,
 ) -> "ThroughputPlan":
     """Throughput mode's policy search for this machine: placement, GPU batch size, number of GPU
     batches and recompute fraction that maximise predicted tokens/s (``allow_recompute=False``:
-    FlexGen's own search). Plans on a measured profile, or on ``--profile FILE`` on any machine."""
+    FlexGen's own search). Plans on a measured profile, or on ``--profile FILE`` and
+    ``gpu_memory_gib`` on any machine."""
     import psutil
 
     from kvpr.cache.disk import measure_disk_bps
@@ -452,7 +457,12 @@ def plan_throughput(
             raise KvprError("the throughput policy plans for a GPU: run on one, or pass --profile FILE measured there")
         dtype = resolve_dtype(runtime.dtype, device)
         profile = load_or_measure(device, model, dtype, 1, progress=True)
-    gpu_bytes = float(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else 80.0 * 2**30
+    if gpu_memory_gib is not None:
+        gpu_bytes = gpu_memory_gib * 2**30
+    elif torch.cuda.is_available():
+        gpu_bytes = float(torch.cuda.mem_get_info()[0])
+    else:
+        raise KvprError("no GPU here to read free memory from: state the target's with --gpu-memory-gib")
     host = runtime.host_memory_gib * 2**30 if runtime.host_memory_gib else 0.9 * psutil.virtual_memory().available
     offload_dir = config.throughput.offload_dir if config.throughput else None
     disk_bytes, disk_rates = 0.0, (1e9, 1e9)  # rates unused without a disk tier

@@ -179,6 +179,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="auto")
     plan.add_argument("--num-chunks", type=int, default=8)
     plan.add_argument("--profile", default=None, help="hardware profile JSON (lets a GPU plan be made on any machine)")
+    plan.add_argument(
+        "--mode", choices=["latency", "throughput"], default="latency", help="throughput: search the placement"
+    )
+    plan.add_argument("--prompt-len", type=int, default=256, help="throughput mode: prompt tokens per sequence")
+    plan.add_argument("--gen-len", type=int, default=32, help="throughput mode: generated tokens per sequence")
+    plan.add_argument("--offload-dir", default=None, help="throughput mode: allow a disk tier in this directory")
+    plan.add_argument("--host-memory-gib", type=float, default=None, help="host memory the plan may use")
+    plan.add_argument("--gpu-memory-gib", type=float, default=None, help="GPU memory (default: free memory now)")
 
     evaluate = commands.add_parser("eval", help="perplexity and long-context retrieval under several cache codecs")
     evaluate.add_argument("--model", default=None)
@@ -292,6 +300,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     from kvpr.scheduler.plan import format_plans
     from kvpr.scheduler.profiler import HardwareProfile, load_or_measure
 
+    if args.mode == "throughput":
+        return _plan_throughput(args)
     if args.batch_size < 1 or any(s < 1 for s in args.context):
         raise KvprError("--batch-size and --context must be >= 1")
     cfg = _model_config(args.model)
@@ -304,6 +314,27 @@ def _run_plan(args: argparse.Namespace) -> int:
         profile = load_or_measure(device, cfg, dtype, args.batch_size, progress=True)
     element = element_size(dtype)
     print(format_plans(cfg, args.batch_size, args.context, profile, element, element, args.num_chunks))
+    return 0
+
+
+def _plan_throughput(args: argparse.Namespace) -> int:
+    """kvpr's throughput policy for this machine beside FlexGen's (the same search without recomputation)."""
+    from kvpr.api import plan_throughput
+    from kvpr.scheduler.throughput_policy import format_plans
+
+    config = EngineConfig(
+        model=args.model,
+        dummy_weights=True,
+        runtime=RuntimeConfig(
+            device=args.device, dtype=args.dtype, profile_path=args.profile, host_memory_gib=args.host_memory_gib
+        ),
+        throughput=ThroughputConfig(offload_dir=args.offload_dir),
+    )
+    plans = [
+        (name, plan_throughput(config, args.prompt_len, args.gen_len, recompute, args.gpu_memory_gib))
+        for name, recompute in (("kvpr", True), ("flexgen", False))
+    ]
+    print(format_plans(plans))
     return 0
 
 

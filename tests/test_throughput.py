@@ -158,3 +158,41 @@ def test_block_too_small_for_score_is_one_line_error(tiny_checkpoint, tmp_path) 
     llm = throughput_llm(tiny_checkpoint("opt"), "0 100 0 100 0 100", "off", 1, 2, tmp_path)
     with pytest.raises(KvprError, match="exceed the block of 2 GPU batches of 1"):
         llm.score([[1, 2, 3, 4]] * 3, prefix_len=2)
+
+
+def test_plan_throughput_prints_kvpr_beside_flexgen(tmp_path, capsys) -> None:
+    from test_throughput_policy import profile_for
+
+    from kvpr.api import plan_throughput
+    from kvpr.cli import main
+    from kvpr.models.registry import builtin_config
+
+    path = profile_for(builtin_config("opt-6.7b")).save(tmp_path / "h100.json")
+    argv = ["plan", "--mode", "throughput", "--model", "opt-6.7b", "--profile", str(path)]
+    sizes = ["--gpu-memory-gib", "16", "--host-memory-gib", "200"]
+    assert main(argv + sizes) == 0
+    table = capsys.readouterr().out
+    assert "kvpr" in table and "flexgen" in table
+    config = EngineConfig(model="opt-6.7b", runtime=RuntimeConfig(profile_path=str(path), host_memory_gib=200))
+    kvpr = plan_throughput(config, 256, 32, allow_recompute=True, gpu_memory_gib=16)
+    flexgen = plan_throughput(config, 256, 32, allow_recompute=False, gpu_memory_gib=16)
+    assert kvpr.tokens_per_s >= flexgen.tokens_per_s and flexgen.recompute_fraction == 0.0
+    if not torch.cuda.is_available():
+        assert main(argv) == 2
+        assert "--gpu-memory-gib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--percent", "0", "100", "0", "100", "0", "100", "--mode", "latency"], "needs --mode throughput"),
+        (["--policy", "auto"], "add --mode throughput"),
+        (["--percent", "0", "100", "0", "100", "0", "100", "--offload", "cpu"], "--percent places the cache"),
+    ],
+)
+def test_throughput_flags_fail_in_one_line(argv: list[str], message: str, capsys) -> None:
+    from kvpr.cli import main
+
+    assert main(["bench", "--model", "opt-125m", "--dummy-weights", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
