@@ -57,6 +57,8 @@ SUITES: dict[str, list[Case]] = {
     # run it with --systems hf-gpu kvpr-off kvpr-auto floor.
     "llama-long": [Case("llama-3-8b", 16, 2048, 16), Case("llama-3-8b", 8, 8184, 8)],
     "b64": [Case("opt-6.7b", 64, 1024, 16)],
+    # KVO composed with offload (issue 5's target: kvpr-kvo at least 3x faster than kvpr-off here)
+    "kvo": [Case("opt-6.7b", 16, 2016, 16)],
     "long-other": [
         Case("llama-3-8b", 16, 2048, 16),
         Case("llama-3-8b", 8, 8184, 8),
@@ -65,8 +67,9 @@ SUITES: dict[str, list[Case]] = {
     ],
 }
 SYSTEMS = ("hf-gpu", "hf-offloaded", "kvpr-off", "kvpr-auto", "floor")
-# Also accepted by --systems: kvpr-int8, kvpr-int4 (compressed host tier), kvpr-resident (auto split
-# plus --gpu-resident auto), kvpr-F (fixed fraction F).
+# Also accepted by --systems: kvpr-int8, kvpr-int4 (compressed host tier), kvpr-kvo, kvpr-kivi2 (packed
+# chunks in host memory, KVO reading only the selected ones), kvpr-resident (auto split plus
+# --gpu-resident auto), kvpr-F (fixed fraction F).
 
 
 def _sync() -> None:
@@ -105,6 +108,32 @@ def run_kvpr(
         "recompute_fraction": fraction,
         "recompute_lens": stats.recompute_lens,
     }
+
+
+def kernel_share(llm: LLM, case: Case, prompts: torch.Tensor, codec: str, decode_ms: float) -> dict[str, Any]:
+    """Per decode step, the device time (and host time) of each phase a cache method annotates with
+    ``record_function("<codec>.<phase>")`` (KVO: select, fetch = host gather + copy of the selected
+    rows, decode, attend), and their device time as a share of the unprofiled step time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    placed = llm.with_placement(CacheConfig(offload=Offload.CPU, kv_codec=codec))
+    ids, steps = prompts.to(llm.device), 4
+    executor = placed.make_executor(ids.shape[0], ids.shape[1] + steps)
+    executor.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for step in range(steps):
+            executor.decode(ids[:, step])
+        executor.finish()
+    device_ms: dict[str, float] = {}
+    host_ms: dict[str, float] = {}
+    for event in prof.events():  # host-side annotations: their device time is that of the kernels they launched
+        if event.device_type == DeviceType.CPU and event.name.startswith(f"{codec}."):
+            device_ms[event.name] = device_ms.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
+            host_ms[event.name] = host_ms.get(event.name, 0.0) + event.cpu_time_total / 1e3 / steps
+    total = sum(device_ms.values())
+    return {"phase_device_ms": device_ms, "phase_host_ms": host_ms, "method_device_share": total / decode_ms}
 
 
 def _hf_model(llm: LLM, name: str) -> torch.nn.Module:
@@ -236,6 +265,10 @@ def bench(
                         row.update(run_kvpr(llm, case, prompts, "auto", resident="auto"))
                     elif system in ("kvpr-int8", "kvpr-int4"):  # compressed host tier, split chosen by auto
                         row.update(run_kvpr(llm, case, prompts, "auto", system.removeprefix("kvpr-")))
+                    elif system in ("kvpr-kvo", "kvpr-kivi2"):  # compressed cache method, no recomputation
+                        row.update(run_kvpr(llm, case, prompts, "off", system.removeprefix("kvpr-")))
+                        if system == "kvpr-kvo":  # the share of selection, gather and decoding in a step
+                            row.update(kernel_share(llm, case, prompts, "kvo", row["decode_ms_per_token"]))
                     elif system.startswith("kvpr-"):  # a fixed fraction, e.g. kvpr-0.5
                         row.update(run_kvpr(llm, case, prompts, float(system.removeprefix("kvpr-"))))
                     elif system == "floor":

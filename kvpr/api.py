@@ -23,6 +23,7 @@ from kvpr.cache.codec import KVCodec, make_codec
 from kvpr.cache.disk import check_offload_dir
 from kvpr.cache.storage import CacheShape, KVStorage, require_tokenwise
 from kvpr.config import (
+    CACHE_METHODS,
     RECOMPUTE_AUTO,
     CacheConfig,
     EngineConfig,
@@ -43,6 +44,7 @@ from kvpr.device import (
 )
 from kvpr.errors import KvprError
 from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
+from kvpr.runtime.compressed import CacheMethod, CompressedExecutor, make_method
 from kvpr.runtime.executor import Executor
 from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_tokens
 from kvpr.runtime.latency import OverlappedExecutor
@@ -259,6 +261,9 @@ class LLM:
         shape = self.check_fits(batch_size, max_len)
         cache, runtime = self.config.cache, self.config.runtime
         offloaded = cache.offload is Offload.CPU
+        if isinstance(self.codec, CacheMethod):  # KVO, KIVI and the baselines: a compressed cache per layer
+            pin = offloaded and pin_host_memory(self.device)
+            return CompressedExecutor(self.model, self.codec, shape, self.device, offloaded, pin)  # type: ignore[return-value]
         storage = KVStorage(
             shape,
             torch.device("cpu") if offloaded else self.device,
@@ -351,6 +356,11 @@ class LLM:
         shape = CacheShape.for_model(self.model_config, batch_size, max_len, self.dtype)
         what = f"the KV cache (b={batch_size}, {max_len} slots, {shape.num_layers} layers)"
         budget = self.config.runtime.host_memory_gib
+        if isinstance(self.codec, CacheMethod):
+            device_bytes, host_bytes = self.codec.memory(shape, cache.offload is Offload.CPU)
+            check_host_memory(host_bytes, what + " in host memory", budget)
+            check_device_memory(device_bytes, self.device, what, budget)
+            return shape
         if cache.offload is Offload.CPU:
             stored = shape.kv_bytes(self.codec)
             inputs = shape.x_bytes() if self._stores_inputs() else 0
@@ -364,11 +374,14 @@ class LLM:
             check_device_memory(shape.kv_bytes(), self.device, what, budget)
         return shape
 
-    def _make_codec(self) -> KVCodec | None:
-        """The codec of the host tier (None: K,V as computed). Raises for names the tier cannot hold."""
+    def _make_codec(self) -> KVCodec | CacheMethod | None:
+        """The codec of the host tier (None: K,V as computed), or the cache method (KVO, KIVI, H2O,
+        StreamingLLM, Quest) the compressed executor runs. Raises for names the tier cannot hold."""
         name = self.config.cache.kv_codec
         if name == "none":
             return None
+        if name in CACHE_METHODS:
+            return make_method(self.config.cache, self.model_config)
         params = {}
         if name in ("int8", "int4"):  # groups of 32 channels, or fewer where head_dim is not a multiple
             params["group_size"] = math.gcd(32, self.model_config.head_dim)
@@ -377,7 +390,8 @@ class LLM:
     def _stores_inputs(self) -> bool:
         """Keep X beside K,V only where recomputation may run and can pay (see recompute_may_run)."""
         cache = self.config.cache
-        return cache.stores_inputs and recompute_may_run(cache, self.model_config, self.dtype, self.codec)
+        codec = None if isinstance(self.codec, CacheMethod) else self.codec  # methods never recompute
+        return cache.stores_inputs and recompute_may_run(cache, self.model_config, self.dtype, codec)
 
     def _check_context(self, max_len: int) -> None:
         cfg = self.model_config

@@ -39,8 +39,14 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="off (default), auto, or a fraction F in [0,1]: recompute l=round(F*s) tokens from X",
     )
     parser.add_argument(
-        "--kv-codec", default="none", help="how the offloaded K,V are stored: none (as computed), fp16, int8 or int4"
+        "--kv-codec",
+        default="none",
+        help="none (as computed); fp16, int8, int4: the offloaded host tier; kivi2, kvo: compressed, on the device "
+        "or with --offload cpu; h2o, streaming, quest: the baselines, on the device (knobs: --<codec>-*)",
     )
+    from kvpr.compress.methods import add_knob_flags
+
+    add_knob_flags(parser)
     parser.add_argument(
         "--gpu-resident",
         default="0",
@@ -98,6 +104,8 @@ def throughput_config(args: argparse.Namespace) -> ThroughputConfig | None:
 
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     """The one function that turns flags into configuration."""
+    from kvpr.compress.methods import knob_params
+
     throughput = throughput_config(args)
     recompute = args.recompute or (RECOMPUTE_AUTO if args.kv_partial else RECOMPUTE_OFF)
     offload_name = args.offload
@@ -118,6 +126,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
             recompute=parse_recompute(recompute),
             kv_codec=args.kv_codec,
             gpu_resident=parse_resident(args.gpu_resident),
+            kv_codec_params=knob_params(args, args.kv_codec),
         ),
         runtime=RuntimeConfig(
             device=args.device,
@@ -191,7 +200,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="perplexity and long-context retrieval under several cache codecs")
     evaluate.add_argument("--model", default=None)
     evaluate.add_argument(
-        "--codecs", nargs="+", default=["none", "int8", "int4"], help="none (as computed), int8, int4"
+        "--codecs",
+        nargs="+",
+        default=["none", "int8", "int4"],
+        help="none (as computed), fp16, int8, int4, kivi2, kvo, h2o, streaming, quest; a method takes knobs as "
+        "name:field=value,... (e.g. h2o:budget=256)",
     )
     evaluate.add_argument("--recompute", default="off", help="split used with the offloaded codecs (see generate)")
     evaluate.add_argument("--context", type=int, nargs="+", default=[512, 1024], help="context lengths in tokens")
@@ -209,7 +222,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from kvpr.api import LLM
-    from kvpr.eval.harness import evaluate, fp16_bytes_per_token, write_report
+    from kvpr.compress.methods import OFFLOADABLE, parse_codec_spec
+    from kvpr.config import CACHE_METHODS
+    from kvpr.eval.harness import evaluate, write_report
     from kvpr.eval.tasks import TASK_NAMES
 
     for flag in ("items", "batch_size"):
@@ -218,21 +233,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.windows < 0 or any(c < 32 for c in args.context):
         raise KvprError("--windows must be >= 0 and every --context >= 32")
     recompute = parse_recompute(args.recompute)
-    configs = [
-        (name, CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=name))
-        if name != "none"
-        else (name, CacheConfig())
-        for name in args.codecs
-    ]
+    configs = []
+    for spec in args.codecs:  # the host-tier codecs and KVO/KIVI run offloaded; the baselines on the device
+        name, params = parse_codec_spec(spec)
+        if name == "none":
+            cache = CacheConfig()
+        elif name in CACHE_METHODS:
+            offload = Offload.CPU if name in OFFLOADABLE else Offload.NONE
+            cache = CacheConfig(offload=offload, kv_codec=name, kv_codec_params=params)
+        else:
+            cache = CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=name)
+        configs.append((spec, cache))
     llm = LLM(EngineConfig(model=args.model, runtime=RuntimeConfig(device=args.device, dtype=args.dtype)))
-
-    def stored_bytes(name: str, cache: CacheConfig, model: Any) -> float:
-        """K and V of one token, every layer, as stored (fp16 when uncompressed)."""
-        codec = llm.with_placement(cache).codec  # the very codec the run uses
-        if codec is None:
-            return fp16_bytes_per_token(name, cache, model)
-        return model.num_layers * codec.bytes_per_token(1, model.num_kv_heads, model.head_dim)
-
     rows = evaluate(
         llm,
         configs,
@@ -242,12 +254,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         tasks=tuple(args.tasks or TASK_NAMES),
         num_windows=args.windows,
         batch_size=args.batch_size,
-        bytes_per_token=stored_bytes,
     )
     paths = write_report(rows, args.out, llm.name)
     for row in rows:
         print(
             f"{row['codec']:>6} ctx={row['context_len']:5d} bytes/token={row['bytes_per_token']:8.0f} "
+            f"read/token={row['read_bytes_per_token']:8.0f} "
             f"ppl={row['ppl'] if row['ppl'] is None else format(row['ppl'], '.2f')} "
             f"retrieval={row['retrieval_acc'] if row['retrieval_acc'] is None else format(row['retrieval_acc'], '.2f')}"
         )

@@ -217,6 +217,8 @@ class Offload(str, enum.Enum):
 
 RECOMPUTE_OFF = "off"
 RECOMPUTE_AUTO = "auto"
+# --kv-codec names run by runtime/compressed.py (kvpr.compress.methods), on the device or offloaded.
+CACHE_METHODS = ("kivi2", "kvo", "h2o", "streaming", "quest")
 
 
 def parse_resident(value: str) -> int | str:
@@ -252,11 +254,14 @@ class CacheConfig:
     recompute: str | float = RECOMPUTE_OFF
     kv_codec: str = "none"  # "none": K,V stored as computed; else a name of kvpr.cache.codec
     gpu_resident: int | str = 0  # oldest tokens whose K,V also stay on the GPU: N, or "auto"
+    kv_codec_params: tuple[tuple[str, Any], ...] = ()  # a cache method's knobs, as (field, value) pairs
 
     def __post_init__(self) -> None:
         if self.gpu_resident != "auto" and not (isinstance(self.gpu_resident, int) and self.gpu_resident >= 0):
             raise KvprError(f"--gpu-resident {self.gpu_resident!r}: use auto or a token count >= 0")
-        if self.kv_codec != "none" and self.offload is not Offload.CPU:
+        if self.kv_codec_params and self.kv_codec not in CACHE_METHODS:
+            raise KvprError(f"--kv-codec {self.kv_codec} takes no parameters: only {', '.join(CACHE_METHODS)} do")
+        if self.kv_codec not in ("none", *CACHE_METHODS) and self.offload is not Offload.CPU:
             raise KvprError(
                 f"--kv-codec {self.kv_codec} needs --offload cpu: codecs apply where the cache is "
                 "written to the host tier"

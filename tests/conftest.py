@@ -67,6 +67,22 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             bos_token_id=2,
         ),
     ),
+    # head_dim 32: the smallest that KVO's and KIVI's 32-channel groups fit (the others have 16)
+    "llama-d32": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128,
+            hidden_size=128,
+            intermediate_size=160,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            eos_token_id=127,
+            bos_token_id=1,
+        ),
+    ),
     "opt-350m-style": (
         "OPTConfig",
         dict(
@@ -142,3 +158,30 @@ def make_llm(
 def cpu_llm(model: str | Path | None, offload: str = "none", recompute: Any = "off", overlap: bool = True) -> LLM:
     """An fp32 CPU engine (exact arithmetic, as CI runs it)."""
     return make_llm(model, offload, recompute, overlap)
+
+
+def method_llm(
+    directory: str | Path | None, codec: str = "none", offload: str = "none", params: Any = (), recompute: Any = "off"
+) -> LLM:
+    """An fp32 CPU engine with a ``--kv-codec`` (a cache method's knobs as (field, value) pairs)."""
+    return LLM(
+        EngineConfig(
+            model=None if directory is None else str(directory),
+            cache=CacheConfig(offload=Offload(offload), kv_codec=codec, kv_codec_params=params, recompute=recompute),
+            runtime=RuntimeConfig(device="cpu", dtype="float32"),
+        )
+    )
+
+
+def token_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Seeded random token-id prompts of the given lengths (ids 2..119 fit every tiny vocabulary)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 120, (n,), generator=gen).tolist() for n in lengths]
+
+
+def teacher_forced(llm: LLM, ids: torch.Tensor, valid: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, Any]:
+    """Logits at the prompt's last position and at every later one fed ``ids``; and the executor."""
+    executor = llm.make_executor(ids.shape[0], ids.shape[1])
+    logits = [executor.prefill(ids[:, :prompt_len], valid[:, :prompt_len])[:, -1]]
+    logits += [executor.decode(ids[:, t]) for t in range(prompt_len, ids.shape[1])]
+    return torch.stack(logits), executor

@@ -81,9 +81,17 @@ def test_registry_builds_protocol_codecs(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name, params",
-    [("int9", {}), ("int4", {"group_size": 0}), ("int8", {"bits": 3}), ("kivi2", {"group": 32}),
-     ("kvo", {"k_keep": 40}), ("kvo", {"chunk": 7}), ("kvo", {"gqa_reduce": "mean"}),
-     ("kvo", {"nonsense": 1}), ("fp16", {"group_size": 32})],
+    [
+        ("int9", {}),
+        ("int4", {"group_size": 0}),
+        ("int8", {"bits": 3}),
+        ("kivi2", {"group": 32}),
+        ("kvo", {"k_keep": 40}),
+        ("kvo", {"chunk": 7}),
+        ("kvo", {"gqa_reduce": "mean"}),
+        ("kvo", {"nonsense": 1}),
+        ("fp16", {"group_size": 32}),
+    ],
 )
 def test_registry_rejects_bad_names_and_params(name: str, params: dict[str, object]) -> None:
     with pytest.raises(KvprError):
@@ -216,8 +224,7 @@ def test_kvo_bytes_by_hand(d: int, per_token: float) -> None:
 def test_kvo_storage_against_fp16(d: int) -> None:
     enc = make_codec("kvo").encode(*kv(64, 2, 2, d))
     fp16 = 2 * 64 * 2 * 2 * d * 2
-    payload = sum(enc.tensors[n].numel() for n in ("k_anchor_codes", "k_diff_codes",
-                                                   "v_anchor_codes", "v_codes"))
+    payload = sum(enc.tensors[n].numel() for n in ("k_anchor_codes", "k_diff_codes", "v_anchor_codes", "v_codes"))
     # Codes alone: K 1.44 + V 1.25 bits per element, the paper's 91.6% less than fp16.
     assert 1 - payload / fp16 >= 0.915
     # Everything (fp16 scales and zeros, keep masks, orders): DESIGN.md's "about 79.5% less".
@@ -299,8 +306,10 @@ def test_batched_encode_equals_one_by_one(name: str) -> None:
     k, v = kv(150, 3, 2, 64, seed=6)
     extra = {"scores": torch.rand(150, 3, 2)} if name == "kvo" else {}
     enc = codec.encode(k, v, **extra)
-    parts = [codec.encode(k[:, i:i + 1], v[:, i:i + 1], **{n: s[:, i:i + 1] for n, s in extra.items()})
-             for i in range(3)]
+    parts = [
+        codec.encode(k[:, i : i + 1], v[:, i : i + 1], **{n: s[:, i : i + 1] for n, s in extra.items()})
+        for i in range(3)
+    ]
     for tensor_name, x in enc.tensors.items():
         assert torch.equal(x, torch.cat([p.tensors[tensor_name] for p in parts], dim=1)), tensor_name
     assert enc.nbytes == sum(p.nbytes for p in parts)
@@ -336,13 +345,15 @@ def test_state_steps_equal_bulk_and_match_the_codec() -> None:
     bulk.append(k, v, scores)
     steps = KVOLayerState(cfg, 2, 2, 64, dtype=torch.float32)
     for pos in range(200):
-        steps.append(k[pos:pos + 1], v[pos:pos + 1], scores[pos:pos + 1])
+        steps.append(k[pos : pos + 1], v[pos : pos + 1], scores[pos : pos + 1])
     for a, b in zip(bulk.gather(), steps.gather(), strict=True):
         assert torch.equal(a, b)
     # Finalised windows are the codec's encoding of the int8 keys and fp16 values.
     rec = encode_recent(k[:128], v[:128], cfg)
-    k8 = (rec["rk_codes"].float().reshape(128, 2, 2, 2, 32) * rec["rk_scale"].float()[..., None]
-          + rec["rk_zero"].float()[..., None]).reshape(128, 2, 2, 64)
+    k8 = (
+        rec["rk_codes"].float().reshape(128, 2, 2, 2, 32) * rec["rk_scale"].float()[..., None]
+        + rec["rk_zero"].float()[..., None]
+    ).reshape(128, 2, 2, 64)
     enc = KVOCodec().encode(k8, rec["rv"].float(), scores[:128])
     k2, v2, _ = bulk.gather()
     k_ref = decode_k_chunks(enc.tensors, cfg, 64).permute(1, 2, 0, 3, 4).reshape(2, 2, 128, 64)
@@ -404,10 +415,10 @@ def test_state_batched_with_padding_equals_one_by_one() -> None:
     assert mask[0].all() and not mask[1, :, :pad].any() and mask[1, :, pad:].all()
     for seq, cut in ((0, 0), (1, pad)):
         alone = KVOLayerState(KVOConfig(top_chunks=8), 1, 2, 64, dtype=torch.float32)
-        alone.append(k[cut:, seq:seq + 1], v[cut:, seq:seq + 1], scores[cut:, seq:seq + 1])
+        alone.append(k[cut:, seq : seq + 1], v[cut:, seq : seq + 1], scores[cut:, seq : seq + 1])
         ka, va, _ = alone.gather()
         assert torch.equal(ka[0], kb[seq, :, cut:]) and torch.equal(va[0], vb[seq, :, cut:])
-        assert torch.equal(alone.select_chunks(q[seq:seq + 1])[0] + cut // 8, selected[seq, :, :8])
+        assert torch.equal(alone.select_chunks(q[seq : seq + 1])[0] + cut // 8, selected[seq, :, :8])
 
 
 def test_state_padding_inside_a_chunk_is_masked() -> None:

@@ -129,3 +129,34 @@ def test_throughput_mode_matches_latency_mode(tiny_checkpoint, tmp_path, family:
         )
     )
     assert [c.token_ids for c in llm.generate(PROMPTS, params)] == reference
+
+
+@pytest.mark.parametrize("codec", ["kvo", "kivi2"])
+def test_compressed_cache_offloaded_equals_on_device(tiny_checkpoint, codec: str) -> None:
+    """Packed rows in pinned host memory, gathered through staging and copied asynchronously, give
+    the logits of the same rows on the device; at 8 bits without selection KVO decodes like fp16."""
+    from conftest import teacher_forced, token_prompts
+    from kvpr.api import LLM
+    from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
+
+    def llm(offload: str, kv_codec: str, params: tuple = ()) -> LLM:
+        cache = CacheConfig(offload=Offload(offload), kv_codec=kv_codec, kv_codec_params=params)
+        runtime = RuntimeConfig(device="cuda", dtype="float16")
+        return LLM(EngineConfig(model=str(tiny_checkpoint("llama-d32")), cache=cache, runtime=runtime))
+
+    params = (("top_chunks", 4),) if codec == "kvo" else ()
+    ids = torch.tensor(token_prompts([340, 340], seed=1), device="cuda")
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :128] = False
+    on_device, _ = teacher_forced(llm("none", codec, params), ids, valid, 300)
+    offloaded, executor = teacher_forced(llm("cpu", codec, params), ids, valid, 300)
+    executor.finish()
+    assert torch.equal(on_device, offloaded) and executor.step_bytes()[1] > 0
+    if codec == "kvo":
+        assert all(cache.k_rows.rows.is_pinned() for cache in executor.caches[2:])
+        eight_bit = (("top_chunks", 10**6), ("k_diff_bits", 8), ("k_keep", 32), ("v_bits", 8), ("v_anchor_bits", 8))
+        sampling = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+        prompts = token_prompts([300, 172, 44], seed=2)
+        reference = [c.token_ids for c in llm("none", "none").generate(prompts, sampling)]
+        kvo = llm("cpu", "kvo", (*eight_bit, ("v_keep", 32)))
+        assert [c.token_ids for c in kvo.generate(prompts, sampling)] == reference

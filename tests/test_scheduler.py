@@ -37,12 +37,20 @@ from kvpr.scheduler.solver import resident_tokens, solve_split
 MIB = 1 << 20
 
 
-def synthetic_profile(h2d: list[tuple[float, float]], gemm: list[tuple[float, float]], hidden: int = 4096,
-                      kv_width: int = 8192) -> HardwareProfile:
+def synthetic_profile(
+    h2d: list[tuple[float, float]], gemm: list[tuple[float, float]], hidden: int = 4096, kv_width: int = 8192
+) -> HardwareProfile:
     return HardwareProfile(
-        device_name="synthetic", torch_version="0", h2d=RateCurve.from_points(h2d),
-        d2h=RateCurve.from_points(h2d), gemm=RateCurve.from_points(gemm), gemm_hidden=hidden,
-        gemm_kv_width=kv_width, batch_size=32, attention=((1024, 1e-4), (4096, 3e-4)), decode_layer_s=2e-3,
+        device_name="synthetic",
+        torch_version="0",
+        h2d=RateCurve.from_points(h2d),
+        d2h=RateCurve.from_points(h2d),
+        gemm=RateCurve.from_points(gemm),
+        gemm_hidden=hidden,
+        gemm_kv_width=kv_width,
+        batch_size=32,
+        attention=((1024, 1e-4), (4096, 3e-4)),
+        decode_layer_s=2e-3,
         created="2025-01-01T00:00:00+00:00",
     )
 
@@ -51,11 +59,21 @@ def synthetic_profile(h2d: list[tuple[float, float]], gemm: list[tuple[float, fl
 H100 = synthetic_profile([(MIB, 28e9), (8 * MIB, 49e9), (256 * MIB, 55e9)], [(256, 355e12), (4096, 720e12)])
 
 
-def model_config(hidden: int, num_q_heads: int, num_kv_heads: int, num_layers: int = 2,
-                 max_position: int = 4096) -> ModelConfig:
-    return ModelConfig(arch=Arch.LLAMA, model_type="llama", vocab_size=128, hidden_size=hidden,
-                       intermediate_size=2 * hidden, num_layers=num_layers, num_q_heads=num_q_heads,
-                       num_kv_heads=num_kv_heads, head_dim=hidden // num_q_heads, max_position=max_position)
+def model_config(
+    hidden: int, num_q_heads: int, num_kv_heads: int, num_layers: int = 2, max_position: int = 4096
+) -> ModelConfig:
+    return ModelConfig(
+        arch=Arch.LLAMA,
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=num_layers,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=hidden // num_q_heads,
+        max_position=max_position,
+    )
 
 
 TINY = model_config(64, 4, 2)
@@ -154,8 +172,7 @@ def test_measure_profile_on_cuda() -> None:
     assert HardwareProfile.from_json(profile.to_json()) == profile
 
 
-def test_default_profile_path_is_sanitized_under_the_cache_dir(monkeypatch: pytest.MonkeyPatch,
-                                                                tmp_path: Path) -> None:
+def test_default_profile_path_is_sanitized_under_the_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = default_profile_path("NVIDIA H100 80GB HBM3", "2.11.0+cu128")
     assert path == tmp_path / "kvpr" / "profiles" / "NVIDIA_H100_80GB_HBM3__torch-2.11.0_cu128.json"
@@ -168,13 +185,22 @@ def test_load_or_measure_reuses_only_a_matching_cache(monkeypatch: pytest.Monkey
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls: list[ModelConfig] = []
 
-    def fake_measure(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int,
-                     progress: bool) -> HardwareProfile:
+    def fake_measure(
+        device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int, progress: bool
+    ) -> HardwareProfile:
         calls.append(model)
         return HardwareProfile(
-            device_name=profiler.device_name(device), torch_version=str(torch.__version__), h2d=H100.h2d,
-            d2h=H100.d2h, gemm=H100.gemm, gemm_hidden=model.hidden_size, gemm_kv_width=2 * model.kv_size,
-            dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, created=f"run {len(calls)}")
+            device_name=profiler.device_name(device),
+            torch_version=str(torch.__version__),
+            h2d=H100.h2d,
+            d2h=H100.d2h,
+            gemm=H100.gemm,
+            gemm_hidden=model.hidden_size,
+            gemm_kv_width=2 * model.kv_size,
+            dtype=str(dtype).removeprefix("torch."),
+            batch_size=batch_size,
+            created=f"run {len(calls)}",
+        )
 
     monkeypatch.setattr(profiler, "measure_profile", fake_measure)
     cpu = torch.device("cpu")
@@ -201,8 +227,14 @@ def test_load_or_measure_reuses_only_a_matching_cache(monkeypatch: pytest.Monkey
 
 def test_cost_model_matches_hand_arithmetic() -> None:
     profile = synthetic_profile([(1.0, 10e9)], [(1.0, 1e12)])  # constant B = 10 GB/s, F = 1 TFLOP/s
-    shape = LayerShape(batch_size=2, context_len=100, hidden_size=64, kv_size=32, x_bytes_per_token_elem=2,
-                       kv_bytes_per_token_elem=0.25)
+    shape = LayerShape(
+        batch_size=2,
+        context_len=100,
+        hidden_size=64,
+        kv_size=32,
+        x_bytes_per_token_elem=2,
+        kv_bytes_per_token_elem=0.25,
+    )
     split = 40
     t_x = 2 * split * 64 * 2 / 10e9
     t_kv = 2 * (100 - split) * 2 * 32 * 0.25 / 10e9
@@ -226,7 +258,8 @@ def test_cost_model_evaluates_rates_at_the_copied_block_size() -> None:
     assert x_copy_s(shape, profile, 2048) == pytest.approx(128 * MIB / 40e9)  # one block, clamped at 64 MiB
     assert x_copy_s(shape, profile, 2048, blocks=8) == pytest.approx(128 * MIB / profile.h2d.rate(16 * MIB))
     assert recompute_s(shape, profile, 2048, blocks=16) == pytest.approx(
-        shape.recompute_flops(2048) / profile.gemm.rate(32 * 2048 / 16))
+        shape.recompute_flops(2048) / profile.gemm.rate(32 * 2048 / 16)
+    )
     t_x, t_rc = x_copy_s(shape, profile, 2048, blocks=8), recompute_s(shape, profile, 2048, blocks=8)
     assert chunked_s(shape, profile, 2048, 8) == pytest.approx(max(t_x, t_x / 8 + t_rc))
 
@@ -234,8 +267,9 @@ def test_cost_model_evaluates_rates_at_the_copied_block_size() -> None:
 # ---------------------------------------------------------------- solver
 
 
-def brute_force(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, num_chunks: int,
-                granularity: int) -> tuple[list[int], float]:
+def brute_force(
+    shape: LayerShape, profile: HardwareProfile, schedule: Schedule, num_chunks: int, granularity: int
+) -> tuple[list[int], float]:
     grid = sorted({*range(0, shape.context_len + 1, granularity), shape.context_len})
     model = step_model(shape, profile, schedule, num_chunks)
     return grid, min(model.seconds(split) for split in grid)
@@ -244,24 +278,40 @@ def brute_force(shape: LayerShape, profile: HardwareProfile, schedule: Schedule,
 @st.composite
 def rate_curves(draw: st.DrawFn, low: float, high: float, rate_low: float, rate_high: float) -> RateCurve:
     count = draw(st.integers(1, 6))
-    exponents = draw(st.lists(st.floats(math.log10(low), math.log10(high)), min_size=count, max_size=count,
-                              unique=True))
-    rates = draw(st.lists(st.floats(math.log10(rate_low), math.log10(rate_high)), min_size=count,
-                          max_size=count))
+    exponents = draw(
+        st.lists(st.floats(math.log10(low), math.log10(high)), min_size=count, max_size=count, unique=True)
+    )
+    rates = draw(st.lists(st.floats(math.log10(rate_low), math.log10(rate_high)), min_size=count, max_size=count))
     return RateCurve.from_points((10**e, 10**r) for e, r in zip(exponents, rates, strict=True))
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    b=st.integers(1, 64), s=st.integers(0, 2500), h=st.integers(16, 8192), kv=st.integers(8, 8192),
-    ex=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]), ekv=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]),
-    h2d=rate_curves(1e3, 1e10, 1e8, 1e11), gemm=rate_curves(1.0, 1e6, 1e10, 1e15),
-    schedule=st.sampled_from(list(Schedule)), num_chunks=st.integers(1, 16),
+    b=st.integers(1, 64),
+    s=st.integers(0, 2500),
+    h=st.integers(16, 8192),
+    kv=st.integers(8, 8192),
+    ex=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]),
+    ekv=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]),
+    h2d=rate_curves(1e3, 1e10, 1e8, 1e11),
+    gemm=rate_curves(1.0, 1e6, 1e10, 1e15),
+    schedule=st.sampled_from(list(Schedule)),
+    num_chunks=st.integers(1, 16),
     granularity=st.one_of(st.just(1), st.integers(1, 300)),
 )
-def test_solver_equals_brute_force_minimum(b: int, s: int, h: int, kv: int, ex: float, ekv: float, h2d: RateCurve,
-                                           gemm: RateCurve, schedule: Schedule, num_chunks: int,
-                                           granularity: int) -> None:
+def test_solver_equals_brute_force_minimum(
+    b: int,
+    s: int,
+    h: int,
+    kv: int,
+    ex: float,
+    ekv: float,
+    h2d: RateCurve,
+    gemm: RateCurve,
+    schedule: Schedule,
+    num_chunks: int,
+    granularity: int,
+) -> None:
     profile = HardwareProfile("synthetic", "0", h2d, h2d, gemm, h, 2 * kv)
     shape = LayerShape(b, s, h, kv, ex, ekv)
     choice = solve_split(shape, profile, schedule, num_chunks, granularity)
@@ -273,27 +323,33 @@ def test_solver_equals_brute_force_minimum(b: int, s: int, h: int, kv: int, ex: 
 
 
 @pytest.mark.parametrize("schedule", list(Schedule))
-@pytest.mark.parametrize(("hidden", "kv_size", "ex", "ekv"), [
-    (4096, 1024, 2, 2),  # Llama-3-8B: X is 2x K,V
-    (576, 192, 2, 2),  # SmolLM2-135M: X is 1.5x K,V
-    (4096, 4096, 2, 0.5),  # OPT-6.7B with 4-bit K,V and fp16 X: X is 2x the encoded K,V
-])
-def test_solver_finds_no_recompute_when_x_outweighs_kv(schedule: Schedule, hidden: int, kv_size: int, ex: float,
-                                                       ekv: float) -> None:
+@pytest.mark.parametrize(
+    ("hidden", "kv_size", "ex", "ekv"),
+    [
+        (4096, 1024, 2, 2),  # Llama-3-8B: X is 2x K,V
+        (576, 192, 2, 2),  # SmolLM2-135M: X is 1.5x K,V
+        (4096, 4096, 2, 0.5),  # OPT-6.7B with 4-bit K,V and fp16 X: X is 2x the encoded K,V
+    ],
+)
+def test_solver_finds_no_recompute_when_x_outweighs_kv(
+    schedule: Schedule, hidden: int, kv_size: int, ex: float, ekv: float
+) -> None:
     for batch, context in ((1, 512), (32, 2048), (8, 8192)):
         choice = solve_split(LayerShape(batch, context, hidden, kv_size, ex, ekv), H100, schedule, 16)
         assert choice.recompute_len == 0
         assert choice.predicted_s == choice.copy_all_s
 
 
-@pytest.mark.parametrize(("hidden", "bandwidth", "flops", "batch", "context"), [
-    (4096, 32e9, 312e12, 32, 2048),  # the paper's constants: l*/s = 0.70
-    (5120, 32e9, 312e12, 8, 1000),  # 0.66
-    (7168, 32e9, 312e12, 1, 4096),  # 0.58
-    (4096, 55e9, 720e12, 64, 3000),  # H100-like: 0.76
-])
-def test_solver_matches_mha_closed_form(hidden: int, bandwidth: float, flops: float, batch: int,
-                                        context: int) -> None:
+@pytest.mark.parametrize(
+    ("hidden", "bandwidth", "flops", "batch", "context"),
+    [
+        (4096, 32e9, 312e12, 32, 2048),  # the paper's constants: l*/s = 0.70
+        (5120, 32e9, 312e12, 8, 1000),  # 0.66
+        (7168, 32e9, 312e12, 1, 4096),  # 0.58
+        (4096, 55e9, 720e12, 64, 3000),  # H100-like: 0.76
+    ],
+)
+def test_solver_matches_mha_closed_form(hidden: int, bandwidth: float, flops: float, batch: int, context: int) -> None:
     profile = synthetic_profile([(MIB, bandwidth)], [(64, flops)])
     shape = LayerShape(batch, context, hidden, hidden, 2, 2)
     choice = solve_split(shape, profile, Schedule.SEQUENTIAL)
@@ -362,7 +418,11 @@ def test_format_plans_table() -> None:
     row = next(line for line in text.splitlines() if " 2048 " in line)
     sequential = plan_decode_step(opt, 32, 2048, H100, 2, 2, Schedule.SEQUENTIAL, 16)
     chunked = plan_decode_step(opt, 32, 2048, H100, 2, 2, Schedule.CHUNKED, 16)
-    for value in (sequential.predicted_full_copy_s * 1e3, sequential.predicted_s * 1e3, chunked.predicted_s * 1e3,
-                  chunked.predicted_floor_s * 1e3):
+    for value in (
+        sequential.predicted_full_copy_s * 1e3,
+        sequential.predicted_s * 1e3,
+        chunked.predicted_s * 1e3,
+        chunked.predicted_floor_s * 1e3,
+    ):
         assert f"{value:.3f}" in row
     assert "0.762" in row and "1.000" in row and "synthetic" in text

@@ -72,6 +72,7 @@ class KVOConfig:
     group: int = 32  # K channel group and V token group
     uncompressed_layers: int = 2  # the first layers stay fp16
     gqa_reduce: str = "max"  # combine the query heads of a KV head when scoring chunks: max|sum
+    prefill_queries: int = 128  # a prompt token's score: attention from the next this-many queries
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

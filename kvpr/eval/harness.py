@@ -44,6 +44,20 @@ def fp16_bytes_per_token(name: str, cache: CacheConfig, model: ModelConfig) -> f
     return float(2 * model.num_layers * model.kv_size * 2)
 
 
+def cache_footprint(engine: LLM, context_len: int) -> tuple[float, float]:
+    """(stored, read by one decode step) bytes of K and V per token of a ``context_len`` context, all
+    layers, metadata included, as the engine's codec or cache method keeps them (fp16 when neither)."""
+    model, codec = engine.model_config, engine.codec
+    if codec is None:
+        size = fp16_bytes_per_token("none", engine.config.cache, model)
+        return size, size
+    footprint = getattr(codec, "footprint", None)  # cache methods: budgets and selection depend on s
+    if footprint is not None:
+        return footprint(context_len)
+    size = model.num_layers * codec.bytes_per_token(1, model.num_kv_heads, model.head_dim)
+    return size, size
+
+
 def evaluate(
     llm: LLM,
     configs: Sequence[tuple[str, CacheConfig]],
@@ -58,7 +72,8 @@ def evaluate(
     bytes_per_token: BytesPerToken | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per (config, context length): ppl, per-task accuracy and their mean ``retrieval_acc``.
+    """One row per (config, context length): ppl, per-task accuracy and their mean ``retrieval_acc``,
+    with stored and read bytes per token (``cache_footprint``, or ``bytes_per_token`` for both).
 
     Perplexity uses ``num_windows`` essay windows of ``context_len`` tokens (second half scored).
     Task prompts are ``context_len - max_new_tokens`` tokens long so prompt and answer fit in
@@ -72,7 +87,6 @@ def evaluate(
     unknown = [task for task in tasks if task not in TASK_NAMES]
     if unknown:
         raise KvprError(f"unknown tasks {unknown}: use some of {', '.join(TASK_NAMES)}")
-    size_of = bytes_per_token or fp16_bytes_per_token
     builder = TaskBuilder(llm.tokenizer)
     stream = essay_token_stream(llm.tokenizer) if num_windows > 0 else []
     items = {
@@ -86,10 +100,15 @@ def evaluate(
     for name, cache in configs:
         engine = llm.with_placement(cache)
         for context_len in context_lens:
+            if bytes_per_token is None:
+                stored, read = cache_footprint(engine, context_len)
+            else:
+                stored = read = bytes_per_token(name, cache, llm.model_config)
             row: dict[str, Any] = {
                 "codec": name,
                 "params": config_params(cache),
-                "bytes_per_token": size_of(name, cache, llm.model_config),
+                "bytes_per_token": stored,
+                "read_bytes_per_token": read,
                 "context_len": context_len,
                 "seed": seed,
                 "ppl": None,
@@ -139,6 +158,8 @@ def config_params(cache: CacheConfig) -> dict[str, Any]:
     """A config's fields as JSON values (enums by value), so new codec fields appear unasked."""
 
     def plain(value: Any) -> Any:
+        if isinstance(value, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in value):
+            return dict(value)  # a method's (field, value) knobs
         return value.value if isinstance(value, enum.Enum) else value
 
     return {f.name: plain(getattr(cache, f.name)) for f in dataclasses.fields(cache)}
@@ -182,7 +203,7 @@ def write_report(
 
 def markdown_table(rows: Sequence[dict[str, Any]], model_name: str, date: str, commit: str | None) -> str:
     tasks = [task for task in TASK_NAMES if any(f"acc_{task}" in row for row in rows)]
-    header = ["codec", "params", "context", "bytes/token", "ppl", "retrieval"] + tasks
+    header = ["codec", "params", "context", "bytes/token", "read/token", "ppl", "retrieval"] + tasks
     lines = [
         f"# kvpr eval: {model_name}",
         "",
@@ -198,6 +219,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], model_name: str, date: str, c
             params,
             str(row["context_len"]),
             f"{row['bytes_per_token']:.0f}",
+            _fmt(row.get("read_bytes_per_token"), ".0f"),
             _fmt(row.get("ppl"), ".2f"),
             _fmt(row.get("retrieval_acc"), ".2f"),
         ]
@@ -211,23 +233,31 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], model_name: str, path: Path) -> None:
-    """Accuracy and perplexity against bytes per token, one line per context length."""
+    """Accuracy and perplexity against stored bytes per token, and perplexity against the bytes a
+    decode step reads per token of context; one series per context length."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state
 
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    accuracy, ppl = figure.subplots(1, 2)
+    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    accuracy, ppl, ppl_read = figure.subplots(1, 3)
+    panels = (
+        (accuracy, "bytes_per_token", "retrieval_acc"),
+        (ppl, "bytes_per_token", "ppl"),
+        (ppl_read, "read_bytes_per_token", "ppl"),
+    )
     for context_len in sorted({row["context_len"] for row in rows}):
-        series = sorted((r for r in rows if r["context_len"] == context_len), key=lambda r: r["bytes_per_token"])
-        x = [r["bytes_per_token"] for r in series]
-        for axis, key in ((accuracy, "retrieval_acc"), (ppl, "ppl")):
-            points = [(xi, r[key], r["codec"]) for xi, r in zip(x, series) if r.get(key) is not None]
+        series = [r for r in rows if r["context_len"] == context_len]
+        for axis, x_key, key in panels:
+            points = sorted(
+                (r.get(x_key, r["bytes_per_token"]), r[key], r["codec"]) for r in series if r.get(key) is not None
+            )
             if points:
-                axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{context_len} tokens")
+                axis.plot([p[0] for p in points], [p[1] for p in points], "o:", label=f"{context_len} tokens")
                 for xi, yi, name in points:
                     axis.annotate(name, (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    accuracy.set(xlabel="bytes per token (K+V, all layers)", ylabel="retrieval accuracy", ylim=(-0.05, 1.05))
-    ppl.set(xlabel="bytes per token (K+V, all layers)", ylabel="perplexity (essays)")
-    for axis in (accuracy, ppl):
+    accuracy.set(xlabel="bytes stored per token (K+V, all layers)", ylabel="retrieval accuracy", ylim=(-0.05, 1.05))
+    ppl.set(xlabel="bytes stored per token (K+V, all layers)", ylabel="perplexity (essays)")
+    ppl_read.set(xlabel="bytes read per decode step / context tokens", ylabel="perplexity (essays)")
+    for axis in (accuracy, ppl, ppl_read):
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=8)

@@ -1,0 +1,208 @@
+"""Packed byte rows on one tier: how a compressed cache moves only the chunks a decode step selects.
+
+A block codec's parts for one (chunk, sequence, head) are packed side by side into one uint8 row
+(:class:`RowLayout`), so a selected chunk is one contiguous copy. :class:`RowTier` holds the rows
+token-major, ``[capacity, b, n_kv, row_bytes]`` (a finalised block of chunks is one contiguous
+write-back), on the compute device or in (pinned) host memory. Reading some rows from the host is
+an index-select into a pinned staging buffer followed by one asynchronous host-to-device copy; on a
+CPU-only machine the same code runs with plain memory copies, so the offloaded path is tested in CI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvpr.device import host_empty
+
+
+@dataclass(frozen=True)
+class RowPart:
+    """One named part of a row: its per-row shape, dtype and byte range."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
+
+
+class RowLayout:
+    """Where each named part sits in a packed row (wider dtypes first, so every view is aligned).
+
+    Args:
+        parts: (name, per-row shape, dtype) of every part; the row is padded to the widest
+            element size so the rows of a ``[..., row_bytes]`` tensor stay aligned for it.
+    """
+
+    def __init__(self, parts: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        ordered = sorted(parts, key=lambda part: -_itemsize(part[2]))  # stable: fp16 first
+        placed, offset = [], 0
+        for name, shape, dtype in ordered:
+            nbytes = _itemsize(dtype) * _numel(shape)
+            placed.append(RowPart(name, tuple(shape), dtype, offset, nbytes))
+            offset += nbytes
+        widest = max((_itemsize(dtype) for _, _, dtype in parts), default=1)
+        self.parts = tuple(placed)
+        self.payload_bytes = offset  # bytes that carry data
+        self.row_bytes = -(-offset // widest) * widest  # payload plus alignment padding
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor], names: Sequence[str], lead: int) -> RowLayout:
+        """The layout of ``names`` read off example tensors whose first ``lead`` dims index rows."""
+        return cls([(name, tuple(tensors[name].shape[lead:]), tensors[name].dtype) for name in names])
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(part.name for part in self.parts)
+
+    def pack(self, tensors: Mapping[str, torch.Tensor], lead: int) -> torch.Tensor:
+        """Tensors ``[*L, *shape]`` (``L`` = the first ``lead`` dims, equal for all) -> uint8 [*L, row_bytes]."""
+        first = tensors[self.parts[0].name]
+        dims = tuple(first.shape[:lead])
+        pieces = []
+        for part in self.parts:
+            x = tensors[part.name]
+            assert tuple(x.shape) == dims + part.shape and x.dtype == part.dtype, (part, tuple(x.shape), x.dtype)
+            pieces.append(x.reshape(*dims, -1).view(torch.uint8))  # [*L, nbytes]
+        padding = self.row_bytes - self.payload_bytes
+        if padding:
+            pieces.append(torch.zeros(*dims, padding, dtype=torch.uint8, device=first.device))
+        return torch.cat(pieces, dim=-1)
+
+    def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 rows [*L, row_bytes] -> views [*L, *shape] of every part (no copy)."""
+        assert rows.dtype == torch.uint8 and rows.shape[-1] == self.row_bytes and rows.stride(-1) == 1
+        dims = tuple(rows.shape[:-1])
+        out = {}
+        for part in self.parts:
+            piece = rows[..., part.offset : part.offset + part.nbytes].view(part.dtype)  # [*L, numel]
+            out[part.name] = piece.reshape(*dims, *part.shape) if part.shape else piece.reshape(dims)
+        return out
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+class GatherStaging:
+    """Pinned host buffers that selected rows are gathered into before one copy to the device.
+
+    One buffer per name (e.g. K rows and V rows), grown on demand and shared by every layer: a
+    layer's gather starts only after the host has read the layer's selection from the device, a
+    synchronising copy that is queued behind the previous layer's host-to-device copy, so that
+    copy has finished reading the buffer by then.
+    """
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, num_rows: int, row_bytes: int) -> torch.Tensor:
+        """uint8 [num_rows, row_bytes], contiguous, reused across calls."""
+        need = num_rows * row_bytes
+        held = self._buffers.get(name)
+        if held is None or held.numel() < need:
+            held = host_empty((need,), torch.uint8, self.pin)
+            self._buffers[name] = held
+        return held[:need].view(num_rows, row_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.numel() for buffer in self._buffers.values())
+
+
+class RowTier:
+    """Packed rows ``[capacity, b, n_kv, row_bytes]`` on the compute device or in host memory.
+
+    Args:
+        capacity: rows along the first (token-major) axis: chunks, groups or blocks.
+        lead: (b, n_kv).
+        row_bytes: from the :class:`RowLayout`.
+        device: the compute device (where rows are read to).
+        on_host: keep the rows in host memory (pinned when ``pin``), else on ``device``.
+        staging: where host rows are gathered before the copy (shared by all layers).
+        name: this tier's staging buffer.
+    Rows ``[0, length)`` are filled, by :meth:`write` only.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        lead: tuple[int, int],
+        row_bytes: int,
+        device: torch.device,
+        on_host: bool,
+        pin: bool,
+        staging: GatherStaging | None,
+        name: str,
+    ) -> None:
+        shape = (capacity, *lead, row_bytes)
+        self.device, self.on_host, self.pin, self.name = device, on_host, pin and on_host, name
+        self.rows = (
+            host_empty(shape, torch.uint8, self.pin)
+            if on_host
+            else torch.empty(shape, dtype=torch.uint8, device=device)
+        )
+        self.staging = staging
+        self.length = 0
+
+    @property
+    def row_bytes(self) -> int:
+        return self.rows.shape[-1]
+
+    @property
+    def capacity(self) -> int:
+        return self.rows.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes of the filled rows."""
+        return self.length * self.rows[0].numel()
+
+    def write(self, rows: torch.Tensor) -> None:
+        """Append rows [t, b, n_kv, row_bytes] (on the compute device) at ``length``."""
+        start, end = self.length, self.length + rows.shape[0]
+        if end > self.capacity:
+            raise ValueError(f"row tier {self.name} holds {self.capacity} rows; {end} requested")
+        # Device-to-host when offloaded: queued on the current stream, so any later read of these
+        # rows (which follows a synchronising copy of the selection) sees them.
+        self.rows[start:end].copy_(rows, non_blocking=self.pin)
+        self.length = end
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) on the compute device: one contiguous copy from the host, else a view."""
+        block = self.rows[start:end]  # [t, b, n_kv, row_bytes]
+        return block.to(self.device, non_blocking=self.pin) if self.on_host else block
+
+    def gather(self, index: torch.Tensor, dedupe: bool = False) -> tuple[torch.Tensor, int]:
+        """Rows at flat indices ``index`` [N] into the ``[capacity * b * n_kv]`` rows.
+
+        ``index`` lives on the host for a host tier (the caller moved it there once for all tiers).
+        ``dedupe``: copy each distinct row once and repeat it on the device (V groups shared by
+        several selected chunks). Returns the rows [N, row_bytes] on the compute device and the
+        bytes copied from host memory (0 for a device tier).
+        """
+        flat = self.rows.view(-1, self.row_bytes)
+        if not self.on_host:
+            return flat.index_select(0, index), 0
+        assert self.staging is not None and index.device.type == "cpu"
+        inverse = None
+        if dedupe:
+            index, inverse = torch.unique(index, return_inverse=True)  # sorted distinct rows, and where each goes
+        staged = self.staging.buffer(self.name, index.numel(), self.row_bytes)
+        torch.index_select(flat, 0, index, out=staged)  # host memcpy of the selected rows only
+        # Host-to-device of the staged rows; the buffer is reused only after the next selection
+        # reached the host, a synchronising copy queued after this one.
+        rows = staged.to(self.device, non_blocking=self.pin)
+        if inverse is not None:
+            rows = rows.index_select(0, inverse.to(self.device))  # [N, row_bytes]
+        return rows, staged.numel()

