@@ -222,9 +222,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from kvpr.api import LLM
-    from kvpr.compress.methods import OFFLOADABLE, parse_codec_spec
-    from kvpr.config import CACHE_METHODS
-    from kvpr.eval.harness import evaluate, write_report
+    from kvpr.eval.harness import cache_for_spec, evaluate, write_report
     from kvpr.eval.tasks import TASK_NAMES
 
     for flag in ("items", "batch_size"):
@@ -233,17 +231,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.windows < 0 or any(c < 32 for c in args.context):
         raise KvprError("--windows must be >= 0 and every --context >= 32")
     recompute = parse_recompute(args.recompute)
-    configs = []
-    for spec in args.codecs:  # the host-tier codecs and KVO/KIVI run offloaded; the baselines on the device
-        name, params = parse_codec_spec(spec)
-        if name == "none":
-            cache = CacheConfig()
-        elif name in CACHE_METHODS:
-            offload = Offload.CPU if name in OFFLOADABLE else Offload.NONE
-            cache = CacheConfig(offload=offload, kv_codec=name, kv_codec_params=params)
-        else:
-            cache = CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=name)
-        configs.append((spec, cache))
+    configs = [(spec, cache_for_spec(spec, recompute)) for spec in args.codecs]
     llm = LLM(EngineConfig(model=args.model, runtime=RuntimeConfig(device=args.device, dtype=args.dtype)))
     rows = evaluate(
         llm,

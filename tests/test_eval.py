@@ -185,3 +185,49 @@ def test_harness_rows_and_report(llm, tmp_path) -> None:
     assert report["model"] == llm.name and len(report["rows"]) == 2 and report["data"]
     assert "| fp16 |" in paths["markdown"].read_text()
     assert paths["png"].stat().st_size > 1000
+
+
+def test_cache_for_spec_places_each_kind_of_codec() -> None:
+    from kvpr.eval.harness import cache_for_spec
+
+    assert cache_for_spec("none") == CacheConfig()
+    assert cache_for_spec("int4", 0.5) == CacheConfig(offload=Offload.CPU, recompute=0.5, kv_codec="int4")
+    kvo = cache_for_spec("kvo:top_chunks=4")
+    assert (kvo.offload, kvo.kv_codec, kvo.kv_codec_params) == (Offload.CPU, "kvo", (("top_chunks", 4),))
+    assert cache_for_spec("h2o:budget=64,recent=32").offload is Offload.NONE
+    with pytest.raises(KvprError, match="unknown h2o parameter 'size'"):
+        cache_for_spec("h2o:size=3")
+
+
+@needs_all
+def test_eval_cli_writes_rows_for_each_codec(tmp_path, capsys) -> None:
+    from kvpr.cli import main
+
+    argv = ["eval", "--codecs", "none", "kvo:top_chunks=2", "streaming:budget=64", "--context", "160"]
+    argv += ["--items", "1", "--windows", "1", "--tasks", "passkey", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads(next(tmp_path.glob("eval-*.json")).read_text())["rows"]
+    assert [row["codec"] for row in rows] == ["none", "kvo:top_chunks=2", "streaming:budget=64"]
+    assert rows[1]["params"]["offload"] == "cpu" and rows[2]["params"]["offload"] == "none"
+    assert rows[0]["bytes_per_token"] > rows[1]["bytes_per_token"] and all(math.isfinite(r["ppl"]) for r in rows)
+    assert "report:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("context_len", [256, 1024, 4096])
+def test_matched_budgets_are_the_largest_within_kvo_bytes(context_len: int) -> None:
+    from kvpr.compress.methods import parse_codec_spec
+    from kvpr.eval.budgets import footprint, matched_specs
+    from kvpr.models.registry import builtin_config
+
+    model = builtin_config("smollm2-135m")
+    stored, read = footprint("kvo", (), model, context_len)
+    for name, spec in matched_specs(model, context_len).items():
+        parsed, params = parse_codec_spec(spec)
+        assert parsed == name
+        which, target = (1, read) if name == "quest" else (0, stored)
+        assert footprint(name, params, model, context_len)[which] <= target
+        step = 16 if name == "quest" else 8
+        budget = dict(params)["budget"] + step
+        bigger = {"budget": budget, "recent": budget // 2} if name == "h2o" else {"budget": budget}
+        if bigger["budget"] <= context_len:
+            assert footprint(name, bigger, model, context_len)[which] > target, spec

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from kvpr.config import SamplingParams
+from kvpr.compress.methods import OFFLOADABLE, parse_codec_spec
+from kvpr.config import CACHE_METHODS, RECOMPUTE_OFF, CacheConfig, Offload, SamplingParams
 from kvpr.errors import KvprError
 from kvpr.eval.corpus import sources_metadata
 from kvpr.eval.perplexity import essay_token_stream, perplexity
@@ -28,7 +29,7 @@ from kvpr.eval.tasks import TASK_NAMES, TaskBuilder, TaskItem, score_answer
 
 if TYPE_CHECKING:
     from kvpr.api import LLM
-    from kvpr.config import CacheConfig, ModelConfig
+    from kvpr.config import ModelConfig
 
 # (config name, cache config, model config) -> stored bytes of K and V per token, all layers.
 BytesPerToken = Callable[[str, "CacheConfig", "ModelConfig"], float]
@@ -42,6 +43,19 @@ DATA_NOTE = (
 def fp16_bytes_per_token(name: str, cache: CacheConfig, model: ModelConfig) -> float:
     """K and V of every layer in fp16: ``2 * L * n_kv * d * 2`` bytes (no codec)."""
     return float(2 * model.num_layers * model.kv_size * 2)
+
+
+def cache_for_spec(spec: str, recompute: float | str = RECOMPUTE_OFF) -> CacheConfig:
+    """The placement ``kvpr eval`` measures a ``--codecs`` spec under: KVO and KIVI with their packed
+    rows in host memory, the other cache methods on the device, the tokenwise codecs as the offloaded
+    host tier (with ``recompute``, the split of that tier), ``none`` as computed."""
+    name, params = parse_codec_spec(spec)
+    if name == "none":
+        return CacheConfig()
+    if name in CACHE_METHODS:
+        offload = Offload.CPU if name in OFFLOADABLE else Offload.NONE
+        return CacheConfig(offload=offload, kv_codec=name, kv_codec_params=params)
+    return CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=name)
 
 
 def cache_footprint(engine: LLM, context_len: int) -> tuple[float, float]:
@@ -177,14 +191,19 @@ def git_commit() -> str | None:
 
 
 def write_report(
-    rows: Sequence[dict[str, Any]], out_dir: str | Path, model_name: str, metadata: dict[str, Any] | None = None
+    rows: Sequence[dict[str, Any]],
+    out_dir: str | Path,
+    model_name: str,
+    metadata: dict[str, Any] | None = None,
+    stem: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``eval-<model>.json``, ``.md`` and ``.png`` under ``out_dir``; returns the three paths."""
+    """Write ``<stem>.json``, ``.md`` and ``.png`` under ``out_dir`` (default stem ``eval-<model>``);
+    returns the three paths."""
     if not rows:
         raise KvprError("no rows to report: run evaluate with at least one config")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")
+    stem = stem or "eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")
     report = {
         "model": model_name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

