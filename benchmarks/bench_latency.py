@@ -67,9 +67,11 @@ SUITES: dict[str, list[Case]] = {
     ],
 }
 SYSTEMS = ("hf-gpu", "hf-offloaded", "kvpr-off", "kvpr-auto", "floor")
-# Also accepted by --systems: kvpr-int8, kvpr-int4 (compressed host tier), kvpr-kvo, kvpr-kivi2 (packed
-# chunks in host memory, KVO reading only the selected ones), kvpr-resident (auto split plus
-# --gpu-resident auto), kvpr-F (fixed fraction F).
+# Also accepted by --systems: kvpr-int8, kvpr-int4 (compressed host tier), kvpr-x4, kvpr-int4-x4 (X
+# stored in 4 bits, K,V in fp16 or int4), kvpr-kvo, kvpr-kivi2 (packed chunks in host memory, KVO
+# reading only the selected ones), kvpr-resident (auto split plus --gpu-resident auto), kvpr-F
+# (fixed fraction F).
+X_SYSTEMS = {"kvpr-x4": "none", "kvpr-int4-x4": "int4"}  # system -> --kv-codec, with --x-codec int4
 
 
 def _sync() -> None:
@@ -91,9 +93,17 @@ def _prompts(case: Case, vocab: int) -> torch.Tensor:
 
 
 def run_kvpr(
-    llm: LLM, case: Case, prompts: torch.Tensor, recompute: Any, codec: str = "none", resident: int | str = 0
+    llm: LLM,
+    case: Case,
+    prompts: torch.Tensor,
+    recompute: Any,
+    codec: str = "none",
+    resident: int | str = 0,
+    x_codec: str = "none",
 ) -> dict[str, Any]:
-    cache = CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=codec, gpu_resident=resident)
+    cache = CacheConfig(
+        offload=Offload.CPU, recompute=recompute, kv_codec=codec, gpu_resident=resident, x_codec=x_codec
+    )
     placed = llm.with_placement(cache)
     placed.generate(prompts[:1, :16].tolist(), SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up
     placed.generate(prompts.tolist(), SamplingParams(max_new_tokens=case.gen_len, stop_on_eos=False))
@@ -265,6 +275,8 @@ def bench(
                         row.update(run_kvpr(llm, case, prompts, "auto", resident="auto"))
                     elif system in ("kvpr-int8", "kvpr-int4"):  # compressed host tier, split chosen by auto
                         row.update(run_kvpr(llm, case, prompts, "auto", system.removeprefix("kvpr-")))
+                    elif system in X_SYSTEMS:  # X stored in 4 bits too (K,V fp16 or int4), split chosen by auto
+                        row.update(run_kvpr(llm, case, prompts, "auto", X_SYSTEMS[system], x_codec="int4"))
                     elif system in ("kvpr-kvo", "kvpr-kivi2"):  # compressed cache method, no recomputation
                         row.update(run_kvpr(llm, case, prompts, "off", system.removeprefix("kvpr-")))
                         if system == "kvpr-kvo":  # the share of selection, gather and decoding in a step

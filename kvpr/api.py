@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import shutil
 import tempfile
 import weakref
@@ -19,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvpr.cache.codec import KVCodec, make_codec
+from kvpr.cache.codec import KVCodec, make_x_codec
 from kvpr.cache.disk import check_offload_dir
-from kvpr.cache.storage import CacheShape, KVStorage, require_tokenwise
+from kvpr.cache.storage import CacheShape, KVStorage, tier_codec
 from kvpr.config import (
     CACHE_METHODS,
     RECOMPUTE_AUTO,
@@ -114,6 +113,7 @@ class LLM:
         source = resolve_source(config.model, config.dummy_weights)
         self.model_config: ModelConfig = source.config
         self.codec = self._make_codec()  # rejects a bad --kv-codec before the weights load
+        self.x_codec = make_x_codec(config.cache.x_codec, self.model_config.hidden_size)
         self.model = build_model(self.model_config)
         self.layer_weights = self._plan_weights(source.name)  # throughput mode: weights on three tiers
         place = self.layer_weights.place if self.layer_weights else None
@@ -135,8 +135,11 @@ class LLM:
             weight_bytes = sum(p.numel() for p in self.model.parameters()) * element_size(self.dtype)
             check_device_memory(weight_bytes, self.device, f"the weights of {name}", budget)
             return None
-        if self.config.cache.kv_codec != "none":
-            raise KvprError("--kv-codec is not supported in throughput mode yet: drop it or drop --percent")
+        for flag in ("kv_codec", "x_codec"):
+            if getattr(self.config.cache, flag) != "none":
+                raise KvprError(
+                    f"--{flag.replace('_', '-')} is not supported in throughput mode yet: drop it or --percent"
+                )
         pin = throughput.pin_weight and pin_host_memory(self.device)
         weights = LayerWeights(self.model, throughput.placement, self.device, self.dtype, pin, self._offload_dir())
         gpu = weights.total_bytes(Tier.GPU) + weights.buffer_bytes()
@@ -170,6 +173,7 @@ class LLM:
         runtime = dataclasses.replace(runtime, device=self.config.runtime.device, dtype=self.config.runtime.dtype)
         clone.config = self.config.replace(cache=cache, runtime=runtime)
         clone.codec = clone._make_codec()
+        clone.x_codec = make_x_codec(cache.x_codec, self.model_config.hidden_size)
         clone.last_stats = None
         return clone
 
@@ -270,8 +274,11 @@ class LLM:
             pin=offloaded and pin_host_memory(self.device),
             store_inputs=self._stores_inputs(),
             codec=self.codec,
+            x_codec=self.x_codec,
         )
-        split = make_split_policy(cache, runtime, self.model_config, batch_size, self.device, self.dtype, self.codec)
+        split = make_split_policy(
+            cache, runtime, self.model_config, batch_size, self.device, self.dtype, self.codec, self.x_codec
+        )
         resident = self._resident_cap(shape) if offloaded else 0
         if runtime.overlap:
             return OverlappedExecutor(self.model, storage, self.device, offloaded, split, runtime.num_chunks, resident)
@@ -363,7 +370,7 @@ class LLM:
             return shape
         if cache.offload is Offload.CPU:
             stored = shape.kv_bytes(self.codec)
-            inputs = shape.x_bytes() if self._stores_inputs() else 0
+            inputs = shape.x_bytes(self.x_codec) if self._stores_inputs() else 0
             check_host_memory(stored + inputs, what + " in host memory", budget)
             staging = 2 * (shape.kv_bytes() + stored + inputs) // shape.num_layers
             wanted = cache.gpu_resident
@@ -378,20 +385,15 @@ class LLM:
         """The codec of the host tier (None: K,V as computed), or the cache method (KVO, KIVI, H2O,
         StreamingLLM, Quest) the compressed executor runs. Raises for names the tier cannot hold."""
         name = self.config.cache.kv_codec
-        if name == "none":
-            return None
         if name in CACHE_METHODS:
             return make_method(self.config.cache, self.model_config)
-        params = {}
-        if name in ("int8", "int4"):  # groups of 32 channels, or fewer where head_dim is not a multiple
-            params["group_size"] = math.gcd(32, self.model_config.head_dim)
-        return require_tokenwise(make_codec(name, **params))
+        return tier_codec(name, self.model_config.head_dim)
 
     def _stores_inputs(self) -> bool:
         """Keep X beside K,V only where recomputation may run and can pay (see recompute_may_run)."""
         cache = self.config.cache
         codec = None if isinstance(self.codec, CacheMethod) else self.codec  # methods never recompute
-        return cache.stores_inputs and recompute_may_run(cache, self.model_config, self.dtype, codec)
+        return cache.stores_inputs and recompute_may_run(cache, self.model_config, self.dtype, codec, self.x_codec)
 
     def _check_context(self, max_len: int) -> None:
         cfg = self.model_config

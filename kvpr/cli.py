@@ -48,6 +48,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
     add_knob_flags(parser)
     parser.add_argument(
+        "--x-codec",
+        default="none",
+        help="how the stored layer inputs X are kept for recomputation: none (model dtype), int8 or int4",
+    )
+    parser.add_argument(
         "--gpu-resident",
         default="0",
         help="with --offload cpu: keep the K,V of this many oldest tokens on the GPU too, or auto (fit free memory)",
@@ -127,6 +132,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
             kv_codec=args.kv_codec,
             gpu_resident=parse_resident(args.gpu_resident),
             kv_codec_params=knob_params(args, args.kv_codec),
+            x_codec=args.x_codec,
         ),
         runtime=RuntimeConfig(
             device=args.device,
@@ -187,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", default="auto")
     plan.add_argument("--dtype", default="auto")
     plan.add_argument("--num-chunks", type=int, default=8)
+    plan.add_argument("--kv-codec", default="none", help="how the host tier stores K,V: none, int8 or int4")
+    plan.add_argument("--x-codec", default="none", help="how the host tier stores X: none, int8 or int4")
     plan.add_argument("--profile", default=None, help="hardware profile JSON (lets a GPU plan be made on any machine)")
     plan.add_argument(
         "--mode", choices=["latency", "throughput"], default="latency", help="throughput: search the placement"
@@ -296,8 +304,11 @@ def _run_profile(args: argparse.Namespace) -> int:
 def _run_plan(args: argparse.Namespace) -> int:
     import torch
 
-    from kvpr.device import element_size, resolve_device, resolve_dtype
+    from kvpr.cache.codec import make_x_codec
+    from kvpr.cache.storage import tier_codec
+    from kvpr.device import resolve_device, resolve_dtype
     from kvpr.scheduler.plan import format_plans
+    from kvpr.scheduler.policy import stored_element_bytes
     from kvpr.scheduler.profiler import HardwareProfile, load_or_measure
 
     if args.mode == "throughput":
@@ -312,8 +323,9 @@ def _run_plan(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         profile = load_or_measure(device, cfg, dtype, args.batch_size, progress=True)
-    element = element_size(dtype)
-    print(format_plans(cfg, args.batch_size, args.context, profile, element, element, args.num_chunks))
+    codec = tier_codec(args.kv_codec, cfg.head_dim)
+    x_bytes, kv_bytes = stored_element_bytes(cfg, dtype, codec, make_x_codec(args.x_codec, cfg.hidden_size))
+    print(format_plans(cfg, args.batch_size, args.context, profile, kv_bytes, x_bytes, args.num_chunks))
     return 0
 
 

@@ -255,6 +255,7 @@ class CacheConfig:
     kv_codec: str = "none"  # "none": K,V stored as computed; else a name of kvpr.cache.codec
     gpu_resident: int | str = 0  # oldest tokens whose K,V also stay on the GPU: N, or "auto"
     kv_codec_params: tuple[tuple[str, Any], ...] = ()  # a cache method's knobs, as (field, value) pairs
+    x_codec: str = "none"  # how stored X is kept for recomputation: none (model dtype), int8, int4
 
     def __post_init__(self) -> None:
         if self.gpu_resident != "auto" and not (isinstance(self.gpu_resident, int) and self.gpu_resident >= 0):
@@ -266,6 +267,14 @@ class CacheConfig:
                 f"--kv-codec {self.kv_codec} needs --offload cpu: codecs apply where the cache is "
                 "written to the host tier"
             )
+        if self.x_codec != "none":
+            if self.kv_codec in CACHE_METHODS:
+                raise KvprError(f"--x-codec applies to recomputation, which --kv-codec {self.kv_codec} never runs")
+            if self.offload is not Offload.CPU or self.recompute == RECOMPUTE_OFF:
+                raise KvprError(
+                    f"--x-codec {self.x_codec} needs --offload cpu and --recompute auto|F: X is stored only "
+                    "for recomputing K,V from it"
+                )
         if not isinstance(self.offload, Offload):
             raise KvprError(f"offload={self.offload!r}: use Offload.NONE or Offload.CPU")
         if parse_recompute(self.recompute) != self.recompute:

@@ -1,4 +1,5 @@
-"""The KV codec contract: how a block of cached K,V becomes bytes in a tier and back.
+"""The codec contracts: how a block of cached K,V (``KVCodec``) or of stored layer inputs X
+(``XCodec``) becomes bytes in a tier and back.
 
 A tier stores whatever ``encode`` returns and moves it as named tensors; the cost model prices a
 token with ``bytes_per_token``. Codecs never know which tier they live in (see kvpr/compress/).
@@ -7,6 +8,7 @@ token with ``bytes_per_token``. Codecs never know which tier they live in (see k
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -172,3 +174,41 @@ def make_codec(name: str, **params: Any) -> KVCodec:
     except TypeError as err:  # an unexpected keyword
         raise KvprError(f"bad parameters {sorted(params)} for codec '{name}': {err}") from None
     return builder(**params)
+
+
+@runtime_checkable
+class XCodec(Protocol):
+    """Encodes the layer inputs X the host tier keeps for recomputation, token by token.
+
+    Contract:
+        name: registry name (``make_x_codec``).
+        encode(x) -> parts: x [t, b, h] in any float dtype; a dict of tensors, each with the token
+            axis first ([t, b, ...]) and each token encoded on its own, so any token range of a
+            token-major tier is a slice of every part.
+        decode(parts, dtype) -> x [t, b, h] in ``dtype`` on the parts' device.
+        bytes_per_token(b, h) -> float: stored bytes of one token for a batch of ``b``, metadata
+            included (the cost model's X bytes).
+    """
+
+    name: str
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor: ...
+
+    def bytes_per_token(self, b: int, h: int) -> float: ...
+
+
+X_CODEC_NAMES: tuple[str, ...] = ("none", "int8", "int4")
+
+
+def make_x_codec(name: str, hidden_size: int) -> XCodec | None:
+    """The codec of stored X by ``--x-codec`` name; None for ``none`` (X in the model dtype).
+    Groups of 32 channels, or fewer where ``hidden_size`` is not a multiple of 32."""
+    from kvpr.compress.quant import GroupQuantInputs
+
+    if name not in X_CODEC_NAMES:
+        raise KvprError(f"unknown --x-codec '{name}': choose one of {', '.join(X_CODEC_NAMES)}")
+    if name == "none":
+        return None
+    return GroupQuantInputs(int(name[3:]), math.gcd(32, hidden_size))

@@ -7,18 +7,20 @@ single DMA transfer (DESIGN.md section 1: a strided copy of the same bytes ran 1
     part            shape per layer                  present
     k, v            [s_max, b, n_kv, d]              uncompressed cache (identity codec)
     k_codes, ...    [s_max, b, n_kv, *]              a tokenwise codec's parts (int8, int4)
-    x               [s_max, b, h]                    when recomputation may run
+    x               [s_max, b, h]                    when recomputation may run, X as computed
+    x_codes, ...    [s_max, b, *]                    ... X under an ``XCodec`` (--x-codec int8, int4)
 
 Slots ``[0, length)`` are filled; row validity (left padding) lives in the batch state.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from kvpr.cache.codec import EncodedKV, IdentityCodec, KVCodec
+from kvpr.cache.codec import EncodedKV, IdentityCodec, KVCodec, XCodec, make_codec
 from kvpr.config import ModelConfig
 from kvpr.device import element_size, host_empty
 from kvpr.errors import KvprError
@@ -52,8 +54,13 @@ class CacheShape:
             per_token = codec.bytes_per_token(self.batch_size, self.num_kv_heads, self.head_dim)
         return int(self.num_layers * self.max_len * per_token)
 
-    def x_bytes(self) -> int:
-        return self.num_layers * self.max_len * self.batch_size * self.hidden_size * self.element_size
+    def x_bytes(self, codec: XCodec | None = None) -> int:
+        """Bytes of X for all layers and slots, as ``codec`` stores it (None: the model dtype)."""
+        if codec is None:
+            per_token = float(self.batch_size * self.hidden_size * self.element_size)
+        else:
+            per_token = codec.bytes_per_token(self.batch_size, self.hidden_size)
+        return int(self.num_layers * self.max_len * per_token)
 
 
 def require_tokenwise(codec: KVCodec) -> KVCodec:
@@ -66,12 +73,32 @@ def require_tokenwise(codec: KVCodec) -> KVCodec:
     return codec
 
 
-def token_layout(codec: KVCodec, shape: CacheShape) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def tier_codec(name: str, head_dim: int) -> KVCodec | None:
+    """The host tier's K,V codec of ``--kv-codec`` (None for ``none``: K,V as computed); int8 and
+    int4 in groups of 32 channels, or fewer where ``head_dim`` is not a multiple of 32."""
+    if name == "none":
+        return None
+    params = {"group_size": math.gcd(32, head_dim)} if name in ("int8", "int4") else {}
+    return require_tokenwise(make_codec(name, **params))
+
+
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]  # part -> (per-token shape, dtype)
+
+
+def token_layout(codec: KVCodec, shape: CacheShape) -> Layout:
     """Per-token shape and dtype of each part ``codec`` stores, read off a one-token encoding."""
     require_tokenwise(codec)
     probe = torch.zeros(1, shape.batch_size, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype)
     encoded = codec.encode(probe, probe)
     return {name: (tuple(t.shape[1:]), t.dtype) for name, t in encoded.tensors.items()}
+
+
+def input_layout(codec: XCodec | None, shape: CacheShape) -> Layout:
+    """The same for stored X: one part ``x`` in the model dtype, or the parts of ``codec``."""
+    if codec is None:
+        return {"x": ((shape.batch_size, shape.hidden_size), shape.dtype)}
+    probe = torch.zeros(1, shape.batch_size, shape.hidden_size, dtype=shape.dtype)
+    return {name: (tuple(t.shape[1:]), t.dtype) for name, t in codec.encode(probe).items()}
 
 
 class KVStorage:
@@ -83,11 +110,18 @@ class KVStorage:
         pin: pin host memory (only for ``cpu`` with a CUDA compute device).
         store_inputs: also keep X, the layer inputs recomputation starts from.
         codec: how K,V are stored; None stores them as they are in the model dtype.
+        x_codec: how X is stored; None stores it in the model dtype.
     The caller checks that the tier has room (``LLM.check_fits``) before constructing one.
     """
 
     def __init__(
-        self, shape: CacheShape, device: torch.device, pin: bool, store_inputs: bool, codec: KVCodec | None = None
+        self,
+        shape: CacheShape,
+        device: torch.device,
+        pin: bool,
+        store_inputs: bool,
+        codec: KVCodec | None = None,
+        x_codec: XCodec | None = None,
     ) -> None:
         self.shape = shape
         self.device = device
@@ -100,8 +134,15 @@ class KVStorage:
             name: self._empty(leading + per_token, dtype, pin)  # [L, s_max, b, ...]
             for name, (per_token, dtype) in token_layout(self.codec, shape).items()
         }
-        x_shape = leading + (shape.batch_size, shape.hidden_size)
-        self._x = self._empty(x_shape, shape.dtype, pin) if store_inputs else None  # [L, s_max, b, h]
+        self.x_codec = x_codec
+        self._x_parts = (
+            {
+                name: self._empty(leading + per_token, dtype, pin)  # [L, s_max, b, ...]
+                for name, (per_token, dtype) in input_layout(x_codec, shape).items()
+            }
+            if store_inputs
+            else {}
+        )
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -113,13 +154,19 @@ class KVStorage:
         return tuple(self._parts)
 
     @property
+    def x_part_names(self) -> tuple[str, ...]:
+        """Parts of stored X (``x`` alone without an X codec; none when X is not stored)."""
+        return tuple(self._x_parts)
+
+    @property
     def nbytes(self) -> int:
-        tensors = list(self._parts.values()) + ([self._x] if self._x is not None else [])
+        tensors = list(self._parts.values()) + list(self._x_parts.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def is_pinned(self) -> bool:
-        return self.device.type == "cpu" and all(t.is_pinned() for t in self._parts.values())
+        tensors = [*self._parts.values(), *self._x_parts.values()]
+        return self.device.type == "cpu" and all(t.is_pinned() for t in tensors)
 
     def part(self, name: str, layer: int) -> torch.Tensor:
         """[s_max, b, ...] one stored part of one layer (a view)."""
@@ -136,10 +183,23 @@ class KVStorage:
         return self._parts["v"][layer]
 
     def x(self, layer: int) -> torch.Tensor:
-        """[s_max, b, h] layer inputs of one layer (a view)."""
-        if self._x is None:
+        """[s_max, b, h] layer inputs of one layer (a view); only for X stored as computed."""
+        if not self._x_parts:
             raise ValueError("this storage keeps no layer inputs (store_inputs=False)")
-        return self._x[layer]
+        assert self.x_codec is None, "encoded X: use x_part and decode_x"
+        return self._x_parts["x"][layer]
+
+    def x_part(self, name: str, layer: int) -> torch.Tensor:
+        """[s_max, b, ...] one stored part of X of one layer (a view)."""
+        return self._x_parts[name][layer]
+
+    def encode_x(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parts to store for X [t, b, h] (``x`` itself without an X codec)."""
+        return {"x": x} if self.x_codec is None else self.x_codec.encode(x)
+
+    def decode_x(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """X [t, b, h] in the model dtype from token-range slices of its parts."""
+        return parts["x"] if self.x_codec is None else self.x_codec.decode(parts, self.shape.dtype)
 
     def encoded(self, parts: dict[str, torch.Tensor]) -> EncodedKV:
         """Wrap token-range slices of the parts ([t, b, ...] each) as the codec's encoded block."""
@@ -162,5 +222,8 @@ class KVStorage:
         for tensor in self._parts.values():
             assert tensor.shape[:3] == (s.num_layers, s.max_len, s.batch_size)
             assert tensor.device.type == self.device.type
-        if self._x is not None:
-            assert self._x.shape == (s.num_layers, s.max_len, s.batch_size, s.hidden_size)
+        for tensor in self._x_parts.values():
+            assert tensor.shape[:3] == (s.num_layers, s.max_len, s.batch_size)
+            assert tensor.device.type == self.device.type
+        if self.x_codec is None and self._x_parts:
+            assert self._x_parts["x"].shape == (s.num_layers, s.max_len, s.batch_size, s.hidden_size)

@@ -117,3 +117,39 @@ class GroupQuantCodec:
 
     def bytes_per_token(self, b: int, n_kv: int, d: int) -> float:
         return float(2 * b * n_kv * group_bytes(d, self.bits, self.group_size))
+
+
+class GroupQuantInputs:
+    """Layer inputs X stored for recomputation, per token, ``bits`` asymmetric in groups of
+    ``group_size`` channels (``--x-codec int8|int4``): with K,V compressed too, or a GQA model whose
+    X is larger than its K,V, a smaller X is what lets recomputation pay (DESIGN.md section 3).
+
+    Tokenwise like the host tier: ``encode`` of [t, b, h] returns parts with the token axis first.
+    """
+
+    tokenwise = True
+
+    def __init__(self, bits: int, group_size: int = 32) -> None:
+        if bits not in (4, 8):
+            raise KvprError(f"--x-codec stores X in 8 or 4 bits, not {bits}")
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise KvprError(f"group_size must be a positive int, not {group_size!r}")
+        self.bits = bits
+        self.group_size = group_size
+        self.name = f"int{bits}"
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[t, b, h] -> x_codes uint8 [t, b, h * bits / 8], x_scale and x_zero fp16 [t, b, h / G]."""
+        if x.dim() != 3:
+            raise KvprError(f"X must be [t, b, h], not {tuple(x.shape)}")
+        codes, scale, zero = quantize_groups(x, self.bits, self.group_size)
+        return {"x_codes": codes, "x_scale": scale, "x_zero": zero}
+
+    def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Inverse of :meth:`encode`: [t, b, h] in ``dtype``."""
+        h = parts["x_scale"].shape[-1] * self.group_size
+        return dequantize_groups(parts["x_codes"], parts["x_scale"], parts["x_zero"], self.bits, h).to(dtype)
+
+    def bytes_per_token(self, b: int, h: int) -> float:
+        """Stored bytes of one token's X for a batch of ``b``, scales and zeros included."""
+        return float(b * group_bytes(h, self.bits, self.group_size))

@@ -8,7 +8,8 @@ recomputed range ``l`` chosen by the policy, for each layer (double buffer ``p =
                                                         (waits each X chunk)   (waits K,V)
 
 With a codec the copied K,V are the codec's parts, decoded on the compute stream after they land,
-and the write-back is encoded first.
+and the write-back is encoded first; an X codec (``--x-codec``) does the same for each X chunk,
+decoded just before its recompute.
 
 The loads of layer ``i+1`` are issued before layer ``i`` computes, so they stream in while it
 runs. A buffer is refilled only after the layer two back has finished with it. The new token's
@@ -47,11 +48,11 @@ class _LayerBuffers:
         kv_shape = (shape.max_len, shape.batch_size, shape.num_kv_heads, shape.head_dim)
         self.k = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, n_kv, d]
         self.v = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, n_kv, d]
-        self.x = (
-            torch.empty((shape.max_len, shape.batch_size, shape.hidden_size), dtype=shape.dtype, device=device)
-            if storage.store_inputs
-            else None
-        )  # [s_max, b, h]
+        # X chunks land here: X itself [s_max, b, h], or an X codec's parts, decoded chunk by chunk.
+        self.x_parts = {
+            name: torch.empty_like(storage.x_part(name, 0), device=device)  # [s_max, b, ...]
+            for name in storage.x_part_names
+        }
         # A compressed tier's parts land here before they are decoded into k, v.
         self.parts = (
             {}
@@ -96,8 +97,8 @@ class OverlappedExecutor(Executor):
         else:  # encoded on the compute stream, so only the compressed bytes cross the link
             encoded = self.storage.codec.encode(k, v).tensors
             tensors = [(self.storage.part(name, layer), part) for name, part in encoded.items()]
-        if self.storage.store_inputs:
-            tensors.append((self.storage.x(layer), x))
+        if self.storage.store_inputs:  # X encoded here too, if an X codec is set
+            tensors += [(self.storage.x_part(name, layer), part) for name, part in self.storage.encode_x(x).items()]
         # Device-to-host on the copy stream, after the compute that produced the tensors.
         self.streams.copy_waits_compute()
         with self.streams.on_copy():
@@ -117,7 +118,8 @@ class OverlappedExecutor(Executor):
         self.streams.copy_waits(buffers.free)  # the layer two back has finished reading this buffer
         with self.streams.on_copy():
             for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
-                buffers.x[start:end].copy_(storage.x(layer)[start:end], non_blocking=True)  # type: ignore[index]
+                for name, staged in buffers.x_parts.items():
+                    staged[start:end].copy_(storage.x_part(name, layer)[start:end], non_blocking=True)
                 self.streams.record_on_copy(ready)  # chunk landed: its recompute may start
             targets = {"k": buffers.k, "v": buffers.v} if storage.raw else buffers.parts
             for name, staged in targets.items():
@@ -155,8 +157,9 @@ class OverlappedExecutor(Executor):
                     streams.compute_waits(ready)  # X chunk is on the device
                     offset = slice(start - resident, end - resident)  # rope_old covers [r, r+l)
                     chunk_rope = None if rope_old is None else (rope_old[0][offset], rope_old[1][offset])
+                    x_chunk = self.storage.decode_x({n: x[start:end] for n, x in buffers.x_parts.items()})
                     # recompute written in place into the staging buffer: [chunk, b, n_kv, d]
-                    layer.kv_into(buffers.x[start:end], chunk_rope, keys[start:end], values[start:end])  # type: ignore[index]
+                    layer.kv_into(x_chunk, chunk_rope, keys[start:end], values[start:end])
                 streams.compute_waits(buffers.kv_ready)  # copied K,V of [l, s) are on the device
                 if not self.storage.raw and slot > resident + recompute_len:
                     self._decode_parts(buffers, resident + recompute_len, slot)

@@ -20,7 +20,8 @@ class SequentialExecutor(Executor):
         for name, part in self.storage.codec.encode(k, v).tensors.items():
             self.storage.part(name, layer)[start:end] = part
         if self.storage.store_inputs:
-            self.storage.x(layer)[start:end] = x
+            for name, part in self.storage.encode_x(x).items():
+                self.storage.x_part(name, layer)[start:end] = part
 
     def _decode_layers(
         self,
@@ -42,7 +43,8 @@ class SequentialExecutor(Executor):
                 parts_k.append(self.resident_k[index])  # type: ignore[index]  # [r, b, n_kv, d]
                 parts_v.append(self.resident_v[index])  # type: ignore[index]
             if recompute_len:
-                x_old = self.storage.x(index)[resident:copied_from].to(device)  # [l, b, h]
+                stored_x = {n: self.storage.x_part(n, index)[resident:copied_from] for n in self.storage.x_part_names}
+                x_old = self.storage.decode_x({n: x.to(device) for n, x in stored_x.items()})  # [l, b, h]
                 k_old, v_old = layer.kv_from_input(x_old, rope_old)  # [l, b, n_kv, d]
                 parts_k.append(k_old)
                 parts_v.append(v_old)

@@ -17,7 +17,7 @@ from kvpr.config import RECOMPUTE_AUTO, RECOMPUTE_OFF, CacheConfig, ModelConfig,
 from kvpr.device import element_size
 
 if TYPE_CHECKING:
-    from kvpr.cache.codec import KVCodec
+    from kvpr.cache.codec import KVCodec, XCodec
     from kvpr.scheduler.profiler import HardwareProfile
 
 SplitPolicy = Callable[[int], int]
@@ -38,20 +38,26 @@ def recompute_can_pay(model: ModelConfig, x_bytes_per_elem: float, kv_bytes_per_
     return model.hidden_size * x_bytes_per_elem < 2 * model.kv_size * kv_bytes_per_elem
 
 
-def stored_element_bytes(model: ModelConfig, dtype: torch.dtype, codec: KVCodec | None) -> tuple[float, float]:
-    """Bytes per element of X and of K (or V) as the host tier stores them: X in the model dtype,
-    K,V under ``codec`` (metadata included, so possibly fractional) or in the model dtype."""
-    x_bytes = element_size(dtype)
-    return x_bytes, (x_bytes if codec is None else kv_bytes_per_element(codec, model))
+def stored_element_bytes(
+    model: ModelConfig, dtype: torch.dtype, codec: KVCodec | None, x_codec: XCodec | None = None
+) -> tuple[float, float]:
+    """Bytes per element of X and of K (or V) as the host tier stores them: X under ``x_codec`` or
+    in the model dtype, K,V under ``codec`` or in the model dtype (metadata included, so possibly
+    fractional)."""
+    model_bytes = element_size(dtype)
+    x_bytes = model_bytes if x_codec is None else x_codec.bytes_per_token(1, model.hidden_size) / model.hidden_size
+    return x_bytes, (model_bytes if codec is None else kv_bytes_per_element(codec, model))
 
 
-def recompute_may_run(cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, codec: KVCodec | None) -> bool:
+def recompute_may_run(
+    cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, codec: KVCodec | None, x_codec: XCodec | None = None
+) -> bool:
     """Whether any decode step of a run can choose ``l > 0``: recomputation is on and, for
     ``auto``, can pay at all (see ``recompute_can_pay``). Only then is X worth storing."""
     if cache.recompute == RECOMPUTE_OFF:
         return False
     if cache.recompute == RECOMPUTE_AUTO:
-        return recompute_can_pay(model, *stored_element_bytes(model, dtype, codec))
+        return recompute_can_pay(model, *stored_element_bytes(model, dtype, codec, x_codec))
     return True
 
 
@@ -63,9 +69,11 @@ def make_split_policy(
     device: torch.device,
     dtype: torch.dtype,
     codec: "KVCodec | None" = None,
+    x_codec: "XCodec | None" = None,
 ) -> SplitPolicy:
-    """Build the per-step policy for one batch (``codec``: how K,V are stored on the host)."""
-    if not recompute_may_run(cache, model, dtype, codec):
+    """Build the per-step policy for one batch (``codec``, ``x_codec``: how K,V and X are stored
+    on the host)."""
+    if not recompute_may_run(cache, model, dtype, codec, x_codec):
         return lambda context_len: 0
     if cache.recompute != RECOMPUTE_AUTO:
         fraction = float(cache.recompute)
@@ -73,7 +81,7 @@ def make_split_policy(
     from kvpr.scheduler.profiler import load_or_measure
 
     profile = load_or_measure(device, model, dtype, batch_size, path=runtime.profile_path)
-    x_bytes, kv_bytes = stored_element_bytes(model, dtype, codec)
+    x_bytes, kv_bytes = stored_element_bytes(model, dtype, codec, x_codec)
     return auto_policy(model, batch_size, profile, x_bytes, kv_bytes, runtime.num_chunks)
 
 
