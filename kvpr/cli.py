@@ -215,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
         "name:field=value,... (e.g. h2o:budget=256)",
     )
     evaluate.add_argument("--recompute", default="off", help="split used with the offloaded codecs (see generate)")
+    evaluate.add_argument("--x-codec", default="none", help="how those codecs store X for recomputation (see generate)")
     evaluate.add_argument("--context", type=int, nargs="+", default=[512, 1024], help="context lengths in tokens")
     evaluate.add_argument("--items", type=int, default=10, help="items per task and context length")
     evaluate.add_argument("--windows", type=int, default=4, help="perplexity windows per context length")
@@ -239,7 +240,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.windows < 0 or any(c < 32 for c in args.context):
         raise KvprError("--windows must be >= 0 and every --context >= 32")
     recompute = parse_recompute(args.recompute)
-    configs = [(spec, cache_for_spec(spec, recompute)) for spec in args.codecs]
+    configs = [(spec, cache_for_spec(spec, recompute, args.x_codec)) for spec in args.codecs]
     llm = LLM(EngineConfig(model=args.model, runtime=RuntimeConfig(device=args.device, dtype=args.dtype)))
     rows = evaluate(
         llm,

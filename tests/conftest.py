@@ -1,4 +1,5 @@
-"""Tiny random checkpoints of every supported family, written as real HF directories."""
+"""Shared test fixtures: tiny random checkpoints of every supported family (real HF directories),
+engine builders, and synthetic hardware profiles."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 
 from kvpr.api import LLM
 from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
+from kvpr.scheduler.cost_model import RateCurve
+from kvpr.scheduler.profiler import HardwareProfile
 
 # name -> (transformers config class name, kwargs). Sizes are tiny; the options are the real ones.
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -185,3 +188,28 @@ def teacher_forced(llm: LLM, ids: torch.Tensor, valid: torch.Tensor, prompt_len:
     logits = [executor.prefill(ids[:, :prompt_len], valid[:, :prompt_len])[:, -1]]
     logits += [executor.decode(ids[:, t]) for t in range(prompt_len, ids.shape[1])]
     return torch.stack(logits), executor
+
+
+MIB = 1 << 20
+
+
+def synthetic_profile(
+    h2d: list[tuple[float, float]], gemm: list[tuple[float, float]], hidden: int = 4096, kv_width: int = 8192
+) -> HardwareProfile:
+    return HardwareProfile(
+        device_name="synthetic",
+        torch_version="0",
+        h2d=RateCurve.from_points(h2d),
+        d2h=RateCurve.from_points(h2d),
+        gemm=RateCurve.from_points(gemm),
+        gemm_hidden=hidden,
+        gemm_kv_width=kv_width,
+        batch_size=32,
+        attention=((1024, 1e-4), (4096, 3e-4)),
+        decode_layer_s=2e-3,
+        created="2025-01-01T00:00:00+00:00",
+    )
+
+
+# The DESIGN section 1 figures of the H100 host, written out here as test data.
+H100 = synthetic_profile([(MIB, 28e9), (8 * MIB, 49e9), (256 * MIB, 55e9)], [(256, 355e12), (4096, 720e12)])

@@ -192,6 +192,8 @@ def test_cache_for_spec_places_each_kind_of_codec() -> None:
 
     assert cache_for_spec("none") == CacheConfig()
     assert cache_for_spec("int4", 0.5) == CacheConfig(offload=Offload.CPU, recompute=0.5, kv_codec="int4")
+    encoded_x = CacheConfig(offload=Offload.CPU, recompute=1.0, kv_codec="fp16", x_codec="int4")
+    assert cache_for_spec("fp16", 1.0, "int4") == encoded_x
     kvo = cache_for_spec("kvo:top_chunks=4")
     assert (kvo.offload, kvo.kv_codec, kvo.kv_codec_params) == (Offload.CPU, "kvo", (("top_chunks", 4),))
     assert cache_for_spec("h2o:budget=64,recent=32").offload is Offload.NONE

@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import H100, MIB, synthetic_profile
 from kvpr.config import Arch, ModelConfig
 from kvpr.errors import KvprError
 from kvpr.scheduler import profiler
@@ -33,30 +34,6 @@ from kvpr.scheduler.cost_model import (
 from kvpr.scheduler.plan import SplitPlan, format_plans, plan_decode_step
 from kvpr.scheduler.profiler import HardwareProfile, default_profile_path, load_or_measure, measure_profile
 from kvpr.scheduler.solver import resident_tokens, solve_split
-
-MIB = 1 << 20
-
-
-def synthetic_profile(
-    h2d: list[tuple[float, float]], gemm: list[tuple[float, float]], hidden: int = 4096, kv_width: int = 8192
-) -> HardwareProfile:
-    return HardwareProfile(
-        device_name="synthetic",
-        torch_version="0",
-        h2d=RateCurve.from_points(h2d),
-        d2h=RateCurve.from_points(h2d),
-        gemm=RateCurve.from_points(gemm),
-        gemm_hidden=hidden,
-        gemm_kv_width=kv_width,
-        batch_size=32,
-        attention=((1024, 1e-4), (4096, 3e-4)),
-        decode_layer_s=2e-3,
-        created="2025-01-01T00:00:00+00:00",
-    )
-
-
-# The DESIGN section 1 figures of the H100 host, written out here as test data.
-H100 = synthetic_profile([(MIB, 28e9), (8 * MIB, 49e9), (256 * MIB, 55e9)], [(256, 355e12), (4096, 720e12)])
 
 
 def model_config(

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import make_llm
+from conftest import H100, make_llm
 from kvpr.api import LLM
 from kvpr.cache.codec import X_CODEC_NAMES, make_x_codec
 from kvpr.cli import main
@@ -17,7 +17,6 @@ from kvpr.models.registry import builtin_config
 from kvpr.scheduler.cost_model import LayerShape, Schedule
 from kvpr.scheduler.policy import recompute_can_pay, stored_element_bytes
 from kvpr.scheduler.solver import solve_split
-from test_scheduler import H100
 
 PROMPT = [100, 3, 44, 21, 9, 8, 71, 12, 4, 5, 6, 7, 8, 9, 10, 11]
 

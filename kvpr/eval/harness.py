@@ -45,17 +45,18 @@ def fp16_bytes_per_token(name: str, cache: CacheConfig, model: ModelConfig) -> f
     return float(2 * model.num_layers * model.kv_size * 2)
 
 
-def cache_for_spec(spec: str, recompute: float | str = RECOMPUTE_OFF) -> CacheConfig:
+def cache_for_spec(spec: str, recompute: float | str = RECOMPUTE_OFF, x_codec: str = "none") -> CacheConfig:
     """The placement ``kvpr eval`` measures a ``--codecs`` spec under: KVO and KIVI with their packed
     rows in host memory, the other cache methods on the device, the tokenwise codecs as the offloaded
-    host tier (with ``recompute``, the split of that tier), ``none`` as computed."""
+    host tier (with ``recompute`` and ``x_codec``: the split of that tier and how it keeps X),
+    ``none`` as computed."""
     name, params = parse_codec_spec(spec)
     if name == "none":
         return CacheConfig()
     if name in CACHE_METHODS:
         offload = Offload.CPU if name in OFFLOADABLE else Offload.NONE
         return CacheConfig(offload=offload, kv_codec=name, kv_codec_params=params)
-    return CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=name)
+    return CacheConfig(offload=Offload.CPU, recompute=recompute, kv_codec=name, x_codec=x_codec)
 
 
 def cache_footprint(engine: LLM, context_len: int) -> tuple[float, float]:
