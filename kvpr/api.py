@@ -54,7 +54,7 @@ from kvpr.scheduler.policy import make_split_policy, recompute_may_run
 from kvpr.scheduler.solver import resident_tokens
 
 if TYPE_CHECKING:
-    from kvpr.scheduler.throughput_policy import ThroughputPlan
+    from kvpr.scheduler.throughput_cost import ThroughputPlan
 
 
 @dataclass
@@ -460,7 +460,8 @@ def plan_throughput(
 
     from kvpr.cache.disk import measure_disk_bps
     from kvpr.scheduler.profiler import HardwareProfile, load_or_measure
-    from kvpr.scheduler.throughput_policy import MachineLimits, ThroughputWorkload, search_policy
+    from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputWorkload
+    from kvpr.scheduler.throughput_policy import search_policy
 
     model = resolve_source(config.model, dummy_weights=True).config
     runtime = config.runtime

@@ -12,26 +12,26 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvpr.config import ModelConfig, Placement, ThroughputConfig
+from kvpr.config import ModelConfig, Placement, ThroughputConfig, Tier
 from kvpr.errors import KvprError
 from kvpr.models.registry import builtin_config, model_class
 from kvpr.scheduler import throughput_policy as policy_internals
 from kvpr.scheduler.cost_model import RateCurve
 from kvpr.scheduler.profiler import HardwareProfile
-from kvpr.scheduler.throughput_policy import (
+from kvpr.scheduler.throughput_cost import (
     MachineLimits,
+    Shares,
     ThroughputPlan,
     ThroughputWorkload,
-    Tier,
+    block_costs,
     cache_slot_ranges,
+    cost_terms,
     estimate,
-    flexgen_policy,
-    format_plans,
     layer_weight_tensors,
     resident_weight_elements,
-    search_policy,
     weight_shares,
 )
+from kvpr.scheduler.throughput_policy import flexgen_policy, format_plans, search_policy
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -156,7 +156,7 @@ def test_lp_token_relaxation_is_exact(
     """With the placement pinned, the LP's bounded token counts (and its free r) give exactly the best
     cost of the true token-range counts over a fine grid of r: demoting tokens never pays."""
     machine, workload = limits(1000, 1000, 1000), ThroughputWorkload(prompt, gen)
-    block = policy_internals._block(OPT, profile_for(OPT), machine, workload, 8, 4, stores_x, 2)
+    block = block_costs(OPT, profile_for(OPT), machine, workload, 8, 4, stores_x, 2)
     wg, wc, cg, cc = shares[0], shares[1] * (1 - shares[0]), shares[2], shares[3] * (1 - shares[2])
     fixed = dict(wg=wg, wc=wc, wd=1 - wg - wc, cg=cg, cc=cc, cd=1 - cg - cc, ag=act[0], ac=act[1], ad=act[2])
     solution = policy_internals._solve(block, machine, True, fixed)
@@ -169,7 +169,7 @@ def test_lp_token_relaxation_is_exact(
     for r in [step / 100 for step in range(101)] if stores_x else [0.0]:
         placement = (wg, wc, 1 - wg - wc, cg, cc, 1 - cg - cc, *act)
         counts = (tg, r * tc, (1 - r) * tc, 1 - tg - tc, pg, pc, 1 - pg - pc)
-        terms = policy_internals._terms(block, policy_internals._Shares(*placement, *counts, 1.0))
+        terms = cost_terms(block, Shares(*placement, *counts, 1.0))
         layers = max(terms.prefill.values()) + workload.decode_steps * max(terms.decode.values())
         seconds = OPT.num_layers * layers + gen * block.head_s
         best = max(best, block.block_size * gen / seconds)
