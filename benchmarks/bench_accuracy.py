@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,13 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--merge", default=None, help="an earlier report of this model: its rows are kept unless measured again"
+    )
     args = parser.parse_args()
 
     llm = LLM(EngineConfig(model=args.model, runtime=RuntimeConfig(device=args.device, dtype=args.dtype)))
+    earlier = json.loads(Path(args.merge).read_text())["rows"] if args.merge else []
     rows: list[dict[str, Any]] = []
     budgets: dict[int, dict[str, str]] = {}
     for context_len in args.context:
@@ -63,9 +68,12 @@ def main() -> int:
             batch_size=args.batch_size,
         )
         stem = f"accuracy-{llm.name}-{datetime.date.today():%Y%m%d}"
-        meta = {"matched_budgets": budgets, "device": args.device, "dtype": args.dtype}
-        paths = write_report(rows, args.out, llm.name, meta, stem=stem)  # after every context: a cut run keeps rows
-    for row in rows:
+        meta = {"matched_budgets": budgets, "device": args.device, "dtype": args.dtype, "merged_from": args.merge}
+        measured = {(row["codec"], row["context_len"]) for row in rows}
+        kept = [row for row in earlier if (row["codec"], row["context_len"]) not in measured]
+        # after every context, so a cut run keeps its rows
+        paths = write_report(kept + rows, args.out, llm.name, meta, stem=stem)
+    for row in kept + rows:
         print(
             f"{row['codec']:>32} ctx={row['context_len']:5d} bytes/token={row['bytes_per_token']:8.0f} "
             f"read/token={row['read_bytes_per_token']:8.0f} ppl={row['ppl']:.3f} retrieval={row['retrieval_acc']:.2f}"

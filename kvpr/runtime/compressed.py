@@ -75,7 +75,8 @@ class CacheMethod:
         )
 
     def layer_bytes(self, context_len: int, element: int = 2) -> tuple[float, float]:
-        """(stored, read by one decode step) bytes of one compressed layer at ``context_len`` tokens."""
+        """(stored, read by one decode step) bytes of one compressed layer at ``context_len`` tokens
+        (KVO's read: an upper bound, see below)."""
         cfg, n, d, s = self.config, self.model.num_kv_heads, self.model.head_dim, context_len
         token = 2 * n * d * element  # K and V of one token, uncompressed
         if self.name == "kvo":
@@ -86,8 +87,11 @@ class CacheMethod:
             recent_bytes = recent * n * (d + 4 * d // cfg.group + 2 * d)  # K int8 + scale, zero; V fp16
             per_chunk = anchor + k_layout.row_bytes + order + v_layout.row_bytes / cfg.anchors_per_group
             selected = min(cfg.top_chunks, chunks)
-            read = chunks * n * anchor + selected * n * (k_layout.row_bytes + v_layout.row_bytes) + recent_bytes
-            return chunks * n * per_chunk + recent_bytes, read
+            # Chunks of one V group share its row, read once: at most min(selected, groups) rows (exact
+            # when every chunk is selected; fewer where the selection leaves groups out).
+            v_rows = min(selected, chunks // cfg.anchors_per_group)
+            read = chunks * n * anchor + selected * n * k_layout.row_bytes + v_rows * n * v_layout.row_bytes
+            return chunks * n * per_chunk + recent_bytes, read + recent_bytes
         if self.name == "kivi2":
             quantised = s // cfg.residual * cfg.residual
             stored = quantised * KiviCache.bytes_per_token(cfg, n, d) + (s - quantised) * 2 * n * d * 2

@@ -99,7 +99,17 @@ class KVOCache:
         self.recent_valid = torch.zeros(2 * config.window, b, dtype=torch.bool, device=device)  # [2w, b]
         self.recent_len = 0
         self.num_chunks = 0
-        self.read_bytes = self.link_bytes = 0
+        self.link_bytes = 0
+        self._read_fixed = 0  # the last step's anchors, recent window and K rows (bytes)
+        self._read_v_rows: torch.Tensor | None = None  # and the flat indices of the V rows it used
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes the last decode step read: every anchor, the recent window, the selected chunks' K
+        rows and each V group row they share once (counted when asked: no device sync per step)."""
+        if self._read_v_rows is None:
+            return self._read_fixed
+        return self._read_fixed + int(torch.unique(self._read_v_rows).numel()) * self.v_layout.row_bytes
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -176,7 +186,8 @@ class KVOCache:
         b, n, d, cfg = self.b, self.n, self.d, self.config
         S, P, r = cfg.chunk, cfg.anchors_per_group, self.recent_len
         self.link_bytes = 0
-        self.read_bytes = r * b * n * (self.recent["rk_codes"][0, 0, 0].numel() + 4 * d // cfg.group + 2 * d)
+        self._read_fixed = r * b * n * (self.recent["rk_codes"][0, 0, 0].numel() + 4 * d // cfg.group + 2 * d)
+        self._read_v_rows = None
         with record_function("kvo.decode"):
             k_recent = decode_recent_k({name: x[:r] for name, x in self.recent.items()}, d)  # [r, b, n_kv, d]
             keys = [k_recent.permute(1, 2, 0, 3).to(self.dtype)]
@@ -199,7 +210,7 @@ class KVOCache:
             values.insert(0, v_sel.reshape(b, n, m * S, d).to(self.dtype))
             masks.insert(0, (torch.arange(S, device=self.device) < count.unsqueeze(-1)).reshape(b, n, m * S))
         anchor_bytes = sum(x[: self.num_chunks].numel() * x.element_size() for x in self.anchors.values())
-        self.read_bytes += k_rows.numel() + v_rows.numel() + anchor_bytes
+        self._read_fixed += k_rows.numel() + anchor_bytes
         return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=2)
 
     def _fetch(self, selected: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +219,7 @@ class KVOCache:
         flat_k = (selected * b + bi) * n + hi  # [b, n_kv, m]: row of (chunk, seq, head)
         flat_v = (torch.div(selected, self.config.anchors_per_group, rounding_mode="floor") * b + bi) * n + hi
         index = torch.stack([flat_k, flat_v]).reshape(2, -1)
+        self._read_v_rows = index[1]
         if self.k_rows.on_host:
             index = index.cpu()  # the one host wait of the step: the host gather needs the selection
         k_rows, k_link = self.k_rows.gather(index[0])
