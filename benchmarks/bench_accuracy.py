@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvpr.api import LLM  # noqa: E402
 from kvpr.config import EngineConfig, RuntimeConfig  # noqa: E402
 from kvpr.eval.budgets import matched_specs  # noqa: E402
-from kvpr.eval.harness import cache_for_spec, evaluate, write_report  # noqa: E402
+from kvpr.eval.harness import cache_footprint, cache_for_spec, evaluate, write_report  # noqa: E402
 
 # Fixed configs: the tokenwise host-tier codecs, and the compressors at their papers' settings
 # (Quest's default 512-token read budget is about the tokens KVO attends: 48 chunks of 8 plus its
@@ -44,12 +44,18 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
-        "--merge", default=None, help="an earlier report of this model: its rows are kept unless measured again"
+        "--merge",
+        default=None,
+        help="an earlier report of this model: its rows are kept unless measured again (their byte counts "
+        "recomputed by this checkout's formulas)",
     )
     args = parser.parse_args()
 
     llm = LLM(EngineConfig(model=args.model, runtime=RuntimeConfig(device=args.device, dtype=args.dtype)))
     earlier = json.loads(Path(args.merge).read_text())["rows"] if args.merge else []
+    for row in earlier:  # byte counts are the formulas of this checkout (tests hold them to the runtime's)
+        engine = llm.with_placement(cache_for_spec(row["codec"]))
+        row["bytes_per_token"], row["read_bytes_per_token"] = cache_footprint(engine, row["context_len"])
     rows: list[dict[str, Any]] = []
     budgets: dict[int, dict[str, str]] = {}
     for context_len in args.context:
