@@ -271,7 +271,7 @@ def plot(rows: Sequence[dict[str, Any]], model_name: str, path: Path) -> None:
                 (r.get(x_key, r["bytes_per_token"]), r[key], r["codec"]) for r in series if r.get(key) is not None
             )
             if points:
-                axis.plot([p[0] for p in points], [p[1] for p in points], "o:", label=f"{context_len} tokens")
+                axis.plot([p[0] for p in points], [p[1] for p in points], "o", label=f"{context_len} tokens")
                 for xi, yi, name in points:
                     axis.annotate(name, (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, 3))
     accuracy.set(xlabel="bytes stored per token (K+V, all layers)", ylabel="retrieval accuracy", ylim=(-0.05, 1.05))
