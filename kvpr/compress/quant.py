@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kvpr.cache.codec import EncodedKV, check_codec, check_kv
-from kvpr.compress.packing import PACK_BITS, pack_bits, packed_len, unpack_bits
+from kvpr.compress.packing import pack_bits, packed_len, unpack_bits
 from kvpr.errors import KvprError
 
 # fp16 has an 11-bit significand: nudging by 2**-10 before rounding makes rounding go outward.
@@ -81,18 +81,22 @@ def group_bytes(d: int, bits: int, group: int) -> int:
     return packed_len(d, bits) + 4 * (d // group)
 
 
+def _checked_group(bits: int, group_size: int, allowed: tuple[int, ...], what: str) -> tuple[int, int]:
+    """``(bits, group_size)`` if ``bits`` is one of ``allowed`` and the group a positive int."""
+    if bits not in allowed:
+        raise KvprError(f"{what} supports {', '.join(map(str, allowed))} bits, not {bits}")
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise KvprError(f"group_size must be a positive int, not {group_size!r}")
+    return bits, group_size
+
+
 class GroupQuantCodec:
     """K and V both per token, ``bits`` asymmetric in groups of ``group_size`` channels (int8, int4)."""
 
     tokenwise = True
 
     def __init__(self, bits: int, group_size: int = 32) -> None:
-        if bits not in PACK_BITS or bits == 1:
-            raise KvprError(f"group quantisation supports 2, 4 or 8 bits, not {bits}")
-        if not isinstance(group_size, int) or group_size <= 0:
-            raise KvprError(f"group_size must be a positive int, not {group_size!r}")
-        self.bits = bits
-        self.group_size = group_size
+        self.bits, self.group_size = _checked_group(bits, group_size, (2, 4, 8), "group quantisation of K,V")
         self.name = f"int{bits}"
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> EncodedKV:
@@ -130,12 +134,7 @@ class GroupQuantInputs:
     tokenwise = True
 
     def __init__(self, bits: int, group_size: int = 32) -> None:
-        if bits not in (4, 8):
-            raise KvprError(f"--x-codec stores X in 8 or 4 bits, not {bits}")
-        if not isinstance(group_size, int) or group_size <= 0:
-            raise KvprError(f"group_size must be a positive int, not {group_size!r}")
-        self.bits = bits
-        self.group_size = group_size
+        self.bits, self.group_size = _checked_group(bits, group_size, (4, 8), "--x-codec")
         self.name = f"int{bits}"
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
