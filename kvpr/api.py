@@ -138,7 +138,7 @@ class LLM:
         for flag in ("kv_codec", "x_codec"):
             if getattr(self.config.cache, flag) != "none":
                 raise KvprError(
-                    f"--{flag.replace('_', '-')} is not supported in throughput mode yet: drop it or --percent"
+                    f"--{flag.replace('_', '-')} is not supported in throughput mode yet: drop it or drop --percent"
                 )
         pin = throughput.pin_weight and pin_host_memory(self.device)
         weights = LayerWeights(self.model, throughput.placement, self.device, self.dtype, pin, self._offload_dir())

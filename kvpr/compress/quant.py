@@ -131,8 +131,6 @@ class GroupQuantInputs:
     Tokenwise like the host tier: ``encode`` of [t, b, h] returns parts with the token axis first.
     """
 
-    tokenwise = True
-
     def __init__(self, bits: int, group_size: int = 32) -> None:
         self.bits, self.group_size = _checked_group(bits, group_size, (4, 8), "--x-codec")
         self.name = f"int{bits}"
