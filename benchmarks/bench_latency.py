@@ -120,10 +120,17 @@ def run_kvpr(
     }
 
 
-def kernel_share(llm: LLM, case: Case, prompts: torch.Tensor, codec: str, decode_ms: float) -> dict[str, Any]:
-    """Per decode step, the device time (and host time) of each phase a cache method annotates with
-    ``record_function("<codec>.<phase>")`` (KVO: select, fetch = host gather + copy of the selected
-    rows, decode, attend), and their device time as a share of the unprofiled step time."""
+def method_profile(
+    llm: LLM, case: Case, prompts: torch.Tensor, codec: str, decode_ms: float, bandwidth: float
+) -> dict[str, Any]:
+    """What one decode step of a cache method costs besides its time, measured on ``steps`` steps.
+
+    Per phase annotated with ``record_function("<codec>.<phase>")`` (KVO: select, fetch = host gather
+    + copy of the selected rows, decode, attend) its device and host time, and their device time as a
+    share of the unprofiled step; the bytes the step read and copied over the link (and that copy's
+    time at ``bandwidth`` bytes/s); the host memory the cache allocated against an fp16 host cache of
+    the same slots.
+    """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -142,8 +149,20 @@ def kernel_share(llm: LLM, case: Case, prompts: torch.Tensor, codec: str, decode
         if event.device_type == DeviceType.CPU and event.name.startswith(f"{codec}."):
             device_ms[event.name] = device_ms.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
             host_ms[event.name] = host_ms.get(event.name, 0.0) + event.cpu_time_total / 1e3 / steps
-    total = sum(device_ms.values())
-    return {"phase_device_ms": device_ms, "phase_host_ms": host_ms, "method_device_share": total / decode_ms}
+    read, link = executor.step_bytes()
+    cfg = llm.model_config
+    fp16_host = 2 * cfg.num_layers * case.batch_size * (ids.shape[1] + steps) * cfg.kv_size * 2
+    return {
+        "phase_device_ms": device_ms,
+        "phase_host_ms": host_ms,
+        "method_device_share": sum(device_ms.values()) / decode_ms,
+        "read_bytes_per_step": read,
+        "link_bytes_per_step": link,
+        "link_ms_per_step": 1e3 * link / bandwidth,
+        "host_cache_bytes": executor.host_nbytes(),
+        "fp16_host_cache_bytes": fp16_host,
+        "host_cache_share": executor.host_nbytes() / fp16_host,
+    }
 
 
 def _hf_model(llm: LLM, name: str) -> torch.nn.Module:
@@ -279,8 +298,9 @@ def bench(
                         row.update(run_kvpr(llm, case, prompts, "auto", X_SYSTEMS[system], x_codec="int4"))
                     elif system in ("kvpr-kvo", "kvpr-kivi2"):  # compressed cache method, no recomputation
                         row.update(run_kvpr(llm, case, prompts, "off", system.removeprefix("kvpr-")))
-                        if system == "kvpr-kvo":  # the share of selection, gather and decoding in a step
-                            row.update(kernel_share(llm, case, prompts, "kvo", row["decode_ms_per_token"]))
+                        if system == "kvpr-kvo":  # selection, gather and decoding in a step; bytes and memory
+                            speed = profile.h2d_bytes_per_s(256 * 2**20)
+                            row.update(method_profile(llm, case, prompts, "kvo", row["decode_ms_per_token"], speed))
                     elif system.startswith("kvpr-"):  # a fixed fraction, e.g. kvpr-0.5
                         row.update(run_kvpr(llm, case, prompts, float(system.removeprefix("kvpr-"))))
                     elif system == "floor":
@@ -302,13 +322,18 @@ def bench(
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """kvpr-auto relative to each other system of the same case (> 1 means kvpr is faster)."""
+    """kvpr-auto relative to each other system of the same case (> 1 means kvpr-auto is faster), and
+    each system relative to kvpr-off, the full K,V transfer (> 1 means the system is faster)."""
     key = lambda r: (r["model"], r["batch_size"], r["prompt_len"], r["gen_len"])  # noqa: E731
-    auto = {key(r): r for r in rows if r["system"] == "kvpr-auto" and r.get("decode_ms_per_token")}
-    for row in rows:
-        mine = auto.get(key(row))
-        if mine and row.get("decode_ms_per_token") and row["system"] != "kvpr-auto":
+    timed = [r for r in rows if r.get("decode_ms_per_token")]
+    auto = {key(r): r for r in timed if r["system"] == "kvpr-auto"}
+    off = {key(r): r for r in timed if r["system"] == "kvpr-off"}
+    for row in timed:
+        mine, full = auto.get(key(row)), off.get(key(row))
+        if mine and row["system"] != "kvpr-auto":
             row["kvpr_auto_speedup"] = row["decode_ms_per_token"] / mine["decode_ms_per_token"]
+        if full and row["system"] != "kvpr-off":
+            row["speedup_vs_kvpr_off"] = full["decode_ms_per_token"] / row["decode_ms_per_token"]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -324,6 +349,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{fmt(r.get('prefill_s'), '.2f')} | {fmt(r.get('tokens_per_s'), '.1f')} | "
             f"{fmt(r.get('recompute_fraction'), '.2f')} | {fmt(r.get('kvpr_auto_speedup'), '.2f')} |"
         )
+    profiled = [r for r in rows if "method_device_share" in r]
+    if profiled:  # cache methods: what a step moves and costs, and the host memory they take
+        lines += [
+            "",
+            "| model | b | prompt | system | decode ms/token | vs kvpr-off | method kernels share | "
+            "link MB/step | link ms/step | host cache / fp16 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in profiled:
+            lines.append(
+                f"| {r['model']} | {r['batch_size']} | {r['prompt_len']} | {r['system']} | "
+                f"{r['decode_ms_per_token']:.1f} | {fmt(r.get('speedup_vs_kvpr_off'), '.2f')} | "
+                f"{r['method_device_share']:.1%} | {r['link_bytes_per_step'] / 1e6:.1f} | "
+                f"{r['link_ms_per_step']:.2f} | {r['host_cache_share']:.1%} |"
+            )
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything kvpr measures or checks on a GPU, in one device call. Full JSON goes to $OUT,
 # a short table is printed last. Usage (repo root): bash benchmarks/gpu_suite.sh [tests|bench|all] [suites...]
+# with SYSTEMS="kvpr-off kvpr-kvo floor" (default: bench_latency's) and TAG=latency-kvo (file stem).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results}"
@@ -18,5 +19,5 @@ if [ "$mode" = tests ] || [ "$mode" = all ]; then
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 benchmarks/bench_latency.py --suite "${@:-paper}" --out "$OUT" --commit "${KVPR_COMMIT:-unknown}" \
-    --host-memory-gib "${HOST_MEMORY_GIB:-100}"
+    --host-memory-gib "${HOST_MEMORY_GIB:-100}" --tag "${TAG:-latency}" ${SYSTEMS:+--systems $SYSTEMS}
 fi

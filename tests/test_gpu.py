@@ -99,6 +99,28 @@ def test_compressed_tier_overlapped_matches_sequential(tiny_checkpoint, codec: s
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+@pytest.mark.parametrize("x_codec", ["int8", "int4"])
+def test_encoded_x_overlapped_matches_sequential(tiny_checkpoint, family: str, x_codec: str) -> None:
+    """X codes copied in chunks on the copy stream and decoded right before each chunk's recompute
+    give the sequential oracle's tokens."""
+    from kvpr.api import LLM
+    from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
+
+    params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+    outputs = []
+    for overlap in (True, False):
+        llm = LLM(
+            EngineConfig(
+                model=str(tiny_checkpoint(family)),
+                cache=CacheConfig(offload=Offload.CPU, recompute=0.5, x_codec=x_codec),
+                runtime=RuntimeConfig(device="cuda", dtype="float16", overlap=overlap, num_chunks=3),
+            )
+        )
+        outputs.append([c.token_ids for c in llm.generate(PROMPTS, params)])
+    assert outputs[0] == outputs[1]
+
+
 def test_auto_residency_keeps_tokens_on_the_gpu(tiny_checkpoint) -> None:
     params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
     reference = [c.token_ids for c in gpu_llm(tiny_checkpoint("opt")).generate(PROMPTS, params)]

@@ -80,6 +80,14 @@ def test_offloaded_equals_on_device(tiny_checkpoint, codec: str) -> None:
     assert torch.equal(device_logits, host_logits)
     (read_device, link_device), (read_host, link_host) = on_device.step_bytes(), offloaded.step_bytes()
     assert read_device == read_host and link_device == 0 < link_host < read_host
+    # host memory: the row tiers allocated for every slot plus KVO's gather staging, within the bound
+    # that was checked before anything was allocated
+    llm = engine(directory, codec, "cpu", PARAMS[codec])
+    bound = llm.codec.memory(CacheShape.for_model(llm.model_config, 2, 340, llm.dtype), offloaded=True)[1]
+    assert on_device.host_nbytes() == 0 and offloaded.staging is not None
+    assert (offloaded.staging.nbytes > 0) == (codec == "kvo")  # KIVI reads its whole tier: no gather
+    filled = sum(cache.packed_nbytes() if codec == "kvo" else cache.tier.nbytes() for cache in offloaded.caches[2:])
+    assert filled < offloaded.host_nbytes() - offloaded.staging.nbytes and offloaded.host_nbytes() <= bound
 
 
 @pytest.mark.parametrize("codec", ["kvo", "kivi2"])

@@ -168,6 +168,10 @@ class RowTier:
         """Bytes of the filled rows."""
         return self.length * self.rows[0].numel()
 
+    def host_nbytes(self) -> int:
+        """Host memory this tier allocated (every row, filled or not): 0 on the compute device."""
+        return self.rows.numel() if self.on_host else 0
+
     def write(self, rows: torch.Tensor) -> None:
         """Append rows [t, b, n_kv, row_bytes] (on the compute device) at ``length``."""
         start, end = self.length, self.length + rows.shape[0]

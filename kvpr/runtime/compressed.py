@@ -247,5 +247,10 @@ class CompressedExecutor:
         """Bytes the caches hold now."""
         return sum(cache.nbytes() for cache in self.caches)
 
+    def host_nbytes(self) -> int:
+        """Host memory the caches allocated: every offloaded row tier plus the pinned gather staging."""
+        tiers = sum(cache.host_nbytes() for cache in self.caches if isinstance(cache, (KVOCache, KiviCache)))
+        return tiers + (self.staging.nbytes if self.staging is not None else 0)
+
     def finish(self) -> None:
         self.streams.synchronize()

@@ -248,6 +248,10 @@ class KVOCache:
         anchors = sum(x[: self.num_chunks].numel() * x.element_size() for x in self.anchors.values())
         return anchors + self.k_rows.nbytes() + self.v_rows.nbytes() + self.orders.nbytes()
 
+    def host_nbytes(self) -> int:
+        """Host memory of the row tiers (allocated for every slot); 0 when they are on the device."""
+        return self.k_rows.host_nbytes() + self.v_rows.host_nbytes() + self.orders.host_nbytes()
+
     def nbytes(self) -> int:
         """Everything held: the packed windows, chunk validity and the recent window with its scores."""
         r = self.recent_len

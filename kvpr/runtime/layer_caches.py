@@ -226,6 +226,10 @@ class KiviCache:
     def nbytes(self) -> int:
         return self.tier.nbytes() + 2 * self.res_len * self.b * self.n * self.d * 2
 
+    def host_nbytes(self) -> int:
+        """Host memory of the block rows (allocated for every slot); 0 when they are on the device."""
+        return self.tier.host_nbytes()
+
     @staticmethod
     def bytes_per_token(config: KiviConfig, n_kv: int, d: int) -> float:
         """Stored (and read) bytes of one token of one layer in steady state, for one sequence."""
