@@ -10,6 +10,7 @@ model is built around kvpr's tensors, whose names match the checkpoint). Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -56,6 +57,7 @@ SUITES: dict[str, list[Case]] = {
     # transformers' offloaded cache was killed for host memory here on the 128 GB H100 host:
     # run it with --systems hf-gpu kvpr-off kvpr-auto floor.
     "llama-long": [Case("llama-3-8b", 16, 2048, 16), Case("llama-3-8b", 8, 8184, 8)],
+    "llama-2048": [Case("llama-3-8b", 16, 2048, 16)],
     "b64": [Case("opt-6.7b", 64, 1024, 16)],
     # KVO composed with offload (issue 5's target: kvpr-kvo at least 3x faster than kvpr-off here)
     "kvo": [Case("opt-6.7b", 16, 2016, 16)],
@@ -69,8 +71,8 @@ SUITES: dict[str, list[Case]] = {
 SYSTEMS = ("hf-gpu", "hf-offloaded", "kvpr-off", "kvpr-auto", "floor")
 # Also accepted by --systems: kvpr-int8, kvpr-int4 (compressed host tier), kvpr-x4, kvpr-int4-x4 (X
 # stored in 4 bits, K,V in fp16 or int4), kvpr-kvo, kvpr-kivi2 (packed chunks in host memory, KVO
-# reading only the selected ones), kvpr-resident (auto split plus --gpu-resident auto), kvpr-F
-# (fixed fraction F).
+# reading only the selected ones), kvpr-kvo-compile (KVO decoding with torch.compile's kernels),
+# kvpr-resident (auto split plus --gpu-resident auto), kvpr-F (fixed fraction F).
 X_SYSTEMS = {"kvpr-x4": "none", "kvpr-int4-x4": "int4"}  # system -> --kv-codec, with --x-codec int4
 
 
@@ -100,12 +102,15 @@ def run_kvpr(
     codec: str = "none",
     resident: int | str = 0,
     x_codec: str = "none",
+    compile: bool = False,
 ) -> dict[str, Any]:
     cache = CacheConfig(
         offload=Offload.CPU, recompute=recompute, kv_codec=codec, gpu_resident=resident, x_codec=x_codec
     )
-    placed = llm.with_placement(cache)
-    placed.generate(prompts[:1, :16].tolist(), SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up
+    placed = llm.with_placement(cache, dataclasses.replace(llm.config.runtime, compile=compile))
+    # Warm-up; with --compile at the batch and selection size of the run, so it compiles here.
+    warm = prompts[:, :512] if compile else prompts[:1, :16]
+    placed.generate(warm.tolist(), SamplingParams(max_new_tokens=2, stop_on_eos=False))
     placed.generate(prompts.tolist(), SamplingParams(max_new_tokens=case.gen_len, stop_on_eos=False))
     stats = placed.last_stats
     assert stats is not None
@@ -121,20 +126,22 @@ def run_kvpr(
 
 
 def method_profile(
-    llm: LLM, case: Case, prompts: torch.Tensor, codec: str, decode_ms: float, bandwidth: float
+    llm: LLM, case: Case, prompts: torch.Tensor, codec: str, decode_ms: float, bandwidth: float, compile: bool
 ) -> dict[str, Any]:
     """What one decode step of a cache method costs besides its time, measured on ``steps`` steps.
 
     Per phase annotated with ``record_function("<codec>.<phase>")`` (KVO: select, fetch = host gather
     + copy of the selected rows, decode, attend) its device and host time, and their device time as a
-    share of the unprofiled step; the bytes the step read and copied over the link (and that copy's
+    share of the unprofiled step, and the host time of its parts (``<codec>_<part>.<what>``: the
+    selection's copy to the host, the host gathers); the bytes the step read and copied over the link (and that copy's
     time at ``bandwidth`` bytes/s); the host memory the cache allocated against an fp16 host cache of
     the same slots.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    placed = llm.with_placement(CacheConfig(offload=Offload.CPU, kv_codec=codec))
+    runtime = dataclasses.replace(llm.config.runtime, compile=compile)
+    placed = llm.with_placement(CacheConfig(offload=Offload.CPU, kv_codec=codec), runtime)
     ids, steps = prompts.to(llm.device), 4
     executor = placed.make_executor(ids.shape[0], ids.shape[1] + steps)
     executor.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
@@ -145,16 +152,20 @@ def method_profile(
         executor.finish()
     device_ms: dict[str, float] = {}
     host_ms: dict[str, float] = {}
+    part_ms: dict[str, float] = {}
     for event in prof.events():  # host-side annotations: their device time is that of the kernels they launched
         if event.device_type == DeviceType.CPU and event.name.startswith(f"{codec}."):
             device_ms[event.name] = device_ms.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
             host_ms[event.name] = host_ms.get(event.name, 0.0) + event.cpu_time_total / 1e3 / steps
+        elif event.device_type == DeviceType.CPU and event.name.startswith(f"{codec}_"):
+            part_ms[event.name] = part_ms.get(event.name, 0.0) + event.cpu_time_total / 1e3 / steps
     read, link = executor.step_bytes()
     cfg = llm.model_config
     fp16_host = 2 * cfg.num_layers * case.batch_size * (ids.shape[1] + steps) * cfg.kv_size * 2
     return {
         "phase_device_ms": device_ms,
         "phase_host_ms": host_ms,
+        "part_host_ms": part_ms,
         "method_device_share": sum(device_ms.values()) / decode_ms,
         "read_bytes_per_step": read,
         "link_bytes_per_step": link,
@@ -296,11 +307,13 @@ def bench(
                         row.update(run_kvpr(llm, case, prompts, "auto", system.removeprefix("kvpr-")))
                     elif system in X_SYSTEMS:  # X stored in 4 bits too (K,V fp16 or int4), split chosen by auto
                         row.update(run_kvpr(llm, case, prompts, "auto", X_SYSTEMS[system], x_codec="int4"))
-                    elif system in ("kvpr-kvo", "kvpr-kivi2"):  # compressed cache method, no recomputation
-                        row.update(run_kvpr(llm, case, prompts, "off", system.removeprefix("kvpr-")))
-                        if system == "kvpr-kvo":  # selection, gather and decoding in a step; bytes and memory
-                            speed = profile.h2d_bytes_per_s(256 * 2**20)
-                            row.update(method_profile(llm, case, prompts, "kvo", row["decode_ms_per_token"], speed))
+                    elif system in ("kvpr-kvo", "kvpr-kvo-compile", "kvpr-kivi2"):  # a cache method, no recompute
+                        compile = system.endswith("-compile")
+                        codec = system.removeprefix("kvpr-").removesuffix("-compile")
+                        row.update(run_kvpr(llm, case, prompts, "off", codec, compile=compile))
+                        if codec == "kvo":  # selection, gather and decoding in a step; bytes and memory
+                            speed, ms = profile.h2d_bytes_per_s(256 * 2**20), row["decode_ms_per_token"]
+                            row.update(method_profile(llm, case, prompts, codec, ms, speed, compile))
                     elif system.startswith("kvpr-"):  # a fixed fraction, e.g. kvpr-0.5
                         row.update(run_kvpr(llm, case, prompts, float(system.removeprefix("kvpr-"))))
                     elif system == "floor":

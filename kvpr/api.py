@@ -113,6 +113,7 @@ class LLM:
         source = resolve_source(config.model, config.dummy_weights)
         self.model_config: ModelConfig = source.config
         self.codec = self._make_codec()  # rejects a bad --kv-codec before the weights load
+        self._check_compile()
         self.x_codec = make_x_codec(config.cache.x_codec, self.model_config.hidden_size)
         self.model = build_model(self.model_config)
         self.layer_weights = self._plan_weights(source.name)  # throughput mode: weights on three tiers
@@ -125,6 +126,14 @@ class LLM:
         self.tokenizer = _load_tokenizer(source.directory) if source.directory else None
         self.name = source.name
         self.last_stats: RunStats | None = None
+
+    def _check_compile(self) -> None:
+        if not self.config.runtime.compile:
+            return
+        if self.device.type != "cuda":
+            raise KvprError("--compile needs a CUDA device (its fused kernels are Triton's): drop it here")
+        if self.config.cache.kv_codec != "kvo":
+            raise KvprError(f"--compile fuses KVO's decode kernels; --kv-codec {self.config.cache.kv_codec} has none")
 
     def _plan_weights(self, name: str) -> LayerWeights | None:
         """Check that the weights fit where the placement puts them; in throughput mode, lay out
@@ -173,6 +182,7 @@ class LLM:
         runtime = dataclasses.replace(runtime, device=self.config.runtime.device, dtype=self.config.runtime.dtype)
         clone.config = self.config.replace(cache=cache, runtime=runtime)
         clone.codec = clone._make_codec()
+        clone._check_compile()
         clone.x_codec = make_x_codec(cache.x_codec, self.model_config.hidden_size)
         clone.last_stats = None
         return clone
@@ -267,7 +277,8 @@ class LLM:
         offloaded = cache.offload is Offload.CPU
         if isinstance(self.codec, CacheMethod):  # KVO, KIVI and the baselines: a compressed cache per layer
             pin = offloaded and pin_host_memory(self.device)
-            return CompressedExecutor(self.model, self.codec, shape, self.device, offloaded, pin)  # type: ignore[return-value]
+            compile_ = self.config.runtime.compile
+            return CompressedExecutor(self.model, self.codec, shape, self.device, offloaded, pin, compile_)  # type: ignore[return-value]
         storage = KVStorage(
             shape,
             torch.device("cpu") if offloaded else self.device,

@@ -62,6 +62,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlap", action="store_true", help="run the plain sequential executor (the oracle)")
     parser.add_argument("--num-chunks", type=int, default=8, help="X chunks per layer in the recompute pipeline")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="fuse KVO's decode kernels with torch.compile (CUDA; compiles on first use)",
+    )
+    parser.add_argument(
         "--profile", default=None, help="hardware profile JSON to plan with (default: measured and cached)"
     )
     throughput = parser.add_argument_group("throughput mode (FlexGen's setting; on when --percent is given)")
@@ -139,6 +144,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
             dtype=args.dtype,
             overlap=not args.no_overlap,
             num_chunks=args.num_chunks,
+            compile=args.compile,
             profile_path=args.profile,
             host_memory_gib=args.host_memory_gib,
         ),

@@ -301,6 +301,7 @@ class RuntimeConfig:
     num_chunks: int = 8  # X chunks per layer in the recompute pipeline
     profile_path: str | None = None
     host_memory_gib: float | None = None  # host budget; None: what the OS reports available
+    compile: bool = False  # fuse the cache method's decode kernels with torch.compile (CUDA, --kv-codec kvo)
 
     def __post_init__(self) -> None:
         if self.host_memory_gib is not None and not self.host_memory_gib > 0:

@@ -176,8 +176,9 @@ def test_group_quant_error_within_half_step(name: str, bits: int, out_dtype: tor
     for x, x2 in ((k, k2), (v, v2)):
         xg, x2g = x.reshape(40, 2, 2, 4, 32), x2.reshape(40, 2, 2, 4, 32)
         bound = half_step_bound(x, ref_step(xg, -1, levels), levels)
-        if out_dtype == torch.float16:
-            bound = bound + xg.double().abs() * FP16_EPS
+        if out_dtype == torch.float16:  # computed in fp16: code * scale (<= the range), then + zero
+            step = ref_step(xg, -1, levels)
+            bound = bound + (step * levels + xg.double().abs() + step) * FP16_EPS
         assert_within((xg.double() - x2g.double()).abs(), bound)
 
 

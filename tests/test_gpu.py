@@ -182,3 +182,23 @@ def test_compressed_cache_offloaded_equals_on_device(tiny_checkpoint, codec: str
         reference = [c.token_ids for c in llm("none", "none").generate(prompts, sampling)]
         kvo = llm("cpu", "kvo", (*eight_bit, ("v_keep", 32)))
         assert [c.token_ids for c in kvo.generate(prompts, sampling)] == reference
+
+
+def test_compiled_kvo_decode_equals_eager(tiny_checkpoint) -> None:
+    """--compile: torch.compile's fused decode of the selected chunks gives the eager logits, offloaded."""
+    from conftest import teacher_forced, token_prompts
+    from kvpr.api import LLM
+    from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
+
+    cache = CacheConfig(offload=Offload.CPU, kv_codec="kvo", kv_codec_params=(("top_chunks", 4),))
+    ids = torch.tensor(token_prompts([340, 340], seed=1), device="cuda")
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :128] = False
+    logits = []
+    for compile in (False, True):
+        runtime = RuntimeConfig(device="cuda", dtype="float16", compile=compile)
+        llm = LLM(EngineConfig(model=str(tiny_checkpoint("llama-d32")), cache=cache, runtime=runtime))
+        out, executor = teacher_forced(llm, ids, valid, 300)
+        executor.finish()
+        logits.append(out.float())
+    assert (logits[0] - logits[1]).abs().max().item() < FP16_ATOL

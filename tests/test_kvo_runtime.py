@@ -17,7 +17,7 @@ from kvpr.cli import main
 from kvpr.compress.kvo import KVOConfig, decode_anchor_keys
 from kvpr.compress.kvo_state import KVOLayerState
 from kvpr.compress.methods import KiviConfig, method_config, parse_codec_spec
-from kvpr.config import CacheConfig, Offload, SamplingParams
+from kvpr.config import CacheConfig, Offload, RuntimeConfig, SamplingParams
 from kvpr.errors import KvprError
 from kvpr.models.loader import resolve_source
 from kvpr.runtime.compressed import CacheMethod
@@ -233,6 +233,8 @@ def test_unsupported_combinations_fail_with_one_clear_line(tiny_checkpoint) -> N
         engine(tiny_checkpoint("llama-gqa"), "kvo")  # head_dim 16 < KVO's 32-channel groups
     with pytest.raises(KvprError, match="unknown kvo parameters"):
         method_config("kvo", {"top_k": 3})
+    with pytest.raises(KvprError, match="--compile needs a CUDA device"):
+        engine(directory, "kvo").with_placement(CacheConfig(kv_codec="kvo"), RuntimeConfig(device="cpu", compile=True))
     assert parse_codec_spec("h2o:budget=256,recent=64") == ("h2o", (("budget", 256), ("recent", 64)))
     for spec in ("h2o:budget=x", "int8:group_size=8", "kvo:top=1", "streaming:budget"):
         with pytest.raises(KvprError):
@@ -246,3 +248,5 @@ def test_cli_knobs_reach_the_method(capsys, tiny_checkpoint) -> None:
     assert json.loads(capsys.readouterr().out)["decode_ms_per_token"] > 0
     assert main(argv + ["--kv-codec", "kvo", "--h2o-budget", "64"]) == 2
     assert "--h2o-budget applies to --kv-codec h2o, not kvo" in capsys.readouterr().err
+    assert main(argv + ["--kv-codec", "kvo", "--compile"]) == 2
+    assert "--compile needs a CUDA device" in capsys.readouterr().err

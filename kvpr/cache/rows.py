@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from kvpr.device import host_empty
 
@@ -187,26 +188,26 @@ class RowTier:
         block = self.rows[start:end]  # [t, b, n_kv, row_bytes]
         return block.to(self.device, non_blocking=self.pin) if self.on_host else block
 
-    def gather(self, index: torch.Tensor, dedupe: bool = False) -> tuple[torch.Tensor, int]:
+    def gather(self, index: torch.Tensor, repeat: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Rows at flat indices ``index`` [N] into the ``[capacity * b * n_kv]`` rows.
 
         ``index`` lives on the host for a host tier (the caller moved it there once for all tiers).
-        ``dedupe``: copy each distinct row once and repeat it on the device (V groups shared by
-        several selected chunks). Returns the rows [N, row_bytes] on the compute device and the
-        bytes copied from host memory (0 for a device tier).
+        ``repeat`` (on the compute device): the rows to return, as positions in ``index``, so rows
+        shared by several readers (V groups of several selected chunks) cross the link once.
+        Returns the rows [N or len(repeat), row_bytes] on the compute device and the bytes copied
+        from host memory (0 for a device tier).
         """
         flat = self.rows.view(-1, self.row_bytes)
         if not self.on_host:
-            return flat.index_select(0, index), 0
+            rows = flat.index_select(0, index.to(self.device))
+            return (rows if repeat is None else rows.index_select(0, repeat)), 0
         assert self.staging is not None and index.device.type == "cpu"
-        inverse = None
-        if dedupe:
-            index, inverse = torch.unique(index, return_inverse=True)  # sorted distinct rows, and where each goes
         staged = self.staging.buffer(self.name, index.numel(), self.row_bytes)
-        torch.index_select(flat, 0, index, out=staged)  # host memcpy of the selected rows only
+        with record_function(f"{self.name}.host_gather"):
+            torch.index_select(flat, 0, index, out=staged)  # host memcpy of the selected rows only
         # Host-to-device of the staged rows; the buffer is reused only after the next selection
         # reached the host, a synchronising copy queued after this one.
         rows = staged.to(self.device, non_blocking=self.pin)
-        if inverse is not None:
-            rows = rows.index_select(0, inverse.to(self.device))  # [N, row_bytes]
+        if repeat is not None:
+            rows = rows.index_select(0, repeat)  # [len(repeat), row_bytes]
         return rows, staged.numel()

@@ -69,11 +69,23 @@ def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     return pack_bits(codes, bits), scale.squeeze(-1), zero.squeeze(-1)
 
 
-def dequantize_groups(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, d: int) -> torch.Tensor:
-    """Inverse of :func:`quantize_groups`: float32 [..., d]."""
+def dequantize_groups(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, d: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_groups`: float32 [..., d], or [..., d] in ``dtype``.
+
+    A decode right before a GEMM or attention asks for the model dtype. In fp16 the codes widen
+    once into the output and scale in place, so the pass moves fp16 bytes, not three float32
+    tensors (fp16 holds a code times a scale to within an ulp of the rounded float32 result;
+    bfloat16's 8-bit mantissa would not, so it is computed in float32 and cast).
+    """
     groups = scale.shape[-1]
     codes = unpack_bits(packed, bits, d).reshape(*packed.shape[:-1], groups, d // groups)
-    return dequantize(codes, scale.unsqueeze(-1), zero.unsqueeze(-1)).reshape(*packed.shape[:-1], d)
+    if dtype in (torch.float16, torch.float32):
+        out = codes.to(dtype).mul_(scale.unsqueeze(-1)).add_(zero.unsqueeze(-1))  # [..., groups, G]
+        return out.reshape(*packed.shape[:-1], d)
+    out = dequantize(codes, scale.unsqueeze(-1), zero.unsqueeze(-1)).reshape(*packed.shape[:-1], d)
+    return out if dtype is None else out.to(dtype)
 
 
 def group_bytes(d: int, bits: int, group: int) -> int:
@@ -112,9 +124,10 @@ class GroupQuantCodec:
         d = enc.shape[3]
         ts = enc.tensors
         k, v = (
-            dequantize_groups(ts[f"{p}_codes"], ts[f"{p}_scale"], ts[f"{p}_zero"], self.bits, d) for p in ("k", "v")
+            dequantize_groups(ts[f"{p}_codes"], ts[f"{p}_scale"], ts[f"{p}_zero"], self.bits, d, dtype)
+            for p in ("k", "v")
         )
-        return k.to(dtype), v.to(dtype)  # [t, b, n_kv, d]
+        return k, v  # [t, b, n_kv, d]
 
     def nbytes(self, enc: EncodedKV) -> int:
         return enc.nbytes
@@ -145,7 +158,7 @@ class GroupQuantInputs:
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Inverse of :meth:`encode`: [t, b, h] in ``dtype``."""
         h = parts["x_scale"].shape[-1] * self.group_size
-        return dequantize_groups(parts["x_codes"], parts["x_scale"], parts["x_zero"], self.bits, h).to(dtype)
+        return dequantize_groups(parts["x_codes"], parts["x_scale"], parts["x_zero"], self.bits, h, dtype)
 
     def bytes_per_token(self, b: int, h: int) -> float:
         """Stored bytes of one token's X for a batch of ``b``, scales and zeros included."""

@@ -63,11 +63,12 @@ class CacheMethod:
         on_host: bool = False,
         pin: bool = False,
         staging: GatherStaging | None = None,
+        compile: bool = False,
     ) -> LayerCache:
         if self.dense_layer(layer):
             return DenseCache(shape, device)
         if self.name == "kvo":
-            return KVOCache(self.config, shape, device, on_host, pin, staging)
+            return KVOCache(self.config, shape, device, on_host, pin, staging, compile)
         if self.name == "kivi2":
             return KiviCache(self.config, shape, device, on_host, pin, staging)
         return {"h2o": H2OCache, "streaming": StreamingCache, "quest": QuestCache}[self.name](
@@ -183,6 +184,7 @@ class CompressedExecutor:
     Args:
         model: weights on ``device``. method: the cache method. shape: batch, slots, dtype.
         offloaded: packed rows in host memory (KVO, KIVI); pin: page-locked (CUDA present).
+        compile: KVO decodes the selected chunks with fused (``torch.compile``) kernels.
     """
 
     def __init__(
@@ -193,13 +195,15 @@ class CompressedExecutor:
         device: torch.device,
         offloaded: bool,
         pin: bool,
+        compile: bool = False,
     ) -> None:
         self.model, self.method, self.device, self.dtype = model, method, device, shape.dtype
         self.layers = model.decoder_layers
         self.batch = BatchState(shape.batch_size, shape.max_len, device)
         self.staging = GatherStaging(pin) if offloaded else None
         self.caches: list[LayerCache] = [
-            method.layer_cache(layer, shape, device, offloaded, pin, self.staging) for layer in range(len(self.layers))
+            method.layer_cache(layer, shape, device, offloaded, pin, self.staging, compile)
+            for layer in range(len(self.layers))
         ]
         self.streams = StreamSet(device)
         self.recompute_lens: list[int] = []  # always 0: the token loop reports it per step

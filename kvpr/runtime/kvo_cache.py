@@ -18,6 +18,9 @@ rows into pinned staging and copies only those bytes to the device (``kvpr.cache
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch.profiler import record_function
 
@@ -56,6 +59,40 @@ def kvo_split(config: KVOConfig, context_len: int) -> tuple[int, int]:
     return finalised // config.chunk, context_len - finalised
 
 
+def decode_selected(
+    k_parts: Tensors,
+    v_parts: Tensors,
+    position: torch.Tensor,
+    count: torch.Tensor,
+    cfg: KVOConfig,
+    d: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selected chunks' K and V from their packed parts: [b, n_kv, m*chunk, d] in ``dtype``, and
+    the mask [b, n_kv, m*chunk] of their real tokens.
+
+    Args:
+        k_parts: each selected chunk's anchor and K row parts [b, n_kv, m, *]; v_parts: the V row
+            parts of its group [b, n_kv, m, *]; position: its place in the group, count: its real
+            tokens, both [b, n_kv, m].
+    Every input is [b, n_kv, m, *], so the shapes stay fixed from the step that first has
+    ``top_chunks`` chunks, and ``torch.compile`` fuses the dozens of element-wise passes into a few kernels.
+    """
+    b, n, m = position.shape
+    S = cfg.chunk
+    k_sel = decode_k_chunks(k_parts, cfg, d)  # [b, n_kv, m, S, d]
+    v_sel = decode_v_chunks(v_parts, position, cfg, d)  # [b, n_kv, m, S, d]
+    mask = (torch.arange(S, device=position.device) < count.unsqueeze(-1)).reshape(b, n, m * S)
+    return k_sel.reshape(b, n, m * S, d).to(dtype), v_sel.reshape(b, n, m * S, d).to(dtype), mask
+
+
+@functools.cache
+def compiled_decode_selected() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`decode_selected` compiled once per process (``--compile``): every layer and step of
+    the same shapes reuses the kernels (shapes are static: a new ``m`` compiles anew)."""
+    return torch.compile(decode_selected, dynamic=False)
+
+
 class KVOCache:
     """One layer's KVO cache for ``b`` sequences (see the module docstring for the layout).
 
@@ -63,6 +100,7 @@ class KVOCache:
         config: KVO knobs. shape: batch, slots, heads and dtype. device: the compute device.
         on_host: keep the K/V rows (and orders) in host memory; pin: page-locked (CUDA present).
         staging: pinned buffers shared by all layers for the host gathers.
+        compile: decode the selected chunks with ``torch.compile``'s fused kernels.
     """
 
     def __init__(
@@ -73,6 +111,7 @@ class KVOCache:
         on_host: bool = False,
         pin: bool = False,
         staging: GatherStaging | None = None,
+        compile: bool = False,
     ) -> None:
         d = shape.head_dim
         check_head_dim(d, config)
@@ -80,6 +119,7 @@ class KVOCache:
         b, n = shape.batch_size, shape.num_kv_heads
         self.b, self.n, self.d = b, n, d
         self.prefill_queries: int | None = config.prefill_queries
+        self._decode_selected = compiled_decode_selected() if compile else decode_selected
         parts, self.k_layout, self.v_layout = kvo_layouts(config, d)
         chunks_per_window = config.window // config.chunk
         max_chunks = -(-shape.max_len // config.window) * chunks_per_window
@@ -184,7 +224,7 @@ class KVOCache:
         """The selected chunks and the recent window, decoded: k, v [b, n_kv, m*chunk + r, d] in the
         model dtype and a bool mask [b, n_kv, m*chunk + r] (False: padding)."""
         b, n, d, cfg = self.b, self.n, self.d, self.config
-        S, P, r = cfg.chunk, cfg.anchors_per_group, self.recent_len
+        r = self.recent_len
         self.link_bytes = 0
         self._read_fixed = r * b * n * (self.recent["rk_codes"][0, 0, 0].numel() + 4 * d // cfg.group + 2 * d)
         self._read_v_rows = None
@@ -195,35 +235,41 @@ class KVOCache:
             masks = [self.recent_valid[:r].T[:, None, :].expand(b, n, r)]
         if selected is None:
             return keys[0], values[0], masks[0]
-        m = selected.shape[-1]
-        bi = torch.arange(b, device=self.device)[:, None, None]  # [b, 1, 1]
-        hi = torch.arange(n, device=self.device)[None, :, None]  # [1, n_kv, 1]
         with record_function("kvo.fetch"):
-            k_rows, v_rows = self._fetch(selected, bi, hi)  # [b, n_kv, m, Rk or Rv]
+            k_rows, v_rows = self._fetch(selected)  # [b, n_kv, m, Rk or Rv]
         with record_function("kvo.decode"):
+            bi = torch.arange(b, device=self.device)[:, None, None]  # [b, 1, 1]
+            hi = torch.arange(n, device=self.device)[None, :, None]  # [1, n_kv, 1]
             k_parts = {name: self.anchors[name][selected, bi, hi] for name in ANCHOR_NAMES}  # [b, n_kv, m, *]
             k_parts |= self.k_layout.unpack(k_rows)
-            k_sel = decode_k_chunks(k_parts, cfg, d)  # [b, n_kv, m, S, d]
-            v_sel = decode_v_chunks(self.v_layout.unpack(v_rows), selected % P, cfg, d)  # [b, n_kv, m, S, d]
-            count = self.chunk_valid[selected, bi]  # [b, n_kv, m]
-            keys.insert(0, k_sel.reshape(b, n, m * S, d).to(self.dtype))
-            values.insert(0, v_sel.reshape(b, n, m * S, d).to(self.dtype))
-            masks.insert(0, (torch.arange(S, device=self.device) < count.unsqueeze(-1)).reshape(b, n, m * S))
+            position, count = selected % cfg.anchors_per_group, self.chunk_valid[selected, bi]  # [b, n_kv, m]
+            k_sel, v_sel, mask = self._decode_selected(
+                k_parts, self.v_layout.unpack(v_rows), position, count, cfg, d, self.dtype
+            )  # [b, n_kv, m*chunk, d] twice, [b, n_kv, m*chunk]
         anchor_bytes = sum(x[: self.num_chunks].numel() * x.element_size() for x in self.anchors.values())
         self._read_fixed += k_rows.numel() + anchor_bytes
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=2)
+        return torch.cat([k_sel, *keys], dim=2), torch.cat([v_sel, *values], dim=2), torch.cat([mask, *masks], dim=2)
 
-    def _fetch(self, selected: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fetch(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed K rows of the selected chunks and the V rows of their groups, on the device."""
         b, n, m = selected.shape
-        flat_k = (selected * b + bi) * n + hi  # [b, n_kv, m]: row of (chunk, seq, head)
-        flat_v = (torch.div(selected, self.config.anchors_per_group, rounding_mode="floor") * b + bi) * n + hi
-        index = torch.stack([flat_k, flat_v]).reshape(2, -1)
-        self._read_v_rows = index[1]
-        if self.k_rows.on_host:
-            index = index.cpu()  # the one host wait of the step: the host gather needs the selection
-        k_rows, k_link = self.k_rows.gather(index[0])
-        v_rows, v_link = self.v_rows.gather(index[1], dedupe=True)  # chunks of one group share its row
+        bi = torch.arange(b, device=self.device)[:, None, None]  # [b, 1, 1]
+        hi = torch.arange(n, device=self.device)[None, :, None]  # [1, n_kv, 1]
+        flat_k = ((selected * b + bi) * n + hi).reshape(-1)  # [b * n_kv * m]: row of (chunk, seq, head)
+        group = torch.div(selected, self.config.anchors_per_group, rounding_mode="floor")
+        flat_v = ((group * b + bi) * n + hi).reshape(-1)  # [b * n_kv * m]: row of (group, seq, head)
+        self._read_v_rows = flat_v
+        if not self.k_rows.on_host:
+            k_rows, _ = self.k_rows.gather(flat_k)
+            v_rows, _ = self.v_rows.gather(flat_v)
+            return k_rows.view(b, n, m, -1), v_rows.view(b, n, m, -1)
+        with record_function("kvo_index.to_host"):
+            # Chunks of one group share its V row: copy each distinct row once. On the device, since
+            # the host then waits anyway: the one host wait of the step, as the gather needs the selection.
+            groups, repeat = torch.unique(flat_v, return_inverse=True)
+            index = torch.cat([flat_k, groups]).cpu()
+        k_rows, k_link = self.k_rows.gather(index[: flat_k.numel()])
+        v_rows, v_link = self.v_rows.gather(index[flat_k.numel() :], repeat=repeat)
         self.link_bytes = k_link + v_link
         return k_rows.view(b, n, m, -1), v_rows.view(b, n, m, -1)
 
