@@ -3,19 +3,22 @@
 A block codec's parts for one (chunk, sequence, head) are packed side by side into one uint8 row
 (:class:`RowLayout`), so a selected chunk is one contiguous copy. :class:`RowTier` holds the rows
 token-major, ``[capacity, b, n_kv, row_bytes]`` (a finalised block of chunks is one contiguous
-write-back), on the compute device or in (pinned) host memory. Reading some rows from the host is
-an index-select into a pinned staging buffer followed by one asynchronous host-to-device copy; on a
-CPU-only machine the same code runs with plain memory copies, so the offloaded path is tested in CI.
+write-back), on the compute device or in (pinned) host memory. Reading some rows from pinned host memory on
+a CUDA device is one gather kernel that loads them over PCIe (``kvpr.cache.zero_copy``); otherwise
+an index-select into a pinned staging buffer followed by one asynchronous host-to-device copy. On a
+CPU-only machine the staging path runs with plain memory copies, so the offloaded path is tested in CI.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.profiler import record_function
 
+from kvpr.cache.zero_copy import gather_rows, zero_copy_supported
 from kvpr.device import host_empty
 
 
@@ -156,6 +159,9 @@ class RowTier:
         )
         self.staging = staging
         self.length = 0
+        # the device reads selected rows in place: pinned, 4-byte rows (a row tier's are aligned to
+        # its widest part, so fp16 parts give even rows; KVO's and KIVI's are multiples of 4)
+        self.zero_copy = self.pin and row_bytes % 4 == 0 and zero_copy_supported(device)
 
     @property
     def row_bytes(self) -> int:
@@ -191,7 +197,8 @@ class RowTier:
     def gather(self, index: torch.Tensor, repeat: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Rows at flat indices ``index`` [N] into the ``[capacity * b * n_kv]`` rows.
 
-        ``index`` lives on the host for a host tier (the caller moved it there once for all tiers).
+        A host tier reads with the zero-copy kernel when ``index`` is on the device (no host wait),
+        else through staging: ``index`` on the host (the caller moved it there once for all tiers).
         ``repeat`` (on the compute device): the rows to return, as positions in ``index``, so rows
         shared by several readers (V groups of several selected chunks) cross the link once.
         Returns the rows [N or len(repeat), row_bytes] on the compute device and the bytes copied
@@ -201,7 +208,12 @@ class RowTier:
         if not self.on_host:
             rows = flat.index_select(0, index.to(self.device))
             return (rows if repeat is None else rows.index_select(0, repeat)), 0
-        assert self.staging is not None and index.device.type == "cpu"
+        if index.device.type != "cpu" and self.zero_copy:
+            rows = self._zero_copy_gather(flat, index)
+            if rows is not None:
+                return (rows if repeat is None else rows.index_select(0, repeat)), rows.numel()
+        index = index.cpu()  # staging needs the selection on the host: a host wait
+        assert self.staging is not None
         staged = self.staging.buffer(self.name, index.numel(), self.row_bytes)
         with record_function(f"{self.name}.host_gather"):
             torch.index_select(flat, 0, index, out=staged)  # host memcpy of the selected rows only
@@ -211,3 +223,17 @@ class RowTier:
         if repeat is not None:
             rows = rows.index_select(0, repeat)  # [len(repeat), row_bytes]
         return rows, staged.numel()
+
+    def _zero_copy_gather(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """The rows at ``index`` (device) read in place by the gather kernel, or None (and the
+        staging path from then on, with a warning) where this driver cannot map the memory."""
+        out = torch.empty(index.numel(), self.row_bytes, dtype=torch.uint8, device=self.device)
+        try:
+            with record_function(f"{self.name}.zero_copy_gather"):
+                gather_rows(flat.view(torch.int32), index, out.view(torch.int32))
+        except Exception as err:  # a driver or Triton without mapped host memory: stage instead
+            reason = f"{type(err).__name__}: {err}"
+            warnings.warn(f"zero-copy gather unavailable ({reason}); staging rows instead", stacklevel=3)
+            self.zero_copy = False
+            return None
+        return out

@@ -12,8 +12,9 @@ out for the runtime: preallocated, and split by what a decode step needs::
                            V rows: one per (32-token group, seq, head) the groups of the selected chunks
                            order rows (the in-chunk permutation)       never (attention is order-free)
 
-With the tier in host memory a step moves the selection's indices to the host, gathers the selected
-rows into pinned staging and copies only those bytes to the device (``kvpr.cache.rows``).
+With the tier in pinned host memory on a CUDA device a kernel reads only the selected rows, in
+place over PCIe, with no host wait in the step; elsewhere the step moves the selection's indices
+to the host, gathers the selected rows into staging and copies only those bytes (``kvpr.cache.rows``).
 """
 
 from __future__ import annotations
@@ -259,9 +260,13 @@ class KVOCache:
         group = torch.div(selected, self.config.anchors_per_group, rounding_mode="floor")
         flat_v = ((group * b + bi) * n + hi).reshape(-1)  # [b * n_kv * m]: row of (group, seq, head)
         self._read_v_rows = flat_v
-        if not self.k_rows.on_host:
-            k_rows, _ = self.k_rows.gather(flat_k)
-            v_rows, _ = self.v_rows.gather(flat_v)
+        if not self.k_rows.on_host or (self.k_rows.zero_copy and self.v_rows.zero_copy):
+            # on the device, or read from host memory in place by a kernel: no host wait in the step
+            # (V rows shared by chunks of one group are read once per chunk: finding the distinct
+            # ones would need their count on the host)
+            k_rows, k_link = self.k_rows.gather(flat_k)
+            v_rows, v_link = self.v_rows.gather(flat_v)
+            self.link_bytes = k_link + v_link
             return k_rows.view(b, n, m, -1), v_rows.view(b, n, m, -1)
         with record_function("kvo_index.to_host"):
             # Chunks of one group share its V row: copy each distinct row once. On the device, since
