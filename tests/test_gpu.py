@@ -211,12 +211,13 @@ def test_zero_copy_gather_reads_pinned_rows_in_place() -> None:
     from kvpr.cache.rows import GatherStaging, RowTier
 
     device = torch.device("cuda")
-    tier = RowTier(40, (3, 2), 1600, device, on_host=True, pin=True, staging=GatherStaging(True), name="t")
-    rows = torch.randint(0, 256, (40, 3, 2, 1600), dtype=torch.uint8, device=device)
-    tier.write(rows)
-    index = torch.randint(0, 40 * 6, (777,), device=device)
-    assert tier.zero_copy
-    in_place, link = tier.gather(index)
-    assert tier.zero_copy and link == 777 * 1600  # the kernel ran (no fallback)
-    staged, _ = tier.gather(index.cpu())
-    assert torch.equal(in_place, staged) and torch.equal(in_place, rows.view(-1, 1600)[index])
+    for row_bytes in (1600, 70, 7):  # loaded as int32, int16 and uint8 words
+        tier = RowTier(40, (3, 2), row_bytes, device, on_host=True, pin=True, staging=GatherStaging(True), name="t")
+        rows = torch.randint(0, 256, (40, 3, 2, row_bytes), dtype=torch.uint8, device=device)
+        tier.write(rows)
+        index = torch.randint(0, 40 * 6, (777,), device=device)
+        assert tier.zero_copy
+        in_place, link = tier.gather(index)
+        assert tier.zero_copy and link == 777 * row_bytes  # the kernel ran (no fallback)
+        staged, _ = tier.gather(index.cpu())
+        assert torch.equal(in_place, staged) and torch.equal(in_place, rows.view(-1, row_bytes)[index])

@@ -98,6 +98,9 @@ def _numel(shape: Sequence[int]) -> int:
     return count
 
 
+_WORDS = ((torch.int32, 4), (torch.int16, 2), (torch.uint8, 1))
+
+
 class GatherStaging:
     """Pinned host buffers that selected rows are gathered into before one copy to the device.
 
@@ -159,9 +162,9 @@ class RowTier:
         )
         self.staging = staging
         self.length = 0
-        # the device reads selected rows in place: pinned, 4-byte rows (a row tier's are aligned to
-        # its widest part, so fp16 parts give even rows; KVO's and KIVI's are multiples of 4)
-        self.zero_copy = self.pin and row_bytes % 4 == 0 and zero_copy_supported(device)
+        self.zero_copy = self.pin and zero_copy_supported(device)  # the device reads selected rows in place
+        # the widest word that divides a row: every load of the kernel is a whole word
+        self.word = next(dtype for dtype, size in _WORDS if row_bytes % size == 0)
 
     @property
     def row_bytes(self) -> int:
@@ -230,7 +233,7 @@ class RowTier:
         out = torch.empty(index.numel(), self.row_bytes, dtype=torch.uint8, device=self.device)
         try:
             with record_function(f"{self.name}.zero_copy_gather"):
-                gather_rows(flat.view(torch.int32), index, out.view(torch.int32))
+                gather_rows(flat.view(self.word), index, out.view(self.word))
         except Exception as err:  # a driver or Triton without mapped host memory: stage instead
             reason = f"{type(err).__name__}: {err}"
             warnings.warn(f"zero-copy gather unavailable ({reason}); staging rows instead", stacklevel=3)

@@ -3,7 +3,7 @@
 Page-locked memory registered with ``cudaHostRegister`` is mapped into the device's address space
 (unified addressing), so a kernel can load the rows a decode step selected straight over PCIe:
 no copy of the selection to the host, no host memcpy into staging, no host wait inside the step.
-The loads are whole 4-byte words of one row per program, so every request is a contiguous run.
+Each program loads one row in whole words (4 bytes where the row allows), a contiguous run.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> 
     """``out[i] = table[index[i]]``, read by the device from pinned host memory.
 
     Args:
-        table: pinned host rows [R, W] (int32 words). index: int64 [N] on the device.
+        table: pinned host rows [R, W] of words (int32, int16 or uint8). index: int64 [N] on the device.
         out: [N, W] on the device, same dtype as ``table``.
     """
     n, words = out.shape
