@@ -133,7 +133,8 @@ class LLM:
         if self.device.type != "cuda":
             raise KvprError("--compile needs a CUDA device (its fused kernels are Triton's): drop it here")
         if self.config.cache.kv_codec != "kvo":
-            raise KvprError(f"--compile fuses KVO's decode kernels; --kv-codec {self.config.cache.kv_codec} has none")
+            codec = self.config.cache.kv_codec
+            raise KvprError(f"--compile fuses KVO's decode kernels: use it with --kv-codec kvo, not {codec}")
 
     def _plan_weights(self, name: str) -> LayerWeights | None:
         """Check that the weights fit where the placement puts them; in throughput mode, lay out

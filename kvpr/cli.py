@@ -303,8 +303,10 @@ def _run_profile(args: argparse.Namespace) -> int:
             f"  H2D {size >> 20:4d} MiB: {profile.h2d_bytes_per_s(size) / 1e9:6.1f} GB/s   "
             f"D2H: {profile.d2h_bytes_per_s(size) / 1e9:6.1f} GB/s"
         )
+    curves = {"none": profile.gemm, **profile.x_codec_gemm}
     for rows in (256, 4096, 65536):
-        print(f"  recompute GEMM M={rows:6d}: {profile.gemm_flop_per_s(rows) / 1e12:7.1f} TFLOP/s")
+        rates = ", ".join(f"X {name} {curve.rate(rows) / 1e12:6.1f}" for name, curve in curves.items())
+        print(f"  recompute M={rows:6d} (GEMM TFLOP/s over the whole recompute): {rates}")
     return 0
 
 
@@ -332,7 +334,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         profile = load_or_measure(device, cfg, dtype, args.batch_size, progress=True)
     codec = tier_codec(args.kv_codec, cfg.head_dim)
     x_bytes, kv_bytes = stored_element_bytes(cfg, dtype, codec, make_x_codec(args.x_codec, cfg.hidden_size))
-    print(format_plans(cfg, args.batch_size, args.context, profile, kv_bytes, x_bytes, args.num_chunks))
+    plans = format_plans(cfg, args.batch_size, args.context, profile, kv_bytes, x_bytes, args.num_chunks, args.x_codec)
+    print(plans)
     return 0
 
 

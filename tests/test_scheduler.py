@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -125,6 +126,10 @@ def test_measure_profile_on_cpu_for_real_and_round_trip() -> None:
     assert profile.torch_version == str(torch.__version__) and profile.dtype == "float32"
     assert (profile.gemm_hidden, profile.gemm_kv_width, profile.batch_size) == (64, 64, 2)
     assert profile.covers(TINY, torch.float32) and not profile.covers(TINY, torch.float16)
+    other_arch = Arch.OPT if TINY.arch is Arch.LLAMA else Arch.LLAMA
+    assert not profile.covers(dataclasses.replace(TINY, arch=other_arch), torch.float32)  # RoPE or not
+    assert set(profile.x_codec_gemm) == {"int8", "int4"}  # the recompute from encoded X, decode included
+    assert all(1e6 < rate < 1e13 for curve in profile.x_codec_gemm.values() for rate in curve.rates)
     assert len(profile.h2d.sizes) >= 2 and profile.h2d.sizes[0] == MIB // 4
     assert len(profile.gemm.sizes) >= 2 and len(profile.attention) >= 2
     # a memcpy runs at 10 MB/s .. 1 TB/s and a tiny matmul at 1 MFLOP/s .. 10 TFLOP/s on any CPU
@@ -174,6 +179,7 @@ def test_load_or_measure_reuses_only_a_matching_cache(monkeypatch: pytest.Monkey
             gemm=H100.gemm,
             gemm_hidden=model.hidden_size,
             gemm_kv_width=2 * model.kv_size,
+            gemm_arch=model.arch.value,
             dtype=str(dtype).removeprefix("torch."),
             batch_size=batch_size,
             created=f"run {len(calls)}",

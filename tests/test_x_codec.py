@@ -126,6 +126,28 @@ def test_cost_model_counts_encoded_x() -> None:
         assert choice.predicted_s <= choice.copy_all_s
 
 
+def test_the_recompute_rate_of_encoded_x_decides_the_split() -> None:
+    """The profile times the recompute per X codec, decode included; the solver plans with that
+    rate, so a slow decode keeps l at 0 and a missing timing asks for a new profile."""
+    import dataclasses
+
+    from kvpr.scheduler.cost_model import RateCurve
+    from kvpr.scheduler.plan import plan_decode_step
+
+    cfg = builtin_config("llama-3-8b")
+    x_bytes, kv_bytes = stored_element_bytes(cfg, torch.float16, None, make_x_codec("int4", cfg.hidden_size))
+    slow = RateCurve.from_points([(16, 1e9), (1 << 20, 2e9)])
+
+    def split(profile) -> int:
+        plan = plan_decode_step(cfg, 16, 2048, profile, kv_bytes, x_bytes, Schedule.CHUNKED, 8, x_codec="int4")
+        return plan.recompute_len
+
+    assert split(dataclasses.replace(H100, x_codec_gemm={"int4": H100.gemm})) > 0  # as fast as fp16 X: pays
+    assert split(dataclasses.replace(H100, x_codec_gemm={"int4": slow})) == 0  # decode-bound: never pays
+    with pytest.raises(KvprError, match="no recompute timing for --x-codec int4: re-run kvpr profile"):
+        split(H100)
+
+
 def test_auto_stores_encoded_x_only_where_it_can_pay(tiny_checkpoint) -> None:
     directory = tiny_checkpoint("llama-gqa")  # h=64, 2 KV heads of 16: X 64 vs K,V 64 elements
     assert not _llm(directory, "none", "auto").make_executor(1, 16).storage.store_inputs

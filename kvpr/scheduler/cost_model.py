@@ -10,7 +10,10 @@ For a split at ``l`` (tokens ``[0, l)`` recomputed from X, ``[l, s)`` copied as 
 |---------|---------------------------|-----------------------------------------------------|
 | t_x(l)  | b*l*h*ex bytes            | H2D bandwidth of one X block: all of X[0:l), or 1/c  |
 | t_kv    | b*(s-l)*2*kv*ekv bytes    | H2D bandwidth of one block K,V[l:s)                 |
-| t_rc(l) | b*l*2*h*2*kv FLOPs        | GEMM rate at M = b*l rows, or b*l/c per chunk       |
+| t_rc(l) | b*l*2*h*2*kv FLOPs        | recompute rate at M = b*l rows, or b*l/c per chunk  |
+
+The recompute rate is measured on the whole recompute as the runtime runs it (X decode under the
+X codec, projections, bias, RoPE), expressed as the GEMMs' FLOPs per second of that time.
 
 SEQUENTIAL (the paper's schedule): ``T = t_x + max(t_rc, t_kv)``, X copied and recomputed as one
 block. CHUNKED (c chunks): ``T = max(t_x + t_kv, t_x/c + t_rc)``, X copied in c blocks of l/c tokens,
@@ -162,7 +165,8 @@ class TimeTerm:
 class LayerShape:
     """One decode layer's cache: batch, context and the stored bytes per element of X and K,V.
 
-    Element sizes are parameters (2 for fp16; a codec may store 0.25 bytes per element).
+    Element sizes are parameters (2 for fp16; a codec may store 0.25 bytes per element);
+    ``x_codec`` names how X is stored, whose decode the recompute rate then includes.
     """
 
     batch_size: int
@@ -171,6 +175,7 @@ class LayerShape:
     kv_size: int  # n_kv * d: elements of K (or V) per token
     x_bytes_per_token_elem: float
     kv_bytes_per_token_elem: float
+    x_codec: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "hidden_size", "kv_size"):
@@ -205,9 +210,13 @@ def kv_copy_term(shape: LayerShape, profile: HardwareProfile) -> TimeTerm:
 
 
 def recompute_term(shape: LayerShape, profile: HardwareProfile, blocks: int = 1) -> TimeTerm:
-    """t_rc as a function of l: size = M = b*l rows, work = FLOPs per row, ``blocks`` GEMMs."""
+    """t_rc as a function of l: size = M = b*l rows, work = FLOPs per row, ``blocks`` recomputes."""
     return TimeTerm(
-        profile.gemm, 0.0, float(shape.batch_size), shape.recompute_flops(1) / shape.batch_size, float(blocks)
+        profile.recompute_curve(shape.x_codec),
+        0.0,
+        float(shape.batch_size),
+        shape.recompute_flops(1) / shape.batch_size,
+        float(blocks),
     )
 
 
@@ -306,4 +315,5 @@ def floor_s(shape: LayerShape, profile: HardwareProfile, recompute_len: int) -> 
     """No schedule beats this at split l: its PCIe bytes at peak bandwidth, or its FLOPs at peak rate."""
     _check_split(shape, recompute_len)
     pcie_bytes = shape.x_bytes(recompute_len) + shape.kv_bytes(shape.context_len - recompute_len)
-    return max(pcie_bytes / profile.h2d.peak, shape.recompute_flops(recompute_len) / profile.gemm.peak)
+    recompute_peak = profile.recompute_curve(shape.x_codec).peak
+    return max(pcie_bytes / profile.h2d.peak, shape.recompute_flops(recompute_len) / recompute_peak)

@@ -54,12 +54,16 @@ def plan_decode_step(
     schedule: Schedule,
     num_chunks: int,
     granularity: int = 1,
+    x_codec: str = "none",
 ) -> SplitPlan:
     """The best split of the ``context_len`` offloaded tokens for one decode step (cheap: ~0.1-1 ms).
 
-    Element sizes are those stored on the host (a codec may make them fractional).
+    Element sizes are those stored on the host (a codec may make them fractional); ``x_codec``
+    names X's codec, whose decode the recompute then costs.
     """
-    shape = LayerShape(batch_size, context_len, model.hidden_size, model.kv_size, x_bytes_per_elem, kv_bytes_per_elem)
+    shape = LayerShape(
+        batch_size, context_len, model.hidden_size, model.kv_size, x_bytes_per_elem, kv_bytes_per_elem, x_codec
+    )
     choice = solve_split(shape, profile, schedule, num_chunks, granularity)
     return SplitPlan(
         choice.recompute_len,
@@ -79,6 +83,7 @@ def format_plans(
     kv_bytes_per_elem: float,
     x_bytes_per_elem: float,
     num_chunks: int,
+    x_codec: str = "none",
 ) -> str:
     """A table, per context length, of predicted ms per layer: copy all, best sequential, best chunked, floor."""
     from rich.console import Console
@@ -91,7 +96,7 @@ def format_plans(
         ),
         caption=(
             f"predicted ms per layer (x{model.num_layers} layers per step); l = recomputed tokens; "
-            "floor = the best plan's PCIe bytes at peak bandwidth or FLOPs at peak GEMM rate"
+            "floor = the best plan's PCIe bytes at peak bandwidth or FLOPs at the peak recompute rate"
         ),
     )
     for header in (
@@ -109,7 +114,15 @@ def format_plans(
     for context_len in context_lens:
         plans = [
             plan_decode_step(
-                model, batch_size, context_len, profile, kv_bytes_per_elem, x_bytes_per_elem, schedule, num_chunks
+                model,
+                batch_size,
+                context_len,
+                profile,
+                kv_bytes_per_elem,
+                x_bytes_per_elem,
+                schedule,
+                num_chunks,
+                x_codec=x_codec,
             )
             for schedule in (Schedule.SEQUENTIAL, Schedule.CHUNKED)
         ]

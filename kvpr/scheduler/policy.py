@@ -82,7 +82,8 @@ def make_split_policy(
 
     profile = load_or_measure(device, model, dtype, batch_size, path=runtime.profile_path)
     x_bytes, kv_bytes = stored_element_bytes(model, dtype, codec, x_codec)
-    return auto_policy(model, batch_size, profile, x_bytes, kv_bytes, runtime.num_chunks)
+    x_name = "none" if x_codec is None else x_codec.name
+    return auto_policy(model, batch_size, profile, x_bytes, kv_bytes, runtime.num_chunks, x_name)
 
 
 def kv_bytes_per_element(codec: "KVCodec", model: ModelConfig) -> float:
@@ -97,16 +98,17 @@ def auto_policy(
     x_bytes: float,
     kv_bytes: float,
     num_chunks: int,
+    x_codec: str = "none",
 ) -> SplitPolicy:
     """The solver's choice at each context length (memoised: one solve per distinct ``s``);
-    ``x_bytes``/``kv_bytes``: stored bytes per element (``stored_element_bytes``)."""
+    ``x_bytes``/``kv_bytes``: stored bytes per element (``stored_element_bytes``); ``x_codec``: X's."""
     from kvpr.scheduler.cost_model import Schedule
     from kvpr.scheduler.plan import plan_decode_step
 
     @functools.cache
     def recompute_len(context_len: int) -> int:
         plan = plan_decode_step(
-            model, batch_size, context_len, profile, kv_bytes, x_bytes, Schedule.CHUNKED, num_chunks
+            model, batch_size, context_len, profile, kv_bytes, x_bytes, Schedule.CHUNKED, num_chunks, x_codec=x_codec
         )
         return plan.recompute_len
 

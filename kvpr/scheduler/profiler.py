@@ -14,7 +14,7 @@ import platform
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import pairwise
 from pathlib import Path
@@ -28,7 +28,7 @@ from kvpr.device import element_size
 from kvpr.errors import KvprError
 from kvpr.scheduler.cost_model import RateCurve
 
-PROFILE_FORMAT_VERSION = 1
+PROFILE_FORMAT_VERSION = 2  # 2: the recompute timed as the runtime runs it, per X codec
 _MIB = 1 << 20
 
 
@@ -40,13 +40,18 @@ class HardwareProfile:
     torch_version: str
     h2d: RateCurve  # (chunk bytes, bytes/s) of pinned host-to-device copies
     d2h: RateCurve  # (chunk bytes, bytes/s) of pinned device-to-host copies
-    gemm: RateCurve  # (M rows, FLOP/s) of [M, gemm_hidden] x [gemm_hidden, gemm_kv_width]
+    # (M rows, FLOP/s): the FLOPs of [M, gemm_hidden] x [gemm_hidden, gemm_kv_width] over the time of
+    # the whole recompute of M rows as the runtime runs it (projections, bias, RoPE, layout)
+    gemm: RateCurve
     gemm_hidden: int
     gemm_kv_width: int  # 2 * n_kv * d: K and V projections fused
     dtype: str = "float16"
     batch_size: int = 1  # batch of the attention timings
     attention: tuple[tuple[int, float], ...] = ()  # (context_len, seconds) of one decode attention
     decode_layer_s: float | None = None  # one decode layer's GEMMs at M = batch_size, no I/O, no attention
+    gemm_arch: str = ""  # the architecture whose recompute was timed (RoPE or not, biases or not)
+    # the same rate with X stored under an X codec, its decode included: {"int8": curve, "int4": curve}
+    x_codec_gemm: dict[str, RateCurve] = field(default_factory=dict)
     created: str = ""  # ISO 8601, UTC
     format_version: int = PROFILE_FORMAT_VERSION
 
@@ -67,6 +72,14 @@ class HardwareProfile:
     def gemm_flop_per_s(self, rows: float) -> float:
         return self.gemm.rate(rows)
 
+    def recompute_curve(self, x_codec: str = "none") -> RateCurve:
+        """The recompute's rate with X stored under ``x_codec`` (its decode counted)."""
+        if x_codec == "none":
+            return self.gemm
+        if x_codec not in self.x_codec_gemm:
+            raise KvprError(f"this profile has no recompute timing for --x-codec {x_codec}: re-run kvpr profile")
+        return self.x_codec_gemm[x_codec]
+
     def attention_s(self, context_len: int) -> float:
         """Linear in s between measured points; below/above them, proportional to the nearest one."""
         if not self.attention:
@@ -79,10 +92,11 @@ class HardwareProfile:
         return t_end * context_len / s_end
 
     def covers(self, model: ModelConfig, dtype: torch.dtype) -> bool:
-        """Whether the GEMM rates were measured for this model's recompute shape and dtype."""
-        return (self.gemm_hidden, self.gemm_kv_width, self.dtype) == (
+        """Whether the recompute rates were measured for this model's shape, architecture and dtype."""
+        return (self.gemm_hidden, self.gemm_kv_width, self.gemm_arch, self.dtype) == (
             model.hidden_size,
             2 * model.kv_size,
+            model.arch.value,
             _dtype_name(dtype),
         )
 
@@ -99,6 +113,8 @@ class HardwareProfile:
             "gemm_hidden": self.gemm_hidden,
             "gemm_kv_width": self.gemm_kv_width,
             "gemm": [list(p) for p in self.gemm.points],
+            "gemm_arch": self.gemm_arch,
+            "x_codec_gemm": {name: [list(p) for p in curve.points] for name, curve in self.x_codec_gemm.items()},
             "attention": [list(p) for p in self.attention],
             "decode_layer_s": self.decode_layer_s,
         }
@@ -126,6 +142,11 @@ class HardwareProfile:
                 gemm=RateCurve.from_points((float(m), float(r)) for m, r in data["gemm"]),
                 gemm_hidden=int(data["gemm_hidden"]),
                 gemm_kv_width=int(data["gemm_kv_width"]),
+                gemm_arch=str(data["gemm_arch"]),
+                x_codec_gemm={
+                    str(name): RateCurve.from_points((float(m), float(r)) for m, r in points)
+                    for name, points in data["x_codec_gemm"].items()
+                },
                 dtype=str(data["dtype"]),
                 batch_size=int(data["batch_size"]),
                 attention=tuple((int(s), float(t)) for s, t in data["attention"]),
@@ -206,7 +227,7 @@ def _ladder(device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_
             rows or (1,),
             lens or (min(64, model.max_position),),
             min_time_s=0.01,
-            phase_budget_s=0.35,
+            phase_budget_s=0.25,
             layer_weight_bytes=budget,
         )
     free, _ = torch.cuda.mem_get_info(device)
@@ -309,7 +330,7 @@ def measure_profile(
     clock = _timer(device, ladder.min_time_s)
     with _Progress(progress) as bar, torch.inference_mode():
         h2d, d2h = _measure_copies(device, ladder, clock, bar)
-        gemm = _measure_gemm(device, model, dtype, ladder, clock, bar)
+        gemm = _measure_recompute(device, model, dtype, ladder, clock, bar)
         bar.phase("decode attention and layer", len(ladder.attention_lens) + 1)
         attention = _ladder_points(
             ladder.attention_lens,
@@ -325,9 +346,11 @@ def measure_profile(
         torch_version=str(torch.__version__),
         h2d=RateCurve.from_points(h2d),
         d2h=RateCurve.from_points(d2h),
-        gemm=RateCurve.from_points(gemm),
+        gemm=RateCurve.from_points(gemm.pop("none")),
         gemm_hidden=model.hidden_size,
         gemm_kv_width=2 * model.kv_size,
+        gemm_arch=model.arch.value,
+        x_codec_gemm={name: RateCurve.from_points(points) for name, points in gemm.items()},
         dtype=_dtype_name(dtype),
         batch_size=batch_size,
         attention=tuple(attention),
@@ -358,22 +381,47 @@ def _measure_copies(
     return h2d, d2h
 
 
-def _measure_gemm(
+def _measure_recompute(
     device: torch.device, model: ModelConfig, dtype: torch.dtype, ladder: _Ladder, clock: _Clock, bar: _Progress
-) -> list[tuple[int, float]]:
-    """(M rows, FLOP/s) of the recompute GEMM [M, h] x [h, 2*kv]."""
-    hidden, width = model.hidden_size, 2 * model.kv_size
+) -> dict[str, list[tuple[int, float]]]:
+    """(M rows, FLOP/s) of recomputing K,V of M rows as the runtime does, per X codec ("none":
+    X in the model dtype): decode X, the K and V projections with their biases, RoPE on K, written
+    into the staging layout. FLOP/s counts the GEMMs' FLOPs only, so the rest shows as a lower rate."""
+    from kvpr.cache.codec import X_CODEC_NAMES, make_x_codec
+    from kvpr.models.loader import build_model, init_dummy_weights
+
+    one_layer = build_model(replace(model, num_layers=1, vocab_size=256))  # a real layer of this architecture
+    init_dummy_weights(one_layer, device, dtype, seed=0)
+    layer = one_layer.decoder_layers[0]
     top = max(ladder.gemm_rows)
-    x = _filled((top, hidden), dtype, device)  # [M, h]
-    w = _filled((hidden, width), dtype, device)  # [h, 2*kv]
-    out = torch.empty(top, width, dtype=dtype, device=device)  # [M, 2*kv]
+    x = _filled((top, 1, model.hidden_size), dtype, device)  # [M, b=1, h]: rows are tokens
+    k_out = torch.empty(top, 1, model.num_kv_heads, model.head_dim, dtype=dtype, device=device)  # [M, 1, n_kv, d]
+    v_out = torch.empty_like(k_out)
+    positions = torch.arange(top, device=device)[:, None]  # [M, 1]
+    rope = one_layer.rope(positions, dtype)  # cos, sin [M, 1, 1, d], or None
+    flops_per_row = 2.0 * model.hidden_size * 2 * model.kv_size
 
-    def rate(rows: int) -> float:
-        x_rows, out_rows = x[:rows], out[:rows]
-        return 2.0 * rows * hidden * width / clock(lambda: torch.mm(x_rows, w, out=out_rows))
+    def recompute(rows: int, codec: Any, parts: dict[str, torch.Tensor]) -> Callable[[], None]:
+        chunk_rope = None if rope is None else (rope[0][:rows], rope[1][:rows])
 
-    bar.phase("recompute GEMM", len(ladder.gemm_rows))
-    return _ladder_points(ladder.gemm_rows, ladder.phase_budget_s, rate, bar)
+        def run() -> None:
+            chunk = x[:rows] if codec is None else codec.decode({n: t[:rows] for n, t in parts.items()}, dtype)
+            layer.kv_into(chunk, chunk_rope, k_out[:rows], v_out[:rows])
+
+        return run
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for name in X_CODEC_NAMES:
+        codec = make_x_codec(name, model.hidden_size)
+        parts = {} if codec is None else codec.encode(x)
+        bar.phase(f"recompute, X {name if codec else 'in ' + _dtype_name(dtype)}", len(ladder.gemm_rows))
+        curves[name] = _ladder_points(
+            ladder.gemm_rows,
+            ladder.phase_budget_s,
+            lambda rows, codec=codec, parts=parts: rows * flops_per_row / clock(recompute(rows, codec, parts)),
+            bar,
+        )
+    return curves
 
 
 def _filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
