@@ -130,12 +130,12 @@ def method_profile(
 ) -> dict[str, Any]:
     """What one decode step of a cache method costs besides its time, measured on ``steps`` steps.
 
-    Per phase annotated with ``record_function("<codec>.<phase>")`` (KVO: select, fetch = host gather
-    + copy of the selected rows, decode, attend) its device and host time, and their device time as a
-    share of the unprofiled step, and the host time of its parts (``<codec>_<part>.<what>``: the
-    selection's copy to the host, the host gathers); the bytes the step read and copied over the link (and that copy's
-    time at ``bandwidth`` bytes/s); the host memory the cache allocated against an fp16 host cache of
-    the same slots.
+    Per phase annotated with ``record_function("<codec>.<phase>")`` (KVO: select, fetch of the
+    selected rows, decode, attend) its device and host time, and their device time as a share of the
+    unprofiled step; the host time of its parts (``<codec>_<part>.<what>``: the selection's copy to
+    the host, the host gathers, the zero-copy gathers); the bytes the step read and copied over the
+    link, and that copy's time at ``bandwidth`` bytes/s; the host memory the cache allocated against
+    an fp16 host cache of the same slots.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -160,6 +160,7 @@ def method_profile(
         elif event.device_type == DeviceType.CPU and event.name.startswith(f"{codec}_"):
             part_ms[event.name] = part_ms.get(event.name, 0.0) + event.cpu_time_total / 1e3 / steps
     read, link = executor.step_bytes()
+    host = executor.host_nbytes()
     cfg = llm.model_config
     fp16_host = 2 * cfg.num_layers * case.batch_size * (ids.shape[1] + steps) * cfg.kv_size * 2
     return {
@@ -170,9 +171,9 @@ def method_profile(
         "read_bytes_per_step": read,
         "link_bytes_per_step": link,
         "link_ms_per_step": 1e3 * link / bandwidth,
-        "host_cache_bytes": executor.host_nbytes(),
+        "host_cache_bytes": host,
         "fp16_host_cache_bytes": fp16_host,
-        "host_cache_share": executor.host_nbytes() / fp16_host,
+        "host_cache_share": host / fp16_host,
     }
 
 

@@ -303,9 +303,9 @@ def _run_profile(args: argparse.Namespace) -> int:
             f"  H2D {size >> 20:4d} MiB: {profile.h2d_bytes_per_s(size) / 1e9:6.1f} GB/s   "
             f"D2H: {profile.d2h_bytes_per_s(size) / 1e9:6.1f} GB/s"
         )
-    curves = {"none": profile.gemm, **profile.x_codec_gemm}
+    x_codecs = ("none", *profile.x_codec_gemm)
     for rows in (256, 4096, 65536):
-        rates = ", ".join(f"X {name} {curve.rate(rows) / 1e12:6.1f}" for name, curve in curves.items())
+        rates = ", ".join(f"X {name} {profile.recompute_curve(name).rate(rows) / 1e12:6.1f}" for name in x_codecs)
         print(f"  recompute M={rows:6d} (GEMM TFLOP/s over the whole recompute): {rates}")
     return 0
 

@@ -209,23 +209,24 @@ class RowTier:
         """
         flat = self.rows.view(-1, self.row_bytes)
         if not self.on_host:
-            rows = flat.index_select(0, index.to(self.device))
-            return (rows if repeat is None else rows.index_select(0, repeat)), 0
-        if index.device.type != "cpu" and self.zero_copy:
-            rows = self._zero_copy_gather(flat, index)
-            if rows is not None:
-                return (rows if repeat is None else rows.index_select(0, repeat)), rows.numel()
-        index = index.cpu()  # staging needs the selection on the host: a host wait
+            rows, link = flat.index_select(0, index.to(self.device)), 0
+        else:
+            zero_copy = self.zero_copy and index.device.type != "cpu"
+            rows = self._zero_copy_gather(flat, index) if zero_copy else None
+            if rows is None:
+                rows = self._staged_gather(flat, index.cpu())  # a host wait when the index is on the device
+            link = rows.numel()
+        return (rows if repeat is None else rows.index_select(0, repeat)), link  # [N or len(repeat), row_bytes]
+
+    def _staged_gather(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The rows at ``index`` (host) memcpy'd into pinned staging, then copied to the device."""
         assert self.staging is not None
         staged = self.staging.buffer(self.name, index.numel(), self.row_bytes)
         with record_function(f"{self.name}.host_gather"):
             torch.index_select(flat, 0, index, out=staged)  # host memcpy of the selected rows only
         # Host-to-device of the staged rows; the buffer is reused only after the next selection
         # reached the host, a synchronising copy queued after this one.
-        rows = staged.to(self.device, non_blocking=self.pin)
-        if repeat is not None:
-            rows = rows.index_select(0, repeat)  # [len(repeat), row_bytes]
-        return rows, staged.numel()
+        return staged.to(self.device, non_blocking=self.pin)
 
     def _zero_copy_gather(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
         """The rows at ``index`` (device) read in place by the gather kernel, or None (and the

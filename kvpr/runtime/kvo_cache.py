@@ -236,11 +236,11 @@ class KVOCache:
             masks = [self.recent_valid[:r].T[:, None, :].expand(b, n, r)]
         if selected is None:
             return keys[0], values[0], masks[0]
+        bi = torch.arange(b, device=self.device)[:, None, None]  # [b, 1, 1]
+        hi = torch.arange(n, device=self.device)[None, :, None]  # [1, n_kv, 1]
         with record_function("kvo.fetch"):
-            k_rows, v_rows = self._fetch(selected)  # [b, n_kv, m, Rk or Rv]
+            k_rows, v_rows = self._fetch(selected, bi, hi)  # [b, n_kv, m, Rk or Rv]
         with record_function("kvo.decode"):
-            bi = torch.arange(b, device=self.device)[:, None, None]  # [b, 1, 1]
-            hi = torch.arange(n, device=self.device)[None, :, None]  # [1, n_kv, 1]
             k_parts = {name: self.anchors[name][selected, bi, hi] for name in ANCHOR_NAMES}  # [b, n_kv, m, *]
             k_parts |= self.k_layout.unpack(k_rows)
             position, count = selected % cfg.anchors_per_group, self.chunk_valid[selected, bi]  # [b, n_kv, m]
@@ -251,11 +251,10 @@ class KVOCache:
         self._read_fixed += k_rows.numel() + anchor_bytes
         return torch.cat([k_sel, *keys], dim=2), torch.cat([v_sel, *values], dim=2), torch.cat([mask, *masks], dim=2)
 
-    def _fetch(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The packed K rows of the selected chunks and the V rows of their groups, on the device."""
+    def _fetch(self, selected: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed K rows of the selected chunks and the V rows of their groups, on the device
+        (``bi``, ``hi``: the batch and head index grids)."""
         b, n, m = selected.shape
-        bi = torch.arange(b, device=self.device)[:, None, None]  # [b, 1, 1]
-        hi = torch.arange(n, device=self.device)[None, :, None]  # [1, n_kv, 1]
         flat_k = ((selected * b + bi) * n + hi).reshape(-1)  # [b * n_kv * m]: row of (chunk, seq, head)
         group = torch.div(selected, self.config.anchors_per_group, rounding_mode="floor")
         flat_v = ((group * b + bi) * n + hi).reshape(-1)  # [b * n_kv * m]: row of (group, seq, head)
