@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Quick look at one configuration on the GPU: decode time per placement, and a trace of one of them.
+# Trace one configuration on the GPU and say where its decode step goes:
+#   bash benchmarks/diag.sh NAME <kvpr bench flags...>
+# runs `kvpr bench --dummy-weights --offload cpu <flags> --trace $OUT/trace-NAME.json`, prints the last
+# line of the bench and benchmarks/trace_report.py's per-stream table, and gzips the trace.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp}"
-model="${MODEL:-opt-1.3b}"; b="${B:-8}"; p="${P:-256}"; g="${G:-8}"
-for placement in "--offload none" "--offload cpu --recompute off" "--offload cpu --recompute 1.0" "--offload cpu --recompute 0.5" "--offload cpu --recompute auto"; do
-  python3 -m kvpr bench --model "$model" --dummy-weights $placement --batch-size "$b" --prompt-len "$p" --gen-len "$g"
-done
-trace="${TRACE:-off}"
-python3 -m kvpr bench --model "$model" --dummy-weights --offload cpu --recompute "$trace" --batch-size "$b" --prompt-len "$p" --gen-len 4 --trace "$OUT/trace-$trace.json" 2>&1 | tail -22
+name="$1"; shift
+trace="$OUT/trace-$name.json"
+python3 -m kvpr bench --dummy-weights --offload cpu "$@" --trace "$trace" 2>&1 | tail -1
+python3 benchmarks/trace_report.py "$trace" --skip 1
+gzip -f "$trace"

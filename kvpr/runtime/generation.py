@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from kvpr.config import SamplingParams
 from kvpr.runtime.executor import Executor
@@ -50,7 +51,8 @@ def generate_tokens(
     for step in range(params.max_new_tokens):
         has_next = step + 1 < params.max_new_tokens
         if has_next:  # queue the next step before the host waits for this one's tokens
-            next_ids = sample_next(executor.decode(ids), params, generator)
+            with record_function("kvpr.decode_step"):  # one step per span in a --trace
+                next_ids = sample_next(executor.decode(ids), params, generator)
             next_slot = mailbox.post(next_ids)
         host_ids = mailbox.read(slot)  # the one wait per step: the host needs tokens to stream and stop
         now = time.perf_counter()
