@@ -41,10 +41,8 @@ def load_events(path: Path) -> list[dict]:
 
 def step_report(events: list[dict], skip: int) -> tuple[list[float], dict[int, StreamTime], float]:
     """Host span of each step (ms), per-stream totals over the kept steps, and their GPU wall time (us)."""
-    steps = sorted(
-        (e for e in events if e.get("ph") == "X" and e.get("name") == "kvpr.decode_step" and e.get("cat") == "user_annotation"),
-        key=lambda e: e["ts"],
-    )[skip:]
+    spans = (e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation")
+    steps = sorted((e for e in spans if e.get("name") == "kvpr.decode_step"), key=lambda e: e["ts"])[skip:]
     if not steps:
         raise SystemExit("no kvpr.decode_step spans in this trace: record it with `kvpr bench --trace` of this version")
     launches = {
@@ -100,11 +98,13 @@ def main() -> None:
     args = parser.parse_args()
     host_ms, per_stream, gpu_wall = step_report(load_events(args.trace), args.skip)
     n = len(host_ms)
-    print(f"{args.trace.name}: {n} steps, host issue {sum(host_ms) / n:.2f} ms/step, GPU span {gpu_wall / n / 1e3:.2f} ms/step")
+    host, gpu = sum(host_ms) / n, gpu_wall / n / 1e3
+    print(f"{args.trace.name}: {n} steps, host issue {host:.2f} ms/step, GPU span {gpu:.2f} ms/step")
     print("| stream | ops/step | busy ms | host-starved ms | waiting ms |")
     print("|---|---|---|---|---|")
     for stream, t in sorted(per_stream.items(), key=lambda kv: -kv[1].busy):
-        print(f"| {stream} | {t.ops / n:.0f} | {t.busy / n / 1e3:.2f} | {t.host_starved / n / 1e3:.2f} | {t.waiting / n / 1e3:.2f} |")
+        cells = (t.busy, t.host_starved, t.waiting)
+        print(f"| {stream} | {t.ops / n:.0f} | " + " | ".join(f"{c / n / 1e3:.2f}" for c in cells) + " |")
     for stream, t in sorted(per_stream.items(), key=lambda kv: -kv[1].busy):
         print(f"stream {stream}, top operations (ms/step):")
         for name, dur in t.by_name.most_common(args.top):

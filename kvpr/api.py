@@ -24,6 +24,7 @@ from kvpr.cache.storage import CacheShape, KVStorage, tier_codec
 from kvpr.config import (
     CACHE_METHODS,
     RECOMPUTE_AUTO,
+    THROUGHPUT_NUM_CHUNKS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -293,7 +294,7 @@ class LLM:
         )
         resident = self._resident_cap(shape) if offloaded else 0
         if runtime.overlap:
-            return OverlappedExecutor(self.model, storage, self.device, offloaded, split, runtime.num_chunks, resident)
+            return OverlappedExecutor(self.model, storage, self.device, offloaded, split, resident)
         return SequentialExecutor(self.model, storage, self.device, offloaded, split, resident)
 
     def _throughput_executor(self, batch_size: int, max_len: int) -> Executor:
@@ -311,7 +312,7 @@ class LLM:
             self.dtype,
             self._recompute_fraction(throughput),
             self._stores_inputs(),
-            self.config.runtime.num_chunks,
+            self.config.runtime.num_chunks or THROUGHPUT_NUM_CHUNKS,
             self._offload_dir(),
         )
 

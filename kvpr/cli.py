@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvpr.config import (
+    DEFAULT_NUM_CHUNKS,
     RECOMPUTE_AUTO,
     RECOMPUTE_OFF,
+    THROUGHPUT_NUM_CHUNKS,
     CacheConfig,
     EngineConfig,
     Offload,
@@ -21,6 +23,7 @@ from kvpr.config import (
     RuntimeConfig,
     SamplingParams,
     ThroughputConfig,
+    parse_num_chunks,
     parse_recompute,
     parse_resident,
 )
@@ -60,7 +63,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     parser.add_argument("--no-overlap", action="store_true", help="run the plain sequential executor (the oracle)")
-    parser.add_argument("--num-chunks", type=int, default=8, help="X chunks per layer in the recompute pipeline")
+    parser.add_argument(
+        "--num-chunks",
+        default="auto",
+        help=f"X chunks per layer in the recompute pipeline: auto (default: chosen per step with --recompute auto, "
+        f"{DEFAULT_NUM_CHUNKS} with a fixed fraction, {THROUGHPUT_NUM_CHUNKS} in throughput mode) or a count",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -143,7 +151,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
             device=args.device,
             dtype=args.dtype,
             overlap=not args.no_overlap,
-            num_chunks=args.num_chunks,
+            num_chunks=parse_num_chunks(args.num_chunks),
             compile=args.compile,
             profile_path=args.profile,
             host_memory_gib=args.host_memory_gib,
@@ -198,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--context", type=int, nargs="+", default=[256, 1024, 2048, 4096], help="context lengths s")
     plan.add_argument("--device", default="auto")
     plan.add_argument("--dtype", default="auto")
-    plan.add_argument("--num-chunks", type=int, default=8)
+    plan.add_argument("--num-chunks", default="auto", help="auto (default) or a count")
     plan.add_argument("--kv-codec", default="none", help="how the host tier stores K,V: none, int8 or int4")
     plan.add_argument("--x-codec", default="none", help="how the host tier stores X: none, int8 or int4")
     plan.add_argument("--profile", default=None, help="hardware profile JSON (lets a GPU plan be made on any machine)")
@@ -334,7 +342,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         profile = load_or_measure(device, cfg, dtype, args.batch_size, progress=True)
     codec = tier_codec(args.kv_codec, cfg.head_dim)
     x_bytes, kv_bytes = stored_element_bytes(cfg, dtype, codec, make_x_codec(args.x_codec, cfg.hidden_size))
-    plans = format_plans(cfg, args.batch_size, args.context, profile, kv_bytes, x_bytes, args.num_chunks, args.x_codec)
+    chunks = parse_num_chunks(args.num_chunks)
+    plans = format_plans(cfg, args.batch_size, args.context, profile, kv_bytes, x_bytes, chunks, args.x_codec)
     print(plans)
     return 0
 

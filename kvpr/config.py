@@ -217,6 +217,10 @@ class Offload(str, enum.Enum):
 
 RECOMPUTE_OFF = "off"
 RECOMPUTE_AUTO = "auto"
+# X chunks per layer where no cost model chooses them (a fixed --recompute F): few enough that
+# issuing them costs the host less than the GPU spends on a layer (H200, opt-6.7b: 4 beat 8 and 16)
+DEFAULT_NUM_CHUNKS = 4
+THROUGHPUT_NUM_CHUNKS = 8  # per GPU batch in throughput mode unless --num-chunks is given (its measured setting)
 # --kv-codec names run by runtime/compressed.py (kvpr.compress.methods), on the device or offloaded.
 CACHE_METHODS = ("kivi2", "kvo", "h2o", "streaming", "quest")
 
@@ -229,6 +233,19 @@ def parse_resident(value: str) -> int | str:
         return int(value)
     except ValueError:
         raise KvprError(f"--gpu-resident {value!r}: use auto or a token count >= 0") from None
+
+
+def parse_num_chunks(value: str) -> int | None:
+    """``auto`` (None: the scheduler chooses per step) or a chunk count >= 1."""
+    if value == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise KvprError(f"--num-chunks {value!r}: use auto or a chunk count >= 1") from None
+    if count < 1:
+        raise KvprError(f"--num-chunks {count}: must be >= 1 (or auto)")
+    return count
 
 
 def parse_recompute(value: str | float | None) -> str | float:
@@ -298,7 +315,7 @@ class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"
     overlap: bool = True
-    num_chunks: int = 8  # X chunks per layer in the recompute pipeline
+    num_chunks: int | None = None  # X chunks per layer in the recompute pipeline; None: chosen per step
     profile_path: str | None = None
     host_memory_gib: float | None = None  # host budget; None: what the OS reports available
     compile: bool = False  # fuse the cache method's decode kernels with torch.compile (CUDA, --kv-codec kvo)
@@ -308,8 +325,8 @@ class RuntimeConfig:
             raise KvprError(f"--host-memory-gib {self.host_memory_gib}: must be > 0")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise KvprError(f"--dtype {self.dtype!r}: use auto, float32, float16 or bfloat16")
-        if self.num_chunks < 1:
-            raise KvprError(f"--num-chunks {self.num_chunks}: must be >= 1")
+        if self.num_chunks is not None and self.num_chunks < 1:
+            raise KvprError(f"--num-chunks {self.num_chunks}: must be >= 1 (or auto)")
 
 
 @dataclass(frozen=True)

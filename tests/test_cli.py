@@ -61,6 +61,7 @@ def test_missing_weights(capsys, tiny_checkpoint, tmp_path: Path) -> None:
         (["--dtype", "int3"], "--dtype"),
         (["--device", "tpu"], "--device"),
         (["--num-chunks", "0"], "--num-chunks"),
+        (["--num-chunks", "many"], "use auto or a chunk count"),
     ],
 )
 def test_bad_flag_values(capsys, tiny_checkpoint, flags: list[str], needle: str) -> None:

@@ -221,3 +221,18 @@ def test_zero_copy_gather_reads_pinned_rows_in_place() -> None:
         assert tier.zero_copy and link == 777 * row_bytes  # the kernel ran (no fallback)
         staged, _ = tier.gather(index.cpu())
         assert torch.equal(in_place, staged) and torch.equal(in_place, rows.view(-1, row_bytes)[index])
+
+
+def test_profile_times_the_host_issue_per_x_codec() -> None:
+    """The host's cost of issuing a layer and an X chunk, timed on the executor while the GPU is held
+    busy: positive, far below a millisecond per chunk, and dearer for 4-bit X (more kernels)."""
+    from kvpr.models.registry import builtin_config
+    from kvpr.scheduler.profiler import _measure_host_issue, _Progress
+
+    layer_s, chunk_s = _measure_host_issue(
+        torch.device("cuda"), builtin_config("smollm2-135m"), torch.float16, 2, _Progress(False)
+    )
+    assert set(layer_s) == set(chunk_s) == {"none", "int8", "int4"}
+    assert all(1e-5 < t < 5e-3 for t in layer_s.values()), layer_s
+    assert all(1e-6 < t < 1e-3 for t in chunk_s.values()), chunk_s
+    assert chunk_s["int4"] > chunk_s["none"], chunk_s

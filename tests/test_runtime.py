@@ -138,3 +138,25 @@ def test_gpu_resident_prefix_gives_the_same_tokens(tiny_checkpoint, family: str,
             offloaded = [9 + step - min(resident, 9) for step in range(9)]  # s - r at each step
             if recompute == 1.0:
                 assert llm.last_stats.recompute_lens == offloaded
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+def test_chunk_count_may_change_every_step(tiny_checkpoint, family: str) -> None:
+    """The scheduler picks l and the chunk count per step: the overlapped executor, switching
+    between 1, 5 and 2 chunks (more than any step before, then fewer), equals the resident cache."""
+    from kvpr.scheduler.plan import StepSplit
+
+    directory = tiny_checkpoint(family)
+    ids = torch.tensor([PROMPTS[3][2]], dtype=torch.long)  # [1, 9]
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    resident = cpu_llm(directory).make_executor(1, 9)
+    offloaded = cpu_llm(directory, "cpu", 0.5).make_executor(1, 9)
+    counts = iter([1, 5, 2, 5, 1])
+    offloaded.split = lambda s: StepSplit(s - 1, next(counts))
+    expected = [resident.prefill(ids[:, :4], valid[:, :4])[:, -1]]
+    expected += [resident.decode(ids[:, t]) for t in range(4, 9)]
+    got = [offloaded.prefill(ids[:, :4], valid[:, :4])[:, -1]]
+    got += [offloaded.decode(ids[:, t]) for t in range(4, 9)]
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=1e-5, rtol=0)
+    assert offloaded.recompute_lens == [3, 4, 5, 6, 7]
+    assert len(offloaded.buffers[0].x_ready) == 5  # events grown to the most chunks asked, then reused

@@ -32,7 +32,7 @@ from kvpr.scheduler.cost_model import (
     step_s,
     x_copy_s,
 )
-from kvpr.scheduler.plan import SplitPlan, format_plans, plan_decode_step
+from kvpr.scheduler.plan import CHUNK_CHOICES, SplitPlan, StepSplit, format_plans, plan_decode_step
 from kvpr.scheduler.profiler import HardwareProfile, default_profile_path, load_or_measure, measure_profile
 from kvpr.scheduler.solver import resident_tokens, solve_split
 
@@ -129,6 +129,7 @@ def test_measure_profile_on_cpu_for_real_and_round_trip() -> None:
     other_arch = Arch.OPT if TINY.arch is Arch.LLAMA else Arch.LLAMA
     assert not profile.covers(dataclasses.replace(TINY, arch=other_arch), torch.float32)  # RoPE or not
     assert set(profile.x_codec_gemm) == {"int8", "int4"}  # the recompute from encoded X, decode included
+    assert profile.host_layer_s == {} and profile.host_issue("int4").layer_s == 0.0  # a CPU is its own host
     assert all(1e6 < rate < 1e13 for curve in profile.x_codec_gemm.values() for rate in curve.rates)
     assert len(profile.h2d.sizes) >= 2 and profile.h2d.sizes[0] == MIB // 4
     assert len(profile.gemm.sizes) >= 2 and len(profile.attention) >= 2
@@ -281,6 +282,8 @@ def rate_curves(draw: st.DrawFn, low: float, high: float, rate_low: float, rate_
     schedule=st.sampled_from(list(Schedule)),
     num_chunks=st.integers(1, 16),
     granularity=st.one_of(st.just(1), st.integers(1, 300)),
+    host_layer=st.one_of(st.just(0.0), st.floats(1e-6, 1e-2)),
+    host_chunk=st.one_of(st.just(0.0), st.floats(1e-7, 1e-3)),
 )
 def test_solver_equals_brute_force_minimum(
     b: int,
@@ -294,15 +297,18 @@ def test_solver_equals_brute_force_minimum(
     schedule: Schedule,
     num_chunks: int,
     granularity: int,
+    host_layer: float,
+    host_chunk: float,
 ) -> None:
-    profile = HardwareProfile("synthetic", "0", h2d, h2d, gemm, h, 2 * kv)
+    host = {"host_layer_s": {"none": host_layer}, "host_chunk_s": {"none": host_chunk}}
+    profile = HardwareProfile("synthetic", "0", h2d, h2d, gemm, h, 2 * kv, **host)
     shape = LayerShape(b, s, h, kv, ex, ekv)
     choice = solve_split(shape, profile, schedule, num_chunks, granularity)
     grid, best = brute_force(shape, profile, schedule, num_chunks, granularity)
     assert choice.recompute_len in grid
     assert choice.predicted_s == step_s(shape, profile, choice.recompute_len, schedule, num_chunks)
     assert choice.predicted_s <= best * (1 + 1e-9)
-    assert choice.copy_all_s == full_copy_s(shape, profile)
+    assert choice.copy_all_s == max(full_copy_s(shape, profile), host_layer)  # T(0): no chunks to issue
 
 
 @pytest.mark.parametrize("schedule", list(Schedule))
@@ -393,6 +399,34 @@ def test_plan_decode_step_is_consistent_and_cheap() -> None:
             plan_decode_step(opt, 32, 2048 + 64 * step, H100, 2, 2, schedule, 8)
             timings.append(time.perf_counter() - began)
         assert statistics.median(timings) < 1e-3
+
+
+def with_host(layer_s: float, chunk_s: float) -> HardwareProfile:
+    return dataclasses.replace(H100, host_layer_s={"none": layer_s}, host_chunk_s={"none": chunk_s})
+
+
+def test_host_issue_time_chooses_the_chunk_count() -> None:
+    """More chunks overlap better on the GPU but cost the host more: the plan weighs both."""
+    opt = model_config(4096, 32, 32, num_layers=32, max_position=2048)
+    free = plan_decode_step(opt, 32, 272, H100, 2, 2, Schedule.CHUNKED, None)
+    assert free.recompute_len == 272 and free.num_chunks == 4  # the device's best: smaller chunks run slower
+    costly = with_host(0.5e-3, 0.3e-3)
+    plan = plan_decode_step(opt, 32, 272, costly, 2, 2, Schedule.CHUNKED, None)
+    assert plan.recompute_len > 0.9 * 272 and plan.num_chunks < free.num_chunks
+    shape = LayerShape(32, 272, 4096, 4096, 2, 2)
+    for count in CHUNK_CHOICES:  # the chosen count is the best of them, and no better than its host time
+        assert plan.predicted_s <= step_s(shape, costly, 272, Schedule.CHUNKED, count)
+    assert plan.num_chunks == 2 and plan.predicted_s >= 0.5e-3 + plan.num_chunks * 0.3e-3
+    fixed = plan_decode_step(opt, 32, 272, costly, 2, 2, Schedule.CHUNKED, 16)
+    assert fixed.num_chunks == 16 and fixed.predicted_s > plan.predicted_s
+    assert plan.step_split == StepSplit(plan.recompute_len, plan.num_chunks)
+
+
+def test_a_chunk_dearer_than_the_copy_turns_recompute_off() -> None:
+    opt = model_config(4096, 32, 32, num_layers=32, max_position=2048)
+    plan = plan_decode_step(opt, 32, 272, with_host(1e-4, 0.1), 2, 2, Schedule.CHUNKED, None)
+    assert (plan.recompute_len, plan.num_chunks) == (0, 1)
+    assert plan.predicted_s == plan.predicted_full_copy_s  # the K,V copy outlasts the host's 0.1 ms
 
 
 def test_format_plans_table() -> None:

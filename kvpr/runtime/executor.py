@@ -6,20 +6,18 @@ differ only in how cached K,V reach attention (sequentially, or overlapped on st
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvpr.models.common import attend
 from kvpr.runtime.batch import BatchState
+from kvpr.scheduler.plan import StepSplit
+from kvpr.scheduler.policy import SplitPolicy
 
 if TYPE_CHECKING:
     from kvpr.cache.storage import KVStorage
     from kvpr.models.base import DecoderLayer, DecoderModel
-
-# Maps the number of cached tokens s to the recomputed prefix l in [0, s].
-SplitPolicy = Callable[[int], int]
 
 
 class Executor:
@@ -90,8 +88,9 @@ class Executor:
         """One new token per row, token_ids [b] -> logits [b, V]."""
         context_len = self.storage.length
         resident = self.resident_len
-        recompute_len = self.split(context_len - resident) if self.offloaded else 0
-        assert 0 <= recompute_len <= context_len - resident
+        split = self.split(context_len - resident) if self.offloaded else StepSplit(0)
+        recompute_len = split.recompute_len
+        assert 0 <= recompute_len <= context_len - resident and split.num_chunks >= 1
         self.recompute_lens.append(recompute_len)
         slot = self.storage.reserve(1)
         positions, mask = self.batch.append(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
@@ -99,7 +98,7 @@ class Executor:
         rope_new = self.model.rope(positions, self.dtype)  # [b, 1, 1, d]
         old_positions = self.batch.positions[:, resident : resident + recompute_len].transpose(0, 1)  # [l, b]
         rope_old = self.model.rope(old_positions, self.dtype) if recompute_len else None  # [l, b, 1, d]
-        hidden = self._decode_layers(hidden, mask, rope_new, rope_old, slot, recompute_len)
+        hidden = self._decode_layers(hidden, mask, rope_new, rope_old, slot, recompute_len, split.num_chunks)
         return self.model.logits(hidden)[:, -1]
 
     def _make_resident(self, resident_len: int) -> None:
@@ -118,6 +117,7 @@ class Executor:
         rope_old: tuple[torch.Tensor, torch.Tensor] | None,
         slot: int,
         recompute_len: int,
+        num_chunks: int,
     ) -> torch.Tensor:
         raise NotImplementedError
 

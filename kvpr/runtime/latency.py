@@ -43,7 +43,7 @@ def chunk_bounds(length: int, num_chunks: int) -> list[tuple[int, int]]:
 class _LayerBuffers:
     """One of the two device staging buffers, with the events that order its use."""
 
-    def __init__(self, storage: "KVStorage", device: torch.device, streams: StreamSet, num_chunks: int) -> None:
+    def __init__(self, storage: "KVStorage", device: torch.device, streams: StreamSet) -> None:
         shape = storage.shape
         kv_shape = (shape.max_len, shape.batch_size, shape.num_kv_heads, shape.head_dim)
         self.k = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, n_kv, d]
@@ -62,10 +62,15 @@ class _LayerBuffers:
                 for name in storage.part_names
             }
         )
-        self.x_ready = [streams.event() for _ in range(num_chunks)]
+        self.streams = streams
+        self.x_ready: list[torch.cuda.Event | None] = []  # one per X chunk, grown to the most chunks asked
         self.kv_ready = streams.event()
         self.free = streams.event()
         self.chunks: list[tuple[int, int]] = []
+
+    def set_chunks(self, chunks: list[tuple[int, int]]) -> None:
+        self.chunks = chunks
+        self.x_ready += [self.streams.event() for _ in range(len(chunks) - len(self.x_ready))]
 
 
 class OverlappedExecutor(Executor):
@@ -78,13 +83,11 @@ class OverlappedExecutor(Executor):
         device: torch.device,
         offloaded: bool,
         split: SplitPolicy,
-        num_chunks: int,
         resident_cap: int = 0,
     ) -> None:
         super().__init__(model, storage, device, offloaded, split, resident_cap)
         self.streams = StreamSet(device)
-        self.num_chunks = num_chunks
-        self.buffers = [_LayerBuffers(storage, device, self.streams, num_chunks) for _ in range(2)] if offloaded else []
+        self.buffers = [_LayerBuffers(storage, device, self.streams) for _ in range(2)] if offloaded else []
 
     def _store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
         end = start + k.shape[0]
@@ -107,14 +110,14 @@ class OverlappedExecutor(Executor):
                 self.streams.keep_alive_for_copy(source)
                 host[start:end].copy_(source, non_blocking=True)
 
-    def _issue_loads(self, layer: int, recompute_len: int, context_len: int) -> None:
-        """Queue the loads of one layer on the copy stream: X chunks of [r, r+l) first, then the
-        K,V of [r+l, s) (see the table in ``Executor``)."""
+    def _issue_loads(self, layer: int, recompute_len: int, context_len: int, num_chunks: int) -> None:
+        """Queue the loads of one layer on the copy stream: X of [r, r+l) in ``num_chunks`` chunks
+        first, then the K,V of [r+l, s) (see the table in ``Executor``)."""
         buffers = self.buffers[layer % 2]
         storage = self.storage
         resident = self.resident_len
         copied_from = resident + recompute_len
-        buffers.chunks = [(resident + a, resident + c) for a, c in chunk_bounds(recompute_len, self.num_chunks)]
+        buffers.set_chunks([(resident + a, resident + c) for a, c in chunk_bounds(recompute_len, num_chunks)])
         self.streams.copy_waits(buffers.free)  # the layer two back has finished reading this buffer
         with self.streams.on_copy():
             for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
@@ -136,13 +139,14 @@ class OverlappedExecutor(Executor):
         rope_old: tuple[torch.Tensor, torch.Tensor] | None,
         slot: int,
         recompute_len: int,
+        num_chunks: int,
     ) -> torch.Tensor:
         streams = self.streams
         if self.offloaded:
-            self._issue_loads(0, recompute_len, slot)
+            self._issue_loads(0, recompute_len, slot, num_chunks)
         for index, layer in enumerate(self.layers):
             if self.offloaded and index + 1 < len(self.layers):
-                self._issue_loads(index + 1, recompute_len, slot)  # prefetch while this layer runs
+                self._issue_loads(index + 1, recompute_len, slot, num_chunks)  # prefetch while this layer runs
             x_new = layer.attn_input(hidden)  # [b, 1, h]
             q = layer.query(x_new, rope_new)  # [b, n_q, 1, d]
             k_new, v_new = layer.kv_from_input(x_new, rope_new)  # [b, 1, n_kv, d]

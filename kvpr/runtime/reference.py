@@ -31,6 +31,7 @@ class SequentialExecutor(Executor):
         rope_old: tuple[torch.Tensor, torch.Tensor] | None,
         slot: int,
         recompute_len: int,
+        num_chunks: int,  # the oracle recomputes [r, r+l) in one block
     ) -> torch.Tensor:
         device = self.device
         resident = self.resident_len

@@ -20,6 +20,11 @@ block. CHUNKED (c chunks): ``T = max(t_x + t_kv, t_x/c + t_rc)``, X copied in c 
 each recomputed by its own GEMM as it lands, so the rates are those of one chunk.
 Both are written as ``T(l) = max over two branches of a weighted sum of the three terms`` (StepModel),
 the form the solver bounds.
+
+HOST: the GPU cannot run ahead of the host that issues its work. Issuing a layer costs the host
+``h_layer`` plus ``h_chunk`` per X chunk (both measured on the runtime itself, per X codec), so
+``T(l) = max(device T(l), h_layer + min(c, l) * h_chunk)``: more chunks overlap better on the GPU
+but cost the host more, which is why the number of chunks is chosen with ``l``.
 """
 
 from __future__ import annotations
@@ -224,35 +229,57 @@ Weights = tuple[float, float, float]  # weights on (t_x, t_kv, t_rc)
 
 
 @dataclass(frozen=True)
+class HostIssue:
+    """Host seconds to issue one decode layer: ``layer_s`` without X chunks, ``chunk_s`` per chunk."""
+
+    layer_s: float = 0.0
+    chunk_s: float = 0.0
+
+    def seconds(self, split: float, num_chunks: int) -> float:
+        """A split of l tokens runs min(c, l) chunks (chunks are never empty)."""
+        return self.layer_s + min(float(num_chunks), max(split, 0.0)) * self.chunk_s
+
+
+@dataclass(frozen=True)
 class StepModel:
-    """T(l) = max(branch_a . terms(l), branch_b . terms(l)), terms = (t_x, t_kv, t_rc)."""
+    """T(l) = max(branch_a . terms(l), branch_b . terms(l), host(l)), terms = (t_x, t_kv, t_rc)."""
 
     x: TimeTerm
     kv: TimeTerm
     rc: TimeTerm
     branch_a: Weights
     branch_b: Weights
+    host: HostIssue = HostIssue()
+    num_chunks: int = 1
 
-    def combine(self, x_s: float, kv_s: float, rc_s: float) -> float:
+    def combine(self, split: float, x_s: float, kv_s: float, rc_s: float) -> float:
         a, b = self.branch_a, self.branch_b
-        return max(a[0] * x_s + a[1] * kv_s + a[2] * rc_s, b[0] * x_s + b[1] * kv_s + b[2] * rc_s)
+        device = max(a[0] * x_s + a[1] * kv_s + a[2] * rc_s, b[0] * x_s + b[1] * kv_s + b[2] * rc_s)
+        return max(device, self.host_s(split))
+
+    def host_s(self, split: float) -> float:
+        """Host issue time at ``split``: nondecreasing in l, so its value at a range's start bounds it."""
+        return self.host.seconds(split, self.num_chunks)
 
     def seconds(self, split: float) -> float:
-        return self.combine(self.x.seconds(split), self.kv.seconds(split), self.rc.seconds(split))
+        return self.combine(split, self.x.seconds(split), self.kv.seconds(split), self.rc.seconds(split))
 
 
 def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, num_chunks: int = 8) -> StepModel:
     """The cost T(l) of one layer under ``schedule``, ready to evaluate or to bound."""
     if num_chunks < 1:
         raise KvprError(f"num_chunks={num_chunks}: must be >= 1")
+    host = profile.host_issue(shape.x_codec)
     if schedule is Schedule.SEQUENTIAL:
-        # t_x + max(t_rc, t_kv) == max(t_x + t_rc, t_x + t_kv)
+        # t_x + max(t_rc, t_kv) == max(t_x + t_rc, t_x + t_kv); X moves as one chunk
         return StepModel(
             x_copy_term(shape, profile),
             kv_copy_term(shape, profile),
             recompute_term(shape, profile),
             (1.0, 0.0, 1.0),
             (1.0, 1.0, 0.0),
+            host,
+            1,
         )
     if schedule is Schedule.CHUNKED:
         return StepModel(
@@ -261,6 +288,8 @@ def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, 
             recompute_term(shape, profile, num_chunks),
             (1.0, 1.0, 0.0),
             (1.0 / num_chunks, 0.0, 1.0),
+            host,
+            num_chunks,
         )
     raise KvprError(f"unknown schedule {schedule!r}: use Schedule.SEQUENTIAL or Schedule.CHUNKED")
 
@@ -307,7 +336,8 @@ def chunked_s(shape: LayerShape, profile: HardwareProfile, recompute_len: int, n
 
 
 def full_copy_s(shape: LayerShape, profile: HardwareProfile) -> float:
-    """Copy every token's K,V (l = 0; equal to both schedules' T(0))."""
+    """Copy every token's K,V: both schedules' T(0) on the device (T(0) is also at least the host's
+    time to issue the layer)."""
     return kv_copy_s(shape, profile, shape.context_len)
 
 

@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class StepSplit:
+    """What the runtime executes in one decode step: K,V of the first ``recompute_len`` offloaded
+    tokens recomputed from X, copied and recomputed in ``num_chunks`` pipelined chunks; the rest's
+    K,V copied."""
+
+    recompute_len: int
+    num_chunks: int = 1
+
+
+@dataclass(frozen=True)
 class SplitPlan:
     """Recompute K,V of tokens [0, recompute_len) from X, copy K,V of [recompute_len, context_len).
 
@@ -33,6 +43,7 @@ class SplitPlan:
     predicted_s: float
     predicted_full_copy_s: float
     predicted_floor_s: float
+    num_chunks: int = 1  # X chunks of the recompute pipeline (1 under the sequential schedule)
 
     @property
     def copy_len(self) -> int:
@@ -43,6 +54,15 @@ class SplitPlan:
         """Predicted gain over copying every token's K,V."""
         return self.predicted_full_copy_s / self.predicted_s if self.predicted_s > 0 else 1.0
 
+    @property
+    def step_split(self) -> StepSplit:
+        return StepSplit(self.recompute_len, self.num_chunks)
+
+
+# The chunk counts the scheduler chooses among when --num-chunks is auto: more chunks overlap the
+# recompute with the X copy better, fewer cost the host less to issue.
+CHUNK_CHOICES = (1, 2, 4, 8, 16)
+
 
 def plan_decode_step(
     model: ModelConfig,
@@ -52,11 +72,13 @@ def plan_decode_step(
     kv_bytes_per_elem: float,
     x_bytes_per_elem: float,
     schedule: Schedule,
-    num_chunks: int,
+    num_chunks: int | None,
     granularity: int = 1,
     x_codec: str = "none",
 ) -> SplitPlan:
-    """The best split of the ``context_len`` offloaded tokens for one decode step (cheap: ~0.1-1 ms).
+    """The best split of the ``context_len`` offloaded tokens for one decode step (cheap: ~0.1-1 ms
+    per chunk count). ``num_chunks=None`` (chunked schedule) also picks the chunk count from
+    ``CHUNK_CHOICES``, the fewest among equals.
 
     Element sizes are those stored on the host (a codec may make them fractional); ``x_codec``
     names X's codec, whose decode the recompute then costs.
@@ -64,7 +86,12 @@ def plan_decode_step(
     shape = LayerShape(
         batch_size, context_len, model.hidden_size, model.kv_size, x_bytes_per_elem, kv_bytes_per_elem, x_codec
     )
-    choice = solve_split(shape, profile, schedule, num_chunks, granularity)
+    if schedule is Schedule.SEQUENTIAL:
+        counts: tuple[int, ...] = (1,)
+    else:
+        counts = CHUNK_CHOICES if num_chunks is None else (num_chunks,)
+    solved = [(solve_split(shape, profile, schedule, count, granularity), count) for count in counts]
+    choice, count = min(solved, key=lambda found: found[0].predicted_s)  # first (fewest chunks) of ties
     return SplitPlan(
         choice.recompute_len,
         context_len,
@@ -72,6 +99,7 @@ def plan_decode_step(
         choice.predicted_s,
         choice.copy_all_s,
         floor_s(shape, profile, choice.recompute_len),
+        count if choice.recompute_len else 1,
     )
 
 
@@ -82,10 +110,11 @@ def format_plans(
     profile: HardwareProfile,
     kv_bytes_per_elem: float,
     x_bytes_per_elem: float,
-    num_chunks: int,
+    num_chunks: int | None,
     x_codec: str = "none",
 ) -> str:
-    """A table, per context length, of predicted ms per layer: copy all, best sequential, best chunked, floor."""
+    """A table, per context length, of predicted ms per layer: copy all, best sequential, best chunked
+    (with its chunk count, chosen when ``num_chunks`` is None), floor."""
     from rich.console import Console
     from rich.table import Table
 
@@ -96,7 +125,8 @@ def format_plans(
         ),
         caption=(
             f"predicted ms per layer (x{model.num_layers} layers per step); l = recomputed tokens; "
-            "floor = the best plan's PCIe bytes at peak bandwidth or FLOPs at the peak recompute rate"
+            "floor = the best plan's PCIe bytes at peak bandwidth or FLOPs at the peak recompute rate; "
+            "c = X chunks; times include the host's time to issue the layer where the profile has it"
         ),
     )
     for header in (
@@ -105,7 +135,8 @@ def format_plans(
         "sequential: l/s",
         "ms",
         "x",
-        f"chunked ({num_chunks}): l/s",
+        f"chunked ({'auto' if num_chunks is None else num_chunks}): l/s",
+        "c",
         "ms",
         "x",
         "floor ms",
@@ -130,7 +161,8 @@ def format_plans(
         row = [str(context_len), f"{plans[0].predicted_full_copy_s * 1e3:.3f}"]
         for plan in plans:
             fraction = plan.recompute_len / context_len if context_len else 0.0
-            row += [f"{fraction:.3f}", f"{plan.predicted_s * 1e3:.3f}", f"{plan.speedup:.2f}"]
+            chunks = [str(plan.num_chunks)] if plan.schedule is Schedule.CHUNKED else []
+            row += [f"{fraction:.3f}", *chunks, f"{plan.predicted_s * 1e3:.3f}", f"{plan.speedup:.2f}"]
         table.add_row(*row, f"{best.predicted_floor_s * 1e3:.3f}")
     out = io.StringIO()
     Console(file=out, width=160, color_system=None, force_terminal=False).print(table)

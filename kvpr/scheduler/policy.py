@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvpr.config import RECOMPUTE_AUTO, RECOMPUTE_OFF, CacheConfig, ModelConfig, RuntimeConfig
+from kvpr.config import DEFAULT_NUM_CHUNKS, RECOMPUTE_AUTO, RECOMPUTE_OFF, CacheConfig, ModelConfig, RuntimeConfig
 from kvpr.device import element_size
+from kvpr.scheduler.plan import StepSplit
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec
     from kvpr.scheduler.profiler import HardwareProfile
 
-SplitPolicy = Callable[[int], int]
+SplitPolicy = Callable[[int], StepSplit]  # offloaded tokens s -> that decode step's split
 
 
 def round_fraction(fraction: float, context_len: int) -> int:
@@ -74,10 +75,10 @@ def make_split_policy(
     """Build the per-step policy for one batch (``codec``, ``x_codec``: how K,V and X are stored
     on the host)."""
     if not recompute_may_run(cache, model, dtype, codec, x_codec):
-        return lambda context_len: 0
+        return lambda context_len: StepSplit(0)
     if cache.recompute != RECOMPUTE_AUTO:
-        fraction = float(cache.recompute)
-        return lambda context_len: round_fraction(fraction, context_len)
+        fraction, chunks = float(cache.recompute), runtime.num_chunks or DEFAULT_NUM_CHUNKS
+        return lambda context_len: StepSplit(round_fraction(fraction, context_len), chunks)
     from kvpr.scheduler.profiler import load_or_measure
 
     profile = load_or_measure(device, model, dtype, batch_size, path=runtime.profile_path)
@@ -97,19 +98,20 @@ def auto_policy(
     profile: "HardwareProfile",
     x_bytes: float,
     kv_bytes: float,
-    num_chunks: int,
+    num_chunks: int | None,
     x_codec: str = "none",
 ) -> SplitPolicy:
-    """The solver's choice at each context length (memoised: one solve per distinct ``s``);
-    ``x_bytes``/``kv_bytes``: stored bytes per element (``stored_element_bytes``); ``x_codec``: X's."""
+    """The solver's choice at each context length (memoised: one solve per distinct ``s``), the
+    chunk count too when ``num_chunks`` is None; ``x_bytes``/``kv_bytes``: stored bytes per element
+    (``stored_element_bytes``); ``x_codec``: X's."""
     from kvpr.scheduler.cost_model import Schedule
     from kvpr.scheduler.plan import plan_decode_step
 
     @functools.cache
-    def recompute_len(context_len: int) -> int:
+    def split(context_len: int) -> StepSplit:
         plan = plan_decode_step(
             model, batch_size, context_len, profile, kv_bytes, x_bytes, Schedule.CHUNKED, num_chunks, x_codec=x_codec
         )
-        return plan.recompute_len
+        return plan.step_split
 
-    return recompute_len
+    return split

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from kvpr.config import Arch, ModelConfig
 from kvpr.device import element_size
 from kvpr.errors import KvprError
-from kvpr.scheduler.cost_model import RateCurve
+from kvpr.scheduler.cost_model import HostIssue, RateCurve
 
-PROFILE_FORMAT_VERSION = 2  # 2: the recompute timed as the runtime runs it, per X codec
+PROFILE_FORMAT_VERSION = 3  # 2: the recompute timed as the runtime runs it, per X codec; 3: host issue times
 _MIB = 1 << 20
 
 
@@ -52,6 +52,10 @@ class HardwareProfile:
     gemm_arch: str = ""  # the architecture whose recompute was timed (RoPE or not, biases or not)
     # the same rate with X stored under an X codec, its decode included: {"int8": curve, "int4": curve}
     x_codec_gemm: dict[str, RateCurve] = field(default_factory=dict)
+    # host seconds to issue one decode layer (no X chunks) and one X chunk more, per X codec ("none":
+    # X in the model dtype), measured on the overlapped executor; empty on a CPU (no separate host)
+    host_layer_s: dict[str, float] = field(default_factory=dict)
+    host_chunk_s: dict[str, float] = field(default_factory=dict)
     created: str = ""  # ISO 8601, UTC
     format_version: int = PROFILE_FORMAT_VERSION
 
@@ -62,6 +66,9 @@ class HardwareProfile:
             raise KvprError("profile has an attention timing that is not positive: re-run kvpr profile")
         if self.decode_layer_s is not None and not (math.isfinite(self.decode_layer_s) and self.decode_layer_s > 0):
             raise KvprError(f"profile has decode_layer_s={self.decode_layer_s}: re-run kvpr profile")
+        host_times = (*self.host_layer_s.values(), *self.host_chunk_s.values())
+        if any(not (math.isfinite(t) and t >= 0) for t in host_times):
+            raise KvprError("profile has a host issue time that is negative or not a number: re-run kvpr profile")
 
     def h2d_bytes_per_s(self, nbytes: float) -> float:
         return self.h2d.rate(nbytes)
@@ -79,6 +86,11 @@ class HardwareProfile:
         if x_codec not in self.x_codec_gemm:
             raise KvprError(f"this profile has no recompute timing for --x-codec {x_codec}: re-run kvpr profile")
         return self.x_codec_gemm[x_codec]
+
+    def host_issue(self, x_codec: str = "none") -> HostIssue:
+        """What issuing a layer costs the host with X under ``x_codec``; zero where not measured
+        (a CPU profile: there the host is the device)."""
+        return HostIssue(self.host_layer_s.get(x_codec, 0.0), self.host_chunk_s.get(x_codec, 0.0))
 
     def attention_s(self, context_len: int) -> float:
         """Linear in s between measured points; below/above them, proportional to the nearest one."""
@@ -117,6 +129,8 @@ class HardwareProfile:
             "x_codec_gemm": {name: [list(p) for p in curve.points] for name, curve in self.x_codec_gemm.items()},
             "attention": [list(p) for p in self.attention],
             "decode_layer_s": self.decode_layer_s,
+            "host_layer_s": self.host_layer_s,
+            "host_chunk_s": self.host_chunk_s,
         }
         # one line per measured point, [size, rate] (a newline never occurs inside a JSON string)
         number = r"(-?[0-9][0-9.eE+-]*)"
@@ -151,6 +165,8 @@ class HardwareProfile:
                 batch_size=int(data["batch_size"]),
                 attention=tuple((int(s), float(t)) for s, t in data["attention"]),
                 decode_layer_s=None if decode is None else float(decode),
+                host_layer_s={str(name): float(t) for name, t in data["host_layer_s"].items()},
+                host_chunk_s={str(name): float(t) for name, t in data["host_chunk_s"].items()},
                 created=str(data["created"]),
                 format_version=version,
             )
@@ -341,6 +357,7 @@ def measure_profile(
         layer = _layer_gemms(model, dtype, device, batch_size, ladder.layer_weight_bytes)
         decode_layer_s = clock(layer) if layer is not None else None
         bar.advance()
+        host_layer_s, host_chunk_s = _measure_host_issue(device, model, dtype, batch_size, bar)
     return HardwareProfile(
         device_name=device_name(device),
         torch_version=str(torch.__version__),
@@ -355,6 +372,8 @@ def measure_profile(
         batch_size=batch_size,
         attention=tuple(attention),
         decode_layer_s=decode_layer_s,
+        host_layer_s=host_layer_s,
+        host_chunk_s=host_chunk_s,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -422,6 +441,88 @@ def _measure_recompute(
             bar,
         )
     return curves
+
+
+def _measure_host_issue(
+    device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int, bar: _Progress
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Host seconds to issue one decode layer without X chunks, and one X chunk more, per X codec,
+    timed on the overlapped executor itself (CUDA only; a CPU has no separate host).
+
+    A sleep kernel queued first keeps the GPU busy while the host issues a step, so the host never
+    waits and what is timed is Python, dispatch and launches alone. A 2-layer against a 1-layer
+    model (no recompute) gives a layer's cost without the step's embedding and logits; 8 against 1
+    chunks of a 1-layer model give a chunk's.
+    """
+    if device.type != "cuda":
+        return {}, {}
+    from kvpr.cache.codec import X_CODEC_NAMES, make_x_codec
+    from kvpr.cache.storage import CacheShape, KVStorage
+    from kvpr.models.loader import build_model, init_dummy_weights
+    from kvpr.runtime.latency import OverlappedExecutor
+    from kvpr.scheduler.plan import StepSplit
+
+    prompt, many = 16, 8
+    configs = {layers: replace(model, num_layers=layers, vocab_size=256) for layers in (1, 2)}
+    models = {layers: build_model(config) for layers, config in configs.items()}
+    for built in models.values():
+        init_dummy_weights(built, device, dtype, seed=0)
+    hold = _GpuHold(device)
+
+    def issue_s(layers: int, x_codec: str, split: StepSplit) -> float:
+        shape = CacheShape.for_model(configs[layers], batch_size, prompt + 8, dtype)
+        codec = make_x_codec(x_codec, model.hidden_size)
+        storage = KVStorage(shape, torch.device("cpu"), pin=True, store_inputs=True, x_codec=codec)
+        executor = OverlappedExecutor(models[layers], storage, device, True, lambda _: split)
+        ids = torch.zeros(batch_size, prompt, dtype=torch.long, device=device)
+        executor.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        executor.decode(ids[:, 0])  # warm-up: allocator, kernel choice
+        best = math.inf
+        for _ in range(4):
+            torch.cuda.synchronize(device)
+            best = min(best, hold.host_seconds(lambda: executor.decode(ids[:, 0])))
+        executor.finish()
+        return best
+
+    bar.phase("host issue per layer and X chunk", len(X_CODEC_NAMES))
+    layer_s, chunk_s = {}, {}
+    for name in X_CODEC_NAMES:
+        no_recompute = StepSplit(0)
+        layer_s[name] = max(0.0, issue_s(2, name, no_recompute) - issue_s(1, name, no_recompute))
+        extra = issue_s(1, name, StepSplit(prompt, many)) - issue_s(1, name, StepSplit(prompt, 1))
+        chunk_s[name] = max(0.0, extra / (many - 1))
+        bar.advance()
+    return layer_s, chunk_s
+
+
+class _GpuHold:
+    """Keeps the current CUDA stream busy (a sleep kernel) while the host issues work, so the time
+    of the issuing is the host's own, never a wait for the GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        probe = 10_000_000
+        start.record()
+        torch.cuda._sleep(probe)
+        end.record()
+        end.synchronize()
+        self.cycles_per_s = probe / (start.elapsed_time(end) / 1e3)
+        self.hold_s = 0.05
+
+    def host_seconds(self, issue: Callable[[], object]) -> float:
+        """Host time of ``issue()``, with the GPU held for longer; the hold doubles until it outlasts it."""
+        while True:
+            done = torch.cuda.Event()
+            torch.cuda._sleep(int(self.hold_s * self.cycles_per_s))
+            done.record()
+            begin = time.perf_counter()
+            issue()
+            elapsed = time.perf_counter() - begin
+            outlasted = not done.query()
+            torch.cuda.synchronize()
+            if outlasted or self.hold_s > 5.0:
+                return elapsed
+            self.hold_s *= 2
 
 
 def _filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

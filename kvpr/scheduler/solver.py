@@ -5,7 +5,8 @@ over the grid of allowed ``l``:
 1. cut [0, s] at every breakpoint of the three terms (a rate curve's knots, or where a term's
    curvature changes sign), so on each cell every term is concave or convex;
 2. bound T from below on a range by replacing each term with a line under it (its chord if concave,
-   its tangent at the middle if convex): the bound is a max of two lines, minimised in closed form;
+   its tangent at the middle if convex): the bound is a max of two lines, minimised in closed form,
+   and of the host's issue time at the range's start (it never falls as l grows);
 3. evaluate T on the grid where the bound is lowest, split ranges whose bound is below the best
    value found, and prune the rest.
 The result equals the brute-force minimum over every allowed ``l`` (to a relative 1e-12).
@@ -81,7 +82,7 @@ class _Search:
         return found
 
     def visit(self, index: int) -> None:
-        seconds = self.model.combine(*self.term_values(index))
+        seconds = self.model.combine(self.grid.split_at(index), *self.term_values(index))
         if seconds < self.best_s or (seconds == self.best_s and index < self.best_index):
             self.best_s, self.best_index = seconds, index
 
@@ -124,7 +125,7 @@ class _Search:
             cross = a_at_a + t * (a_at_b - a_at_a)
             if cross < bound:
                 bound, where = cross, la + t * (lb - la)
-        return bound, where
+        return max(bound, self.model.host_s(la)), where  # the host's time only grows with l
 
     def run(self) -> int:
         cells = self.cells()
