@@ -239,12 +239,12 @@ def run_hf(hf: torch.nn.Module, case: Case, prompts: torch.Tensor, offloaded: bo
 
 
 def floor_row(llm: LLM, case: Case, profile: Any) -> dict[str, Any]:
-    """max(PCIe bytes / measured bandwidth, compute) per layer for the plan kvpr-auto uses."""
+    """max(PCIe bytes / measured bandwidth, compute) per layer for the plan kvpr-auto uses, beside
+    that plan's own predicted step time and its chunk counts (the cost model, to compare with the run)."""
     cfg = llm.model_config
     element = element_size(llm.dtype)
-    floors = []
-    for step in range(case.gen_len - 1):
-        plan = plan_decode_step(
+    plans = [
+        plan_decode_step(
             cfg,
             case.batch_size,
             case.prompt_len + step + 1,
@@ -254,8 +254,15 @@ def floor_row(llm: LLM, case: Case, profile: Any) -> dict[str, Any]:
             Schedule.CHUNKED,
             llm.config.runtime.num_chunks,
         )
-        floors.append(plan.predicted_floor_s)
-    return {"prefill_s": None, "decode_ms_per_token": 1e3 * cfg.num_layers * sum(floors) / len(floors)}
+        for step in range(case.gen_len - 1)
+    ]
+    per_step = lambda values: 1e3 * cfg.num_layers * sum(values) / len(values)  # noqa: E731
+    return {
+        "prefill_s": None,
+        "decode_ms_per_token": per_step([plan.predicted_floor_s for plan in plans]),
+        "predicted_auto_ms_per_token": per_step([plan.predicted_s for plan in plans]),
+        "auto_num_chunks": sorted({plan.num_chunks for plan in plans}),
+    }
 
 
 def _kv_fits_on_gpu(llm: LLM, case: Case) -> bool:

@@ -29,6 +29,7 @@ class StreamTime:
     host_starved: float = 0.0
     waiting: float = 0.0
     ops: int = 0
+    copy_bytes: float = 0.0
     by_name: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -79,6 +80,7 @@ def step_report(events: list[dict], skip: int) -> tuple[list[float], dict[int, S
             for op in sorted(stream_ops, key=lambda o: o["ts"]):
                 totals.busy += op["dur"]
                 totals.ops += 1
+                totals.copy_bytes += op["args"].get("bytes", 0) if op["cat"] == "gpu_memcpy" else 0
                 totals.by_name[op["name"][:70]] += op["dur"]
                 if previous_end is not None and op["ts"] > previous_end:
                     gap = op["ts"] - previous_end
@@ -100,11 +102,12 @@ def main() -> None:
     n = len(host_ms)
     host, gpu = sum(host_ms) / n, gpu_wall / n / 1e3
     print(f"{args.trace.name}: {n} steps, host issue {host:.2f} ms/step, GPU span {gpu:.2f} ms/step")
-    print("| stream | ops/step | busy ms | host-starved ms | waiting ms |")
-    print("|---|---|---|---|---|")
+    print("| stream | ops/step | busy ms | host-starved ms | waiting ms | copied MB/step |")
+    print("|---|---|---|---|---|---|")
     for stream, t in sorted(per_stream.items(), key=lambda kv: -kv[1].busy):
         cells = (t.busy, t.host_starved, t.waiting)
-        print(f"| {stream} | {t.ops / n:.0f} | " + " | ".join(f"{c / n / 1e3:.2f}" for c in cells) + " |")
+        times = " | ".join(f"{c / n / 1e3:.2f}" for c in cells)
+        print(f"| {stream} | {t.ops / n:.0f} | {times} | {t.copy_bytes / n / 1e6:.1f} |")
     for stream, t in sorted(per_stream.items(), key=lambda kv: -kv[1].busy):
         print(f"stream {stream}, top operations (ms/step):")
         for name, dur in t.by_name.most_common(args.top):

@@ -73,13 +73,24 @@ def linear_into(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> None:
         torch.mm(x, linear.weight.t(), out=out)
 
 
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask [b, 1, q, S] as the additive bias attention adds to its scores (0 or -inf).
+
+    Made once per decode step instead of by every layer's attention (two kernels and their launches
+    each); rows are padded to 16 elements so the memory-efficient kernel reads the bias in place.
+    """
+    *lead, keys = mask.shape
+    padded = torch.zeros(*lead, -(-keys // 16) * 16, dtype=dtype, device=mask.device)
+    return padded[..., :keys].masked_fill_(~mask, float("-inf"))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention of q over assembled K,V (GQA aware).
 
     Args:
         q: [b, n_q, q, d] queries.
         k, v: [b, n_kv, S, d] keys and values, any strides with the last dim contiguous.
-        mask: [b, 1, q, S] bool, True where a query may attend a key.
+        mask: [b, 1, q, S] bool, True where a query may attend a key, or ``attention_bias`` of one.
     Returns:
         [b, q, n_q * d]
 

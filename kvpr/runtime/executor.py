@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvpr.models.common import attend
+from kvpr.models.common import attend, attention_bias
 from kvpr.runtime.batch import BatchState
 from kvpr.scheduler.plan import StepSplit
 from kvpr.scheduler.policy import SplitPolicy
@@ -93,7 +93,8 @@ class Executor:
         assert 0 <= recompute_len <= context_len - resident and split.num_chunks >= 1
         self.recompute_lens.append(recompute_len)
         slot = self.storage.reserve(1)
-        positions, mask = self.batch.append(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
+        positions, valid = self.batch.append(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
+        mask = attention_bias(valid, self.dtype)  # [b, 1, 1, s+1], shared by every layer
         hidden = self.model.embed(token_ids.unsqueeze(1), positions)  # [b, 1, h]
         rope_new = self.model.rope(positions, self.dtype)  # [b, 1, 1, d]
         old_positions = self.batch.positions[:, resident : resident + recompute_len].transpose(0, 1)  # [l, b]
