@@ -162,6 +162,10 @@ def test_default_profile_path_is_sanitized_under_the_cache_dir(monkeypatch: pyte
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_profile_path("a/../b", "1").parent == Path.home() / ".cache" / "kvpr" / "profiles"
     assert "/" not in default_profile_path("a/../b", "1").name
+    assert (
+        default_profile_path("a", "1", "llama-h4096-kv2048-float16").name
+        == "a__torch-1__llama-h4096-kv2048-float16.json"
+    )
 
 
 def test_load_or_measure_reuses_only_a_matching_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -190,12 +194,14 @@ def test_load_or_measure_reuses_only_a_matching_cache(monkeypatch: pytest.Monkey
     cpu = torch.device("cpu")
     first = load_or_measure(cpu, TINY, torch.float32, 2)
     assert len(calls) == 1
-    assert default_profile_path(first.device_name, first.torch_version).exists()
+    assert default_profile_path(
+        first.device_name, first.torch_version, profiler.profile_shape(TINY, torch.float32)
+    ).exists()
     assert load_or_measure(cpu, TINY, torch.float32, 2) == first and len(calls) == 1  # cache hit
     other = model_config(128, 4, 4)
     assert load_or_measure(cpu, other, torch.float32, 2).gemm_hidden == 128 and len(calls) == 2  # new shape
     assert load_or_measure(cpu, other, torch.float32, 2, reprofile=True).created == "run 3"
-    cache = default_profile_path(first.device_name, first.torch_version)
+    cache = default_profile_path(first.device_name, first.torch_version, profiler.profile_shape(other, torch.float32))
     cache.write_text("damaged")
     assert load_or_measure(cpu, other, torch.float32, 2).created == "run 4"  # damaged cache re-measured
     explicit = tmp_path / "mine.json"

@@ -207,14 +207,21 @@ def device_name(device: torch.device) -> str:
     return f"cpu {platform.machine() or 'unknown'} x{os.cpu_count() or 1}"
 
 
-def default_profile_path(device_name: str, torch_version: str) -> Path:
-    """$XDG_CACHE_HOME (or ~/.cache)/kvpr/profiles/<device>__torch-<version>.json."""
+def default_profile_path(device_name: str, torch_version: str, shape: str = "") -> Path:
+    """$XDG_CACHE_HOME (or ~/.cache)/kvpr/profiles/<device>__torch-<version>[__<shape>].json;
+    ``shape`` (``profile_shape``) keeps the profiles of different models side by side."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
     def clean(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "unknown"
 
-    return base / "kvpr" / "profiles" / f"{clean(device_name)}__torch-{clean(torch_version)}.json"
+    suffix = f"__{clean(shape)}" if shape else ""
+    return base / "kvpr" / "profiles" / f"{clean(device_name)}__torch-{clean(torch_version)}{suffix}.json"
+
+
+def profile_shape(model: ModelConfig, dtype: torch.dtype) -> str:
+    """What a profile's recompute timings depend on (see ``HardwareProfile.covers``)."""
+    return f"{model.arch.value}-h{model.hidden_size}-kv{2 * model.kv_size}-{_dtype_name(dtype)}"
 
 
 @dataclass(frozen=True)
@@ -357,7 +364,7 @@ def measure_profile(
         layer = _layer_gemms(model, dtype, device, batch_size, ladder.layer_weight_bytes)
         decode_layer_s = clock(layer) if layer is not None else None
         bar.advance()
-        host_layer_s, host_chunk_s = _measure_host_issue(device, model, dtype, batch_size, bar)
+        host_layer_s, host_chunk_s = _measure_host_issue(device, model, dtype, bar)
     return HardwareProfile(
         device_name=device_name(device),
         torch_version=str(torch.__version__),
@@ -444,15 +451,16 @@ def _measure_recompute(
 
 
 def _measure_host_issue(
-    device: torch.device, model: ModelConfig, dtype: torch.dtype, batch_size: int, bar: _Progress
+    device: torch.device, model: ModelConfig, dtype: torch.dtype, bar: _Progress
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Host seconds to issue one decode layer without X chunks, and one X chunk more, per X codec,
     timed on the overlapped executor itself (CUDA only; a CPU has no separate host).
 
-    A sleep kernel queued first keeps the GPU busy while the host issues a step, so the host never
-    waits and what is timed is Python, dispatch and launches alone. A 2-layer against a 1-layer
-    model (no recompute) gives a layer's cost without the step's embedding and logits; 8 against 1
-    chunks of a 1-layer model give a chunk's.
+    Steps run back to back at batch 1 and a 16-token context, where the GPU finishes a layer in a
+    fraction of the time the host takes to issue it, so the wall time per step is the host's: Python,
+    dispatch and launches, with the caching allocator in its steady state as in a real run. A
+    2-layer against a 1-layer model (no recompute) gives a layer's cost without the step's
+    embedding and logits; 8 against 1 chunks of a 1-layer model give a chunk's.
     """
     if device.type != "cuda":
         return {}, {}
@@ -462,27 +470,28 @@ def _measure_host_issue(
     from kvpr.runtime.latency import OverlappedExecutor
     from kvpr.scheduler.plan import StepSplit
 
-    prompt, many = 16, 8
+    prompt, many, warm, steps = 16, 8, 3, 12
     configs = {layers: replace(model, num_layers=layers, vocab_size=256) for layers in (1, 2)}
     models = {layers: build_model(config) for layers, config in configs.items()}
     for built in models.values():
         init_dummy_weights(built, device, dtype, seed=0)
-    hold = _GpuHold(device)
 
     def issue_s(layers: int, x_codec: str, split: StepSplit) -> float:
-        shape = CacheShape.for_model(configs[layers], batch_size, prompt + 8, dtype)
+        shape = CacheShape.for_model(configs[layers], 1, prompt + warm + steps, dtype)
         codec = make_x_codec(x_codec, model.hidden_size)
         storage = KVStorage(shape, torch.device("cpu"), pin=True, store_inputs=True, x_codec=codec)
         executor = OverlappedExecutor(models[layers], storage, device, True, lambda _: split)
-        ids = torch.zeros(batch_size, prompt, dtype=torch.long, device=device)
+        ids = torch.zeros(1, prompt, dtype=torch.long, device=device)
         executor.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
-        executor.decode(ids[:, 0])  # warm-up: allocator, kernel choice
-        best = math.inf
-        for _ in range(4):
-            torch.cuda.synchronize(device)
-            best = min(best, hold.host_seconds(lambda: executor.decode(ids[:, 0])))
+        for _ in range(warm):  # allocator, kernel choice
+            executor.decode(ids[:, 0])
+        torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        for _ in range(steps):
+            executor.decode(ids[:, 0])
+        torch.cuda.synchronize(device)  # the last step's GPU tail: a small share of the total
         executor.finish()
-        return best
+        return (time.perf_counter() - begin) / steps
 
     bar.phase("host issue per layer and X chunk", len(X_CODEC_NAMES))
     layer_s, chunk_s = {}, {}
@@ -493,36 +502,6 @@ def _measure_host_issue(
         chunk_s[name] = max(0.0, extra / (many - 1))
         bar.advance()
     return layer_s, chunk_s
-
-
-class _GpuHold:
-    """Keeps the current CUDA stream busy (a sleep kernel) while the host issues work, so the time
-    of the issuing is the host's own, never a wait for the GPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        probe = 10_000_000
-        start.record()
-        torch.cuda._sleep(probe)
-        end.record()
-        end.synchronize()
-        self.cycles_per_s = probe / (start.elapsed_time(end) / 1e3)
-        self.hold_s = 0.05
-
-    def host_seconds(self, issue: Callable[[], object]) -> float:
-        """Host time of ``issue()``, with the GPU held for longer; the hold doubles until it outlasts it."""
-        while True:
-            done = torch.cuda.Event()
-            torch.cuda._sleep(int(self.hold_s * self.cycles_per_s))
-            done.record()
-            begin = time.perf_counter()
-            issue()
-            elapsed = time.perf_counter() - begin
-            outlasted = not done.query()
-            torch.cuda.synchronize()
-            if outlasted or self.hold_s > 5.0:
-                return elapsed
-            self.hold_s *= 2
 
 
 def _filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -574,13 +553,14 @@ def load_or_measure(
     progress: bool = False,
 ) -> HardwareProfile:
     """An explicit ``path`` is loaded (or, with ``reprofile``, measured into); otherwise the cached
-    profile of this device and torch version is reused if it covers the model's recompute GEMM and
-    dtype, else measured and cached. Attention timings stay those of the batch first profiled."""
+    profile of this device, torch version and model shape is reused if it covers the model's
+    recompute and dtype, else measured and cached. Attention timings stay those of the batch first
+    profiled."""
     device = torch.device(device)
     if path is not None and not reprofile:
         return HardwareProfile.load(path)
     name, version = device_name(device), str(torch.__version__)
-    target = Path(path) if path is not None else default_profile_path(name, version)
+    target = Path(path) if path is not None else default_profile_path(name, version, profile_shape(model, dtype))
     if not reprofile and target.exists():
         try:
             cached = HardwareProfile.load(target)
