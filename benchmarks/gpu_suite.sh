@@ -2,6 +2,7 @@
 # Everything kvpr measures or checks on a GPU, in one device call. Full JSON goes to $OUT,
 # a short table is printed last. Usage (repo root): bash benchmarks/gpu_suite.sh [tests|bench|all] [suites...]
 # with SYSTEMS="kvpr-off kvpr-kvo floor" (default: bench_latency's) and TAG=latency-kvo (file stem).
+# Pass KVPR_COMMIT=<hash> from the checkout: the device's copy of .git may be an older snapshot.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results}"
