@@ -423,7 +423,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="latency")
     parser.add_argument("--host-memory-gib", type=float, default=None, help="host memory budget (see kvpr --help)")
-    parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD; pass it on a machine whose .git may be stale)")
+    parser.add_argument("--commit", default=None, help="commit measured (default: git HEAD; pass it on the device)")
     args = parser.parse_args()
     cases = [case for suite in args.suite for case in SUITES[suite]]
     device = torch.cuda.get_device_name()
