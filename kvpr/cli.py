@@ -315,6 +315,10 @@ def _run_profile(args: argparse.Namespace) -> int:
     for rows in (256, 4096, 65536):
         rates = ", ".join(f"X {name} {profile.recompute_curve(name).rate(rows) / 1e12:6.1f}" for name in x_codecs)
         print(f"  recompute M={rows:6d} (GEMM TFLOP/s over the whole recompute): {rates}")
+    if profile.host_layer_s:
+        issue = [(name, profile.host_issue(name)) for name in x_codecs]
+        costs = ", ".join(f"X {name} {cost.layer_s * 1e3:.3f} + {cost.chunk_s * 1e3:.3f}/chunk" for name, cost in issue)
+        print(f"  host issue per layer, ms: {costs}")
     return 0
 
 
