@@ -236,3 +236,22 @@ def test_profile_times_the_host_issue_per_x_codec() -> None:
     assert all(1e-5 < t < 5e-3 for t in layer_s.values()), layer_s
     assert all(1e-6 < t < 1e-3 for t in chunk_s.values()), chunk_s
     assert chunk_s["int4"] > chunk_s["none"], chunk_s
+
+
+def test_profile_times_the_kv_codec_decode() -> None:
+    """The int8/int4 K,V decode is timed per stored byte: positive rates that grow with the block
+    (launch costs amortised) and a load curve below the copy's alone."""
+    from dataclasses import replace
+
+    from kvpr.models.registry import builtin_config
+    from kvpr.scheduler.profiler import _ladder, _measure_kv_decode, _Progress, _timer
+
+    model = builtin_config("smollm2-135m")
+    ladder = replace(_ladder(torch.device("cuda"), model, torch.float16, 2), phase_budget_s=5.0)
+    clock = _timer(torch.device("cuda"), 0.01)
+    curves = _measure_kv_decode(torch.device("cuda"), model, torch.float16, ladder, clock, _Progress(False))
+    assert set(curves) == {"int8", "int4"}
+    for points in curves.values():
+        rates = [rate for _, rate in points]
+        assert all(1e8 < rate < 1e13 for rate in rates), points
+        assert rates[-1] > 10 * rates[0], points

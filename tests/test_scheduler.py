@@ -435,6 +435,25 @@ def test_a_chunk_dearer_than_the_copy_turns_recompute_off() -> None:
     assert plan.predicted_s == plan.predicted_full_copy_s  # the K,V copy outlasts the host's 0.1 ms
 
 
+def test_a_kv_codec_decode_slows_the_kv_load_and_moves_the_split() -> None:
+    """Under a K,V codec attention waits for the copy and the decode in series: the K,V load's
+    rate is their harmonic sum, so a slow decode makes copying K,V dearer and recomputing more
+    of the tokens pay (4-bit K,V: 0.5625 B/elem with scales, X at 4 bits too)."""
+    decode = RateCurve.from_points([(MIB, 20e9), (256 * MIB, 40e9)])
+    slow = dataclasses.replace(H100, kv_decode={"int4": decode})
+    curve = slow.kv_load_curve("int4")
+    for size in (MIB, 16 * MIB, 256 * MIB):
+        assert curve.rate(size) == pytest.approx(1 / (1 / H100.h2d.rate(size) + 1 / decode.rate(size)), rel=0.02)
+    assert slow.kv_load_curve("none") is slow.h2d and slow.kv_load_curve("int8") is slow.h2d  # nothing timed
+    opt = model_config(4096, 32, 32, num_layers=32, max_position=2048)
+    plain = plan_decode_step(opt, 16, 2016, H100, 0.5625, 0.625, Schedule.CHUNKED, 8, kv_codec="int4")
+    decoded = plan_decode_step(opt, 16, 2016, slow, 0.5625, 0.625, Schedule.CHUNKED, 8, kv_codec="int4")
+    assert decoded.predicted_full_copy_s > 1.5 * plain.predicted_full_copy_s
+    assert decoded.recompute_len > plain.recompute_len
+    text = HardwareProfile.from_json(with_host(1e-3, 1e-4).to_json())
+    assert HardwareProfile.from_json(slow.to_json()) == slow and text.host_issue().chunk_s == 1e-4
+
+
 def test_format_plans_table() -> None:
     opt = model_config(4096, 32, 32, num_layers=32, max_position=2048)
     text = format_plans(opt, 32, [512, 2048], H100, 2, 2, 16)

@@ -9,11 +9,12 @@ For a split at ``l`` (tokens ``[0, l)`` recomputed from X, ``[l, s)`` copied as 
 | term    | work                      | rate evaluated at                                   |
 |---------|---------------------------|-----------------------------------------------------|
 | t_x(l)  | b*l*h*ex bytes            | H2D bandwidth of one X block: all of X[0:l), or 1/c  |
-| t_kv    | b*(s-l)*2*kv*ekv bytes    | H2D bandwidth of one block K,V[l:s)                 |
+| t_kv    | b*(s-l)*2*kv*ekv bytes    | H2D bandwidth of one block K,V[l:s) (+ its decode)   |
 | t_rc(l) | b*l*2*h*2*kv FLOPs        | recompute rate at M = b*l rows, or b*l/c per chunk  |
 
 The recompute rate is measured on the whole recompute as the runtime runs it (X decode under the
-X codec, projections, bias, RoPE), expressed as the GEMMs' FLOPs per second of that time.
+X codec, projections, bias, RoPE), expressed as the GEMMs' FLOPs per second of that time. Under a
+K,V codec the K,V load's rate is that of the copy and the decode in series (``kv_load_curve``).
 
 SEQUENTIAL (the paper's schedule): ``T = t_x + max(t_rc, t_kv)``, X copied and recomputed as one
 block. CHUNKED (c chunks): ``T = max(t_x + t_kv, t_x/c + t_rc)``, X copied in c blocks of l/c tokens,
@@ -171,7 +172,8 @@ class LayerShape:
     """One decode layer's cache: batch, context and the stored bytes per element of X and K,V.
 
     Element sizes are parameters (2 for fp16; a codec may store 0.25 bytes per element);
-    ``x_codec`` names how X is stored, whose decode the recompute rate then includes.
+    ``x_codec`` names how X is stored, whose decode the recompute rate then includes; ``kv_codec``
+    how K,V are, whose decode (after they land, before attention) the K,V load then includes.
     """
 
     batch_size: int
@@ -181,6 +183,7 @@ class LayerShape:
     x_bytes_per_token_elem: float
     kv_bytes_per_token_elem: float
     x_codec: str = "none"
+    kv_codec: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "hidden_size", "kv_size"):
@@ -209,9 +212,9 @@ def x_copy_term(shape: LayerShape, profile: HardwareProfile, blocks: int = 1) ->
 
 
 def kv_copy_term(shape: LayerShape, profile: HardwareProfile) -> TimeTerm:
-    """t_kv(s - l) as a function of l: K,V[l:s) over H2D as one block."""
+    """t_kv(s - l) as a function of l: K,V[l:s) over H2D as one block (and decoded, with a codec)."""
     per_token = shape.kv_bytes(1)
-    return TimeTerm(profile.h2d, per_token * shape.context_len, -per_token, 1.0, 1.0)
+    return TimeTerm(profile.kv_load_curve(shape.kv_codec), per_token * shape.context_len, -per_token, 1.0, 1.0)
 
 
 def recompute_term(shape: LayerShape, profile: HardwareProfile, blocks: int = 1) -> TimeTerm:

@@ -75,16 +75,24 @@ def plan_decode_step(
     num_chunks: int | None,
     granularity: int = 1,
     x_codec: str = "none",
+    kv_codec: str = "none",
 ) -> SplitPlan:
     """The best split of the ``context_len`` offloaded tokens for one decode step (cheap: ~0.1-1 ms
     per chunk count). ``num_chunks=None`` (chunked schedule) also picks the chunk count from
     ``CHUNK_CHOICES``, the fewest among equals.
 
-    Element sizes are those stored on the host (a codec may make them fractional); ``x_codec``
-    names X's codec, whose decode the recompute then costs.
+    Element sizes are those stored on the host (a codec may make them fractional); ``x_codec`` and
+    ``kv_codec`` name their codecs, whose decodes the recompute and the K,V load then cost.
     """
     shape = LayerShape(
-        batch_size, context_len, model.hidden_size, model.kv_size, x_bytes_per_elem, kv_bytes_per_elem, x_codec
+        batch_size,
+        context_len,
+        model.hidden_size,
+        model.kv_size,
+        x_bytes_per_elem,
+        kv_bytes_per_elem,
+        x_codec,
+        kv_codec,
     )
     if schedule is Schedule.SEQUENTIAL:
         counts: tuple[int, ...] = (1,)
@@ -112,6 +120,7 @@ def format_plans(
     x_bytes_per_elem: float,
     num_chunks: int | None,
     x_codec: str = "none",
+    kv_codec: str = "none",
 ) -> str:
     """A table, per context length, of predicted ms per layer: copy all, best sequential, best chunked
     (with its chunk count, chosen when ``num_chunks`` is None), floor."""
@@ -154,6 +163,7 @@ def format_plans(
                 schedule,
                 num_chunks,
                 x_codec=x_codec,
+                kv_codec=kv_codec,
             )
             for schedule in (Schedule.SEQUENTIAL, Schedule.CHUNKED)
         ]

@@ -84,7 +84,8 @@ def make_split_policy(
     profile = load_or_measure(device, model, dtype, batch_size, path=runtime.profile_path)
     x_bytes, kv_bytes = stored_element_bytes(model, dtype, codec, x_codec)
     x_name = "none" if x_codec is None else x_codec.name
-    return auto_policy(model, batch_size, profile, x_bytes, kv_bytes, runtime.num_chunks, x_name)
+    kv_name = "none" if codec is None else codec.name
+    return auto_policy(model, batch_size, profile, x_bytes, kv_bytes, runtime.num_chunks, x_name, kv_name)
 
 
 def kv_bytes_per_element(codec: "KVCodec", model: ModelConfig) -> float:
@@ -100,17 +101,27 @@ def auto_policy(
     kv_bytes: float,
     num_chunks: int | None,
     x_codec: str = "none",
+    kv_codec: str = "none",
 ) -> SplitPolicy:
     """The solver's choice at each context length (memoised: one solve per distinct ``s``), the
     chunk count too when ``num_chunks`` is None; ``x_bytes``/``kv_bytes``: stored bytes per element
-    (``stored_element_bytes``); ``x_codec``: X's."""
+    (``stored_element_bytes``); ``x_codec``, ``kv_codec``: their codecs' names."""
     from kvpr.scheduler.cost_model import Schedule
     from kvpr.scheduler.plan import plan_decode_step
 
     @functools.cache
     def split(context_len: int) -> StepSplit:
         plan = plan_decode_step(
-            model, batch_size, context_len, profile, kv_bytes, x_bytes, Schedule.CHUNKED, num_chunks, x_codec=x_codec
+            model,
+            batch_size,
+            context_len,
+            profile,
+            kv_bytes,
+            x_bytes,
+            Schedule.CHUNKED,
+            num_chunks,
+            x_codec=x_codec,
+            kv_codec=kv_codec,
         )
         return plan.step_split
 

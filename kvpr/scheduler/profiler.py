@@ -28,7 +28,8 @@ from kvpr.device import element_size
 from kvpr.errors import KvprError
 from kvpr.scheduler.cost_model import HostIssue, RateCurve
 
-PROFILE_FORMAT_VERSION = 3  # 2: the recompute timed as the runtime runs it, per X codec; 3: host issue times
+# 2: the recompute timed as the runtime runs it, per X codec; 3: host issue times, K,V codec decodes
+PROFILE_FORMAT_VERSION = 3
 _MIB = 1 << 20
 
 
@@ -56,6 +57,9 @@ class HardwareProfile:
     # X in the model dtype), measured on the overlapped executor; empty on a CPU (no separate host)
     host_layer_s: dict[str, float] = field(default_factory=dict)
     host_chunk_s: dict[str, float] = field(default_factory=dict)
+    # (stored bytes, bytes/s) of decoding the host tier's K,V codec parts into the staging buffers
+    # after they land, per --kv-codec ("int8", "int4"); empty on a CPU
+    kv_decode: dict[str, RateCurve] = field(default_factory=dict)
     created: str = ""  # ISO 8601, UTC
     format_version: int = PROFILE_FORMAT_VERSION
 
@@ -86,6 +90,16 @@ class HardwareProfile:
         if x_codec not in self.x_codec_gemm:
             raise KvprError(f"this profile has no recompute timing for --x-codec {x_codec}: re-run kvpr profile")
         return self.x_codec_gemm[x_codec]
+
+    def kv_load_curve(self, kv_codec: str = "none") -> RateCurve:
+        """Bytes/s of bringing stored K,V to attention: the H2D copy and, under ``kv_codec``, its
+        decode once landed, in series (attention waits for both); the copy alone where no decode
+        was timed (K,V as computed, or a CPU profile)."""
+        decode = self.kv_decode.get(kv_codec)
+        if decode is None:
+            return self.h2d
+        sizes = sorted({*self.h2d.sizes, *decode.sizes})
+        return RateCurve.from_points((n, 1.0 / (1.0 / self.h2d.rate(n) + 1.0 / decode.rate(n))) for n in sizes)
 
     def host_issue(self, x_codec: str = "none") -> HostIssue:
         """What issuing a layer costs the host with X under ``x_codec``; zero where not measured
@@ -131,6 +145,7 @@ class HardwareProfile:
             "decode_layer_s": self.decode_layer_s,
             "host_layer_s": self.host_layer_s,
             "host_chunk_s": self.host_chunk_s,
+            "kv_decode": {name: [list(p) for p in curve.points] for name, curve in self.kv_decode.items()},
         }
         # one line per measured point, [size, rate] (a newline never occurs inside a JSON string)
         number = r"(-?[0-9][0-9.eE+-]*)"
@@ -167,6 +182,10 @@ class HardwareProfile:
                 decode_layer_s=None if decode is None else float(decode),
                 host_layer_s={str(name): float(t) for name, t in data["host_layer_s"].items()},
                 host_chunk_s={str(name): float(t) for name, t in data["host_chunk_s"].items()},
+                kv_decode={
+                    str(name): RateCurve.from_points((float(n), float(r)) for n, r in points)
+                    for name, points in data["kv_decode"].items()
+                },
                 created=str(data["created"]),
                 format_version=version,
             )
@@ -365,6 +384,7 @@ def measure_profile(
         decode_layer_s = clock(layer) if layer is not None else None
         bar.advance()
         host_layer_s, host_chunk_s = _measure_host_issue(device, model, dtype, bar)
+        kv_decode = _measure_kv_decode(device, model, dtype, ladder, clock, bar)
     return HardwareProfile(
         device_name=device_name(device),
         torch_version=str(torch.__version__),
@@ -381,6 +401,7 @@ def measure_profile(
         decode_layer_s=decode_layer_s,
         host_layer_s=host_layer_s,
         host_chunk_s=host_chunk_s,
+        kv_decode={name: RateCurve.from_points(points) for name, points in kv_decode.items()},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -505,6 +526,48 @@ def _measure_host_issue(
         chunk_s[name] = max(0.0, extra / (many - 1))
         bar.advance()
     return layer_s, chunk_s
+
+
+def _measure_kv_decode(
+    device: torch.device, model: ModelConfig, dtype: torch.dtype, ladder: _Ladder, clock: _Clock, bar: _Progress
+) -> dict[str, list[tuple[int, float]]]:
+    """(stored bytes, bytes/s) of decoding the host tier's int8/int4 K,V parts of M token rows into
+    the staging buffers, as the runtime does once they land (CUDA only: on a CPU nothing overlaps,
+    so the split does not hinge on it)."""
+    if device.type != "cuda":
+        return {}
+    from kvpr.cache.codec import EncodedKV
+    from kvpr.cache.storage import tier_codec
+
+    top = max(ladder.gemm_rows)
+    shape = (top, 1, model.num_kv_heads, model.head_dim)  # [M, b=1, n_kv, d]: rows are tokens
+    k, v = _filled(shape, dtype, device), _filled(shape, dtype, device)
+    k_out, v_out = torch.empty_like(k), torch.empty_like(v)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for name in ("int8", "int4"):
+        codec = tier_codec(name, model.head_dim)
+        assert codec is not None
+        parts = codec.encode(k, v).tensors
+        row_bytes = sum(t.element_size() * t[0].numel() for t in parts.values())  # stored bytes per row
+
+        def decode(rows: int, codec: Any = codec, parts: dict[str, torch.Tensor] = parts) -> Callable[[], None]:
+            encoded = EncodedKV(codec.name, (rows, *shape[1:]), {n: t[:rows] for n, t in parts.items()})
+
+            def run() -> None:
+                keys, values = codec.decode(encoded, dtype)
+                k_out[:rows] = keys
+                v_out[:rows] = values
+
+            return run
+
+        bar.phase(f"K,V decode, --kv-codec {name}", len(ladder.gemm_rows))
+        curves[name] = [
+            (rows * row_bytes, rows * row_bytes / seconds)
+            for rows, seconds in _ladder_points(
+                ladder.gemm_rows, ladder.phase_budget_s, lambda rows: clock(decode(rows)), bar
+            )
+        ]
+    return curves
 
 
 def _filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
