@@ -9,16 +9,19 @@ For a split at ``l`` (tokens ``[0, l)`` recomputed from X, ``[l, s)`` copied as 
 | term    | work                      | rate evaluated at                                   |
 |---------|---------------------------|-----------------------------------------------------|
 | t_x(l)  | b*l*h*ex bytes            | H2D bandwidth of one X block: all of X[0:l), or 1/c  |
-| t_kv    | b*(s-l)*2*kv*ekv bytes    | H2D bandwidth of one block K,V[l:s) (+ its decode)   |
+| t_kv    | b*(s-l)*2*kv*ekv bytes    | H2D bandwidth of one block K,V[l:s)                 |
+| t_dec   | the same bytes, decoded   | a K,V codec's measured decode rate (if any)         |
 | t_rc(l) | b*l*2*h*2*kv FLOPs        | recompute rate at M = b*l rows, or b*l/c per chunk  |
 
 The recompute rate is measured on the whole recompute as the runtime runs it (X decode under the
 X codec, projections, bias, RoPE), expressed as the GEMMs' FLOPs per second of that time. Under a
-K,V codec the K,V load's rate is that of the copy and the decode in series (``kv_load_curve``).
+K,V codec the landed parts of [l, s) are decoded on the compute stream before attention (t_dec).
 
-SEQUENTIAL (the paper's schedule): ``T = t_x + max(t_rc, t_kv)``, X copied and recomputed as one
-block. CHUNKED (c chunks): ``T = max(t_x + t_kv, t_x/c + t_rc)``, X copied in c blocks of l/c tokens,
-each recomputed by its own GEMM as it lands, so the rates are those of one chunk.
+SEQUENTIAL (the paper's schedule): ``T = t_x + max(t_rc, t_kv + t_dec)``, X copied and recomputed
+as one block. CHUNKED (c chunks): ``T = max(t_x + t_kv, t_x/c + t_rc + t_dec)``, X copied in c
+blocks of l/c tokens, each recomputed by its own GEMM as it lands, so the rates are those of one
+chunk; the copy stream's and the compute stream's work per layer, each stream busy while the other
+serves the neighbouring layer (t_dec = 0 without a K,V codec).
 Both are written as ``T(l) = max over two branches of a weighted sum of the three terms`` (StepModel),
 the form the solver bounds.
 
@@ -212,9 +215,19 @@ def x_copy_term(shape: LayerShape, profile: HardwareProfile, blocks: int = 1) ->
 
 
 def kv_copy_term(shape: LayerShape, profile: HardwareProfile) -> TimeTerm:
-    """t_kv(s - l) as a function of l: K,V[l:s) over H2D as one block (and decoded, with a codec)."""
+    """t_kv(s - l) as a function of l: K,V[l:s) over H2D as one block."""
     per_token = shape.kv_bytes(1)
-    return TimeTerm(profile.kv_load_curve(shape.kv_codec), per_token * shape.context_len, -per_token, 1.0, 1.0)
+    return TimeTerm(profile.h2d, per_token * shape.context_len, -per_token, 1.0, 1.0)
+
+
+def kv_decode_term(shape: LayerShape, profile: HardwareProfile) -> TimeTerm | None:
+    """t_dec(s - l): decoding the K,V codec's parts of [l, s) once landed, at the rate measured per
+    stored byte; None for K,V stored as computed (or a profile without the timing)."""
+    curve = profile.kv_decode.get(shape.kv_codec)
+    if curve is None:
+        return None
+    per_token = shape.kv_bytes(1)
+    return TimeTerm(curve, per_token * shape.context_len, -per_token, 1.0, 1.0)
 
 
 def recompute_term(shape: LayerShape, profile: HardwareProfile, blocks: int = 1) -> TimeTerm:
@@ -228,7 +241,7 @@ def recompute_term(shape: LayerShape, profile: HardwareProfile, blocks: int = 1)
     )
 
 
-Weights = tuple[float, float, float]  # weights on (t_x, t_kv, t_rc)
+Weights = tuple[float, ...]  # weights on (t_x, t_kv, t_rc[, t_dec])
 
 
 @dataclass(frozen=True)
@@ -245,19 +258,25 @@ class HostIssue:
 
 @dataclass(frozen=True)
 class StepModel:
-    """T(l) = max(branch_a . terms(l), branch_b . terms(l), host(l)), terms = (t_x, t_kv, t_rc)."""
+    """T(l) = max(branch_a . terms(l), branch_b . terms(l), host(l)), terms = (t_x, t_kv, t_rc), and
+    t_dec under a K,V codec whose decode was timed."""
 
-    x: TimeTerm
-    kv: TimeTerm
-    rc: TimeTerm
+    terms: tuple[TimeTerm, ...]
     branch_a: Weights
     branch_b: Weights
     host: HostIssue = HostIssue()
     num_chunks: int = 1
 
-    def combine(self, split: float, x_s: float, kv_s: float, rc_s: float) -> float:
-        a, b = self.branch_a, self.branch_b
-        device = max(a[0] * x_s + a[1] * kv_s + a[2] * rc_s, b[0] * x_s + b[1] * kv_s + b[2] * rc_s)
+    def __post_init__(self) -> None:
+        if not len(self.terms) == len(self.branch_a) == len(self.branch_b):
+            raise KvprError("a step model needs one weight per term in each branch")
+
+    def combine(self, split: float, values: tuple[float, ...]) -> float:
+        """T at ``split`` from the terms' values there."""
+        device = max(
+            sum(w * v for w, v in zip(self.branch_a, values, strict=True)),
+            sum(w * v for w, v in zip(self.branch_b, values, strict=True)),
+        )
         return max(device, self.host_s(split))
 
     def host_s(self, split: float) -> float:
@@ -265,7 +284,7 @@ class StepModel:
         return self.host.seconds(split, self.num_chunks)
 
     def seconds(self, split: float) -> float:
-        return self.combine(split, self.x.seconds(split), self.kv.seconds(split), self.rc.seconds(split))
+        return self.combine(split, tuple(term.seconds(split) for term in self.terms))
 
 
 def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, num_chunks: int = 8) -> StepModel:
@@ -273,26 +292,29 @@ def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, 
     if num_chunks < 1:
         raise KvprError(f"num_chunks={num_chunks}: must be >= 1")
     host = profile.host_issue(shape.x_codec)
+    decode = kv_decode_term(shape, profile)
+    extra = () if decode is None else (decode,)
     if schedule is Schedule.SEQUENTIAL:
-        # t_x + max(t_rc, t_kv) == max(t_x + t_rc, t_x + t_kv); X moves as one chunk
+        # t_x + max(t_rc, t_kv + t_dec) == max(t_x + t_rc, t_x + t_kv + t_dec); X moves as one chunk
+        terms = (x_copy_term(shape, profile), kv_copy_term(shape, profile), recompute_term(shape, profile))
         return StepModel(
-            x_copy_term(shape, profile),
-            kv_copy_term(shape, profile),
-            recompute_term(shape, profile),
-            (1.0, 0.0, 1.0),
-            (1.0, 1.0, 0.0),
+            (*terms, *extra),
+            (1.0, 0.0, 1.0, 0.0)[: len(terms) + len(extra)],
+            (1.0, 1.0, 0.0, 1.0)[: len(terms) + len(extra)],
             host,
             1,
         )
     if schedule is Schedule.CHUNKED:
-        return StepModel(
+        # copy stream: X chunks, then K,V; compute stream: the recompute as chunks land, then the
+        # decode of the landed K,V (while the copy stream serves the next layer)
+        terms = (
             x_copy_term(shape, profile, num_chunks),
             kv_copy_term(shape, profile),
             recompute_term(shape, profile, num_chunks),
-            (1.0, 1.0, 0.0),
-            (1.0 / num_chunks, 0.0, 1.0),
-            host,
-            num_chunks,
+        )
+        count = len(terms) + len(extra)
+        return StepModel(
+            (*terms, *extra), (1.0, 1.0, 0.0, 0.0)[:count], (1.0 / num_chunks, 0.0, 1.0, 1.0)[:count], host, num_chunks
         )
     raise KvprError(f"unknown schedule {schedule!r}: use Schedule.SEQUENTIAL or Schedule.CHUNKED")
 

@@ -7,11 +7,13 @@ quantities are measured on tiny sizes (memcpy, CPU matmul) so CI exercises every
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import platform
 import re
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -90,16 +92,6 @@ class HardwareProfile:
         if x_codec not in self.x_codec_gemm:
             raise KvprError(f"this profile has no recompute timing for --x-codec {x_codec}: re-run kvpr profile")
         return self.x_codec_gemm[x_codec]
-
-    def kv_load_curve(self, kv_codec: str = "none") -> RateCurve:
-        """Bytes/s of bringing stored K,V to attention: the H2D copy and, under ``kv_codec``, its
-        decode once landed, in series (attention waits for both); the copy alone where no decode
-        was timed (K,V as computed, or a CPU profile)."""
-        decode = self.kv_decode.get(kv_codec)
-        if decode is None:
-            return self.h2d
-        sizes = sorted({*self.h2d.sizes, *decode.sizes})
-        return RateCurve.from_points((n, 1.0 / (1.0 / self.h2d.rate(n) + 1.0 / decode.rate(n))) for n in sizes)
 
     def host_issue(self, x_codec: str = "none") -> HostIssue:
         """What issuing a layer costs the host with X under ``x_codec``; zero where not measured
@@ -475,55 +467,69 @@ def _measure_host_issue(
     device: torch.device, model: ModelConfig, dtype: torch.dtype, bar: _Progress
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Host seconds to issue one decode layer without X chunks, and one X chunk more, per X codec,
-    timed on the overlapped executor itself (CUDA only; a CPU has no separate host).
-
-    Steps run back to back at batch 1 and a 16-token context, where the GPU finishes a layer in a
-    fraction of the time the host takes to issue it, so the wall time per step is the host's: Python,
-    dispatch and launches, with the caching allocator in its steady state as in a real run. A
-    2-layer against a 1-layer model (no recompute) gives a layer's cost without the step's
-    embedding and logits; 8 against 1 chunks of a 1-layer model give a chunk's.
-    """
+    timed on the overlapped executor itself (CUDA only: on a CPU the host is the device)."""
     if device.type != "cuda":
         return {}, {}
+    return host_issue_times(device, model, dtype, bar)
+
+
+def host_issue_times(
+    device: torch.device, model: ModelConfig, dtype: torch.dtype, bar: _Progress, rounds: int = 15
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The measurement behind ``_measure_host_issue`` (runs on any device, for tests).
+
+    Each decode call is timed on the host alone, at batch 1 and a 16-token context, where the GPU
+    finishes a step well before the host has issued the next, so the call never waits: what is
+    timed is Python, dispatch and launches, with the allocator in its steady state as in a run.
+    Four executors take turns every round, so drift (clocks, other processes) hits them alike:
+    a 2- and a 1-layer model without recompute (their difference is one layer, the embedding and
+    logits cancel) and a 1-layer model alternating 1 and 16 X chunks (a chunk is 1/15 of that
+    difference). Medians over ``rounds`` rounds.
+    """
     from kvpr.cache.codec import X_CODEC_NAMES, make_x_codec
     from kvpr.cache.storage import CacheShape, KVStorage
     from kvpr.models.loader import build_model, init_dummy_weights
     from kvpr.runtime.latency import OverlappedExecutor
     from kvpr.scheduler.plan import StepSplit
 
-    prompt, many, warm, steps, repeats = 16, 8, 3, 8, 3
+    prompt, few, many, warm = 16, 1, 16, 4
     configs = {layers: replace(model, num_layers=layers, vocab_size=256) for layers in (1, 2)}
     models = {layers: build_model(config) for layers, config in configs.items()}
     for built in models.values():
         init_dummy_weights(built, device, dtype, seed=0)
+    ids = torch.zeros(1, prompt, dtype=torch.long, device=device)
 
-    def issue_s(layers: int, x_codec: str, split: StepSplit) -> float:
-        shape = CacheShape.for_model(configs[layers], 1, prompt + warm + repeats * steps, dtype)
+    def executor(layers: int, x_codec: str, split: Callable[[int], StepSplit], steps: int) -> OverlappedExecutor:
+        shape = CacheShape.for_model(configs[layers], 1, prompt + steps, dtype)
         codec = make_x_codec(x_codec, model.hidden_size)
-        storage = KVStorage(shape, torch.device("cpu"), pin=True, store_inputs=True, x_codec=codec)
-        executor = OverlappedExecutor(models[layers], storage, device, True, lambda _: split)
-        ids = torch.zeros(1, prompt, dtype=torch.long, device=device)
-        executor.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
-        for _ in range(warm):  # allocator, kernel choice
-            executor.decode(ids[:, 0])
-        best = math.inf
-        for _ in range(repeats):  # the least disturbed of a few runs (collector, other processes)
-            torch.cuda.synchronize(device)
-            begin = time.perf_counter()
-            for _ in range(steps):
-                executor.decode(ids[:, 0])
-            torch.cuda.synchronize(device)  # the last step's GPU tail: a small share of the total
-            best = min(best, (time.perf_counter() - begin) / steps)
-        executor.finish()
-        return best
+        storage = KVStorage(shape, torch.device("cpu"), pin=device.type == "cuda", store_inputs=True, x_codec=codec)
+        built = OverlappedExecutor(models[layers], storage, device, True, split)
+        built.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        return built
+
+    def host_s(run: OverlappedExecutor) -> float:
+        begin = time.perf_counter()
+        run.decode(ids[:, 0])
+        return time.perf_counter() - begin
 
     bar.phase("host issue per layer and X chunk", len(X_CODEC_NAMES))
     layer_s, chunk_s = {}, {}
     for name in X_CODEC_NAMES:
-        no_recompute = StepSplit(0)
-        layer_s[name] = max(0.0, issue_s(2, name, no_recompute) - issue_s(1, name, no_recompute))
-        extra = issue_s(1, name, StepSplit(prompt, many)) - issue_s(1, name, StepSplit(prompt, 1))
-        chunk_s[name] = max(0.0, extra / (many - 1))
+        counts = itertools.cycle((few, many))  # the chunked executor's steps alternate
+        one = executor(1, name, lambda _: StepSplit(0), warm + rounds)
+        two = executor(2, name, lambda _: StepSplit(0), warm + rounds)
+        chunked = executor(1, name, lambda _, counts=counts: StepSplit(prompt, next(counts)), 2 * (warm + rounds))
+        samples: dict[str, list[float]] = {"one": [], "two": [], "few": [], "many": []}
+        for round_index in range(warm + rounds):
+            times = {"one": host_s(one), "two": host_s(two), "few": host_s(chunked), "many": host_s(chunked)}
+            if round_index >= warm:  # allocator, kernel choice and caches settle in the first rounds
+                for key, value in times.items():
+                    samples[key].append(value)
+        for run in (one, two, chunked):
+            run.finish()
+        median = {key: statistics.median(values) for key, values in samples.items()}
+        layer_s[name] = max(0.0, median["two"] - median["one"])
+        chunk_s[name] = max(0.0, (median["many"] - median["few"]) / (many - few))
         bar.advance()
     return layer_s, chunk_s
 

@@ -2,7 +2,7 @@
 
 The cost T(l) is not linear (rates vary with block size), so the solver is an exact branch and bound
 over the grid of allowed ``l``:
-1. cut [0, s] at every breakpoint of the three terms (a rate curve's knots, or where a term's
+1. cut [0, s] at every breakpoint of the terms (a rate curve's knots, or where a term's
    curvature changes sign), so on each cell every term is concave or convex;
 2. bound T from below on a range by replacing each term with a line under it (its chord if concave,
    its tangent at the middle if convex): the bound is a max of two lines, minimised in closed form,
@@ -68,21 +68,21 @@ class _Search:
     def __init__(self, model: StepModel, grid: _Grid) -> None:
         self.model = model
         self.grid = grid
-        self.terms: tuple[TimeTerm, TimeTerm, TimeTerm] = (model.x, model.kv, model.rc)
-        self.values: dict[int, tuple[float, float, float]] = {}
+        self.terms: tuple[TimeTerm, ...] = model.terms
+        self.values: dict[int, tuple[float, ...]] = {}
         self.best_index = 0
         self.best_s = math.inf
 
-    def term_values(self, index: int) -> tuple[float, float, float]:
+    def term_values(self, index: int) -> tuple[float, ...]:
         found = self.values.get(index)
         if found is None:
             split = self.grid.split_at(index)
-            found = (self.terms[0].seconds(split), self.terms[1].seconds(split), self.terms[2].seconds(split))
+            found = tuple(term.seconds(split) for term in self.terms)
             self.values[index] = found
         return found
 
     def visit(self, index: int) -> None:
-        seconds = self.model.combine(self.grid.split_at(index), *self.term_values(index))
+        seconds = self.model.combine(self.grid.split_at(index), self.term_values(index))
         if seconds < self.best_s or (seconds == self.best_s and index < self.best_index):
             self.best_s, self.best_index = seconds, index
 
