@@ -121,7 +121,7 @@ def test_profile_load_errors_name_the_fix(tmp_path: Path) -> None:
 def test_measure_profile_on_cpu_for_real_and_round_trip() -> None:
     began = time.perf_counter()
     profile = measure_profile(torch.device("cpu"), TINY, torch.float32, batch_size=2, progress=False)
-    assert time.perf_counter() - began < 3.0
+    assert time.perf_counter() - began < 15.0  # phases are budgeted to ~2 s; this catches a runaway only
     assert profile.device_name == profiler.device_name(torch.device("cpu"))
     assert profile.torch_version == str(torch.__version__) and profile.dtype == "float32"
     assert (profile.gemm_hidden, profile.gemm_kv_width, profile.batch_size) == (64, 64, 2)

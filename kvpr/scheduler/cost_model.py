@@ -291,32 +291,26 @@ def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, 
     """The cost T(l) of one layer under ``schedule``, ready to evaluate or to bound."""
     if num_chunks < 1:
         raise KvprError(f"num_chunks={num_chunks}: must be >= 1")
-    host = profile.host_issue(shape.x_codec)
     decode = kv_decode_term(shape, profile)
-    extra = () if decode is None else (decode,)
     if schedule is Schedule.SEQUENTIAL:
         # t_x + max(t_rc, t_kv + t_dec) == max(t_x + t_rc, t_x + t_kv + t_dec); X moves as one chunk
-        terms = (x_copy_term(shape, profile), kv_copy_term(shape, profile), recompute_term(shape, profile))
-        return StepModel(
-            (*terms, *extra),
-            (1.0, 0.0, 1.0, 0.0)[: len(terms) + len(extra)],
-            (1.0, 1.0, 0.0, 1.0)[: len(terms) + len(extra)],
-            host,
-            1,
-        )
-    if schedule is Schedule.CHUNKED:
+        chunks = 1
+        copy_branch, compute_branch = (1.0, 0.0, 1.0, 0.0), (1.0, 1.0, 0.0, 1.0)
+    elif schedule is Schedule.CHUNKED:
         # copy stream: X chunks, then K,V; compute stream: the recompute as chunks land, then the
         # decode of the landed K,V (while the copy stream serves the next layer)
-        terms = (
-            x_copy_term(shape, profile, num_chunks),
-            kv_copy_term(shape, profile),
-            recompute_term(shape, profile, num_chunks),
-        )
-        count = len(terms) + len(extra)
-        return StepModel(
-            (*terms, *extra), (1.0, 1.0, 0.0, 0.0)[:count], (1.0 / num_chunks, 0.0, 1.0, 1.0)[:count], host, num_chunks
-        )
-    raise KvprError(f"unknown schedule {schedule!r}: use Schedule.SEQUENTIAL or Schedule.CHUNKED")
+        chunks = num_chunks
+        copy_branch, compute_branch = (1.0, 1.0, 0.0, 0.0), (1.0 / num_chunks, 0.0, 1.0, 1.0)
+    else:
+        raise KvprError(f"unknown schedule {schedule!r}: use Schedule.SEQUENTIAL or Schedule.CHUNKED")
+    terms = (
+        x_copy_term(shape, profile, chunks),
+        kv_copy_term(shape, profile),
+        recompute_term(shape, profile, chunks),
+        *(() if decode is None else (decode,)),
+    )
+    count = len(terms)  # the weights of t_dec drop out without a K,V codec
+    return StepModel(terms, copy_branch[:count], compute_branch[:count], profile.host_issue(shape.x_codec), chunks)
 
 
 def _check_split(shape: LayerShape, recompute_len: int) -> None:
