@@ -176,7 +176,7 @@ class HardwareProfile:
                 host_chunk_s={str(name): float(t) for name, t in data["host_chunk_s"].items()},
                 kv_decode={
                     str(name): RateCurve.from_points((float(n), float(r)) for n, r in points)
-                    for name, points in data["kv_decode"].items()
+                    for name, points in data.get("kv_decode", {}).items()  # absent: not timed
                 },
                 created=str(data["created"]),
                 format_version=version,
