@@ -29,6 +29,7 @@ from kvpr.runtime.executor import Executor, SplitPolicy
 from kvpr.runtime.streams import StreamSet
 
 if TYPE_CHECKING:
+    from kvpr.cache.codec import EncodedKV, KVCodec
     from kvpr.cache.storage import KVStorage
     from kvpr.models.base import DecoderModel
 
@@ -38,6 +39,16 @@ def chunk_bounds(length: int, num_chunks: int) -> list[tuple[int, int]]:
     num_chunks = max(1, min(num_chunks, length))
     edges = [round(length * index / num_chunks) for index in range(num_chunks + 1)]
     return [(a, c) for a, c in zip(edges, edges[1:]) if c > a]
+
+
+def decode_kv_into(
+    codec: "KVCodec", encoded: "EncodedKV", dtype: torch.dtype, k_out: torch.Tensor, v_out: torch.Tensor, start: int
+) -> None:
+    """Decode a landed block of t tokens' codec parts into the staging buffers' rows [start, start+t)
+    (the profiler times this same call)."""
+    k, v = codec.decode(encoded, dtype)  # [t, b, n_kv, d]
+    k_out[start : start + k.shape[0]] = k
+    v_out[start : start + v.shape[0]] = v
 
 
 class _LayerBuffers:
@@ -181,9 +192,7 @@ class OverlappedExecutor(Executor):
     def _decode_parts(self, buffers: _LayerBuffers, start: int, end: int) -> None:
         """Decode the copied parts of tokens [start, end) into the K,V staging buffer."""
         parts = {name: staged[start:end] for name, staged in buffers.parts.items()}
-        k, v = self.storage.codec.decode(self.storage.encoded(parts), self.dtype)  # [t, b, n_kv, d]
-        buffers.k[start:end] = k
-        buffers.v[start:end] = v
+        decode_kv_into(self.storage.codec, self.storage.encoded(parts), self.dtype, buffers.k, buffers.v, start)
 
     def finish(self) -> None:
         self.streams.synchronize()

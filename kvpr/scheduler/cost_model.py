@@ -22,7 +22,7 @@ as one block. CHUNKED (c chunks): ``T = max(t_x + t_kv, t_x/c + t_rc + t_dec)``,
 blocks of l/c tokens, each recomputed by its own GEMM as it lands, so the rates are those of one
 chunk; the copy stream's and the compute stream's work per layer, each stream busy while the other
 serves the neighbouring layer (t_dec = 0 without a K,V codec).
-Both are written as ``T(l) = max over two branches of a weighted sum of the three terms`` (StepModel),
+Both are written as ``T(l) = max over two branches of a weighted sum of the terms`` (StepModel),
 the form the solver bounds.
 
 HOST: the GPU cannot run ahead of the host that issues its work. Issuing a layer costs the host

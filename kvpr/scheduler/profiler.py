@@ -544,6 +544,7 @@ def _measure_kv_decode(
         return {}
     from kvpr.cache.codec import EncodedKV
     from kvpr.cache.storage import tier_codec
+    from kvpr.runtime.latency import decode_kv_into
 
     top = max(ladder.gemm_rows)
     shape = (top, 1, model.num_kv_heads, model.head_dim)  # [M, b=1, n_kv, d]: rows are tokens
@@ -558,13 +559,7 @@ def _measure_kv_decode(
 
         def decode(rows: int, codec: Any = codec, parts: dict[str, torch.Tensor] = parts) -> Callable[[], None]:
             encoded = EncodedKV(codec.name, (rows, *shape[1:]), {n: t[:rows] for n, t in parts.items()})
-
-            def run() -> None:
-                keys, values = codec.decode(encoded, dtype)
-                k_out[:rows] = keys
-                v_out[:rows] = values
-
-            return run
+            return lambda: decode_kv_into(codec, encoded, dtype, k_out, v_out, 0)
 
         bar.phase(f"K,V decode, --kv-codec {name}", len(ladder.gemm_rows))
         curves[name] = [
