@@ -222,18 +222,68 @@ class LLM:
     ) -> list[Completion]:
         """Generate for a batch of prompts (left-padded into one batch)."""
         params = params or SamplingParams()
-        prompt_ids = self.encode(prompts)
-        # Throughput mode runs the prompts one block after another; latency mode in one batch.
+        return self._run(self.encode(prompts), params, on_token)
+
+    def encode_split(self, contexts: Sequence[str], questions: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """(context ids, question ids) of each pair, cut from the tokens of ``context + question``
+        (so the model sees exactly the joint tokenization); the cut moves left where a token spans
+        the boundary."""
+        if len(contexts) != len(questions):
+            raise KvprError(f"{len(contexts)} contexts but {len(questions)} questions: give one question each")
+        pairs = []
+        for context, joint in zip(self.encode(list(contexts)), self.encode([c + q for c, q in zip(contexts, questions)])):
+            cut = next((i for i, (a, b) in enumerate(zip(context, joint)) if a != b), min(len(context), len(joint)))
+            pairs.append((joint[:cut], joint[cut:]))
+        return pairs
+
+    def answer(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], params: SamplingParams | None = None
+    ) -> list[Completion]:
+        """Answer each (context ids, question ids) pair from the cache as the placement keeps it.
+
+        The contexts are prefilled (a cache method compresses, evicts or packs them there); the
+        questions then run through that cache one decode step per token, and the answer is sampled
+        from the last question token's logits. So no logit of an answer comes from attention over
+        the uncompressed context. Questions of one batch are made equally long by moving the end of
+        a shorter row's context into its question: more tokens go through the cache, never fewer.
+        """
+        params = params or SamplingParams()
+        if not pairs:
+            raise KvprError("no prompts given: pass at least one (context, question) pair")
+        width = max(len(question) for _, question in pairs)
+        if width == 0:
+            raise KvprError("every question is empty: give each pair at least one question token")
+        joined = [list(map(int, context)) + list(map(int, question)) for context, question in pairs]
+        if any(len(ids) <= width for ids in joined):
+            raise KvprError(f"a context is too short to leave a token for prefill beside a {width}-token question")
+        return self._run([ids[:-width] for ids in joined], params, None, [ids[-width:] for ids in joined])
+
+    def _run(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        on_token: TokenCallback | None,
+        forced: list[list[int]] | None = None,
+    ) -> list[Completion]:
+        """The token loop over blocks of rows (throughput mode) or one batch (latency mode)."""
         block = self.config.throughput.block_size if self.config.throughput else len(prompt_ids)
+        num_forced = len(forced[0]) if forced else 0
         completions: list[Completion] = []
         block_stats: list[RunStats] = []
         for first in range(0, len(prompt_ids), block):
             rows = prompt_ids[first : first + block]
             input_ids, valid = self._pad(rows)
-            executor = self.make_executor(len(rows), input_ids.shape[1] + params.max_new_tokens)
+            forced_ids = None
+            if forced:
+                forced_rows = forced[first : first + block]
+                self._pad(forced_rows)  # the same vocabulary check as the prompts'
+                forced_ids = torch.tensor(forced_rows, dtype=torch.long, device=self.device)  # [b, f]
+            executor = self.make_executor(len(rows), input_ids.shape[1] + num_forced + params.max_new_tokens)
             callback = None if on_token is None else (lambda row, token, first=first: on_token(first + row, token))
-            output = generate_tokens(executor, input_ids, valid, params, self.model_config.eos_token_ids, callback)
+            eos = self.model_config.eos_token_ids
+            output = generate_tokens(executor, input_ids, valid, params, eos, callback, forced_ids)
             block_stats.append(_stats(output, input_ids.shape))
+            prompts = [ids + (forced[first + row] if forced else []) for row, ids in enumerate(rows)]
             completions += [
                 Completion(
                     prompt_token_ids=ids,
@@ -241,7 +291,7 @@ class LLM:
                     text=self.decode_text(tokens),
                     finish_reason="eos" if by_eos else "length",
                 )
-                for ids, tokens, by_eos in zip(rows, output.tokens, output.finished_by_eos)
+                for ids, tokens, by_eos in zip(prompts, output.tokens, output.finished_by_eos)
             ]
         self.last_stats = RunStats.combine(block_stats)
         return completions

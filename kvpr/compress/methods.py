@@ -123,6 +123,24 @@ def uncompressed_layers(config: Any) -> int:
     return int(getattr(config, "uncompressed_layers", 0))
 
 
+def recent_window(name: str, config: Any) -> int:
+    """Newest tokens a method always keeps and reads at full precision (its recent window): a needle
+    there is found by any method, so an accuracy protocol keeps needles out of it. KVO's window holds
+    up to ``2 * window - 1`` tokens; KIVI's fp16 residual up to ``residual``; H2O its ``recent``;
+    StreamingLLM ``budget - sink``; Quest always reads the newest page."""
+    if name == "kvo":
+        return 2 * config.window - 1
+    if name == "kivi2":
+        return config.residual
+    if name == "h2o":
+        return config.recent
+    if name == "streaming":
+        return config.window
+    if name == "quest":
+        return config.page_size
+    raise KvprError(f"'{name}' is not a cache method: use one of {', '.join(METHOD_NAMES)}")
+
+
 def _coerce(cls: type, field: str, text: str) -> Any:
     default: Any = next(f.default for f in dataclasses.fields(cls) if f.name == field)
     try:
