@@ -35,9 +35,12 @@ from kvpr.config import (
     Tier,
 )
 from kvpr.device import (
+    DEVICE_FILL,
     check_device_memory,
     check_host_memory,
     element_size,
+    free_device_bytes,
+    host_memory_limit,
     pin_host_memory,
     resolve_device,
     resolve_dtype,
@@ -53,6 +56,7 @@ from kvpr.runtime.throughput import ThroughputExecutor
 from kvpr.runtime.weights import LayerWeights
 from kvpr.scheduler.policy import make_split_policy, recompute_may_run
 from kvpr.scheduler.solver import resident_tokens
+from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run_needs
 
 if TYPE_CHECKING:
     from kvpr.scheduler.throughput_cost import ThroughputPlan
@@ -107,17 +111,23 @@ class RunStats:
 class LLM:
     """A loaded model plus the placement and runtime settings to serve it."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, batch_size: int = 1, max_len: int = 1) -> None:
+        """``batch_size`` rows of ``max_len`` slots: the largest batch the caller means to run. Its
+        cache and staging are checked with the weights against free memory before anything is
+        allocated, so an impossible run fails in one line, not after building gigabytes of weights
+        (every batch is checked again when it runs)."""
         self.config = config
         self.device = resolve_device(config.runtime.device)
         self.dtype = resolve_dtype(config.runtime.dtype, self.device)
-        source = resolve_source(config.model, config.dummy_weights)
+        host_memory_limit(config.runtime.host_memory_gib)  # refuses a budget above the machine's memory
+        source = resolve_source(config.model, config.dummy_weights, self.dtype)
         self.model_config: ModelConfig = source.config
+        self.name = source.name
         self.codec = self._make_codec()  # rejects a bad --kv-codec before the weights load
         self._check_compile()
         self.x_codec = make_x_codec(config.cache.x_codec, self.model_config.hidden_size)
-        self.model = build_model(self.model_config)
-        self.layer_weights = self._plan_weights(source.name)  # throughput mode: weights on three tiers
+        self.model = build_model(self.model_config)  # on the meta device: no memory yet
+        self.layer_weights = self._plan_weights(batch_size, max_len)  # throughput mode: weights on three tiers
         place = self.layer_weights.place if self.layer_weights else None
         if config.dummy_weights:
             init_dummy_weights(self.model, self.device, self.dtype, seed=0, place=place)
@@ -125,7 +135,6 @@ class LLM:
             load_weights(self.model, source, torch.device("cpu") if place else self.device, self.dtype, place)
         self.model.eval()
         self.tokenizer = _load_tokenizer(source.directory) if source.directory else None
-        self.name = source.name
         self.last_stats: RunStats | None = None
 
     def _check_compile(self) -> None:
@@ -137,14 +146,13 @@ class LLM:
             codec = self.config.cache.kv_codec
             raise KvprError(f"--compile fuses KVO's decode kernels: use it with --kv-codec kvo, not {codec}")
 
-    def _plan_weights(self, name: str) -> LayerWeights | None:
-        """Check that the weights fit where the placement puts them; in throughput mode, lay out
-        the GPU, CPU and disk shares (``LayerWeights``) before anything is allocated."""
-        budget = self.config.runtime.host_memory_gib
+    def _plan_weights(self, batch_size: int, max_len: int) -> LayerWeights | None:
+        """Check that the weights and a first batch's cache fit where the placement puts them; in
+        throughput mode, lay out the GPU, CPU and disk shares (``LayerWeights``). Allocates nothing
+        before the check (a throughput run's host and disk shares are allocated after it)."""
         throughput = self.config.throughput
         if throughput is None:
-            weight_bytes = sum(p.numel() for p in self.model.parameters()) * element_size(self.dtype)
-            check_device_memory(weight_bytes, self.device, f"the weights of {name}", budget)
+            self.check_fits(batch_size, max_len, weights_loaded=False)
             return None
         for flag in ("kv_codec", "x_codec"):
             if getattr(self.config.cache, flag) != "none":
@@ -152,14 +160,8 @@ class LLM:
                     f"--{flag.replace('_', '-')} is not supported in throughput mode yet: drop it or drop --percent"
                 )
         pin = throughput.pin_weight and pin_host_memory(self.device)
+        self._check_throughput_fits(min(batch_size, throughput.block_size), max_len, weights_loaded=False)
         weights = LayerWeights(self.model, throughput.placement, self.device, self.dtype, pin, self._offload_dir())
-        gpu = weights.total_bytes(Tier.GPU) + weights.buffer_bytes()
-        check_device_memory(gpu, self.device, f"the GPU share of {name}'s weights and two layer buffers", budget)
-        check_host_memory(weights.total_bytes(Tier.CPU), f"the CPU share of {name}'s weights", budget)
-        if weights.disk_numel:
-            check_offload_dir(
-                self._offload_dir(), weights.total_bytes(Tier.DISK), f"the disk share of {name}'s weights"
-            )  # type: ignore[arg-type]
         weights.allocate()
         return weights
 
@@ -381,8 +383,10 @@ class LLM:
         )
         return recompute_fraction_policy(self.model_config, profile, throughput, element_size(self.dtype))
 
-    def _check_throughput_fits(self, batch_size: int, max_len: int) -> None:
-        """Raise a KvprError, before allocating, if one block's cache does not fit its tiers."""
+    def _check_throughput_fits(self, batch_size: int, max_len: int, weights_loaded: bool = True) -> None:
+        """Raise a KvprError, before allocating, if a block of ``batch_size`` rows does not fit its tiers
+        (``weights_loaded=False``: with the weights, still to load). ``check_run_memory`` of the same
+        ``block_memory`` the policy search plans with, against the same usable share of free memory."""
         throughput = self.config.throughput
         assert throughput is not None
         self._check_context(max_len)
@@ -391,18 +395,25 @@ class LLM:
                 f"{batch_size} rows exceed the block of {throughput.num_gpu_batches} GPU batches of "
                 f"{throughput.gpu_batch_size}: raise --num-gpu-batches or --gpu-batch-size"
             )
-        placement, cfg = throughput.placement, self.model_config
-        tiers = placement.cache_split(max_len)
-        per_slot = CacheShape.for_model(cfg, batch_size, 1, self.dtype)  # one slot of the whole block
-        kv, x = per_slot.kv_bytes(), (per_slot.x_bytes() if self._stores_inputs() else 0)
-        lane = CacheShape.for_model(cfg, min(batch_size, throughput.gpu_batch_size), max_len, self.dtype)
-        staging = 2 * (lane.kv_bytes() + (lane.x_bytes() if x else 0)) // cfg.num_layers
+        memory = block_memory(
+            self.model_config, throughput, batch_size, max_len, self._stores_inputs(), element_size(self.dtype)
+        )
+        # LayerWeights.start makes the two GPU layer buffers at the first block and keeps them.
+        buffers_made = weights_loaded and getattr(self.layer_weights, "_gpu", None) is not None
+        needs, everything = run_needs(memory, weights_loaded, buffers_made), run_needs(memory, False, False)
         budget = self.config.runtime.host_memory_gib
-        what = f"the KV cache of a block of {batch_size} rows ({max_len} slots, --percent {placement})"
-        check_device_memory(tiers.gpu * kv + staging, self.device, what + ": its GPU share and staging", budget)
-        check_host_memory(tiers.cpu * (kv + x), what + ": its CPU share", budget)
-        if tiers.disk:
-            check_offload_dir(self._offload_dir(), tiers.disk * kv, what + ": its disk share")  # type: ignore[arg-type]
+        on_host = (Tier.CPU,) if self.device.type == "cuda" else (Tier.CPU, Tier.GPU)  # a CPU run: one pool
+        held = sum(everything[tier] - needs[tier] for tier in on_host) if budget is not None else 0.0
+        free = {Tier.CPU: host_memory_limit(budget) - held}  # a stated budget counts what is held
+        if self.device.type == "cuda":
+            free[Tier.GPU] = DEVICE_FILL * free_device_bytes(self.device)
+        else:
+            needs[Tier.CPU] += needs[Tier.GPU]
+        what = f"a block of {batch_size} rows ({max_len} slots, --percent {throughput.placement})"
+        what += "" if weights_loaded else f" with the weights of {self.name}"
+        check_run_memory(needs, free, what)
+        if needs[Tier.DISK]:
+            check_offload_dir(self._offload_dir(), int(needs[Tier.DISK]), what + ": its disk share")  # type: ignore[arg-type]
 
     def _resident_cap(self, shape: CacheShape) -> int:
         """How many of the oldest tokens keep their K,V on the GPU (``--gpu-resident``)."""
@@ -419,29 +430,35 @@ class LLM:
             self.model_config, shape.batch_size, shape.max_len, free, element_size(self.dtype), reserve
         )
 
-    def check_fits(self, batch_size: int, max_len: int) -> CacheShape:
-        """Raise a KvprError, before allocating anything, if this batch cannot run here."""
-        self._check_context(max_len)
-        cache = self.config.cache
+    def check_fits(self, batch_size: int, max_len: int, weights_loaded: bool = True) -> CacheShape:
+        """Raise a KvprError, before allocating anything, if this batch cannot run here
+        (``weights_loaded=False``: counting the weights too, before they load)."""
         shape = CacheShape.for_model(self.model_config, batch_size, max_len, self.dtype)
+        if self.config.throughput is not None:
+            self._check_throughput_fits(batch_size, max_len, weights_loaded)
+            return shape
+        self._check_context(max_len)
+        cache, budget = self.config.cache, self.config.runtime.host_memory_gib
         what = f"the KV cache (b={batch_size}, {max_len} slots, {shape.num_layers} layers)"
-        budget = self.config.runtime.host_memory_gib
         if isinstance(self.codec, CacheMethod):
             device_bytes, host_bytes = self.codec.memory(shape, cache.offload is Offload.CPU)
-            check_host_memory(host_bytes, what + " in host memory", budget)
-            check_device_memory(device_bytes, self.device, what, budget)
-            return shape
-        if cache.offload is Offload.CPU:
-            stored = shape.kv_bytes(self.codec)
-            inputs = shape.x_bytes(self.x_codec) if self._stores_inputs() else 0
-            check_host_memory(stored + inputs, what + " in host memory", budget)
-            staging = 2 * (shape.kv_bytes() + stored + inputs) // shape.num_layers
+        elif cache.offload is Offload.CPU:
+            host_bytes = shape.kv_bytes(self.codec) + (shape.x_bytes(self.x_codec) if self._stores_inputs() else 0)
+            device_bytes = 2 * (shape.kv_bytes() + host_bytes) // shape.num_layers  # staging
             wanted = cache.gpu_resident
             if wanted != "auto" and wanted:  # an explicit count: its K,V must fit too
-                staging += shape.kv_bytes() * min(int(wanted), max_len) // max_len
-            check_device_memory(staging, self.device, "the staging buffers and GPU-resident tokens", budget)
+                device_bytes += shape.kv_bytes() * min(int(wanted), max_len) // max_len
+            what += ", its staging buffers and GPU-resident tokens"
         else:
-            check_device_memory(shape.kv_bytes(), self.device, what, budget)
+            device_bytes, host_bytes = shape.kv_bytes(), 0
+        weights = sum(p.numel() for p in self.model.parameters()) * element_size(self.dtype)
+        if not weights_loaded:
+            device_bytes, what = device_bytes + weights, f"{what} with the weights of {self.name}"
+        if self.device.type != "cuda":  # one pool; a stated budget counts the loaded weights in it
+            check_host_memory(device_bytes + host_bytes, what, budget, held=weights if weights_loaded else 0)
+        else:
+            check_host_memory(host_bytes, what + " (its host share)", budget)
+            check_device_memory(device_bytes, self.device, what, budget)
         return shape
 
     def _make_codec(self) -> KVCodec | CacheMethod | None:
@@ -518,9 +535,9 @@ def plan_throughput(
     """Throughput mode's policy search for this machine: placement, GPU batch size, number of GPU
     batches and recompute fraction that maximise predicted tokens/s (``allow_recompute=False``:
     FlexGen's own search). Plans on a measured profile, or on ``--profile FILE`` and
-    ``gpu_memory_gib`` on any machine."""
-    import psutil
-
+    ``gpu_memory_gib`` on any machine. The plan fits the usable share (``DEVICE_FILL``) of the memory
+    free before the weights load, counting every item the run's own check counts
+    (``throughput_memory``), so the run accepts it."""
     from kvpr.cache.disk import measure_disk_bps
     from kvpr.scheduler.profiler import HardwareProfile, load_or_measure
     from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputWorkload
@@ -540,16 +557,17 @@ def plan_throughput(
     if gpu_memory_gib is not None:
         gpu_bytes = gpu_memory_gib * 2**30
     elif torch.cuda.is_available():
-        gpu_bytes = float(torch.cuda.mem_get_info()[0])
+        gpu_bytes = float(free_device_bytes(torch.device("cuda")))  # the profiler's freed buffers count as free
     else:
         raise KvprError("no GPU here to read free memory from: state the target's with --gpu-memory-gib")
-    host = runtime.host_memory_gib * 2**30 if runtime.host_memory_gib else 0.9 * psutil.virtual_memory().available
+    this_machine = runtime.profile_path is None and gpu_memory_gib is None
+    host = host_memory_limit(runtime.host_memory_gib, check_total=this_machine)
     offload_dir = config.throughput.offload_dir if config.throughput else None
     disk_bytes, disk_rates = 0.0, (1e9, 1e9)  # rates unused without a disk tier
     if offload_dir is not None:
         disk_rates = measure_disk_bps(offload_dir)
         disk_bytes = float(shutil.disk_usage(offload_dir).free) * 0.9
-    limits = MachineLimits(0.9 * gpu_bytes, host, disk_bytes, *disk_rates)
+    limits = MachineLimits(DEVICE_FILL * gpu_bytes, host, disk_bytes, *disk_rates)
     return search_policy(
         model,
         profile,
@@ -567,7 +585,8 @@ def with_throughput_plan(config: EngineConfig, plan: "ThroughputPlan") -> Engine
     user = config.throughput or plan.config
     throughput = dataclasses.replace(plan.config, offload_dir=user.offload_dir, pin_weight=user.pin_weight)
     offload = Offload.NONE if throughput.placement.cache_gpu >= 100 else Offload.CPU
-    recompute = plan.recompute_fraction if offload is Offload.CPU else "off"
+    # r = 0 is "off", not a fraction of 0: a fraction stores X, which the plan did not count
+    recompute = plan.recompute_fraction if offload is Offload.CPU and plan.recompute_fraction > 0 else "off"
     return config.replace(
         throughput=throughput, cache=dataclasses.replace(config.cache, offload=offload, recompute=recompute)
     )

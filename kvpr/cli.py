@@ -388,7 +388,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     from kvpr.api import LLM
 
     params = _sampling(args)
-    llm = LLM(build_engine_config(args))
+    # the prompts' token counts are not known before the tokenizer: check the batch for the new tokens
+    llm = LLM(build_engine_config(args), batch_size=len(args.prompt), max_len=args.max_new_tokens + 1)
     stream = len(args.prompt) == 1 and not args.json
     printer = _StreamPrinter(llm, args.prompt[0]) if stream else None
     completions = llm.generate(args.prompt, params, on_token=printer.on_token if printer else None)
@@ -450,8 +451,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or (config.throughput.block_size if config.throughput else 1)
     if batch_size < 1:
         raise KvprError(f"--batch-size {batch_size}: must be >= 1")
-    llm = LLM(config)
-    llm.check_fits(batch_size, args.prompt_len + args.gen_len)
+    llm = LLM(config, batch_size, args.prompt_len + args.gen_len)  # memory checked before the weights load
     generator = torch.Generator().manual_seed(args.seed)
     vocab = llm.model_config.vocab_size
     prompts = torch.randint(0, vocab, (batch_size, args.prompt_len), generator=generator).tolist()

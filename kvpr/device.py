@@ -6,6 +6,7 @@ an out-of-memory error from deep inside torch.
 
 from __future__ import annotations
 
+import gc
 import weakref
 
 import psutil
@@ -15,6 +16,11 @@ from kvpr.errors import KvprError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GIB = 1024**3
+# Share of the free device memory a plan or a check may fill: the allocator rounds blocks up and
+# kernels take workspace beyond the tensors counted.
+DEVICE_FILL = 0.95
+# Share of the OS's available host memory kvpr counts on when no budget is stated.
+HOST_FILL = 0.9
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,28 +82,60 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.T
     return tensor
 
 
-def check_host_memory(nbytes: int, what: str, budget_gib: float | None = None) -> None:
+def host_memory_limit(budget_gib: float | None, check_total: bool = True) -> float:
+    """Host bytes kvpr may use: the stated budget (``--host-memory-gib``: some VMs report only a part of
+    their memory until it is touched), or a share of what the OS reports available now. A budget above
+    the machine's total memory is refused (``check_total=False``: a plan for another machine)."""
+    memory = psutil.virtual_memory()
+    if budget_gib is None:
+        return HOST_FILL * memory.available
+    if check_total and budget_gib * GIB > memory.total:
+        raise KvprError(
+            f"--host-memory-gib {budget_gib:g} exceeds this machine's {memory.total / GIB:.1f} GiB of memory: "
+            "state at most that (or leave it out to use what the OS reports available)"
+        )
+    return budget_gib * GIB
+
+
+def check_host_memory(nbytes: int, what: str, budget_gib: float | None = None, held: int = 0) -> None:
     """Raise if ``nbytes`` more host memory would not fit.
 
-    The limit is what the OS reports available now, or ``budget_gib`` when the user states it
-    (``--host-memory-gib``): some VMs report only a part of their memory until it is touched.
+    ``held``: host bytes this engine already holds; a stated budget must count them, the OS's
+    available figure already has.
     """
-    available = budget_gib * GIB if budget_gib is not None else 0.9 * psutil.virtual_memory().available
+    available = host_memory_limit(budget_gib) - (held if budget_gib is not None else 0)
     if nbytes > available:
         raise KvprError(
-            f"{what} needs {nbytes / GIB:.2f} GiB of host memory but only {available / GIB:.2f} GiB "
+            f"{what} needs {nbytes / GIB:.2f} GiB of host memory but only {max(available, 0) / GIB:.2f} GiB "
             "is available: lower --batch-size or the prompt/generation lengths, use a smaller model, "
             "or state the real budget with --host-memory-gib"
         )
 
 
-def check_device_memory(nbytes: int, device: torch.device, what: str, host_budget_gib: float | None = None) -> None:
-    """Raise if ``nbytes`` more memory would not fit on ``device`` (host memory for the CPU)."""
-    if device.type != "cuda":
-        check_host_memory(nbytes, what, host_budget_gib)
-        return
+def reusable_device_bytes(driver_free: int, reserved: int, allocated: int) -> int:
+    """Device bytes a new allocation can take: the driver's free memory plus what torch's caching
+    allocator holds for no tensor (a finished run's cache: the driver counts it as used, but the
+    allocator reuses it, and releases it and retries before an allocation fails)."""
+    return driver_free + max(0, reserved - allocated)
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Bytes free for new tensors on CUDA ``device`` (``reusable_device_bytes`` of its state now)."""
+    gc.collect()  # an executor dropped inside a reference cycle still holds its cache until collected
     free, _total = torch.cuda.mem_get_info(device)
-    if nbytes > 0.95 * free:
+    return reusable_device_bytes(free, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device))
+
+
+def check_device_memory(
+    nbytes: int, device: torch.device, what: str, host_budget_gib: float | None = None, held: int = 0
+) -> None:
+    """Raise if ``nbytes`` more memory would not fit on ``device`` (host memory for the CPU, where
+    ``held`` is as in ``check_host_memory``)."""
+    if device.type != "cuda":
+        check_host_memory(nbytes, what, host_budget_gib, held)
+        return
+    free = free_device_bytes(device)
+    if nbytes > DEVICE_FILL * free:
         raise KvprError(
             f"{what} needs {nbytes / GIB:.2f} GiB of GPU memory but only {free / GIB:.2f} GiB is "
             "free: use --offload cpu, lower --batch-size or the lengths, or a smaller model"

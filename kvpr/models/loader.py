@@ -12,17 +12,19 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kvpr.config import ModelConfig
+from kvpr.device import dtype_name
 from kvpr.errors import KvprError
 from kvpr.models.base import DecoderModel
 from kvpr.models.packaged import PACKAGED_MODELS
@@ -34,6 +36,9 @@ DEFAULT_MODEL = "smollm2-135m"
 Place = Callable[[str, torch.Tensor], torch.Tensor]
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+# GGUF ``general.architecture`` values whose transformers conversion kvpr runs (llama.cpp files
+# Mistral models as "llama"; OPT has no GGUF).
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -54,19 +59,20 @@ def cache_root() -> Path:
     return Path(base) / "kvpr"
 
 
-def resolve_source(name: str | None, dummy_weights: bool) -> ModelSource:
-    """Turn ``--model`` into a source. None is the built-in default model (real weights)."""
+def resolve_source(name: str | None, dummy_weights: bool, dtype: torch.dtype | None = None) -> ModelSource:
+    """Turn ``--model`` into a source. None is the built-in default model (real weights). ``dtype``:
+    the run's, which picks a GGUF's converted copy (``gguf_to_safetensors``); None: any copy."""
     if name is None:
         name = DEFAULT_MODEL
     if name in PACKAGED_MODELS and not dummy_weights:
-        return _hf_directory(packaged_model_dir(name), name)
+        return _hf_directory(packaged_model_dir(name, dtype), name)
     path = Path(name).expanduser()
     if path.is_dir():
         return _hf_directory(path, name)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise KvprError(f"GGUF file {name} does not exist: check the path")
-        return _hf_directory(gguf_to_safetensors(path), name)
+        return _hf_directory(gguf_to_safetensors(path, dtype), name)
     if name in BUILTIN_CONFIGS:
         if not dummy_weights:
             raise KvprError(
@@ -91,32 +97,48 @@ def _hf_directory(path: Path, name: str) -> ModelSource:
     return ModelSource(name=name, hf_config=hf_config, directory=path)
 
 
-def packaged_model_dir(name: str) -> Path:
+def packaged_model_dir(name: str, dtype: torch.dtype | None = None) -> Path:
     """A model shipped by PyPI data packages (``kvpr.models.packaged``), converted once to safetensors."""
-    return gguf_to_safetensors(PACKAGED_MODELS[name].path(cache_root() / "gguf"))
+    return gguf_to_safetensors(PACKAGED_MODELS[name].path(cache_root() / "gguf"), dtype)
 
 
-def gguf_to_safetensors(gguf: Path) -> Path:
-    """Dequantize a GGUF file once (through transformers) and cache it as a safetensors directory.
+def gguf_to_safetensors(gguf: Path, dtype: torch.dtype | None = None) -> Path:
+    """Dequantize a GGUF file once (through transformers) and cache it as a safetensors directory,
+    after checking its header (``inspect_gguf``). The copy reloads in about a second instead of 10-20 s.
 
-    The cached copy reloads in about a second instead of 10-20 s of dequantization.
+    Precision: an fp32 run (``dtype``) gets an fp32 copy, since a dequantised Q4 weight (``d * q + m``
+    in fp32) is in general no fp16 number (most of SmolLM2's Q4_1 weights are not) and the CPU fp32
+    path stays bit-exact with transformers reading the GGUF itself. Any other run gets the file's
+    precision class (fp16; bf16 for a bf16 file), a half or less of fp32, upcast or cast at load as
+    any checkpoint is. ``dtype=None`` (only the config is read) takes any copy there is.
     """
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "models" / f"{gguf.stem}-{key}"
-    if (target / "model.safetensors").is_file():
+    copies = {p: _gguf_copy_dir(gguf, p) for p in (torch.float16, torch.bfloat16, torch.float32)}
+    ready = [p for p, directory in copies.items() if (directory / "model.safetensors").is_file()]
+    usable = ready if dtype is None else [p for p in ready if (p == torch.float32) == (dtype == torch.float32)]
+    if usable:
+        return copies[usable[0]]
+    precision = inspect_gguf(gguf)
+    stored = torch.float32 if dtype == torch.float32 else precision
+    target = copies[stored]
+    if stored in ready:
         return target
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise KvprError("reading GGUF needs transformers: pip install transformers gguf accelerate") from None
-    if importlib.util.find_spec("gguf") is None:
-        raise KvprError("reading GGUF needs the gguf package: pip install gguf accelerate")
-    hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+        hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=stored)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except ImportError as err:
+        raise KvprError(
+            f"converting {gguf} needs {err.name or err}: pip install transformers gguf accelerate"
+        ) from None
+    except Exception as err:  # transformers' conversion raises many types for a file it cannot read
+        raise KvprError(
+            f"transformers could not convert {gguf} ({type(err).__name__}: {_first_line(err)}): "
+            "re-download the file, or convert the model again with llama.cpp"
+        ) from None
     config = hf_model.config.to_dict()
     config.pop("quantization_config", None)
-    state = {name: tensor.contiguous() for name, tensor in hf_model.state_dict().items()}
+    state = {name: tensor.to(stored).contiguous() for name, tensor in hf_model.state_dict().items()}
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +151,116 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     else:
         staging.rename(target)
     return target
+
+
+def _gguf_copy_dir(gguf: Path, precision: torch.dtype) -> Path:
+    """Where the converted copy of ``gguf`` in ``precision`` lives: keyed by the file (path, size,
+    mtime) and by the transformers version that converts it (under 5.2 the converted tokenizer adds a
+    start token and ends on id 1, so another version's copy would silently change every prompt)."""
+    try:
+        import transformers
+    except ImportError:
+        raise KvprError("reading GGUF needs transformers: pip install transformers gguf accelerate") from None
+    stat = gguf.stat()
+    ident = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:transformers-{transformers.__version__}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}-{dtype_name(precision)}"
+
+
+def inspect_gguf(path: Path) -> torch.dtype:
+    """Check a GGUF file before converting it, and return its precision class (bf16 for bf16 weights,
+    fp32 for an all-fp32 file, else fp16: fp16 and every quantised type). The architecture comes from
+    the header alone, so an unsupported model is refused in milliseconds, not after a conversion;
+    then the tensor table must lie whole inside the file (a cut or half-written copy does not)."""
+    architecture = gguf_architecture(path)
+    if architecture not in GGUF_ARCHITECTURES:
+        raise KvprError(
+            f"{path} holds a {architecture!r} model; kvpr runs the GGUF architectures "
+            f"{', '.join(GGUF_ARCHITECTURES)}: use a model of one of those"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise KvprError("reading GGUF needs the gguf package: pip install gguf accelerate")
+    from gguf import GGUFReader
+
+    try:
+        tensors = GGUFReader(str(path)).tensors
+        end = max(tensor.data_offset + tensor.n_bytes for tensor in tensors)
+    except Exception as err:  # the reader raises ValueError, IndexError... for a cut or corrupt file
+        raise _damaged(path, "GGUF", err) from None
+    if end > path.stat().st_size:
+        raise _damaged(path, "GGUF", f"its tensors end at byte {end}, the file at {path.stat().st_size}")
+    matrices = {tensor.tensor_type.name for tensor in tensors if len(tensor.shape) > 1}  # norms are F32 anyway
+    if "BF16" in matrices:
+        return torch.bfloat16
+    return torch.float32 if matrices <= {"F32"} else torch.float16
+
+
+# GGUF value types (gguf-py's GGUFValueType) -> size in bytes; 8 is a string, 9 an array.
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` from a GGUF header's key-value pairs (llama.cpp writes it first),
+    read without touching the tensor table. Raises a KvprError for a file that is not GGUF."""
+    try:
+        with path.open("rb") as handle:
+            magic, version, _num_tensors, num_kv = struct.unpack("<4sIQQ", _read_exact(handle, 24))
+            if magic != b"GGUF" or version not in (2, 3):
+                raise ValueError(f"no GGUF v2/v3 header: it starts with {magic!r}, version {version}")
+            for _ in range(num_kv):
+                key = _gguf_string(handle)
+                (kind,) = struct.unpack("<I", _read_exact(handle, 4))
+                if key == "general.architecture" and kind == _GGUF_STRING:
+                    return _gguf_string(handle)
+                _skip_gguf_value(handle, kind)
+    except (OSError, ValueError, struct.error) as err:  # UnicodeDecodeError is a ValueError
+        raise _damaged(path, "GGUF", err) from None
+    raise _damaged(path, "GGUF", "its header has no general.architecture")
+
+
+def _read_exact(handle: IO[bytes], size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) != size:
+        raise ValueError("the file ends inside its header")
+    return data
+
+
+def _gguf_string(handle: IO[bytes]) -> str:
+    (length,) = struct.unpack("<Q", _read_exact(handle, 8))
+    if length > 1 << 20:
+        raise ValueError(f"a header string claims {length} bytes")
+    return _read_exact(handle, length).decode("utf-8")
+
+
+def _skip_gguf_value(handle: IO[bytes], kind: int) -> None:
+    """Seek past one value (a seek past the end shows at the next read)."""
+    if kind in _GGUF_SCALAR_BYTES:
+        handle.seek(_GGUF_SCALAR_BYTES[kind], os.SEEK_CUR)
+    elif kind == _GGUF_STRING:
+        handle.seek(struct.unpack("<Q", _read_exact(handle, 8))[0], os.SEEK_CUR)
+    elif kind == _GGUF_ARRAY:
+        item_kind, count = struct.unpack("<IQ", _read_exact(handle, 12))
+        if item_kind in _GGUF_SCALAR_BYTES:
+            handle.seek(count * _GGUF_SCALAR_BYTES[item_kind], os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _skip_gguf_value(handle, item_kind)
+    else:
+        raise ValueError(f"unknown value type {kind} in the header")
+
+
+def _first_line(err: object) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
+
+
+def _damaged(path: Path, kind: str, err: object) -> KvprError:
+    """The one-line error of a model file that cannot be read as ``kind``."""
+    return KvprError(
+        f"{path} is not a valid {kind} file (truncated or corrupt: {_first_line(err)}): re-copy, "
+        "re-download or re-convert it"
+    )
 
 
 def build_model(cfg: ModelConfig) -> DecoderModel:
@@ -212,9 +344,12 @@ def _checkpoint_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     files = sorted(directory.glob("*.safetensors"))
     if files:
         for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        yield name, handle.get_tensor(name)
+            except SafetensorError as err:  # a cut copy: "incomplete metadata, file not fully covered"
+                raise _damaged(file, "safetensors", err) from None
         return
     files = sorted(directory.glob("pytorch_model*.bin"))
     if not files:

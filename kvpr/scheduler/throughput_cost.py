@@ -27,6 +27,8 @@ Modelling decisions (the executor must match them for the prediction to hold):
 - Memory: per-tier items in ``ThroughputPlan.memory_items``, the sizes the executor should allocate
   (GPU: embeddings and LM head, GPU shares, two buffers of a layer's offloaded tensors, two cache
   staging buffers of one (layer, GPU batch) for s_max tokens, one GPU batch's prefill working set).
+  ``memory_terms`` is the one formula: the LP's rows, ``estimate``'s check, and the run's own check
+  before allocating (``throughput_memory``), so a plan always passes it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from __future__ import annotations
 import math
 from collections import namedtuple
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvpr.config import Arch, ModelConfig, Placement, ThroughputConfig, Tier
@@ -224,12 +226,13 @@ class BlockCosts:
     x_token_bytes: float
     act_prefill_bytes: float  # hidden states of the block between layers, [b, s0, h]
     act_decode_bytes: float  # [b, 1, h]
-    rates: Mapping[str, float]
-    prefill_compute_s: float  # per layer: the block's prompt GEMMs and attention
-    decode_compute_s: float  # per layer and step: decode GEMMs and attention, without recompute
-    recompute_all_s: float  # per layer and step: recompute K,V of every token of the mean context
-    head_s: float  # per step (and once after the prefill): the block's LM head, after the last layer
     gpu_working: Mapping[str, float]
+    # Times (``block_costs``); a block of sizes only (``block_sizes``) has none.
+    rates: Mapping[str, float] = field(default_factory=dict)
+    prefill_compute_s: float = 0.0  # per layer: the block's prompt GEMMs and attention
+    decode_compute_s: float = 0.0  # per layer and step: decode GEMMs and attention, without recompute
+    recompute_all_s: float = 0.0  # per layer and step: recompute K,V of every token of the mean context
+    head_s: float = 0.0  # per step (and once after the prefill): the block's LM head, after the last layer
 
     @property
     def block_size(self) -> int:
@@ -239,6 +242,43 @@ class BlockCosts:
     def token_bytes(self) -> float:
         """Stored per token, layer and sequence: K,V, plus X when recomputation may run."""
         return self.kv_token_bytes + (self.x_token_bytes if self.stores_x else 0.0)
+
+
+def block_sizes(
+    model: ModelConfig,
+    workload: ThroughputWorkload,
+    gpu_batch_size: int,
+    num_gpu_batches: int,
+    stores_x: bool,
+    dtype_bytes: int,
+) -> BlockCosts:
+    """The block's sizes only, no times (no profile needed): all that ``memory_terms`` reads."""
+    h, q, kv, e = model.hidden_size, model.q_size, model.kv_size, dtype_bytes
+    gbs, s0, s_max = gpu_batch_size, workload.prompt_len, workload.max_len
+    kv_bytes, x_bytes = 2 * kv * e, h * e
+    token_bytes = kv_bytes + (x_bytes if stores_x else 0)
+    mlp_width = 3 * model.intermediate_size if model.arch is Arch.LLAMA else 2 * model.intermediate_size
+    return BlockCosts(
+        model=model,
+        workload=workload,
+        gpu_batch_size=gbs,
+        num_gpu_batches=num_gpu_batches,
+        stores_x=stores_x,
+        layer_bytes=float(sum(math.prod(shape) for _, shape in layer_weight_tensors(model)) * e),
+        resident_bytes=float(resident_weight_elements(model) * e),
+        kv_token_bytes=float(kv_bytes),
+        x_token_bytes=float(x_bytes),
+        act_prefill_bytes=float(gbs * num_gpu_batches * s0 * h * e),
+        act_decode_bytes=float(gbs * num_gpu_batches * h * e),
+        gpu_working={
+            # K,V (+X) of one (layer, GPU batch) for s_max tokens, double-buffered
+            "cache staging": 2.0 * gbs * s_max * token_bytes,
+            # one GPU batch's prompt: hidden in/out, X, q/k/v, attention out, MLP, and the scores
+            "prefill working": gbs * s0 * e * (3 * h + 2 * q + 2 * kv + mlp_width)
+            + gbs * model.num_q_heads * s0 * s0 * e,
+            "logits": 4.0 * gbs * model.vocab_size,  # [gbs, vocab] fp32
+        },
+    )
 
 
 def block_costs(
@@ -251,12 +291,11 @@ def block_costs(
     stores_x: bool,
     dtype_bytes: int,
 ) -> BlockCosts:
+    sizes = block_sizes(model, workload, gpu_batch_size, num_gpu_batches, stores_x, dtype_bytes)
     h, q, kv, e = model.hidden_size, model.q_size, model.kv_size, dtype_bytes
-    gbs, s0, s_max, mean = gpu_batch_size, workload.prompt_len, workload.max_len, workload.mean_context
-    tensors = [math.prod(shape) for _, shape in layer_weight_tensors(model)]
+    gbs, s0, mean = gpu_batch_size, workload.prompt_len, workload.mean_context
     matrices = [math.prod(shape) for _, shape in layer_weight_tensors(model) if len(shape) == 2]
-    kv_bytes, x_bytes = 2 * kv * e, h * e
-    token_bytes = kv_bytes + (x_bytes if stores_x else 0)
+    kv_bytes, token_bytes = sizes.kv_token_bytes, sizes.token_bytes
     gemm, h2d, d2h = profile.gemm.rate, profile.h2d.rate, profile.d2h.rate
     flops_per_row = 2.0 * sum(matrices)  # every projection and MLP GEMM, per token
     calibration = 1.0  # scales the decode GEMMs to the measured layer, where the profile has it
@@ -267,19 +306,8 @@ def block_costs(
     prefill = (prefill_rows * flops_per_row + 4.0 * gbs * s0 * s0 * q) / gemm(prefill_rows)  # GEMMs, QK^T and PV
     attention = profile.attention_s(round(mean) + 1) * gbs / profile.batch_size
     decode = calibration * gbs * flops_per_row / gemm(gbs) + attention
-    mlp_width = 3 * model.intermediate_size if model.arch is Arch.LLAMA else 2 * model.intermediate_size
-    return BlockCosts(
-        model=model,
-        workload=workload,
-        gpu_batch_size=gbs,
-        num_gpu_batches=num_gpu_batches,
-        stores_x=stores_x,
-        layer_bytes=float(sum(tensors) * e),
-        resident_bytes=float(resident_weight_elements(model) * e),
-        kv_token_bytes=float(kv_bytes),
-        x_token_bytes=float(x_bytes),
-        act_prefill_bytes=float(gbs * num_gpu_batches * s0 * h * e),
-        act_decode_bytes=float(gbs * num_gpu_batches * h * e),
+    return replace(
+        sizes,
         rates={
             "weights_h2d": h2d(sum(matrices) * e / len(matrices)),  # one weight matrix per copy
             "cache_h2d": h2d(gbs * mean * kv_bytes),  # one (layer, GPU batch) K,V
@@ -296,14 +324,6 @@ def block_costs(
         decode_compute_s=num_gpu_batches * decode,
         recompute_all_s=gbs * num_gpu_batches * mean * 4.0 * h * kv / gemm(gbs * mean),
         head_s=num_gpu_batches * 2.0 * gbs * (model.word_embed_proj_dim or h) * model.vocab_size / gemm(gbs),
-        gpu_working={
-            # K,V (+X) of one (layer, GPU batch) for s_max tokens, double-buffered
-            "cache staging": 2.0 * gbs * s_max * token_bytes,
-            # one GPU batch's prompt: hidden in/out, X, q/k/v, attention out, MLP, and the scores
-            "prefill working": gbs * s0 * e * (3 * h + 2 * q + 2 * kv + mlp_width)
-            + gbs * model.num_q_heads * s0 * s0 * e,
-            "logits": 4.0 * gbs * model.vocab_size,  # [gbs, vocab] fp32
-        },
     )
 
 
@@ -316,8 +336,7 @@ class CostTerms(NamedTuple):
 def cost_terms(b: BlockCosts, v: Shares) -> CostTerms:
     """The cost model, written once: only sums and scalar products of the shares, so the same code
     evaluates a placement (floats) and builds the LP's rows (coefficient vectors)."""
-    r, n_layers, s_max = b.rates, b.model.num_layers, b.workload.max_len
-    bs, s0, mean, tok = b.block_size, b.workload.prompt_len, b.workload.mean_context, b.token_bytes
+    r, bs, s0, mean, tok = b.rates, b.block_size, b.workload.prompt_len, b.workload.mean_context, b.token_bytes
     weights_in = b.layer_bytes * (v.wc + v.wd)  # bytes of a layer crossing PCIe, once per block
     act_pre, act_dec = b.act_prefill_bytes, b.act_decode_bytes
     prefill = {
@@ -337,8 +356,15 @@ def cost_terms(b: BlockCosts, v: Shares) -> CostTerms:
         "disk_write": (bs * tok * v.td + act_dec * v.ad) / r["disk_write"],
         "compute": b.decode_compute_s * v.one + b.recompute_all_s * v.tcx,
     }
+    return CostTerms(prefill, decode, memory_terms(b, v))
+
+
+def memory_terms(b: BlockCosts, v: Shares) -> dict[Tier, dict[str, Any]]:
+    """Bytes per tier and item (affine in the shares, like the times)."""
+    n_layers, s_max, bs, tok = b.model.num_layers, b.workload.max_len, b.block_size, b.token_bytes
+    weights_in, act_pre = b.layer_bytes * (v.wc + v.wd), b.act_prefill_bytes
     cache = n_layers * bs * s_max * tok  # every slot of every layer, sequence
-    memory = {
+    return {
         Tier.GPU: {
             "resident weights": b.resident_bytes * v.one,
             "layer weights": n_layers * b.layer_bytes * v.wg,
@@ -362,7 +388,6 @@ def cost_terms(b: BlockCosts, v: Shares) -> CostTerms:
             "activations": act_pre * v.ad,
         },
     }
-    return CostTerms(prefill, decode, memory)
 
 
 # ---------------------------------------------------------------- one fixed policy
