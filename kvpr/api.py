@@ -197,8 +197,11 @@ class LLM:
 
     # -- tokenization ----------------------------------------------------------------------
 
-    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
-        """Strings go through the model's tokenizer; lists of ids pass through."""
+    def encode(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]) -> list[list[int]]:
+        """Strings go through the model's tokenizer; lists of ids pass through. One str (or one flat
+        list of ids) is one prompt: iterating a str would make a prompt of each character."""
+        if isinstance(prompts, str) or (prompts and all(isinstance(p, int) for p in prompts)):
+            prompts = [prompts]  # type: ignore[assignment]
         if not prompts:
             raise KvprError("no prompts given: pass at least one prompt")
         if all(isinstance(p, str) for p in prompts):
@@ -206,8 +209,32 @@ class LLM:
                 raise KvprError(
                     f"model {self.name} has no tokenizer: pass token ids, or a model directory with tokenizer files"
                 )
-            return [self.tokenizer(p)["input_ids"] for p in prompts]  # type: ignore[index]
+            return [self._tokenize(p, row) for row, p in enumerate(prompts)]  # type: ignore[arg-type]
         return [list(map(int, p)) for p in prompts]  # type: ignore[arg-type]
+
+    def _tokenize(self, prompt: str, row: int) -> list[int]:
+        """One prompt's ids. Text that already starts with the BOS token (as a chat template writes
+        it) gets no second one."""
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise KvprError(f"prompt {row} is not valid UTF-8 text at character {err.start}: pass UTF-8 text") from None
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if isinstance(bos, str) and bos and prompt.startswith(bos):
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]  # type: ignore[misc]
+        return self.tokenizer(prompt)["input_ids"]  # type: ignore[misc]
+
+    def format_prompt(self, prompt: str, chat_template: bool = True) -> str:
+        """``prompt`` as a user turn in the model's chat template, ready for its reply (an instruct
+        model answers turns; raw text it may just continue). Unchanged when ``chat_template`` is
+        False or the tokenizer has no template."""
+        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+        if not chat_template or not template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(  # type: ignore[union-attr]
+            messages, add_generation_prompt=True, tokenize=False
+        )
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -218,11 +245,12 @@ class LLM:
 
     def generate(
         self,
-        prompts: Sequence[str] | Sequence[Sequence[int]],
+        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
     ) -> list[Completion]:
-        """Generate for a batch of prompts (left-padded into one batch)."""
+        """Generate for a batch of prompts (left-padded into one batch); a single str is one prompt
+        (a list of one Completion)."""
         params = params or SamplingParams()
         return self._run(self.encode(prompts), params, on_token)
 

@@ -1,6 +1,8 @@
-"""``kvpr generate | bench | profile | plan``: argparse -> EngineConfig -> api. Nothing else.
+"""``kvpr generate | bench | profile | plan | eval``: argparse -> EngineConfig -> api. Nothing else.
 
-Every user-fixable problem is a KvprError, printed as one line with exit code 2.
+Every user-fixable problem (a bad flag value too) is a KvprError, printed as one line with exit
+code 2; Ctrl-C prints one line and exits 130, the shell's code for SIGINT, so scripts can tell an
+interrupted run from a failed one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kvpr.cli_checks import (
+    DefaultsFormatter,
+    OneLineParser,
+    at_least,
+    check_output_path,
+    check_prompt_text,
+    package_version,
+    positive_float,
+)
+from kvpr.cli_commands import run_plan, run_profile
 from kvpr.config import (
     DEFAULT_NUM_CHUNKS,
     RECOMPUTE_AUTO,
@@ -23,6 +35,7 @@ from kvpr.config import (
     RuntimeConfig,
     SamplingParams,
     ThroughputConfig,
+    check_codec_names,
     parse_num_chunks,
     parse_recompute,
     parse_resident,
@@ -86,8 +99,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
         help="percent of weights, KV cache and activations on GPU and CPU; the rest on disk (as FlexGen)",
     )
-    throughput.add_argument("--gpu-batch-size", type=int, default=4, help="rows of one GPU batch")
-    throughput.add_argument("--num-gpu-batches", type=int, default=1, help="GPU batches per block")
+    throughput.add_argument("--gpu-batch-size", type=at_least(1), default=4, help="rows of one GPU batch")
+    throughput.add_argument("--num-gpu-batches", type=at_least(1), default=1, help="GPU batches per block")
     throughput.add_argument("--offload-dir", default=None, help="directory of the disk tier")
     throughput.add_argument(
         "--pin-weight", action=argparse.BooleanOptionalAction, default=True, help="pin the CPU share of the weights"
@@ -97,7 +110,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--host-memory-gib",
-        type=float,
+        type=positive_float,
         default=None,
         help="host memory kvpr may use (default: what the OS reports available now)",
     )
@@ -124,6 +137,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     """The one function that turns flags into configuration."""
     from kvpr.compress.methods import knob_params
 
+    check_codec_names(args.kv_codec, args.x_codec)  # before the knobs, whose errors name the codec
     throughput = throughput_config(args)
     recompute = args.recompute or (RECOMPUTE_AUTO if args.kv_partial else RECOMPUTE_OFF)
     offload_name = args.offload
@@ -160,67 +174,81 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvpr", description="LLM inference with an offloaded KV cache and partial recomputation"
+    parser = OneLineParser(
+        prog="kvpr",
+        description="LLM inference with an offloaded KV cache and partial recomputation",
+        formatter_class=DefaultsFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="generate text for one or more prompts")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=DefaultsFormatter)
+
+    count = at_least(1)  # a count of 0 would run as something else (bench: batch 1) or not at all
+    generate = command("generate", "generate text for one or more prompts")
     _add_engine_flags(generate)
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wrap each prompt as a user turn in the model's chat template, where its tokenizer has one "
+        "(instruct models answer turns; --no-chat-template continues the raw text)",
+    )
+    generate.add_argument("--max-new-tokens", type=count, default=32, help="tokens to generate per prompt")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this probability mass")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     generate.add_argument("--json", action="store_true", help="print token ids, text and per-step timings as JSON")
 
-    bench = commands.add_parser("bench", help="time prefill and decode on synthetic prompts")
+    bench = command("bench", "time prefill and decode on synthetic prompts")
     _add_engine_flags(bench)
-    bench.add_argument("--batch-size", type=int, default=None, help="rows (default: 1; in throughput mode one block)")
+    bench.add_argument("--batch-size", type=count, default=None, help="rows (default: 1; in throughput mode one block)")
     bench.add_argument(
         "--policy",
         choices=["manual", "auto"],
         default="manual",
         help="throughput mode: auto searches placement, batch sizes and recompute fraction from the cost model",
     )
-    bench.add_argument("--prompt-len", type=int, default=256)
-    bench.add_argument("--gen-len", type=int, default=32)
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--prompt-len", type=count, default=256, help="prompt tokens per row")
+    bench.add_argument("--gen-len", type=count, default=32, help="generated tokens per row")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of the timed run to this file")
 
-    profile = commands.add_parser("profile", help="measure this machine's copy bandwidth and GEMM rates for a model")
+    profile = command("profile", "measure this machine's copy bandwidth and GEMM rates for a model")
     profile.add_argument("--model", default=None, help="model whose shapes to profile (weights are not loaded)")
-    profile.add_argument("--batch-size", type=int, default=1)
-    profile.add_argument("--device", default="auto")
-    profile.add_argument("--dtype", default="auto")
+    profile.add_argument("--batch-size", type=count, default=1, help="batch of the attention timings")
+    profile.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    profile.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     profile.add_argument("--profile", default=None, help="file to write (default: the user's cache directory)")
     profile.add_argument("--reprofile", action="store_true", help="measure again even if a cached profile fits")
 
-    plan = commands.add_parser(
-        "plan", help="print the split the scheduler picks and the predicted time of each alternative"
-    )
-    plan.add_argument("--model", default=None)
-    plan.add_argument("--batch-size", type=int, default=1)
-    plan.add_argument("--context", type=int, nargs="+", default=[256, 1024, 2048, 4096], help="context lengths s")
-    plan.add_argument("--device", default="auto")
-    plan.add_argument("--dtype", default="auto")
-    plan.add_argument("--num-chunks", default="auto", help="auto (default) or a count")
+    plan = command("plan", "print the split the scheduler picks and the predicted time of each alternative")
+    plan.add_argument("--model", default=None, help="model whose shapes to plan for (default: the default model)")
+    plan.add_argument("--batch-size", type=count, default=1, help="rows of the batch")
+    plan.add_argument("--context", type=count, nargs="+", default=[256, 1024, 2048, 4096], help="context lengths s")
+    plan.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    plan.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    plan.add_argument("--num-chunks", default="auto", help="X chunks per layer: auto or a count")
     plan.add_argument("--kv-codec", default="none", help="how the host tier stores K,V: none, int8 or int4")
     plan.add_argument("--x-codec", default="none", help="how the host tier stores X: none, int8 or int4")
     plan.add_argument("--profile", default=None, help="hardware profile JSON (lets a GPU plan be made on any machine)")
     plan.add_argument(
         "--mode", choices=["latency", "throughput"], default="latency", help="throughput: search the placement"
     )
-    plan.add_argument("--prompt-len", type=int, default=256, help="throughput mode: prompt tokens per sequence")
-    plan.add_argument("--gen-len", type=int, default=32, help="throughput mode: generated tokens per sequence")
+    plan.add_argument("--prompt-len", type=count, default=256, help="throughput mode: prompt tokens per sequence")
+    plan.add_argument("--gen-len", type=count, default=32, help="throughput mode: generated tokens per sequence")
     plan.add_argument("--offload-dir", default=None, help="throughput mode: allow a disk tier in this directory")
-    plan.add_argument("--host-memory-gib", type=float, default=None, help="host memory the plan may use")
-    plan.add_argument("--gpu-memory-gib", type=float, default=None, help="GPU memory (default: free memory now)")
+    plan.add_argument("--host-memory-gib", type=positive_float, default=None, help="host memory the plan may use")
+    plan.add_argument(
+        "--gpu-memory-gib", type=positive_float, default=None, help="GPU memory (default: free memory now)"
+    )
 
-    evaluate = commands.add_parser("eval", help="perplexity and long-context retrieval under several cache codecs")
-    evaluate.add_argument("--model", default=None)
+    evaluate = command("eval", "perplexity and long-context retrieval under several cache codecs")
+    evaluate.add_argument("--model", default=None, help="model to evaluate (default: the default model)")
     evaluate.add_argument(
         "--codecs",
         nargs="+",
@@ -230,14 +258,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--recompute", default="off", help="split used with the offloaded codecs (see generate)")
     evaluate.add_argument("--x-codec", default="none", help="how those codecs store X for recomputation (see generate)")
-    evaluate.add_argument("--context", type=int, nargs="+", default=[512, 1024], help="context lengths in tokens")
-    evaluate.add_argument("--items", type=int, default=10, help="items per task and context length")
-    evaluate.add_argument("--windows", type=int, default=4, help="perplexity windows per context length")
+    evaluate.add_argument(
+        "--context", type=at_least(32), nargs="+", default=[512, 1024], help="context lengths in tokens"
+    )
+    evaluate.add_argument("--items", type=count, default=10, help="items per task and context length")
+    evaluate.add_argument("--windows", type=at_least(0), default=4, help="perplexity windows per context length")
     evaluate.add_argument("--tasks", nargs="+", default=None, help="passkey, kv_retrieval, multi_doc (default: all)")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--dtype", default="auto")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the items and windows")
+    evaluate.add_argument("--batch-size", type=count, default=4, help="items run together")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    evaluate.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     evaluate.add_argument("--out", default="eval-results", help="directory for the JSON, markdown and PNG")
     evaluate.add_argument("--json", action="store_true", help="also print the rows as JSON")
     return parser
@@ -248,11 +278,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from kvpr.eval.harness import cache_for_spec, evaluate, write_report
     from kvpr.eval.tasks import TASK_NAMES
 
-    for flag in ("items", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise KvprError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    if args.windows < 0 or any(c < 32 for c in args.context):
-        raise KvprError("--windows must be >= 0 and every --context >= 32")
+    check_output_path(args.out, "--out", directory=True)  # before the evaluation, not after it
     recompute = parse_recompute(args.recompute)
     configs = [(spec, cache_for_spec(spec, recompute, args.x_codec)) for spec in args.codecs]
     llm = LLM(EngineConfig(model=args.model, runtime=RuntimeConfig(device=args.device, dtype=args.dtype)))
@@ -280,100 +306,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_config(name: str | None) -> Any:
-    """The configuration of ``--model`` without loading weights."""
-    from kvpr.models.loader import resolve_source
-
-    return resolve_source(name, dummy_weights=True).config
-
-
-def _run_profile(args: argparse.Namespace) -> int:
-    from kvpr.device import resolve_device, resolve_dtype
-    from kvpr.scheduler.profiler import load_or_measure
-
-    if args.batch_size < 1:
-        raise KvprError(f"--batch-size {args.batch_size}: must be >= 1")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    cfg = _model_config(args.model)
-    profile = load_or_measure(
-        device,
-        cfg,
-        dtype,
-        args.batch_size,
-        path=args.profile,
-        reprofile=args.reprofile or args.profile is not None,
-        progress=True,
-    )
-    print(f"profile of {profile.device_name} (torch {profile.torch_version}, {profile.dtype})")
-    for size in (1 << 20, 8 << 20, 64 << 20, 256 << 20):
-        print(
-            f"  H2D {size >> 20:4d} MiB: {profile.h2d_bytes_per_s(size) / 1e9:6.1f} GB/s   "
-            f"D2H: {profile.d2h_bytes_per_s(size) / 1e9:6.1f} GB/s"
-        )
-    x_codecs = ("none", *profile.x_codec_gemm)
-    for rows in (256, 4096, 65536):
-        rates = ", ".join(f"X {name} {profile.recompute_curve(name).rate(rows) / 1e12:6.1f}" for name in x_codecs)
-        print(f"  recompute M={rows:6d} (GEMM TFLOP/s over the whole recompute): {rates}")
-    if profile.host_layer_s:
-        issue = [(name, profile.host_issue(name)) for name in x_codecs]
-        costs = ", ".join(f"X {name} {cost.layer_s * 1e3:.3f} + {cost.chunk_s * 1e3:.3f}/chunk" for name, cost in issue)
-        print(f"  host issue per layer, ms: {costs}")
-    return 0
-
-
-def _run_plan(args: argparse.Namespace) -> int:
-    import torch
-
-    from kvpr.cache.codec import make_x_codec
-    from kvpr.cache.storage import tier_codec
-    from kvpr.device import resolve_device, resolve_dtype
-    from kvpr.scheduler.plan import format_plans
-    from kvpr.scheduler.policy import stored_element_bytes
-    from kvpr.scheduler.profiler import HardwareProfile, load_or_measure
-
-    if args.mode == "throughput":
-        return _plan_throughput(args)
-    if args.batch_size < 1 or any(s < 1 for s in args.context):
-        raise KvprError("--batch-size and --context must be >= 1")
-    cfg = _model_config(args.model)
-    if args.profile is not None:
-        profile = HardwareProfile.load(args.profile)
-        dtype = resolve_dtype(profile.dtype, torch.device("cpu"))  # the dtype it was measured in
-    else:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        profile = load_or_measure(device, cfg, dtype, args.batch_size, progress=True)
-    codec = tier_codec(args.kv_codec, cfg.head_dim)
-    x_bytes, kv_bytes = stored_element_bytes(cfg, dtype, codec, make_x_codec(args.x_codec, cfg.hidden_size))
-    chunks = parse_num_chunks(args.num_chunks)
-    kv_name = "none" if codec is None else codec.name
-    plans = format_plans(cfg, args.batch_size, args.context, profile, kv_bytes, x_bytes, chunks, args.x_codec, kv_name)
-    print(plans)
-    return 0
-
-
-def _plan_throughput(args: argparse.Namespace) -> int:
-    """kvpr's throughput policy for this machine beside FlexGen's (the same search without recomputation)."""
-    from kvpr.api import plan_throughput
-    from kvpr.scheduler.throughput_policy import format_plans
-
-    config = EngineConfig(
-        model=args.model,
-        dummy_weights=True,
-        runtime=RuntimeConfig(
-            device=args.device, dtype=args.dtype, profile_path=args.profile, host_memory_gib=args.host_memory_gib
-        ),
-        throughput=ThroughputConfig(offload_dir=args.offload_dir),
-    )
-    plans = [
-        (name, plan_throughput(config, args.prompt_len, args.gen_len, recompute, args.gpu_memory_gib))
-        for name, recompute in (("kvpr", True), ("flexgen", False))
-    ]
-    print(format_plans(plans))
-    return 0
-
-
 def _sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -387,15 +319,20 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _run_generate(args: argparse.Namespace) -> int:
     from kvpr.api import LLM
 
+    check_prompt_text(args.prompt, "--prompt")
     params = _sampling(args)
     # the prompts' token counts are not known before the tokenizer: check the batch for the new tokens
     llm = LLM(build_engine_config(args), batch_size=len(args.prompt), max_len=args.max_new_tokens + 1)
+    prompts = [llm.format_prompt(prompt, args.chat_template) for prompt in args.prompt]
+    chat = prompts != list(args.prompt)  # the template was applied (the tokenizer has one)
     stream = len(args.prompt) == 1 and not args.json
-    printer = _StreamPrinter(llm, args.prompt[0]) if stream else None
-    completions = llm.generate(args.prompt, params, on_token=printer.on_token if printer else None)
-    if printer is not None:
-        printer.close()
-    elif args.json:
+    printer = _StreamPrinter(llm, "" if chat else args.prompt[0]) if stream else None
+    try:
+        completions = llm.generate(prompts, params, on_token=printer.on_token if printer else None)
+    finally:  # also on Ctrl-C: end the streamed line before the message
+        if printer is not None:
+            printer.close()
+    if args.json:
         stats = llm.last_stats.to_dict() if llm.last_stats else {}
         results = [
             {
@@ -407,10 +344,11 @@ def _run_generate(args: argparse.Namespace) -> int:
             }
             for p, c in zip(args.prompt, completions)
         ]
-        print(json.dumps({"model": llm.name, "completions": results, "stats": stats}, indent=1))
-    else:
+        report = {"model": llm.name, "chat_template": chat, "completions": results, "stats": stats}
+        print(json.dumps(report, indent=1))
+    elif printer is None:  # a chat reply is not a continuation: it goes under its prompt
         for prompt, completion in zip(args.prompt, completions):
-            print(f"{prompt}{completion.text}")
+            print(f"> {prompt}\n{completion.text}" if chat else f"{prompt}{completion.text}")
     return 0
 
 
@@ -441,9 +379,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from kvpr.api import LLM
 
-    for flag in ("prompt_len", "gen_len"):
-        if getattr(args, flag) < 1:
-            raise KvprError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.trace:
+        check_output_path(args.trace, "--trace")  # before the run, not after it
     config = build_engine_config(args)
     if args.policy == "auto":
         config = _auto_policy(config, args)
@@ -528,20 +465,27 @@ def _traced(run: Any, path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """The ``kvpr`` command: 0 on success, 2 on a user-fixable error (one line on stderr), 130 when
+    interrupted with Ctrl-C (one line, no traceback)."""
     try:
+        args = _parser().parse_args(argv)
         _quiet_libraries()
         runners = {
             "generate": _run_generate,
             "bench": _run_bench,
-            "profile": _run_profile,
-            "plan": _run_plan,
+            "profile": run_profile,
+            "plan": run_plan,
             "eval": _run_eval,
         }
         return runners[args.command](args)
+    except SystemExit as done:  # --help and --version
+        return done.code if isinstance(done.code, int) else 0
     except KvprError as err:
         print(f"kvpr: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kvpr: interrupted", file=sys.stderr)
+        return 130
 
 
 def _quiet_libraries() -> None:

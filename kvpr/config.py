@@ -225,6 +225,18 @@ THROUGHPUT_NUM_CHUNKS = 8  # per GPU batch in throughput mode unless --num-chunk
 CACHE_METHODS = ("kivi2", "kvo", "h2o", "streaming", "quest")
 
 
+def check_codec_names(kv_codec: str, x_codec: str) -> None:
+    """Reject names outside the codec registries first, so a typo is reported as one, not as a
+    placement rule the name happens to break."""
+    from kvpr.cache.codec import CODEC_NAMES, X_CODEC_NAMES  # the registries (torch-backed)
+
+    kv_names = tuple(dict.fromkeys(("none", *CODEC_NAMES, *CACHE_METHODS)))
+    if kv_codec not in kv_names:
+        raise KvprError(f"unknown --kv-codec {kv_codec}: use one of {', '.join(kv_names)}")
+    if x_codec not in X_CODEC_NAMES:
+        raise KvprError(f"unknown --x-codec '{x_codec}': choose one of {', '.join(X_CODEC_NAMES)}")
+
+
 def parse_resident(value: str) -> int | str:
     """``auto`` or a token count."""
     if value == "auto":
@@ -275,6 +287,7 @@ class CacheConfig:
     x_codec: str = "none"  # how stored X is kept for recomputation: none (model dtype), int8, int4
 
     def __post_init__(self) -> None:
+        check_codec_names(self.kv_codec, self.x_codec)
         if self.gpu_resident != "auto" and not (isinstance(self.gpu_resident, int) and self.gpu_resident >= 0):
             raise KvprError(f"--gpu-resident {self.gpu_resident!r}: use auto or a token count >= 0")
         if self.kv_codec_params and self.kv_codec not in CACHE_METHODS:
