@@ -361,8 +361,9 @@ def full_copy_s(shape: LayerShape, profile: HardwareProfile) -> float:
 
 
 def floor_s(shape: LayerShape, profile: HardwareProfile, recompute_len: int) -> float:
-    """No schedule beats this at split l: its PCIe bytes at peak bandwidth, or its FLOPs at peak rate."""
+    """No schedule beats this at split l: its PCIe bytes at the best bandwidth measured (any size or
+    repetition), or its FLOPs at peak rate. (benchmarks/floors.py adds the weight and K,V reads.)"""
     _check_split(shape, recompute_len)
     pcie_bytes = shape.x_bytes(recompute_len) + shape.kv_bytes(shape.context_len - recompute_len)
     recompute_peak = profile.recompute_curve(shape.x_codec).peak
-    return max(pcie_bytes / profile.h2d.peak, shape.recompute_flops(recompute_len) / recompute_peak)
+    return max(pcie_bytes / profile.h2d_best(), shape.recompute_flops(recompute_len) / recompute_peak)

@@ -30,8 +30,11 @@ from kvpr.device import element_size
 from kvpr.errors import KvprError
 from kvpr.scheduler.cost_model import HostIssue, RateCurve
 
-# 2: the recompute timed as the runtime runs it, per X codec; 3: host issue times, K,V codec decodes
-PROFILE_FORMAT_VERSION = 3
+# 2: the recompute timed as the runtime runs it, per X codec; 3: host issue times, K,V codec decodes;
+# 4: every repetition of the H2D copies (two kinds of pinned memory), device-memory bandwidth
+PROFILE_FORMAT_VERSION = 4
+READABLE_FORMATS = (3, 4)  # a format 3 profile loads with no H2D repetitions and no device-memory rates
+COPY_REPEATS = 3  # H2D and device-memory points are each timed this many times, interleaved
 _MIB = 1 << 20
 
 
@@ -62,6 +65,15 @@ class HardwareProfile:
     # (stored bytes, bytes/s) of decoding the host tier's K,V codec parts into the staging buffers
     # after they land, per --kv-codec ("int8", "int4"); empty on a CPU
     kv_decode: dict[str, RateCurve] = field(default_factory=dict)
+    # every repetition of the H2D copies, (bytes, bytes/s), per host memory: "pinned" (torch's
+    # allocator, whose per-size medians are ``h2d``) and "registered" (cudaHostRegister, as the
+    # runtime's host tier); empty in format 3
+    h2d_samples: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    # device memory, at sizes beyond the L2 cache, best of the repetitions per size: (bytes copied,
+    # bytes copied/s) of device-to-device copies and (bytes, bytes/s) of a read-only reduction;
+    # None in format 3
+    d2d: RateCurve | None = None
+    hbm_read: RateCurve | None = None
     created: str = ""  # ISO 8601, UTC
     format_version: int = PROFILE_FORMAT_VERSION
 
@@ -75,12 +87,26 @@ class HardwareProfile:
         host_times = (*self.host_layer_s.values(), *self.host_chunk_s.values())
         if any(not (math.isfinite(t) and t >= 0) for t in host_times):
             raise KvprError("profile has a host issue time that is negative or not a number: re-run kvpr profile")
+        if any(not (n > 0 and math.isfinite(r) and r > 0) for pts in self.h2d_samples.values() for n, r in pts):
+            raise KvprError("profile has an H2D sample that is not a positive number: re-run kvpr profile")
 
     def h2d_bytes_per_s(self, nbytes: float) -> float:
         return self.h2d.rate(nbytes)
 
     def d2h_bytes_per_s(self, nbytes: float) -> float:
         return self.d2h.rate(nbytes)
+
+    def h2d_best(self) -> float:
+        """The best H2D bandwidth measured at any size, in any repetition (what a floor may assume)."""
+        samples = [rate for points in self.h2d_samples.values() for _, rate in points]
+        return max([self.h2d.peak, *samples])
+
+    def hbm_bytes_per_s(self) -> float | None:
+        """The best device-memory traffic measured: a device copy moves its bytes twice (read and
+        write), a reduction once; None where not measured (format 3)."""
+        if self.d2d is None:
+            return None
+        return max(2.0 * self.d2d.peak, self.hbm_read.peak if self.hbm_read is not None else 0.0)
 
     def gemm_flop_per_s(self, rows: float) -> float:
         return self.gemm.rate(rows)
@@ -138,6 +164,9 @@ class HardwareProfile:
             "host_layer_s": self.host_layer_s,
             "host_chunk_s": self.host_chunk_s,
             "kv_decode": {name: [list(p) for p in curve.points] for name, curve in self.kv_decode.items()},
+            "h2d_samples": {name: [list(p) for p in points] for name, points in self.h2d_samples.items()},
+            "d2d": None if self.d2d is None else [list(p) for p in self.d2d.points],
+            "hbm_read": None if self.hbm_read is None else [list(p) for p in self.hbm_read.points],
         }
         # one line per measured point, [size, rate] (a newline never occurs inside a JSON string)
         number = r"(-?[0-9][0-9.eE+-]*)"
@@ -151,8 +180,13 @@ class HardwareProfile:
             version = int(data["format_version"])
         except (ValueError, TypeError, KeyError) as problem:
             raise KvprError(f"{source} is not a kvpr profile ({problem}): {fix}") from None
-        if version != PROFILE_FORMAT_VERSION:
-            raise KvprError(f"{source} has profile format {version}, this kvpr reads {PROFILE_FORMAT_VERSION}: {fix}")
+        if version not in READABLE_FORMATS:
+            readable = ", ".join(map(str, READABLE_FORMATS))
+            raise KvprError(f"{source} has profile format {version}, this kvpr reads {readable}: {fix}")
+
+        def curve(points: Any) -> RateCurve | None:
+            return None if points is None else RateCurve.from_points((float(n), float(r)) for n, r in points)
+
         try:
             decode = data["decode_layer_s"]
             return cls(
@@ -178,6 +212,12 @@ class HardwareProfile:
                     str(name): RateCurve.from_points((float(n), float(r)) for n, r in points)
                     for name, points in data.get("kv_decode", {}).items()  # absent: not timed
                 },
+                h2d_samples={  # absent before format 4, as are the device-memory rates
+                    str(name): tuple((float(n), float(r)) for n, r in points)
+                    for name, points in data.get("h2d_samples", {}).items()
+                },
+                d2d=curve(data.get("d2d")),
+                hbm_read=curve(data.get("hbm_read")),
                 created=str(data["created"]),
                 format_version=version,
             )
@@ -363,7 +403,8 @@ def measure_profile(
     ladder = _ladder(device, model, dtype, batch_size)
     clock = _timer(device, ladder.min_time_s)
     with _Progress(progress) as bar, torch.inference_mode():
-        h2d, d2h = _measure_copies(device, ladder, clock, bar)
+        h2d, d2h, h2d_samples = _measure_copies(device, ladder, clock, bar)
+        d2d, hbm_read = _measure_device_memory(device, ladder, clock, bar)
         gemm = _measure_recompute(device, model, dtype, ladder, clock, bar)
         bar.phase("decode attention and layer", len(ladder.attention_lens) + 1)
         attention = _ladder_points(
@@ -394,6 +435,9 @@ def measure_profile(
         host_layer_s=host_layer_s,
         host_chunk_s=host_chunk_s,
         kv_decode={name: RateCurve.from_points(points) for name, points in kv_decode.items()},
+        h2d_samples={name: tuple(points) for name, points in h2d_samples.items()},
+        d2d=RateCurve.from_points(d2d),
+        hbm_read=RateCurve.from_points(hbm_read),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -403,21 +447,67 @@ _Clock = Callable[[Callable[[], object]], float]
 
 def _measure_copies(
     device: torch.device, ladder: _Ladder, clock: _Clock, bar: _Progress
-) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(bytes, bytes/s) both ways: pinned host <-> device on CUDA, plain memcpy between host tensors on CPU."""
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]], dict[str, list[tuple[int, float]]]]:
+    """(bytes, bytes/s) both ways: pinned host <-> device on CUDA, plain memcpy between host tensors on CPU.
+
+    H2D is timed ``COPY_REPEATS`` times per size, interleaved, from torch's pinned memory (the curve:
+    per-size medians) and, on CUDA, from memory pinned by ``cudaHostRegister`` as the runtime's host
+    tier is; every repetition is kept, so a floor can take the best the link ever did.
+    """
+    from kvpr.device import host_empty
+
     largest = max(ladder.copy_bytes)
-    host = torch.empty(largest, dtype=torch.uint8, pin_memory=device.type == "cuda").fill_(1)
+    cuda = device.type == "cuda"
+    hosts = {"pinned": torch.empty(largest, dtype=torch.uint8, pin_memory=cuda).fill_(1)}
+    if cuda:
+        hosts["registered"] = host_empty((largest,), torch.uint8, pin=True).fill_(1)
     dev = torch.empty(largest, dtype=torch.uint8, device=device).fill_(1)
 
     def rate(src: torch.Tensor, dst: torch.Tensor) -> float:
         # non_blocking from/to pinned memory: the copy is queued on the current stream, timed by events
         return src.numel() / clock(lambda: dst.copy_(src, non_blocking=True))
 
-    bar.phase("host -> device copies", len(ladder.copy_bytes))
-    h2d = _ladder_points(ladder.copy_bytes, ladder.phase_budget_s, lambda n: rate(host[:n], dev[:n]), bar)
+    bar.phase("host -> device copies", len(ladder.copy_bytes) * COPY_REPEATS)
+    samples: dict[str, list[tuple[int, float]]] = {name: [] for name in hosts}
+    began = time.perf_counter()
+    for _ in range(COPY_REPEATS):
+        for size in ladder.copy_bytes:
+            for name, host in hosts.items():
+                samples[name].append((size, rate(host[:size], dev[:size])))
+            bar.advance()
+            if time.perf_counter() - began > ladder.phase_budget_s:
+                break
+    measured = sorted({size for size, _ in samples["pinned"]})
+    h2d = [(n, statistics.median(r for size, r in samples["pinned"] if size == n)) for n in measured]
     bar.phase("device -> host copies", len(ladder.copy_bytes))
-    d2h = _ladder_points(ladder.copy_bytes, ladder.phase_budget_s, lambda n: rate(dev[:n], host[:n]), bar)
-    return h2d, d2h
+    pinned = hosts["pinned"]
+    d2h = _ladder_points(ladder.copy_bytes, ladder.phase_budget_s, lambda n: rate(dev[:n], pinned[:n]), bar)
+    return h2d, d2h, samples
+
+
+def _measure_device_memory(
+    device: torch.device, ladder: _Ladder, clock: _Clock, bar: _Progress
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(bytes, bytes/s) of device-to-device copies and of a read-only reduction (max), at sizes beyond
+    the L2 cache (256 MiB to 1 GiB on CUDA, as free memory allows), best of ``COPY_REPEATS`` per size:
+    what the decode's weight and K,V reads can reach at most."""
+    if device.type == "cuda":
+        sizes = tuple(n for n in (256 * _MIB, 512 * _MIB, 1024 * _MIB) if 2 * n <= ladder.layer_weight_bytes)
+        sizes = sizes or (min(ladder.copy_bytes[-1], 256 * _MIB),)
+    else:
+        sizes = ladder.copy_bytes
+    src = torch.empty(max(sizes) // 2, dtype=torch.float16, device=device).fill_(1)  # fp16: 2 bytes each
+    dst = torch.empty_like(src)
+    copies: dict[int, float] = {}
+    reads: dict[int, float] = {}
+    bar.phase("device memory: copies and reads", len(sizes) * COPY_REPEATS)
+    for _ in range(COPY_REPEATS):
+        for size in sizes:
+            n = size // 2
+            copies[size] = max(copies.get(size, 0.0), size / clock(lambda n=n: dst[:n].copy_(src[:n])))
+            reads[size] = max(reads.get(size, 0.0), size / clock(lambda n=n: torch.amax(src[:n])))
+            bar.advance()
+    return sorted(copies.items()), sorted(reads.items())
 
 
 def _measure_recompute(
@@ -621,8 +711,8 @@ def load_or_measure(
 ) -> HardwareProfile:
     """An explicit ``path`` is loaded (or, with ``reprofile``, measured into); otherwise the cached
     profile of this device, torch version and model shape is reused if it covers the model's
-    recompute and dtype, else measured and cached. Attention timings stay those of the batch first
-    profiled."""
+    recompute and dtype and is of this format, else measured and cached. Attention timings stay those
+    of the batch first profiled."""
     device = torch.device(device)
     if path is not None and not reprofile:
         return HardwareProfile.load(path)
@@ -635,6 +725,7 @@ def load_or_measure(
             cached = None  # stale or damaged cache: measure again and overwrite it
         if (
             cached is not None
+            and cached.format_version == PROFILE_FORMAT_VERSION  # an older one lacks what the code now uses
             and (cached.device_name, cached.torch_version) == (name, version)
             and cached.covers(model, dtype)
         ):
