@@ -1,41 +1,72 @@
-"""Latency mode side by side: transformers (KV on GPU, offloaded cache), kvpr (off, auto), the floor.
+"""Latency mode side by side: transformers (KV on GPU, offloaded cache), kvpr's placements, the floor.
 
-One run, one GPU, the same seeded prompts and the same weights for every system (transformers'
-model is built around kvpr's tensors, whose names match the checkpoint). Writes
-``latency-<device>-<yyyymmdd>.json``, a markdown table and a PNG chart into ``--out``.
+One process, one GPU, the same seeded prompts and the same weights for every system (transformers'
+model is built around kvpr's tensors, whose names match the checkpoint). Every timed figure is the
+median of ``--repeats`` independent runs (a fresh cache and executor each, allocator state freed
+between), with its min, max and raw values; each timed row carries the floor of its own plan
+(``floors.py``). Writes ``<tag>-<device>-<yyyymmdd>.json`` (provenance header, rows), a markdown
+table, a PNG chart and the profile the floors came from into ``--out``, after every row.
 
-    python benchmarks/bench_latency.py --suite paper long --out benchmarks/results
+    python benchmarks/bench_latency.py --suite paper long-opt --out benchmarks/results
+    python benchmarks/bench_latency.py --run paper:kvpr-off,kvpr-auto,floor llama-2048:kvpr-off,kvpr-x4
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import gc
 import json
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.attention import sdpa_kernel
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from floors import (  # noqa: E402
+    FloorKind,
+    FloorRates,
+    FloorUnavailable,
+    StepWork,
+    copy_all_work,
+    counted_work,
+    decode_weight_bytes,
+    floor_fields,
+    floor_ms,
+    resident_work,
+    token_bytes,
+    tokenwise_work,
+)
+from latency_systems import (  # noqa: E402
+    DEFAULT_SYSTEMS,
+    SKIPPED_STEPS,
+    System,
+    free_memory,
+    hf_model,
+    kv_fits_on_gpu,
+    method_profile,
+    placed_llm,
+    recompute_fraction,
+    run_hf,
+    run_kvpr,
+    system_named,
+    warm_hf,
+    warm_kvpr,
+)
+from provenance import add_provenance_args, header_or_exit  # noqa: E402
+from spread import aggregate  # noqa: E402
+
 from kvpr.api import LLM  # noqa: E402
-from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams  # noqa: E402
+from kvpr.config import EngineConfig, RuntimeConfig  # noqa: E402
 from kvpr.device import element_size  # noqa: E402
-from kvpr.models.common import ATTENTION_BACKENDS  # noqa: E402
-from kvpr.models.registry import BUILTIN_CONFIGS  # noqa: E402
 from kvpr.scheduler.cost_model import Schedule  # noqa: E402
 from kvpr.scheduler.plan import plan_decode_step  # noqa: E402
-from kvpr.scheduler.profiler import load_or_measure  # noqa: E402
+from kvpr.scheduler.profiler import HardwareProfile, load_or_measure, profile_shape  # noqa: E402
+
+TIMED = ("decode_ms_per_token", "prefill_s", "total_s")  # medians with min, max and runs
 
 
 @dataclass(frozen=True)
@@ -48,12 +79,11 @@ class Case:
 
 SUITES: dict[str, list[Case]] = {
     "smoke": [Case("opt-1.3b", 8, 256, 8)],
+    "cpu-tiny": [Case("opt-125m", 2, 32, 4)],  # every code path in seconds on a CPU (--device cpu)
     "paper": [Case("opt-6.7b", 32, 256, 32)],
     # OPT has 2048 learned positions: its "2048" workloads use prompt 2016 + 16 new tokens.
-    "long-opt": [
-        Case("opt-6.7b", 16, 2016, 16),
-        Case("opt-6.7b", 32, 2016, 16),
-    ],
+    "long-opt": [Case("opt-6.7b", 16, 2016, 16), Case("opt-6.7b", 32, 2016, 16)],
+    "long16": [Case("opt-6.7b", 16, 2016, 16)],
     # transformers' offloaded cache was killed for host memory here on the 128 GB H100 host:
     # run it with --systems hf-gpu kvpr-off kvpr-auto floor.
     "llama-long": [Case("llama-3-8b", 16, 2048, 16), Case("llama-3-8b", 8, 8184, 8)],
@@ -68,25 +98,7 @@ SUITES: dict[str, list[Case]] = {
         Case("opt-13b", 32, 256, 32),
     ],
 }
-SYSTEMS = ("hf-gpu", "hf-offloaded", "kvpr-off", "kvpr-auto", "floor")
-# Also accepted by --systems: kvpr-int8, kvpr-int4 (compressed host tier), kvpr-x4, kvpr-int4-x4 (X
-# stored in 4 bits, K,V in fp16 or int4), kvpr-kvo, kvpr-kivi2 (packed chunks in host memory, KVO
-# reading only the selected ones), kvpr-kvo-compile (KVO decoding with torch.compile's kernels),
-# kvpr-resident (auto split plus --gpu-resident auto), kvpr-F (fixed fraction F).
-X_SYSTEMS = {"kvpr-x4": "none", "kvpr-int4-x4": "int4"}  # system -> --kv-codec, with --x-codec int4
-
-
-def _sync() -> None:
-    torch.cuda.synchronize()
-
-
-def _free() -> None:
-    """Give back device memory and the pinned host blocks torch's host allocator keeps cached."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    host_empty_cache = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds only
-    if host_empty_cache is not None:
-        host_empty_cache()
+Job = tuple[Case, tuple[str, ...]]  # a workload and the systems to run on it
 
 
 def _prompts(case: Case, vocab: int) -> torch.Tensor:
@@ -94,257 +106,142 @@ def _prompts(case: Case, vocab: int) -> torch.Tensor:
     return torch.randint(10, vocab - 10, (case.batch_size, case.prompt_len), generator=generator)
 
 
-def run_kvpr(
-    llm: LLM,
-    case: Case,
-    prompts: torch.Tensor,
-    recompute: Any,
-    codec: str = "none",
-    resident: int | str = 0,
-    x_codec: str = "none",
-    compile: bool = False,
-) -> dict[str, Any]:
-    cache = CacheConfig(
-        offload=Offload.CPU, recompute=recompute, kv_codec=codec, gpu_resident=resident, x_codec=x_codec
-    )
-    placed = llm.with_placement(cache, dataclasses.replace(llm.config.runtime, compile=compile))
-    # Warm-up; with --compile at the batch and selection size of the run, so it compiles here.
-    warm = prompts[:, :512] if compile else prompts[:1, :16]
-    placed.generate(warm.tolist(), SamplingParams(max_new_tokens=2, stop_on_eos=False))
-    placed.generate(prompts.tolist(), SamplingParams(max_new_tokens=case.gen_len, stop_on_eos=False))
-    stats = placed.last_stats
-    assert stats is not None
-    contexts = [case.prompt_len + step for step in range(len(stats.recompute_lens))]  # s at each decode step
-    fraction = sum(recomputed / s for recomputed, s in zip(stats.recompute_lens, contexts)) / max(1, len(contexts))
-    decode_ms = 1e3 * sum(stats.step_s) / len(stats.step_s)
-    return {
-        "prefill_s": stats.prefill_s,
-        "decode_ms_per_token": decode_ms,
-        "recompute_fraction": fraction,
-        "recompute_lens": stats.recompute_lens,
-    }
+def _floor(
+    row: dict[str, Any], candidates: Callable[[], list[list[StepWork]]], profile: HardwareProfile, system: System
+) -> None:
+    """Add the row's floor fields: the lowest floor of the candidate runs' steps (the split may differ
+    between runs); or say why there is none (a profile without the rates)."""
+    try:
+        rates = FloorRates.from_profile(profile, system.x_codec)
+        timed = [steps[SKIPPED_STEPS:] or steps for steps in candidates()]  # the steps decode ms/token counts
+        best = min(timed, key=lambda steps: floor_ms(steps, rates))
+        row.update(floor_fields(system.floor_kind, best, rates))
+    except FloorUnavailable as missing:
+        row.update(floor_ms=None, floor_kind=system.floor_kind.value, floor_missing=str(missing))
 
 
-def method_profile(
-    llm: LLM, case: Case, prompts: torch.Tensor, codec: str, decode_ms: float, bandwidth: float, compile: bool
-) -> dict[str, Any]:
-    """What one decode step of a cache method costs besides its time, measured on ``steps`` steps.
-
-    Per phase annotated with ``record_function("<codec>.<phase>")`` (KVO: select, fetch of the
-    selected rows, decode, attend) its device and host time, and their device time as a share of the
-    unprofiled step; the host time of its parts (``<codec>_<part>.<what>``: the selection's copy to
-    the host, the host gathers, the zero-copy gathers); the bytes the step read and copied over the
-    link, and that copy's time at ``bandwidth`` bytes/s; the host memory the cache allocated against
-    an fp16 host cache of the same slots.
-    """
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    runtime = dataclasses.replace(llm.config.runtime, compile=compile)
-    placed = llm.with_placement(CacheConfig(offload=Offload.CPU, kv_codec=codec), runtime)
-    ids, steps = prompts.to(llm.device), 4
-    executor = placed.make_executor(ids.shape[0], ids.shape[1] + steps)
-    executor.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
-    _sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for step in range(steps):
-            executor.decode(ids[:, step])
-        executor.finish()
-    device_ms: dict[str, float] = {}
-    host_ms: dict[str, float] = {}
-    part_ms: dict[str, float] = {}
-    for event in prof.events():  # host-side annotations: their device time is that of the kernels they launched
-        if event.device_type == DeviceType.CPU and event.name.startswith(f"{codec}."):
-            device_ms[event.name] = device_ms.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
-            host_ms[event.name] = host_ms.get(event.name, 0.0) + event.cpu_time_total / 1e3 / steps
-        elif event.device_type == DeviceType.CPU and event.name.startswith(f"{codec}_"):
-            part_ms[event.name] = part_ms.get(event.name, 0.0) + event.cpu_time_total / 1e3 / steps
-    read, link = executor.step_bytes()
-    host = executor.host_nbytes()
-    cfg = llm.model_config
-    fp16_host = 2 * cfg.num_layers * case.batch_size * (ids.shape[1] + steps) * cfg.kv_size * 2
-    return {
-        "phase_device_ms": device_ms,
-        "phase_host_ms": host_ms,
-        "part_host_ms": part_ms,
-        "method_device_share": sum(device_ms.values()) / decode_ms,
-        "read_bytes_per_step": read,
-        "link_bytes_per_step": link,
-        "link_ms_per_step": 1e3 * link / bandwidth,
-        "host_cache_bytes": host,
-        "fp16_host_cache_bytes": fp16_host,
-        "host_cache_share": host / fp16_host,
-    }
-
-
-def _hf_model(llm: LLM, name: str) -> torch.nn.Module:
-    """transformers' model of the same architecture, wrapped around kvpr's weight tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf_config = AutoConfig.for_model(**BUILTIN_CONFIGS[name])
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(hf_config, dtype=llm.dtype)
-    hf.load_state_dict(llm.model.state_dict(), strict=False, assign=True)
-    backbone = getattr(hf, "model", None)
-    if backbone is not None and hasattr(backbone, "rotary_emb"):  # buffers were made on meta
-        backbone.rotary_emb = type(backbone.rotary_emb)(config=hf_config, device=llm.device)
-    return hf.eval()
-
-
-class _StepClock:
-    """A logits processor that timestamps every generated token (after a device sync), so the
-    peer's prefill and per-token decode times come from one generate call, like kvpr's."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        _sync()
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
-def run_hf(hf: torch.nn.Module, case: Case, prompts: torch.Tensor, offloaded: bool) -> dict[str, Any]:
-    from transformers import LogitsProcessorList
-
-    ids = prompts.to("cuda")
-    mask = torch.ones_like(ids)
-    extra = {"cache_implementation": "offloaded"} if offloaded else {}
-    # The peer gets the same attention backends as kvpr: cuDNN's rebuilds a plan per context length
-    # (milliseconds of CPU per call) and failed outright at b=16, s=2048 on torch 2.11.
-    with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
-        hf.generate(
-            input_ids=ids[:1, :16],
-            attention_mask=mask[:1, :16],
-            max_new_tokens=2,
-            do_sample=False,
-            pad_token_id=0,
-            **extra,
-        )  # warm-up
-        clock = _StepClock()
-        _sync()
-        start = time.perf_counter()
-        hf.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=case.gen_len,
-            min_new_tokens=case.gen_len,
-            do_sample=False,
-            pad_token_id=0,
-            logits_processor=LogitsProcessorList([clock]),
-            **extra,
-        )
-    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
-    return {"prefill_s": clock.stamps[0] - start, "decode_ms_per_token": 1e3 * sum(steps) / len(steps)}
-
-
-def floor_row(llm: LLM, case: Case, profile: Any) -> dict[str, Any]:
-    """max(PCIe bytes / measured bandwidth, compute) per layer for the plan kvpr-auto uses, beside
-    that plan's own predicted step time and its chunk counts (the cost model, to compare with the run)."""
-    cfg = llm.model_config
-    element = element_size(llm.dtype)
+def predicted_floor_row(llm: LLM, case: Case, profile: HardwareProfile, weights: float) -> dict[str, Any]:
+    """Not timed: the fp16 split the cost model plans for kvpr-auto, its predicted step time and chunk
+    counts, and the floor of that plan (the same formula as the timed rows')."""
+    cfg, element = llm.model_config, element_size(llm.dtype)
+    num_chunks = llm.config.runtime.num_chunks
     plans = [
         plan_decode_step(
-            cfg,
-            case.batch_size,
-            case.prompt_len + step + 1,
-            profile,
-            element,
-            element,
-            Schedule.CHUNKED,
-            llm.config.runtime.num_chunks,
+            cfg, case.batch_size, case.prompt_len + step, profile, element, element, Schedule.CHUNKED, num_chunks
         )
         for step in range(case.gen_len - 1)
     ]
-    per_step = lambda values: 1e3 * cfg.num_layers * sum(values) / len(values)  # noqa: E731
-    return {
+    row: dict[str, Any] = {
+        "timed": False,
         "prefill_s": None,
-        "decode_ms_per_token": per_step([plan.predicted_floor_s for plan in plans]),
-        "predicted_auto_ms_per_token": per_step([plan.predicted_s for plan in plans]),
+        "predicted_auto_ms_per_token": 1e3 * cfg.num_layers * sum(p.predicted_s for p in plans) / len(plans),
         "auto_num_chunks": sorted({plan.num_chunks for plan in plans}),
     }
+    tokens = token_bytes(cfg, case.batch_size, llm.dtype, weights)
+    lens = [plan.recompute_len for plan in plans]
+    _floor(row, lambda: [tokenwise_work(tokens, case.prompt_len, lens)], profile, system_named("floor"))
+    row["decode_ms_per_token"] = row["floor_ms"]  # the chart's bar
+    return row
 
 
-def _kv_fits_on_gpu(llm: LLM, case: Case) -> bool:
-    cfg = llm.model_config
-    kv = 2 * cfg.num_layers * (case.prompt_len + case.gen_len) * case.batch_size * cfg.kv_size * 2
-    free, _ = torch.cuda.mem_get_info()
-    return kv * 1.3 + 4 * 2**30 < free
+def timed_row(
+    llm: LLM, hf: Any, case: Case, system: System, repeats: int, profile: HardwareProfile, weights: float
+) -> dict[str, Any]:
+    """Warm up at the timed shape, then ``repeats`` runs, each with fresh state; medians and floor."""
+    prompts = _prompts(case, llm.model_config.vocab_size)
+    cfg, num_steps = llm.model_config, case.gen_len - 1
+    if system.runner == "hf":
+        extra = warm_hf(hf, system, prompts)
+        runs = []
+        for _ in range(repeats):
+            runs.append(run_hf(hf, system, case, prompts))
+            free_memory()
+        row = {**aggregate(runs, TIMED), **extra}
+        fp16 = token_bytes(cfg, case.batch_size, llm.dtype, weights)
+        work = resident_work if system.floor_kind is FloorKind.GPU_RESIDENT else copy_all_work
+        _floor(row, lambda: [work(fp16, case.prompt_len, num_steps)], profile, system)
+        return row
+    placed = placed_llm(llm, system)
+    warm_kvpr(placed, system, prompts)
+    runs = []
+    for _ in range(repeats):
+        runs.append(run_kvpr(placed, case, prompts))
+        free_memory()
+    row = aggregate(runs, TIMED)
+    row["recompute_fraction"] = recompute_fraction(case, row["recompute_lens"])
+    if any(run["recompute_lens"] != row["recompute_lens"] for run in runs):
+        row["recompute_lens_runs"] = [run["recompute_lens"] for run in runs]
+    if system.cache_method:
+        counted = [(r["link_bytes_per_step"], r["read_bytes_per_step"]) for r in runs]
+        _floor(row, lambda: [counted_work(link, read, weights, num_steps) for link, read in counted], profile, system)
+    else:
+        tokens = token_bytes(cfg, case.batch_size, llm.dtype, weights, system.kv_codec, system.x_codec)
+        splits = [(r["recompute_lens"], r["resident_len"]) for r in runs]
+        _floor(
+            row, lambda: [tokenwise_work(tokens, case.prompt_len, lens, res) for lens, res in splits], profile, system
+        )
+    if system.kv_codec == "kvo":  # selection, gather and decoding in a step; host memory
+        row.update(method_profile(llm, system, prompts, row["decode_ms_per_token"], profile.h2d_best()))
+        free_memory()
+    return row
 
 
 def bench(
-    cases: list[Case],
-    systems: tuple[str, ...],
+    jobs: list[Job],
+    repeats: int,
     host_memory_gib: float | None = None,
-    checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> tuple[list[dict[str, Any]], float]:
-    """Run every system on every case; ``checkpoint(rows)`` is called after each row."""
+    device: str = "cuda",
+    checkpoint: Callable[[list[dict[str, Any]], dict[str, HardwareProfile]], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, HardwareProfile]]:
+    """Run every job, grouped by model (one load and profile per model); ``checkpoint(rows, profiles)``
+    after each row. A failing system is a row with ``skipped``, not the end of the run."""
     rows: list[dict[str, Any]] = []
-    bandwidth = 0.0
-    by_model: dict[str, list[Case]] = {}
-    for case in cases:
-        by_model.setdefault(case.model, []).append(case)
-    progress = tqdm(total=len(cases) * len(systems), desc="latency bench")
-    for model, model_cases in by_model.items():
-        runtime = RuntimeConfig(device="cuda", dtype="float16", host_memory_gib=host_memory_gib)
-        config = EngineConfig(model=model, dummy_weights=True, runtime=runtime)
-        llm = LLM(config)
-        hf = _hf_model(llm, model) if any(s.startswith("hf") for s in systems) else None
-        profile = load_or_measure(llm.device, llm.model_config, llm.dtype, model_cases[0].batch_size, progress=True)
-        bandwidth = max(bandwidth, profile.h2d_bytes_per_s(256 * 2**20) / 1e9)
-        for case in model_cases:
-            prompts = _prompts(case, llm.model_config.vocab_size)
-            for system in systems:
-                progress.set_postfix_str(f"{model} b={case.batch_size} s={case.prompt_len} {system}")
-                row: dict[str, Any] = {**asdict(case), "system": system}
+    profiles: dict[str, HardwareProfile] = {}
+    by_model: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_model.setdefault(job[0].model, []).append(job)
+    progress = tqdm(total=sum(len(systems) for _, systems in jobs), desc="latency bench")
+    for model, model_jobs in by_model.items():
+        runtime = RuntimeConfig(device=device, dtype="auto", host_memory_gib=host_memory_gib)  # fp16 on a GPU
+        llm = LLM(EngineConfig(model=model, dummy_weights=True, runtime=runtime))
+        needs_hf = any(name.startswith("hf") for _, systems in model_jobs for name in systems)
+        hf = hf_model(llm, model) if needs_hf else None
+        batch = model_jobs[0][0].batch_size
+        profile = load_or_measure(llm.device, llm.model_config, llm.dtype, batch, progress=True)
+        profiles[f"{profile_shape(llm.model_config, llm.dtype)}-b{profile.batch_size}"] = profile
+        weights = decode_weight_bytes(llm.model, element_size(llm.dtype))
+        for case, systems in model_jobs:
+            for name in systems:
+                progress.set_postfix_str(f"{model} b={case.batch_size} s={case.prompt_len} {name}")
+                row: dict[str, Any] = {**asdict(case), "system": name}
                 try:
-                    if system == "hf-gpu":
-                        if not _kv_fits_on_gpu(llm, case):
-                            row["skipped"] = "KV cache does not fit on the GPU"
-                        else:
-                            row.update(run_hf(hf, case, prompts, offloaded=False))
-                    elif system == "hf-offloaded":
-                        row.update(run_hf(hf, case, prompts, offloaded=True))
-                    elif system == "kvpr-off":
-                        row.update(run_kvpr(llm, case, prompts, "off"))
-                    elif system == "kvpr-auto":
-                        row.update(run_kvpr(llm, case, prompts, "auto"))
-                    elif system == "kvpr-resident":  # auto split + as many tokens on the GPU as fit
-                        row.update(run_kvpr(llm, case, prompts, "auto", resident="auto"))
-                    elif system in ("kvpr-int8", "kvpr-int4"):  # compressed host tier, split chosen by auto
-                        row.update(run_kvpr(llm, case, prompts, "auto", system.removeprefix("kvpr-")))
-                    elif system in X_SYSTEMS:  # X stored in 4 bits too (K,V fp16 or int4), split chosen by auto
-                        row.update(run_kvpr(llm, case, prompts, "auto", X_SYSTEMS[system], x_codec="int4"))
-                    elif system in ("kvpr-kvo", "kvpr-kvo-compile", "kvpr-kivi2"):  # a cache method, no recompute
-                        compile = system.endswith("-compile")
-                        codec = system.removeprefix("kvpr-").removesuffix("-compile")
-                        row.update(run_kvpr(llm, case, prompts, "off", codec, compile=compile))
-                        if codec == "kvo":  # selection, gather and decoding in a step; bytes and memory
-                            speed, ms = profile.h2d_bytes_per_s(256 * 2**20), row["decode_ms_per_token"]
-                            row.update(method_profile(llm, case, prompts, codec, ms, speed, compile))
-                    elif system.startswith("kvpr-"):  # a fixed fraction, e.g. kvpr-0.5
-                        row.update(run_kvpr(llm, case, prompts, float(system.removeprefix("kvpr-"))))
-                    elif system == "floor":
-                        row.update(floor_row(llm, case, profile))
+                    system = system_named(name)
+                    if system.runner == "floor":
+                        row.update(predicted_floor_row(llm, case, profile, weights))
+                    elif name == "hf-gpu" and not kv_fits_on_gpu(llm, case):
+                        row["skipped"] = "KV cache does not fit on the GPU"
+                    else:
+                        row.update(timed_row(llm, hf, case, system, repeats, profile, weights))
                 except Exception as err:  # a failing system is a result to report, not the end of the run
                     row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                _free()
+                free_memory()
                 if row.get("decode_ms_per_token"):
                     row["tokens_per_s"] = case.batch_size * 1e3 / row["decode_ms_per_token"]
                 rows.append(row)
                 if checkpoint is not None:
-                    checkpoint(rows)
-                tqdm.write(json.dumps({k: v for k, v in row.items() if k != "recompute_lens"}))
+                    checkpoint(rows, profiles)
+                tqdm.write(json.dumps({k: v for k, v in row.items() if not k.endswith(("_runs", "recompute_lens"))}))
                 progress.update()
         del llm, hf
-        _free()
+        free_memory()
     progress.close()
-    return rows, bandwidth
+    return rows, profiles
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """kvpr-auto relative to each other system of the same case (> 1 means kvpr-auto is faster), and
-    each system relative to kvpr-off, the full K,V transfer (> 1 means the system is faster)."""
+    """kvpr-auto relative to each other system of the same case (> 1 means kvpr-auto is faster), each
+    system relative to kvpr-off, the full K,V transfer (> 1 means the system is faster), and each
+    timed row relative to its own floor (>= 1 unless the floor is wrong); all on medians."""
     key = lambda r: (r["model"], r["batch_size"], r["prompt_len"], r["gen_len"])  # noqa: E731
     timed = [r for r in rows if r.get("decode_ms_per_token")]
     auto = {key(r): r for r in timed if r["system"] == "kvpr-auto"}
@@ -355,19 +252,30 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             row["kvpr_auto_speedup"] = row["decode_ms_per_token"] / mine["decode_ms_per_token"]
         if full and row["system"] != "kvpr-off":
             row["speedup_vs_kvpr_off"] = full["decode_ms_per_token"] / row["decode_ms_per_token"]
+        if row.get("timed", True) and row.get("floor_ms"):
+            row["vs_floor"] = row["decode_ms_per_token"] / row["floor_ms"]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """Medians with [min-max] over the repeats; the floor of each row's own plan and the ratio to it."""
     lines = [
-        "| model | b | prompt | gen | system | decode ms/token | prefill s | tokens/s | l/s | kvpr-auto speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | b | prompt | gen | system | decode ms/token | prefill s | total s | floor ms | x floor "
+        "| tokens/s | l/s | kvpr-auto speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+
+    def ranged(r: dict[str, Any], key: str, f: str) -> str:
+        if r.get(f"{key}_min") is None:
+            return fmt(r.get(key), f)
+        return f"{r[key]:{f}} [{r[f'{key}_min']:{f}}-{r[f'{key}_max']:{f}}]"
+
     for r in rows:
+        decode = "skipped" if r.get("skipped") else ranged(r, "decode_ms_per_token", ".1f")
         lines.append(
-            f"| {r['model']} | {r['batch_size']} | {r['prompt_len']} | {r['gen_len']} | {r['system']} | "
-            f"{fmt(r.get('decode_ms_per_token'), '.1f') if not r.get('skipped') else 'skipped'} | "
-            f"{fmt(r.get('prefill_s'), '.2f')} | {fmt(r.get('tokens_per_s'), '.1f')} | "
+            f"| {r['model']} | {r['batch_size']} | {r['prompt_len']} | {r['gen_len']} | {r['system']} | {decode} | "
+            f"{ranged(r, 'prefill_s', '.2f')} | {ranged(r, 'total_s', '.2f')} | {fmt(r.get('floor_ms'), '.1f')} | "
+            f"{fmt(r.get('vs_floor'), '.2f')} | {fmt(r.get('tokens_per_s'), '.1f')} | "
             f"{fmt(r.get('recompute_fraction'), '.2f')} | {fmt(r.get('kvpr_auto_speedup'), '.2f')} |"
         )
     profiled = [r for r in rows if "method_device_share" in r]
@@ -382,74 +290,94 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {r['model']} | {r['batch_size']} | {r['prompt_len']} | {r['system']} | "
                 f"{r['decode_ms_per_token']:.1f} | {fmt(r.get('speedup_vs_kvpr_off'), '.2f')} | "
-                f"{r['method_device_share']:.1%} | {r['link_bytes_per_step'] / 1e6:.1f} | "
+                f"{r['method_device_share']:.1%} | {r['floor_link_bytes_per_step'] / 1e6:.1f} | "
                 f"{r['link_ms_per_step']:.2f} | {r['host_cache_share']:.1%} |"
             )
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Bars of the median decode time per case and system, whiskers from min to max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cases = sorted({(r["model"], r["batch_size"], r["prompt_len"]) for r in rows})
-    systems = [s for s in dict.fromkeys(r["system"] for r in rows)]
+    systems = list(dict.fromkeys(r["system"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(cases)), 4))
     width = 0.8 / len(systems)
     for index, system in enumerate(systems):
-        values = []
+        values, low, high = [], [], []
         for case in cases:
             match = [
                 r for r in rows if (r["model"], r["batch_size"], r["prompt_len"]) == case and r["system"] == system
             ]
-            values.append(match[0].get("decode_ms_per_token") or 0.0 if match else 0.0)
-        ax.bar([c + index * width for c in range(len(cases))], values, width, label=system)
+            value = (match[0].get("decode_ms_per_token") or 0.0) if match else 0.0
+            values.append(value)
+            low.append(value - ((match[0].get("decode_ms_per_token_min") or value) if match else value))
+            high.append(((match[0].get("decode_ms_per_token_max") or value) if match else value) - value)
+        xs = [c + index * width for c in range(len(cases))]
+        ax.bar(xs, values, width, label=system, yerr=[low, high], capsize=2)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
     ax.set_xticklabels([f"{m}\nb={b} s={p}" for m, b, p in cases], fontsize=8)
-    ax.set_ylabel("decode ms / token (lower is better)")
+    ax.set_ylabel("decode ms / token, median of runs (lower is better)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title("Latency mode, KV offloaded to host memory")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_jobs(suites: list[str], systems: list[str], runs: list[str]) -> list[Job]:
+    """``--suite`` x ``--systems``, then each ``--run SUITE:SYS,SYS``; every system name checked first."""
+    jobs: list[Job] = [(case, tuple(systems)) for suite in suites for case in SUITES[suite]]
+    for spec in runs:
+        suite, _, names = spec.partition(":")
+        if suite not in SUITES or not names:
+            raise SystemExit(f"--run {spec!r}: give SUITE:SYSTEM,SYSTEM with SUITE one of {', '.join(SUITES)}")
+        jobs += [(case, tuple(names.split(","))) for case in SUITES[suite]]
+    for _, names in jobs:
+        for name in names:
+            try:
+                system_named(name)
+            except ValueError as problem:
+                raise SystemExit(str(problem)) from None
+    return jobs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", nargs="+", default=["paper", "long-opt", "long-other"], choices=list(SUITES))
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS))
+    parser.add_argument("--suite", nargs="*", default=None, choices=list(SUITES))
+    parser.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS))
+    parser.add_argument("--run", nargs="*", default=[], help="SUITE:SYSTEM,SYSTEM,... (its own systems per suite)")
+    parser.add_argument("--repeats", type=int, default=3, help="independent runs per timed figure (median, min, max)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="latency")
     parser.add_argument("--host-memory-gib", type=float, default=None, help="host memory budget (see kvpr --help)")
-    parser.add_argument("--commit", default=None, help="commit measured (default: git HEAD; pass it on the device)")
+    parser.add_argument("--device", default="cuda", help="cuda (fp16), or cpu (fp32) to try the script itself")
+    add_provenance_args(parser)
     args = parser.parse_args()
-    cases = [case for suite in args.suite for case in SUITES[suite]]
-    device = torch.cuda.get_device_name()
-    date = datetime.date.today().strftime("%Y%m%d")
-    commit = (
-        args.commit
-        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    )
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    suites = args.suite if args.suite is not None else ([] if args.run else ["paper", "long-opt", "long-other"])
+    jobs = parse_jobs(suites, args.systems, args.run)
+    header = header_or_exit(args.allow_dirty)  # before anything runs: a refused result costs nothing
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.tag}-{device.replace(' ', '_')}-{date}"
+    stem = f"{args.tag}-{header['device'].replace(' ', '_')}-{header['date']}"
 
-    def write(rows: list[dict[str, Any]], bandwidth: float = 0.0) -> None:
-        result = {
-            "device": device,
-            "date": date,
-            "commit": commit or "unknown",
-            "torch": torch.__version__,
-            "bandwidth_h2d_gbps": bandwidth,
-            "rows": rows,
-        }
+    def write(rows: list[dict[str, Any]], profiles: dict[str, HardwareProfile]) -> None:
+        bandwidth = max((profile.h2d_best() for profile in profiles.values()), default=0.0)
+        result = {**header, "repeats": args.repeats, "bandwidth_h2d_gbps": bandwidth / 1e9, "rows": rows}
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        for name, profile in profiles.items():  # the rates every floor and plan of this run came from
+            profile.save(out / f"profile-{name}-{header['device'].replace(' ', '_')}-{header['date']}.json")
 
-    rows, bandwidth = bench(cases, tuple(args.systems), args.host_memory_gib, checkpoint=write)
+    rows, profiles = bench(jobs, args.repeats, args.host_memory_gib, args.device, checkpoint=write)
     add_ratios(rows)
-    write(rows, bandwidth)
+    write(rows, profiles)
     table = markdown(rows)
     (out / f"{stem}.md").write_text(table + "\n")
     plot(rows, out / f"{stem}.png")
