@@ -5,7 +5,9 @@ counted the way FlexGen reports it (``total throughput = generated tokens / (pre
 host that reaches neither a package registry nor the Hugging Face hub. The script rebuilds
 ``flexgen.flex_opt.run_flexgen`` from its pieces (env, ``Policy``, ``OptLM``, warm-up, timed ``generate``) so
 the numbers come back as values; ``--via-run-flexgen`` runs FlexGen's own ``run_flexgen`` and reads its log,
-as a cross-check of that rebuild.
+as a cross-check of that rebuild. One difference, for equal terms with kvpr: the warm-up runs at the timed
+shape (the timed prompts, a prefill and a decode step), not FlexGen's 32-token prompts with one new token
+(``--flexgen-warmup`` restores that); each result says which under ``warmup``.
 
 Offline: weights are FlexGen's dummies (``_DUMMY_``: every weight is 1.0), and the tokenizer is a stand-in
 (``StandInTokenizer``), because FlexGen's only use of it in a dummy run is ``get_test_inputs``.
@@ -42,6 +44,7 @@ import torch
 GB = 1 << 30
 FLEXGEN_OFFLOAD_DIR = "~/flexgen_offload_dir"  # flex_opt.add_parser_arguments' default
 WARMUP_PROMPT_LEN = 32  # run_flexgen warms up on 32-token prompts with max_new_tokens=1
+WARMUP_NEW_TOKENS = 2  # this script's warm-up: the timed prompts, a prefill and one decode step
 
 
 class Encoding(NamedTuple):
@@ -128,6 +131,7 @@ class FlexGenCase:
     pin_weight: bool = True
     overlap: bool = True
     offload_dir: str = FLEXGEN_OFFLOAD_DIR
+    flexgen_warmup: bool = False  # FlexGen's own warm-up (32-token prompts, 1 new token), not the timed shape
 
     def __post_init__(self) -> None:
         assert len(self.percent) == 6, "percent takes six numbers: weight, cache, activations on GPU and CPU"
@@ -170,13 +174,23 @@ def _make_env(flex_opt: types.ModuleType, offload_dir: str) -> Any:
     return flex_opt.ExecutionEnv(gpu=gpu, cpu=cpu, disk=disk, mixed=flex_opt.TorchMixedDevice([gpu, cpu, disk]))
 
 
+def warmup_shape(case: FlexGenCase) -> dict[str, int]:
+    """What the warm-up generate runs: the timed prompts with a prefill and one decode step, so FlexGen,
+    like kvpr, meets the timed shapes (allocator, kernels, its buffers) before the clock starts;
+    FlexGen's own warm-up (32-token prompts, 1 new token: no decode step) with ``flexgen_warmup``."""
+    if case.flexgen_warmup:
+        return {"prompt_len": WARMUP_PROMPT_LEN, "new_tokens": 1}
+    return {"prompt_len": case.prompt_len, "new_tokens": WARMUP_NEW_TOKENS}
+
+
 def _timed_generate(flex_opt: types.ModuleType, model: Any, case: FlexGenCase) -> list[float]:
-    """run_flexgen's measurement: one warm-up generate (32-token prompts, 1 new token), then the timed
-    generate; FlexGen's global "generate" timer holds one cost per step (costs[0] is the prefill)."""
+    """run_flexgen's measurement: one warm-up generate (``warmup_shape``), then the timed generate;
+    FlexGen's global "generate" timer holds one cost per step (costs[0] is the prefill)."""
     tokenizer = StandInTokenizer()
-    warmup_inputs = flex_opt.get_test_inputs(WARMUP_PROMPT_LEN, case.num_prompts, tokenizer)
+    warm = warmup_shape(case)
+    warmup_inputs = flex_opt.get_test_inputs(warm["prompt_len"], case.num_prompts, tokenizer)
     inputs = flex_opt.get_test_inputs(case.prompt_len, case.num_prompts, tokenizer)
-    model.generate(warmup_inputs, max_new_tokens=1)
+    model.generate(warmup_inputs, max_new_tokens=warm["new_tokens"])
     flex_opt.timers("generate").reset()
     model.generate(inputs, max_new_tokens=case.gen_len)
     costs = list(flex_opt.timers("generate").costs)
@@ -238,6 +252,7 @@ def _describe(flex_opt: types.ModuleType, case: FlexGenCase, method: str) -> dic
         "torch": torch.__version__,
         "weights": "dummy (FlexGen _DUMMY_, all ones)",
         "tokenizer": "stand-in (no hub)",
+        "warmup": warmup_shape(case) if method == "pieces" else {"prompt_len": WARMUP_PROMPT_LEN, "new_tokens": 1},
     }
 
 
@@ -271,6 +286,7 @@ def run_flexgen_case(
     pin_weight: bool = True,
     overlap: bool = True,
     offload_dir: str | None = None,
+    flexgen_warmup: bool = False,
 ) -> dict[str, Any]:
     """One FlexGen throughput run in this process (GPU memory is given back on return)."""
     case = FlexGenCase(
@@ -283,6 +299,7 @@ def run_flexgen_case(
         pin_weight,
         overlap,
         offload_dir or FLEXGEN_OFFLOAD_DIR,
+        flexgen_warmup,
     )
     return measure_case(case)
 
@@ -342,6 +359,9 @@ def parse_case(argv: Sequence[str] | None = None) -> tuple[FlexGenCase, argparse
     parser.add_argument("--pin-weight", type=_str2bool, nargs="?", const=True, default=True)
     parser.add_argument("--overlap", type=_str2bool, nargs="?", const=True, default=True)
     parser.add_argument("--offload-dir", default=FLEXGEN_OFFLOAD_DIR)
+    parser.add_argument(
+        "--flexgen-warmup", action="store_true", help="FlexGen's own warm-up (32-token prompts, 1 new token)"
+    )
     parser.add_argument("--json", type=Path, help="also write the result object to this file")
     parser.add_argument("--via-run-flexgen", action="store_true", help="run FlexGen's run_flexgen, read its log")
     args = parser.parse_args(argv)

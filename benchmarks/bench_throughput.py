@@ -1,23 +1,25 @@
 """Throughput mode side by side with FlexGen 0.1.8 on one GPU, in one run.
 
-Each (workload, system) runs in its own process, so pinned host memory is returned between them
-and one system's allocator state cannot help or hurt the next. Systems:
+Each run of a (workload, system) is its own process, so pinned host memory is returned between them
+and one run's allocator state cannot help or hurt the next; every figure is the median of
+``--repeats`` such runs, with min, max and the raw values. Systems:
 
     flexgen            FlexGen's own code (benchmarks/bench_flexgen.py), dummy weights
     kvpr-off           kvpr's block schedule, the same placement and batches, no recomputation
     kvpr               the same placement and batches with partial recomputation (--kv-partial)
     kvpr-auto-policy   kvpr with the policy its search picks for this machine (--policy auto)
 
-Throughput is FlexGen's figure: generated tokens / (prefill + decode) for one block. Writes
-``throughput-<device>-<yyyymmdd>.json`` (device, date, commit, rows), a markdown table and a PNG.
+Throughput is FlexGen's figure: generated tokens / (prefill + decode) for one block. FlexGen is
+warmed up at the timed shape (``bench_flexgen.py``), as kvpr is. Writes
+``throughput-<device>-<yyyymmdd>.json`` (provenance header with FlexGen's version, rows), a markdown
+table and a PNG; refuses a dirty tree unless ``--allow-dirty`` (see ``provenance.py``).
 
-    python3 benchmarks/bench_throughput.py --suite paper --out benchmarks/results --commit $(git rev-parse HEAD)
+    python3 benchmarks/bench_throughput.py --suite paper --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -26,7 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provenance import add_provenance_args, header_or_exit
+from spread import aggregate
+
 HERE = Path(__file__).resolve().parent
+TIMED = ("tokens_per_s", "prefill_s", "decode_tokens_per_s")  # medians with min, max and runs
 
 
 @dataclass(frozen=True)
@@ -120,10 +126,12 @@ class Runner:
 
     @staticmethod
     def _row(w: Workload, system: str, result: dict[str, Any]) -> dict[str, Any]:
+        peer: dict[str, Any] = {}
         if system == "flexgen":
             policy = result["policy"]
             tokens_per_s = result["tokens_per_s"]
             prefill_s, recompute = result.get("prefill_s"), 0.0
+            peer = {"flexgen_version": result.get("flexgen_version"), "warmup": result.get("warmup")}
         else:
             policy = result["policy"]
             tokens_per_s = result["generation_tokens_per_s"]
@@ -141,7 +149,18 @@ class Runner:
             "decode_tokens_per_s": result.get("decode_tokens_per_s", result.get("tokens_per_s")),
             "recompute_fraction_max": recompute,
             "note": w.note,
+            **peer,
         }
+
+    def repeated(self, workload: Workload, system: str, repeats: int) -> dict[str, Any] | None:
+        """``repeats`` runs, each its own process; None if any failed (the failure is recorded)."""
+        runs = []
+        for _ in range(repeats):
+            row = self.run(workload, system)
+            if row is None:
+                return None
+            runs.append(row)
+        return aggregate(runs, TIMED)
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
@@ -167,6 +186,14 @@ def _policy_text(policy: dict[str, Any]) -> str:
     return f"{percent} / {policy['gpu_batch_size']}x{policy['num_gpu_batches']}"
 
 
+def _ranged(row: dict[str, Any], key: str, f: str) -> str:
+    if row.get(key) is None:
+        return ""
+    if row.get(f"{key}_min") is None:
+        return format(row[key], f)
+    return f"{row[key]:{f}} [{row[f'{key}_min']:{f}}-{row[f'{key}_max']:{f}}]"
+
+
 def write_report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> dict[str, Path]:
     stem = f"throughput-{meta['device'].replace(' ', '_')}-{meta['date'].replace('-', '')}"
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +201,8 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) ->
     paths["json"].write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     lines = [
         f"Throughput mode on {meta['device']} ({meta['date']}, commit {meta['commit'][:10]}), dummy weights, fp16.",
-        "tokens/s = generated tokens / (prefill + decode) of one block, as FlexGen reports it.",
+        "tokens/s = generated tokens / (prefill + decode) of one block, as FlexGen reports it; "
+        f"medians [min-max] of {meta['repeats']} runs, each its own process.",
         "",
         "| model | prompt+gen | system | policy (--percent / gbs x ngb) | max l/s | prefill s | tokens/s "
         "| vs FlexGen |",
@@ -182,10 +210,10 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) ->
     ]
     for r in rows:
         ratio = "" if r["vs_flexgen"] is None else f"{r['vs_flexgen']:.2f}x"
-        prefill = "" if r["prefill_s"] is None else f"{r['prefill_s']:.2f}"
         lines.append(
             f"| {r['model']} | {r['prompt_len']}+{r['gen_len']} | {r['system']} | {_policy_text(r['policy'])} | "
-            f"{r['recompute_fraction_max']:.2f} | {prefill} | {r['tokens_per_s']:.1f} | {ratio} |"
+            f"{r['recompute_fraction_max']:.2f} | {_ranged(r, 'prefill_s', '.2f')} | "
+            f"{_ranged(r, 'tokens_per_s', '.1f')} | {ratio} |"
         )
     paths["markdown"].write_text("\n".join(lines) + "\n")
     _plot(rows, meta, paths["png"])
@@ -219,7 +247,8 @@ def _plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
             ax.bar(xs, ys, width, label=system, color=colors[system])
     ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
     ax.set_ylabel("generated tokens/s")
-    ax.set_title(f"Throughput mode vs FlexGen 0.1.8 ({meta['device']})", fontsize=10)
+    flexgen = (meta.get("peers") or {}).get("flexgen") or "?"
+    ax.set_title(f"Throughput mode vs FlexGen {flexgen} ({meta['device']}), medians", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -231,23 +260,23 @@ def main() -> int:
     parser.add_argument("--suite", nargs="+", default=["paper"], choices=sorted(SUITES))
     parser.add_argument("--systems", nargs="+", default=None, help="run only these systems")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--repeats", type=int, default=3, help="runs (processes) per figure: median, min, max")
     parser.add_argument("--host-memory-gib", type=float, default=100.0)
     parser.add_argument("--offload-dir", default="/tmp/kvpr-offload")
     parser.add_argument("--timeout-s", type=float, default=400.0)
+    add_provenance_args(parser)
     args = parser.parse_args()
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    meta = {**header_or_exit(args.allow_dirty, peers=("flexgen",)), "repeats": args.repeats}
     runner = Runner(args.host_memory_gib, args.offload_dir, args.timeout_s)
-    meta = {"device": device, "date": datetime.date.today().isoformat(), "commit": args.commit}
     rows: list[dict[str, Any]] = []
     for suite in args.suite:
         for workload in SUITES[suite]:
             for system in workload.systems:
                 if args.systems and system not in args.systems:
                     continue
-                row = runner.run(workload, system)
+                row = runner.repeated(workload, system, args.repeats)
                 if row is not None:
                     rows.append(row)
                     print(f"   {row['tokens_per_s']:.1f} tokens/s", flush=True)
