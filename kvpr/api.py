@@ -261,7 +261,8 @@ class LLM:
         if len(contexts) != len(questions):
             raise KvprError(f"{len(contexts)} contexts but {len(questions)} questions: give one question each")
         pairs = []
-        for context, joint in zip(self.encode(list(contexts)), self.encode([c + q for c, q in zip(contexts, questions)])):
+        joints = self.encode([context + question for context, question in zip(contexts, questions)])
+        for context, joint in zip(self.encode(list(contexts)), joints):
             cut = next((i for i, (a, b) in enumerate(zip(context, joint)) if a != b), min(len(context), len(joint)))
             pairs.append((joint[:cut], joint[cut:]))
         return pairs

@@ -81,7 +81,9 @@ def test_windows_are_seeded_distinct_and_aligned() -> None:
 def test_perplexity_plausible_and_placement_invariant(llm) -> None:
     resident = perplexity(llm, context_len=128, num_windows=2, batch_size=2)
     assert math.isfinite(resident.ppl) and 10.0 < resident.ppl < 60.0
-    assert resident.num_tokens == 2 * 64 and resident.prefix_len == 64
+    assert resident.num_tokens == 2 * 63 and resident.prefix_len == 64  # the prefill's own logit is not scored
+    low, high = resident.ppl_ci
+    assert low <= resident.ppl <= high and len(resident.window_nll) == 2
     offloaded = perplexity(llm.with_placement(CacheConfig(offload=Offload.CPU, recompute=0.5)), 128, 2, batch_size=2)
     assert offloaded.ppl == pytest.approx(resident.ppl, rel=1e-5)
 
@@ -92,18 +94,25 @@ def test_perplexity_plausible_and_placement_invariant(llm) -> None:
 @needs_all
 def test_harness_rows_and_report(llm, tmp_path) -> None:
     configs = [("fp16", CacheConfig()), ("offload-r0.5", CacheConfig(offload=Offload.CPU, recompute=0.5))]
-    rows = evaluate(llm, configs, [256], num_items=1, num_windows=1, max_new_tokens=6, progress=False)
+    rows = evaluate(llm, configs, [512], num_items=1, num_windows=2, batch_size=4, progress=False)
     assert [row["codec"] for row in rows] == ["fp16", "offload-r0.5"]
     expected_bytes = 2 * 30 * 3 * 64 * 2  # K and V, 30 layers, 3 KV heads of 64, fp16
     for row in rows:
-        assert row["bytes_per_token"] == expected_bytes and row["context_len"] == 256
+        assert row["bytes_per_token"] == expected_bytes and row["context_len"] == 512
         assert math.isfinite(row["ppl"]) and 0.0 <= row["retrieval_acc"] <= 1.0
         assert {f"acc_{task}" for task in TASK_NAMES} <= row.keys()
+        assert row["n_items"] == 1 and row["device"] == "cpu" and row["dtype"] == "float32"
+        low, high = row["retrieval_ci"]
+        assert 0.0 <= low <= row["retrieval_acc"] <= high <= 1.0 and high - low > 0.3  # 7 items: wide
+        assert row["ppl_ci"][0] <= row["ppl"] <= row["ppl_ci"][1]
+        assert sum(n for _, n in row["retrieval_acc_by_depth"].values()) == len(TASK_NAMES)
+        assert all(len(item["answers"]) >= 1 and item["question_tokens"] >= 1 for item in row["items"])
     assert rows[0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-5)
     assert rows[1]["params"]["offload"] == "cpu"
     paths = write_report(rows, tmp_path, llm.name)
     report = json.loads(paths["json"].read_text())
     assert report["model"] == llm.name and len(report["rows"]) == 2 and report["data"]
+    assert report["protocol"] == "context-compressed-v2"
     assert "| fp16 |" in paths["markdown"].read_text()
     assert paths["png"].stat().st_size > 1000
 
@@ -126,7 +135,7 @@ def test_cache_for_spec_places_each_kind_of_codec() -> None:
 def test_eval_cli_writes_rows_for_each_codec(tmp_path, capsys) -> None:
     from kvpr.cli import main
 
-    argv = ["eval", "--codecs", "none", "kvo:top_chunks=2", "streaming:budget=64", "--context", "160"]
+    argv = ["eval", "--codecs", "none", "kvo:top_chunks=2", "streaming:budget=64", "--context", "320"]
     argv += ["--items", "1", "--windows", "1", "--tasks", "passkey", "--device", "cpu", "--out", str(tmp_path)]
     assert main(argv) == 0
     rows = json.loads(next(tmp_path.glob("eval-*.json")).read_text())["rows"]

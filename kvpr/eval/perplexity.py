@@ -2,7 +2,9 @@
 
 Each window of ``context_len`` tokens is prefilled for its first ``prefix_len`` tokens and the rest
 is teacher-forced one decode step at a time, so placement, the recomputation split and any KV codec
-shape the figure exactly as they shape generation. Not wikitext-2 or PG-19: not comparable with papers.
+shape the figure exactly as they shape generation. The token right after the prefix is not scored:
+its logit comes from the prefill, which attends over the uncompressed prefix. Not wikitext-2 or
+PG-19: not comparable with papers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from kvpr.errors import KvprError
 from kvpr.eval.corpus import ESSAYS, paul_graham_essays, tokenize_documents
+from kvpr.eval.stats import bootstrap_ppl_interval
 
 if TYPE_CHECKING:
     from kvpr.api import LLM
@@ -26,9 +29,12 @@ DOCUMENT_SEPARATOR = "\n\n"
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """exp of the mean negative log-likelihood over ``num_tokens`` scored tokens."""
+    """exp of the mean negative log-likelihood over ``num_tokens`` scored tokens, with a bootstrap
+    95% interval over the windows (``window_nll``: each window's summed negative log-likelihood)."""
 
     ppl: float
+    ppl_ci: tuple[float, float]
+    window_nll: tuple[float, ...]
     num_tokens: int
     context_len: int
     prefix_len: int
@@ -86,8 +92,8 @@ def perplexity(
         stream: the essay token stream, if the caller already made it (see ``essay_token_stream``).
     """
     prefix_len = context_len // 2 if prefix_len is None else prefix_len
-    if not 0 < prefix_len < context_len:
-        raise KvprError(f"prefix_len={prefix_len} must lie in [1, {context_len - 1}]")
+    if not 0 < prefix_len < context_len - 1:
+        raise KvprError(f"prefix_len={prefix_len} must lie in [1, {context_len - 2}]: at least one token is scored")
     if batch_size < 1:
         raise KvprError(f"batch_size={batch_size}: must be >= 1")
     if stream is None:
@@ -96,15 +102,18 @@ def perplexity(
         stream = essay_token_stream(llm.tokenizer)
     starts = select_windows(len(stream), context_len, num_windows, seed)
     windows = [list(stream[start : start + context_len]) for start in starts]
-    total_logprob = 0.0
-    num_tokens = 0
+    window_nll: list[float] = []
     batches = range(0, len(windows), batch_size)
     for first in tqdm(batches, desc=f"ppl@{context_len}", disable=not progress, leave=False):
         logprobs = llm.score(windows[first : first + batch_size], prefix_len)  # [b, context_len - prefix_len]
-        total_logprob += logprobs.double().sum().item()
-        num_tokens += logprobs.numel()
+        decoded = logprobs[:, 1:].double()  # column 0 came from the prefill's logits: not scored
+        window_nll += (-decoded.sum(dim=1)).tolist()
+    per_window = context_len - prefix_len - 1
+    num_tokens = per_window * len(windows)
     return PerplexityResult(
-        ppl=math.exp(-total_logprob / num_tokens),
+        ppl=math.exp(sum(window_nll) / num_tokens),
+        ppl_ci=bootstrap_ppl_interval(window_nll, [per_window] * len(windows), seed=seed),
+        window_nll=tuple(window_nll),
         num_tokens=num_tokens,
         context_len=context_len,
         prefix_len=prefix_len,
