@@ -50,6 +50,9 @@ def main() -> int:
     parser.add_argument("--extra", nargs="*", default=[], help="more --codecs specs, e.g. kvo:k_diff_bits=4")
     parser.add_argument("--only", nargs="*", default=None, help="run only these config names (or method names)")
     parser.add_argument("--compile", nargs="*", default=[], help="configs also measured with --compile (CUDA)")
+    parser.add_argument(
+        "--by-config", action="store_true", help="all contexts of a config before the next (default: by context)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
@@ -70,6 +73,11 @@ def main() -> int:
             plan.append((context_len, spec, cache_for_spec(spec), False))
             if spec in args.compile:
                 plan.append((context_len, spec + COMPILED, cache_for_spec(spec), True))
+    if args.by_config:  # a run cut short then has whole configs rather than whole context lengths
+        first: dict[str, int] = {}  # a config's family (matched budgets differ by context) -> first place
+        for rank, (_, name, _, _) in enumerate(plan):
+            first.setdefault(name.partition(":")[0], rank)
+        plan.sort(key=lambda entry: first[entry[1].partition(":")[0]])
     # One W for the whole run, so every config sees the same items at a context length.
     guard = guard_tokens([(name, cache) for _, name, cache, _ in plan])
     device = llm.device.type if llm.device.type == "cpu" else llm.device.type + "-" + _gpu_name(llm)
