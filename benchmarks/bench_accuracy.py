@@ -78,12 +78,15 @@ def main() -> int:
         for rank, (_, name, _, _) in enumerate(plan):
             first.setdefault(name.partition(":")[0], rank)
         plan.sort(key=lambda entry: first[entry[1].partition(":")[0]])
-    # One W for the whole run, so every config sees the same items at a context length.
-    guard = guard_tokens([(name, cache) for _, name, cache, _ in plan])
+    # One W per context length (the matched budgets grow with it), so every config sees the same items there.
+    guards = {
+        length: guard_tokens([(name, cache) for context_len, name, cache, _ in plan if context_len == length])
+        for length in args.context
+    }
     device = llm.device.type if llm.device.type == "cpu" else llm.device.type + "-" + _gpu_name(llm)
     stem = f"{args.tag}-{llm.name}-{device}-{datetime.date.today():%Y%m%d}"
-    meta = {**header, "matched_budgets": budgets, "dtype": args.dtype, "guard_tokens": guard}
-    print(f"{len(plan)} configs, needles kept out of the last {guard} tokens: {[p[1] for p in plan]}", flush=True)
+    meta = {**header, "matched_budgets": budgets, "dtype": args.dtype, "guard_tokens": guards}
+    print(f"{len(plan)} configs, needles kept out of the last {guards} tokens: {[p[1] for p in plan]}", flush=True)
     rows: list[dict[str, Any]] = []
     for context_len, name, cache, compiled in plan:
         runtime = dataclasses.replace(llm.config.runtime, compile=compiled)
@@ -97,7 +100,7 @@ def main() -> int:
             tasks=tuple(args.tasks),
             num_windows=args.windows,
             batch_size=args.batch_size,
-            guard=guard,
+            guard=guards[context_len],
         )
         paths = write_report(rows, args.out, llm.name, meta, stem=stem)  # after every config
         row = rows[-1]
