@@ -42,6 +42,7 @@ COMPILED = "+compile"  # suffix of a config measured with --compile (KVO's fused
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the built-in SmolLM2-135M-Instruct")
+    parser.add_argument("--name", default=None, help="the model's name in the report (default: the engine's)")
     parser.add_argument("--context", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--items", type=int, default=100, help="items per task family and context length")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
@@ -84,7 +85,8 @@ def main() -> int:
         for length in args.context
     }
     device = llm.device.type if llm.device.type == "cpu" else llm.device.type + "-" + _gpu_name(llm)
-    stem = f"{args.tag}-{llm.name}-{device}-{datetime.date.today():%Y%m%d}"
+    name = args.name or Path(llm.name).name
+    stem = f"{args.tag}-{name}-{device}-{datetime.date.today():%Y%m%d}"
     meta = {**header, "matched_budgets": budgets, "dtype": args.dtype, "guard_tokens": guards}
     print(f"{len(plan)} configs, needles kept out of the last {guards} tokens: {[p[1] for p in plan]}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -102,7 +104,7 @@ def main() -> int:
             batch_size=args.batch_size,
             guard=guards[context_len],
         )
-        paths = write_report(rows, args.out, llm.name, meta, stem=stem)  # after every config
+        paths = write_report(rows, args.out, name, meta, stem=stem)  # after every config
         row = rows[-1]
         print(
             f"{name:>36} ctx={context_len:5d} bytes/token={row['bytes_per_token']:8.0f} "

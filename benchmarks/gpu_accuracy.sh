@@ -36,5 +36,5 @@ echo "$SHA256  $MODEL" | sha256sum -c - || exit 2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH="$PYTHONPATH:/tmp/site" || exit 2
 python3 -c "import torch, transformers; print('device:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout "${ACC_TIMEOUT:-3000}" python3 benchmarks/bench_accuracy.py --model "$MODEL" --device cuda --dtype float16 --out "$OUT" "$@" 2>&1 \
+timeout "${ACC_TIMEOUT:-3000}" python3 benchmarks/bench_accuracy.py --model "$MODEL" --name smollm2-135m --device cuda --dtype float16 --out "$OUT" "$@" 2>&1 \
   | grep -v "it/s\]$" | tee "$OUT/accuracy-gpu.log" | tail -40
