@@ -85,8 +85,8 @@ def main() -> int:
         for length in args.context
     }
     device = llm.device.type if llm.device.type == "cpu" else llm.device.type + "-" + _gpu_name(llm)
-    name = args.name or Path(llm.name).name
-    stem = f"{args.tag}-{name}-{device}-{datetime.date.today():%Y%m%d}"
+    model_name = args.name or Path(llm.name).name
+    stem = f"{args.tag}-{model_name}-{device}-{datetime.date.today():%Y%m%d}"
     meta = {**header, "matched_budgets": budgets, "dtype": args.dtype, "guard_tokens": guards}
     print(f"{len(plan)} configs, needles kept out of the last {guards} tokens: {[p[1] for p in plan]}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -104,7 +104,7 @@ def main() -> int:
             batch_size=args.batch_size,
             guard=guards[context_len],
         )
-        paths = write_report(rows, args.out, name, meta, stem=stem)  # after every config
+        paths = write_report(rows, args.out, model_name, meta, stem=stem)  # after every config
         row = rows[-1]
         print(
             f"{name:>36} ctx={context_len:5d} bytes/token={row['bytes_per_token']:8.0f} "
