@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FLOOR_TOLERANCE = 0.02  # a timed median may sit this far below its floor (noise of the peak rates)
 RESULT_PREFIXES = ("latency-", "throughput-", "accuracy-")
-# Results whose commit and dirty state are not checked yet (accuracy reports get their provenance
-# from kvpr/eval/harness.py); empty this to check every results JSON.
-COMMIT_CHECK_EXEMPT: tuple[str, ...] = ("accuracy-",)
+# Prefixes of results whose commit and dirty state are not checked: none, every results JSON outside
+# history/ is (accuracy reports carry benchmarks/provenance.py's header since issue 12).
+COMMIT_CHECK_EXEMPT: tuple[str, ...] = ()
 # A results file named in the README: a path under results/, or a bare name such as
 # latency-paper-NVIDIA_H200-20261202.json; "..." or "*" stand for any characters.
 CITED = re.compile(
