@@ -64,7 +64,8 @@ from kvpr.config import EngineConfig, RuntimeConfig  # noqa: E402
 from kvpr.device import element_size  # noqa: E402
 from kvpr.scheduler.cost_model import Schedule  # noqa: E402
 from kvpr.scheduler.plan import plan_decode_step  # noqa: E402
-from kvpr.scheduler.profiler import HardwareProfile, load_or_measure, profile_shape  # noqa: E402
+from kvpr.scheduler.profile import HardwareProfile, profile_shape  # noqa: E402
+from kvpr.scheduler.profiler import load_or_measure  # noqa: E402
 
 TIMED = ("decode_ms_per_token", "prefill_s", "total_s")  # medians with min, max and runs
 

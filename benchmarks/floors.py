@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from kvpr.config import ModelConfig
-    from kvpr.scheduler.profiler import HardwareProfile
+    from kvpr.scheduler.profile import HardwareProfile
 
 
 class FloorKind(str, enum.Enum):

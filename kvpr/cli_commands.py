@@ -13,7 +13,7 @@ from kvpr.config import EngineConfig, RuntimeConfig, ThroughputConfig, parse_num
 
 if TYPE_CHECKING:
     from kvpr.scheduler.cost_model import RateCurve
-    from kvpr.scheduler.profiler import HardwareProfile
+    from kvpr.scheduler.profile import HardwareProfile
 
 
 def model_config(name: str | None) -> Any:
@@ -28,7 +28,8 @@ def run_profile(args: argparse.Namespace) -> int:
     import torch
 
     from kvpr.device import resolve_device, resolve_dtype
-    from kvpr.scheduler.profiler import default_profile_path, device_name, load_or_measure, profile_shape
+    from kvpr.scheduler.profile import default_profile_path, device_name, profile_shape
+    from kvpr.scheduler.profiler import load_or_measure
 
     explicit = check_output_path(args.profile, "--profile") if args.profile is not None else None
     device = resolve_device(args.device)
@@ -96,7 +97,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from kvpr.device import resolve_device, resolve_dtype
     from kvpr.scheduler.plan import format_plans
     from kvpr.scheduler.policy import stored_element_bytes
-    from kvpr.scheduler.profiler import HardwareProfile, load_or_measure
+    from kvpr.scheduler.profile import HardwareProfile
+    from kvpr.scheduler.profiler import load_or_measure
 
     if args.mode == "throughput":
         return _plan_throughput(args)

@@ -13,7 +13,7 @@ import torch
 from kvpr.api import LLM
 from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
 from kvpr.scheduler.cost_model import RateCurve
-from kvpr.scheduler.profiler import HardwareProfile
+from kvpr.scheduler.profile import HardwareProfile
 
 # name -> (transformers config class name, kwargs). Sizes are tiny; the options are the real ones.
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -29,7 +29,7 @@ from kvpr.cache.storage import tier_codec  # noqa: E402
 from kvpr.config import CacheConfig, EngineConfig, RuntimeConfig  # noqa: E402
 from kvpr.models.registry import builtin_config  # noqa: E402
 from kvpr.scheduler.cost_model import RateCurve  # noqa: E402
-from kvpr.scheduler.profiler import HardwareProfile  # noqa: E402
+from kvpr.scheduler.profile import HardwareProfile  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

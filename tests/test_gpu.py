@@ -228,10 +228,11 @@ def test_profile_times_the_host_issue_per_x_codec() -> None:
     host is the bottleneck): a layer costs tens of microseconds to milliseconds, a chunk less than a
     millisecond, and some chunk costs something."""
     from kvpr.models.registry import builtin_config
-    from kvpr.scheduler.profiler import _measure_host_issue, _Progress
+    from kvpr.scheduler.profiler import _measure_host_issue
+    from kvpr.scheduler.profiler_timing import Progress
 
     layer_s, chunk_s = _measure_host_issue(
-        torch.device("cuda"), builtin_config("smollm2-135m"), torch.float16, _Progress(False)
+        torch.device("cuda"), builtin_config("smollm2-135m"), torch.float16, Progress(False)
     )
     assert set(layer_s) == set(chunk_s) == {"none", "int8", "int4"}
     assert all(1e-5 < t < 5e-3 for t in layer_s.values()), layer_s
@@ -244,12 +245,13 @@ def test_profile_times_the_kv_codec_decode() -> None:
     from dataclasses import replace
 
     from kvpr.models.registry import builtin_config
-    from kvpr.scheduler.profiler import _ladder, _measure_kv_decode, _Progress, _timer
+    from kvpr.scheduler.profiler import _measure_kv_decode
+    from kvpr.scheduler.profiler_timing import Progress, measurement_ladder, timer
 
     model = builtin_config("smollm2-135m")
-    ladder = replace(_ladder(torch.device("cuda"), model, torch.float16, 2), phase_budget_s=5.0)
-    clock = _timer(torch.device("cuda"), 0.01)
-    curves = _measure_kv_decode(torch.device("cuda"), model, torch.float16, ladder, clock, _Progress(False))
+    ladder = replace(measurement_ladder(torch.device("cuda"), model, torch.float16, 2), phase_budget_s=5.0)
+    clock = timer(torch.device("cuda"), 0.01)
+    curves = _measure_kv_decode(torch.device("cuda"), model, torch.float16, ladder, clock, Progress(False))
     assert set(curves) == {"int8", "int4"}
     for points in curves.values():
         rates = [rate for _, rate in points]

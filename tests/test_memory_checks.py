@@ -21,7 +21,7 @@ from kvpr.device import DEVICE_FILL, GIB, check_device_memory, reusable_device_b
 from kvpr.errors import KvprError
 from kvpr.models.registry import builtin_config
 from kvpr.runtime.weights import LayerWeights
-from kvpr.scheduler.profiler import HardwareProfile
+from kvpr.scheduler.profile import HardwareProfile
 from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputPlan, ThroughputWorkload
 from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run_needs
 from kvpr.scheduler.throughput_policy import search_policy

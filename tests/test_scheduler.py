@@ -33,7 +33,9 @@ from kvpr.scheduler.cost_model import (
     x_copy_s,
 )
 from kvpr.scheduler.plan import CHUNK_CHOICES, SplitPlan, StepSplit, format_plans, plan_decode_step
-from kvpr.scheduler.profiler import HardwareProfile, default_profile_path, load_or_measure, measure_profile
+from kvpr.scheduler.profile import HardwareProfile, default_profile_path, device_name, profile_shape
+from kvpr.scheduler.profiler import load_or_measure, measure_profile
+from kvpr.scheduler.profiler_timing import Progress
 from kvpr.scheduler.solver import resident_tokens, solve_split
 
 
@@ -125,7 +127,7 @@ def test_measure_profile_on_cpu_for_real_and_round_trip() -> None:
     began = time.perf_counter()
     profile = measure_profile(torch.device("cpu"), TINY, torch.float32, batch_size=2, progress=False)
     assert time.perf_counter() - began < 15.0  # phases are budgeted to ~2 s; this catches a runaway only
-    assert profile.device_name == profiler.device_name(torch.device("cpu"))
+    assert profile.device_name == device_name(torch.device("cpu"))
     assert profile.torch_version == str(torch.__version__) and profile.dtype == "float32"
     assert (profile.gemm_hidden, profile.gemm_kv_width, profile.batch_size) == (64, 64, 2)
     assert profile.covers(TINY, torch.float32) and not profile.covers(TINY, torch.float16)
@@ -180,7 +182,7 @@ def test_load_or_measure_reuses_only_a_matching_cache(monkeypatch: pytest.Monkey
     ) -> HardwareProfile:
         calls.append(model)
         return HardwareProfile(
-            device_name=profiler.device_name(device),
+            device_name=device_name(device),
             torch_version=str(torch.__version__),
             h2d=H100.h2d,
             d2h=H100.d2h,
@@ -197,14 +199,12 @@ def test_load_or_measure_reuses_only_a_matching_cache(monkeypatch: pytest.Monkey
     cpu = torch.device("cpu")
     first = load_or_measure(cpu, TINY, torch.float32, 2)
     assert len(calls) == 1
-    assert default_profile_path(
-        first.device_name, first.torch_version, profiler.profile_shape(TINY, torch.float32)
-    ).exists()
+    assert default_profile_path(first.device_name, first.torch_version, profile_shape(TINY, torch.float32)).exists()
     assert load_or_measure(cpu, TINY, torch.float32, 2) == first and len(calls) == 1  # cache hit
     other = model_config(128, 4, 4)
     assert load_or_measure(cpu, other, torch.float32, 2).gemm_hidden == 128 and len(calls) == 2  # new shape
     assert load_or_measure(cpu, other, torch.float32, 2, reprofile=True).created == "run 3"
-    cache = default_profile_path(first.device_name, first.torch_version, profiler.profile_shape(other, torch.float32))
+    cache = default_profile_path(first.device_name, first.torch_version, profile_shape(other, torch.float32))
     cache.write_text("damaged")
     assert load_or_measure(cpu, other, torch.float32, 2).created == "run 4"  # damaged cache re-measured
     explicit = tmp_path / "mine.json"
@@ -445,7 +445,7 @@ def test_a_chunk_dearer_than_the_copy_turns_recompute_off() -> None:
 def test_host_issue_measurement_runs_on_the_executor() -> None:
     """The measurement behind the profile's host costs (CUDA in a profile) runs on any device: every
     X codec gets a layer and a chunk cost, finite and not negative."""
-    layer_s, chunk_s = profiler.host_issue_times(torch.device("cpu"), TINY, torch.float32, profiler._Progress(False), 3)
+    layer_s, chunk_s = profiler.host_issue_times(torch.device("cpu"), TINY, torch.float32, Progress(False), 3)
     assert set(layer_s) == set(chunk_s) == {"none", "int8", "int4"}
     assert all(math.isfinite(t) and t >= 0 for t in (*layer_s.values(), *chunk_s.values()))
     assert max(layer_s.values()) > 0  # a second layer is never free

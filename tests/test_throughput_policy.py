@@ -17,7 +17,7 @@ from kvpr.errors import KvprError
 from kvpr.models.registry import builtin_config, model_class
 from kvpr.scheduler import throughput_policy as policy_internals
 from kvpr.scheduler.cost_model import RateCurve
-from kvpr.scheduler.profiler import HardwareProfile
+from kvpr.scheduler.profile import HardwareProfile
 from kvpr.scheduler.throughput_cost import (
     MachineLimits,
     Shares,

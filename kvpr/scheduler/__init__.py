@@ -2,7 +2,8 @@
 
 from kvpr.scheduler.cost_model import LayerShape, RateCurve, Schedule, step_s
 from kvpr.scheduler.plan import SplitPlan, format_plans, plan_decode_step
-from kvpr.scheduler.profiler import HardwareProfile, default_profile_path, load_or_measure, measure_profile
+from kvpr.scheduler.profile import HardwareProfile, default_profile_path
+from kvpr.scheduler.profiler import load_or_measure, measure_profile
 from kvpr.scheduler.solver import SplitChoice, resident_tokens, solve_split
 
 __all__ = [

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from kvpr.errors import KvprError
 
 if TYPE_CHECKING:
-    from kvpr.scheduler.profiler import HardwareProfile
+    from kvpr.scheduler.profile import HardwareProfile
 
 
 class Schedule(str, enum.Enum):

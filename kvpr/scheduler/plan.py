@@ -16,7 +16,7 @@ from kvpr.scheduler.solver import solve_split
 
 if TYPE_CHECKING:
     from kvpr.config import ModelConfig
-    from kvpr.scheduler.profiler import HardwareProfile
+    from kvpr.scheduler.profile import HardwareProfile
 
 
 @dataclass(frozen=True)

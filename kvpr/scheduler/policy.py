@@ -19,7 +19,7 @@ from kvpr.scheduler.plan import StepSplit
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec
-    from kvpr.scheduler.profiler import HardwareProfile
+    from kvpr.scheduler.profile import HardwareProfile
 
 SplitPolicy = Callable[[int], StepSplit]  # offloaded tokens s -> that decode step's split
 

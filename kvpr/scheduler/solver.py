@@ -24,7 +24,7 @@ from kvpr.scheduler.cost_model import LayerShape, Schedule, StepModel, TimeTerm,
 
 if TYPE_CHECKING:
     from kvpr.config import ModelConfig
-    from kvpr.scheduler.profiler import HardwareProfile
+    from kvpr.scheduler.profile import HardwareProfile
 
 _RTOL = 1e-12  # a range is pruned once its lower bound is within this of the best value
 _LEAF_POINTS = 6  # ranges this small are evaluated point by point

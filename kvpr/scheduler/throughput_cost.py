@@ -43,7 +43,7 @@ from kvpr.config import Arch, ModelConfig, Placement, ThroughputConfig, Tier
 from kvpr.errors import KvprError
 
 if TYPE_CHECKING:
-    from kvpr.scheduler.profiler import HardwareProfile
+    from kvpr.scheduler.profile import HardwareProfile
 
 GIB = float(1 << 30)
 

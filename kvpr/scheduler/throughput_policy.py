@@ -37,7 +37,7 @@ from kvpr.scheduler.throughput_cost import (
 )
 
 if TYPE_CHECKING:
-    from kvpr.scheduler.profiler import HardwareProfile
+    from kvpr.scheduler.profile import HardwareProfile
 
 _UNLIMITED = 1e18  # bytes: memory limits of a policy that was already checked to fit
 DEFAULT_GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
