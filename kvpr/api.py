@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
-import tempfile
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from kvpr.cache.codec import KVCodec, make_x_codec
-from kvpr.cache.disk import check_offload_dir
-from kvpr.cache.storage import CacheShape, KVStorage, tier_codec
+from kvpr.cache.codec import make_x_codec
+from kvpr.cache.storage import CacheShape, KVStorage
 from kvpr.config import (
-    CACHE_METHODS,
-    RECOMPUTE_AUTO,
     THROUGHPUT_NUM_CHUNKS,
     CacheConfig,
     EngineConfig,
@@ -31,35 +25,28 @@ from kvpr.config import (
     Offload,
     RuntimeConfig,
     SamplingParams,
-    ThroughputConfig,
-    Tier,
 )
-from kvpr.device import (
-    DEVICE_FILL,
-    check_device_memory,
-    check_host_memory,
-    element_size,
-    free_device_bytes,
-    host_memory_limit,
-    pin_host_memory,
-    resolve_device,
-    resolve_dtype,
-)
+from kvpr.device import element_size, host_memory_limit, pin_host_memory, resolve_device, resolve_dtype
 from kvpr.errors import KvprError
 from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
-from kvpr.runtime.compressed import CacheMethod, CompressedExecutor, make_method
+from kvpr.placement import (
+    Target,
+    check_before_loading,
+    check_block_fits,
+    check_cache_fits,
+    disk_tier_dir,
+    make_codec,
+    recompute_fraction,
+    resident_cap,
+)
+from kvpr.runtime.compressed import CacheMethod, CompressedExecutor
 from kvpr.runtime.executor import Executor
 from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_tokens
 from kvpr.runtime.latency import OverlappedExecutor
 from kvpr.runtime.reference import SequentialExecutor
 from kvpr.runtime.throughput import ThroughputExecutor
 from kvpr.runtime.weights import LayerWeights
-from kvpr.scheduler.policy import make_split_policy, recompute_may_run
-from kvpr.scheduler.solver import resident_tokens
-from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run_needs
-
-if TYPE_CHECKING:
-    from kvpr.scheduler.throughput_cost import ThroughputPlan
+from kvpr.scheduler.policy import make_split_policy
 
 
 @dataclass
@@ -123,7 +110,7 @@ class LLM:
         source = resolve_source(config.model, config.dummy_weights, self.dtype)
         self.model_config: ModelConfig = source.config
         self.name = source.name
-        self.codec = self._make_codec()  # rejects a bad --kv-codec before the weights load
+        self.codec = make_codec(config.cache, self.model_config)  # rejects a bad --kv-codec before the weights load
         self._check_compile()
         self.x_codec = make_x_codec(config.cache.x_codec, self.model_config.hidden_size)
         self.model = build_model(self.model_config)  # on the meta device: no memory yet
@@ -150,30 +137,19 @@ class LLM:
         """Check that the weights and a first batch's cache fit where the placement puts them; in
         throughput mode, lay out the GPU, CPU and disk shares (``LayerWeights``). Allocates nothing
         before the check (a throughput run's host and disk shares are allocated after it)."""
-        throughput = self.config.throughput
+        throughput, weight_bytes = self.config.throughput, self._weight_bytes()
+        check_before_loading(self._target(), throughput, batch_size, max_len, weight_bytes, self._offload_dir)
         if throughput is None:
-            self.check_fits(batch_size, max_len, weights_loaded=False)
             return None
-        for flag in ("kv_codec", "x_codec"):
-            if getattr(self.config.cache, flag) != "none":
-                raise KvprError(
-                    f"--{flag.replace('_', '-')} is not supported in throughput mode yet: drop it or drop --percent"
-                )
         pin = throughput.pin_weight and pin_host_memory(self.device)
-        self._check_throughput_fits(min(batch_size, throughput.block_size), max_len, weights_loaded=False)
         weights = LayerWeights(self.model, throughput.placement, self.device, self.dtype, pin, self._offload_dir())
         weights.allocate()
         return weights
 
     def _offload_dir(self) -> Path | None:
-        """A fresh directory for this engine's disk tier under ``--offload-dir`` (None: no disk tier)."""
-        throughput = self.config.throughput
-        if throughput is None or not throughput.placement.uses_disk:
-            return None
+        """This engine's disk-tier directory, made at the first call (None: no disk tier)."""
         if getattr(self, "_disk_dir", None) is None:
-            root = check_offload_dir(throughput.offload_dir, 0, "the disk tier")  # type: ignore[arg-type]
-            self._disk_dir = Path(tempfile.mkdtemp(prefix="kvpr-", dir=root))
-            weakref.finalize(self, shutil.rmtree, self._disk_dir, True)
+            self._disk_dir = disk_tier_dir(self.config.throughput, self)
         return self._disk_dir
 
     def with_placement(self, cache: CacheConfig, runtime: RuntimeConfig | None = None) -> "LLM":
@@ -185,7 +161,7 @@ class LLM:
         runtime = runtime or self.config.runtime
         runtime = dataclasses.replace(runtime, device=self.config.runtime.device, dtype=self.config.runtime.dtype)
         clone.config = self.config.replace(cache=cache, runtime=runtime)
-        clone.codec = clone._make_codec()
+        clone.codec = make_codec(cache, self.model_config)
         clone._check_compile()
         clone.x_codec = make_x_codec(cache.x_codec, self.model_config.hidden_size)
         clone.last_stats = None
@@ -327,6 +303,23 @@ class LLM:
         self.last_stats = RunStats.combine(block_stats)
         return completions
 
+    def _pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad to one batch: ids and validity [b, q] on the compute device."""
+        if any(len(ids) == 0 for ids in prompt_ids):
+            raise KvprError("a prompt is empty after tokenization: give every prompt at least one token")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for ids in prompt_ids for t in ids):
+            raise KvprError(f"a prompt token id lies outside the vocabulary [0, {vocab})")
+        width = max(len(ids) for ids in prompt_ids)
+        pad = self.model_config.pad_token_id
+        pad = pad if pad is not None and 0 <= pad < vocab else 0
+        input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+        valid = torch.zeros((len(prompt_ids), width), dtype=torch.bool)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            valid[row, width - len(ids) :] = True
+        return input_ids.to(self.device), valid.to(self.device)
+
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], prefix_len: int) -> torch.Tensor:
         """Log-probabilities [b, n - prefix_len] of each sequence's tokens after ``prefix_len``.
@@ -356,7 +349,7 @@ class LLM:
         if self.config.throughput is not None:
             return self._throughput_executor(batch_size, max_len)
         shape = self.check_fits(batch_size, max_len)
-        cache, runtime = self.config.cache, self.config.runtime
+        cache, runtime, target = self.config.cache, self.config.runtime, self._target()
         offloaded = cache.offload is Offload.CPU
         if isinstance(self.codec, CacheMethod):  # KVO, KIVI and the baselines: a compressed cache per layer
             pin = offloaded and pin_host_memory(self.device)
@@ -366,14 +359,14 @@ class LLM:
             shape,
             torch.device("cpu") if offloaded else self.device,
             pin=offloaded and pin_host_memory(self.device),
-            store_inputs=self._stores_inputs(),
+            store_inputs=target.stores_inputs(),
             codec=self.codec,
             x_codec=self.x_codec,
         )
         split = make_split_policy(
             cache, runtime, self.model_config, batch_size, self.device, self.dtype, self.codec, self.x_codec
         )
-        resident = self._resident_cap(shape) if offloaded else 0
+        resident = resident_cap(target, shape) if offloaded else 0
         if runtime.overlap:
             return OverlappedExecutor(self.model, storage, self.device, offloaded, split, resident)
         return SequentialExecutor(self.model, storage, self.device, offloaded, split, resident)
@@ -383,81 +376,20 @@ class LLM:
         throughput = self.config.throughput
         assert throughput is not None and self.layer_weights is not None
         self._check_throughput_fits(batch_size, max_len)
+        target, runtime = self._target(), self.config.runtime
+        fraction = recompute_fraction(target, throughput, runtime.profile_path)
+        stores_inputs, num_chunks = target.stores_inputs(), runtime.num_chunks or THROUGHPUT_NUM_CHUNKS
         return ThroughputExecutor(  # type: ignore[return-value]
-            self.model,
-            self.layer_weights,
-            throughput,
-            batch_size,
-            max_len,
-            self.device,
-            self.dtype,
-            self._recompute_fraction(throughput),
-            self._stores_inputs(),
-            self.config.runtime.num_chunks or THROUGHPUT_NUM_CHUNKS,
-            self._offload_dir(),
-        )
+            self.model, self.layer_weights, throughput, batch_size, max_len, self.device, self.dtype,
+            fraction, stores_inputs, num_chunks, self._offload_dir(),
+        )  # fmt: skip
 
-    def _recompute_fraction(self, throughput: ThroughputConfig) -> Callable[[int], float]:
-        """Throughput mode's recompute policy: context length -> fraction of the CPU tier recomputed."""
-        recompute = self.config.cache.recompute
-        if not self._stores_inputs():
-            return lambda context_len: 0.0
-        if recompute != RECOMPUTE_AUTO:
-            return lambda context_len: float(recompute)
-        from kvpr.scheduler.profiler import load_or_measure
-        from kvpr.scheduler.throughput_policy import recompute_fraction_policy
+    # -- placement: every batch sized by kvpr.placement before anything is allocated ---------
 
-        profile = load_or_measure(
-            self.device, self.model_config, self.dtype, throughput.gpu_batch_size, self.config.runtime.profile_path
-        )
-        return recompute_fraction_policy(self.model_config, profile, throughput, element_size(self.dtype))
-
-    def _check_throughput_fits(self, batch_size: int, max_len: int, weights_loaded: bool = True) -> None:
-        """Raise a KvprError, before allocating, if a block of ``batch_size`` rows does not fit its tiers
-        (``weights_loaded=False``: with the weights, still to load). ``check_run_memory`` of the same
-        ``block_memory`` the policy search plans with, against the same usable share of free memory."""
-        throughput = self.config.throughput
-        assert throughput is not None
-        self._check_context(max_len)
-        if batch_size > throughput.block_size:
-            raise KvprError(
-                f"{batch_size} rows exceed the block of {throughput.num_gpu_batches} GPU batches of "
-                f"{throughput.gpu_batch_size}: raise --num-gpu-batches or --gpu-batch-size"
-            )
-        memory = block_memory(
-            self.model_config, throughput, batch_size, max_len, self._stores_inputs(), element_size(self.dtype)
-        )
-        # LayerWeights.start makes the two GPU layer buffers at the first block and keeps them.
-        buffers_made = weights_loaded and getattr(self.layer_weights, "_gpu", None) is not None
-        needs, everything = run_needs(memory, weights_loaded, buffers_made), run_needs(memory, False, False)
-        budget = self.config.runtime.host_memory_gib
-        on_host = (Tier.CPU,) if self.device.type == "cuda" else (Tier.CPU, Tier.GPU)  # a CPU run: one pool
-        held = sum(everything[tier] - needs[tier] for tier in on_host) if budget is not None else 0.0
-        free = {Tier.CPU: host_memory_limit(budget) - held}  # a stated budget counts what is held
-        if self.device.type == "cuda":
-            free[Tier.GPU] = DEVICE_FILL * free_device_bytes(self.device)
-        else:
-            needs[Tier.CPU] += needs[Tier.GPU]
-        what = f"a block of {batch_size} rows ({max_len} slots, --percent {throughput.placement})"
-        what += "" if weights_loaded else f" with the weights of {self.name}"
-        check_run_memory(needs, free, what)
-        if needs[Tier.DISK]:
-            check_offload_dir(self._offload_dir(), int(needs[Tier.DISK]), what + ": its disk share")  # type: ignore[arg-type]
-
-    def _resident_cap(self, shape: CacheShape) -> int:
-        """How many of the oldest tokens keep their K,V on the GPU (``--gpu-resident``)."""
-        wanted = self.config.cache.gpu_resident
-        if wanted != "auto":
-            return int(wanted)
-        if self.device.type != "cuda":
-            return 0  # no device memory apart from the host tier
-        free, _total = torch.cuda.mem_get_info(self.device)
-        staging = 2 * (shape.kv_bytes() + shape.x_bytes()) // shape.num_layers
-        # Keep room for the staging buffers, activations and allocator slack.
-        reserve = staging + free // 10 + 2 * 1024**3
-        return resident_tokens(
-            self.model_config, shape.batch_size, shape.max_len, free, element_size(self.dtype), reserve
-        )
+    def _target(self) -> Target:
+        """This engine as kvpr.placement sizes it (the placement and budget of ``with_placement``'s too)."""
+        cache, budget = self.config.cache, self.config.runtime.host_memory_gib
+        return Target(self.model_config, self.name, self.device, self.dtype, cache, self.codec, self.x_codec, budget)
 
     def check_fits(self, batch_size: int, max_len: int, weights_loaded: bool = True) -> CacheShape:
         """Raise a KvprError, before allocating anything, if this batch cannot run here
@@ -466,69 +398,21 @@ class LLM:
         if self.config.throughput is not None:
             self._check_throughput_fits(batch_size, max_len, weights_loaded)
             return shape
-        self._check_context(max_len)
-        cache, budget = self.config.cache, self.config.runtime.host_memory_gib
-        what = f"the KV cache (b={batch_size}, {max_len} slots, {shape.num_layers} layers)"
-        if isinstance(self.codec, CacheMethod):
-            device_bytes, host_bytes = self.codec.memory(shape, cache.offload is Offload.CPU)
-        elif cache.offload is Offload.CPU:
-            host_bytes = shape.kv_bytes(self.codec) + (shape.x_bytes(self.x_codec) if self._stores_inputs() else 0)
-            device_bytes = 2 * (shape.kv_bytes() + host_bytes) // shape.num_layers  # staging
-            wanted = cache.gpu_resident
-            if wanted != "auto" and wanted:  # an explicit count: its K,V must fit too
-                device_bytes += shape.kv_bytes() * min(int(wanted), max_len) // max_len
-            what += ", its staging buffers and GPU-resident tokens"
-        else:
-            device_bytes, host_bytes = shape.kv_bytes(), 0
-        weights = sum(p.numel() for p in self.model.parameters()) * element_size(self.dtype)
-        if not weights_loaded:
-            device_bytes, what = device_bytes + weights, f"{what} with the weights of {self.name}"
-        if self.device.type != "cuda":  # one pool; a stated budget counts the loaded weights in it
-            check_host_memory(device_bytes + host_bytes, what, budget, held=weights if weights_loaded else 0)
-        else:
-            check_host_memory(host_bytes, what + " (its host share)", budget)
-            check_device_memory(device_bytes, self.device, what, budget)
+        check_cache_fits(self._target(), shape, self._weight_bytes(), weights_loaded)
         return shape
 
-    def _make_codec(self) -> KVCodec | CacheMethod | None:
-        """The codec of the host tier (None: K,V as computed), or the cache method (KVO, KIVI, H2O,
-        StreamingLLM, Quest) the compressed executor runs. Raises for names the tier cannot hold."""
-        name = self.config.cache.kv_codec
-        if name in CACHE_METHODS:
-            return make_method(self.config.cache, self.model_config)
-        return tier_codec(name, self.model_config.head_dim)
+    def _weight_bytes(self) -> int:
+        return sum(p.numel() for p in self.model.parameters()) * element_size(self.dtype)
 
-    def _stores_inputs(self) -> bool:
-        """Keep X beside K,V only where recomputation may run and can pay (see recompute_may_run)."""
-        cache = self.config.cache
-        codec = None if isinstance(self.codec, CacheMethod) else self.codec  # methods never recompute
-        return cache.stores_inputs and recompute_may_run(cache, self.model_config, self.dtype, codec, self.x_codec)
-
-    def _check_context(self, max_len: int) -> None:
-        cfg = self.model_config
-        limit = cfg.max_position if cfg.sliding_window is None else min(cfg.max_position, cfg.sliding_window)
-        if max_len > limit:
-            raise KvprError(
-                f"prompt + new tokens need {max_len} positions but {self.name} supports {limit}: "
-                "shorten the prompt or lower --max-new-tokens"
-            )
-
-    def _pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad to one batch: ids and validity [b, q] on the compute device."""
-        if any(len(ids) == 0 for ids in prompt_ids):
-            raise KvprError("a prompt is empty after tokenization: give every prompt at least one token")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for ids in prompt_ids for t in ids):
-            raise KvprError(f"a prompt token id lies outside the vocabulary [0, {vocab})")
-        width = max(len(ids) for ids in prompt_ids)
-        pad = self.model_config.pad_token_id
-        pad = pad if pad is not None and 0 <= pad < vocab else 0
-        input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-        valid = torch.zeros((len(prompt_ids), width), dtype=torch.bool)
-        for row, ids in enumerate(prompt_ids):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            valid[row, width - len(ids) :] = True
-        return input_ids.to(self.device), valid.to(self.device)
+    def _check_throughput_fits(self, batch_size: int, max_len: int, weights_loaded: bool = True) -> None:
+        """``check_block_fits`` of a block of ``batch_size`` rows (``weights_loaded=False``: with the
+        weights, still to load)."""
+        throughput = self.config.throughput
+        assert throughput is not None
+        # LayerWeights.start makes the two GPU layer buffers at the first block and keeps them.
+        buffers_made = weights_loaded and getattr(self.layer_weights, "_gpu", None) is not None
+        target, disk_dir = self._target(), self._offload_dir  # the directory is made only for a disk share
+        check_block_fits(target, throughput, batch_size, max_len, weights_loaded, buffers_made, disk_dir)
 
 
 def _stats(output: GenerationOutput, shape: torch.Size) -> RunStats:
@@ -552,70 +436,3 @@ def _load_tokenizer(directory: Any) -> Any:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as err:
         raise KvprError(f"cannot load the tokenizer in {directory}: {str(err).splitlines()[0]}") from None
-
-
-def plan_throughput(
-    config: EngineConfig,
-    prompt_len: int,
-    gen_len: int,
-    allow_recompute: bool = True,
-    gpu_memory_gib: float | None = None,
-) -> "ThroughputPlan":
-    """Throughput mode's policy search for this machine: placement, GPU batch size, number of GPU
-    batches and recompute fraction that maximise predicted tokens/s (``allow_recompute=False``:
-    FlexGen's own search). Plans on a measured profile, or on ``--profile FILE`` and
-    ``gpu_memory_gib`` on any machine. The plan fits the usable share (``DEVICE_FILL``) of the memory
-    free before the weights load, counting every item the run's own check counts
-    (``throughput_memory``), so the run accepts it."""
-    from kvpr.cache.disk import measure_disk_bps
-    from kvpr.scheduler.profiler import HardwareProfile, load_or_measure
-    from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputWorkload
-    from kvpr.scheduler.throughput_policy import search_policy
-
-    model = resolve_source(config.model, dummy_weights=True).config
-    runtime = config.runtime
-    if runtime.profile_path is not None:
-        profile = HardwareProfile.load(runtime.profile_path)
-        dtype = resolve_dtype(profile.dtype, torch.device("cpu"))
-    else:
-        device = resolve_device(runtime.device)
-        if device.type != "cuda":
-            raise KvprError("the throughput policy plans for a GPU: run on one, or pass --profile FILE measured there")
-        dtype = resolve_dtype(runtime.dtype, device)
-        profile = load_or_measure(device, model, dtype, 1, progress=True)
-    if gpu_memory_gib is not None:
-        gpu_bytes = gpu_memory_gib * 2**30
-    elif torch.cuda.is_available():
-        gpu_bytes = float(free_device_bytes(torch.device("cuda")))  # the profiler's freed buffers count as free
-    else:
-        raise KvprError("no GPU here to read free memory from: state the target's with --gpu-memory-gib")
-    this_machine = runtime.profile_path is None and gpu_memory_gib is None
-    host = host_memory_limit(runtime.host_memory_gib, check_total=this_machine)
-    offload_dir = config.throughput.offload_dir if config.throughput else None
-    disk_bytes, disk_rates = 0.0, (1e9, 1e9)  # rates unused without a disk tier
-    if offload_dir is not None:
-        disk_rates = measure_disk_bps(offload_dir)
-        disk_bytes = float(shutil.disk_usage(offload_dir).free) * 0.9
-    limits = MachineLimits(DEVICE_FILL * gpu_bytes, host, disk_bytes, *disk_rates)
-    return search_policy(
-        model,
-        profile,
-        limits,
-        ThroughputWorkload(prompt_len, gen_len),
-        allow_recompute=allow_recompute,
-        dtype_bytes=element_size(dtype),
-        offload_dir=offload_dir,
-    )
-
-
-def with_throughput_plan(config: EngineConfig, plan: "ThroughputPlan") -> EngineConfig:
-    """``config`` running ``plan``: its placement and batches, its recompute fraction (the disk
-    directory and weight pinning stay the user's)."""
-    user = config.throughput or plan.config
-    throughput = dataclasses.replace(plan.config, offload_dir=user.offload_dir, pin_weight=user.pin_weight)
-    offload = Offload.NONE if throughput.placement.cache_gpu >= 100 else Offload.CPU
-    # r = 0 is "off", not a fraction of 0: a fraction stores X, which the plan did not count
-    recompute = plan.recompute_fraction if offload is Offload.CPU and plan.recompute_fraction > 0 else "off"
-    return config.replace(
-        throughput=throughput, cache=dataclasses.replace(config.cache, offload=offload, recompute=recompute)
-    )

@@ -440,7 +440,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _auto_policy(config: EngineConfig, args: argparse.Namespace) -> EngineConfig:
     """``--policy auto``: the searched throughput policy for this workload replaces the flags'."""
-    from kvpr.api import plan_throughput, with_throughput_plan
+    from kvpr.placement import plan_throughput, with_throughput_plan
     from kvpr.scheduler.throughput_policy import format_plans
 
     if config.throughput is None:

@@ -121,7 +121,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def _plan_throughput(args: argparse.Namespace) -> int:
     """kvpr's throughput policy for this machine beside FlexGen's (the same search without recomputation)."""
-    from kvpr.api import plan_throughput
+    from kvpr.placement import plan_throughput
     from kvpr.scheduler.throughput_policy import format_plans
 
     config = EngineConfig(

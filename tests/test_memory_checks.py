@@ -14,12 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvpr.api
-from kvpr.api import LLM, plan_throughput, with_throughput_plan
+from kvpr.api import LLM
 from kvpr.cli import main
 from kvpr.config import EngineConfig, ModelConfig, RuntimeConfig, ThroughputConfig, Tier
 from kvpr.device import DEVICE_FILL, GIB, check_device_memory, reusable_device_bytes
 from kvpr.errors import KvprError
 from kvpr.models.registry import builtin_config
+from kvpr.placement import plan_throughput, with_throughput_plan
 from kvpr.runtime.weights import LayerWeights
 from kvpr.scheduler.profile import HardwareProfile
 from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputPlan, ThroughputWorkload
@@ -135,7 +136,7 @@ def test_freed_cache_held_by_the_allocator_counts_as_free(monkeypatch: pytest.Mo
 def _run_checks(
     model: ModelConfig, plan: ThroughputPlan, gpu_free: float, host: float, workload: ThroughputWorkload
 ) -> None:
-    """The checks a run of ``plan`` makes (``LLM._check_throughput_fits``), in order, on a GPU with
+    """The checks a run of ``plan`` makes (``placement.check_block_fits``), in order, on a GPU with
     ``gpu_free`` bytes free before loading and a host budget of ``host`` bytes: before the weights
     load (everything), at the first block (weights held), at later blocks (layer buffers held too).
     The run's configuration is the one ``bench --policy auto`` builds (``with_throughput_plan``)."""

@@ -163,9 +163,9 @@ def test_block_too_small_for_score_is_one_line_error(tiny_checkpoint, tmp_path) 
 def test_plan_throughput_prints_kvpr_beside_flexgen(tmp_path, capsys) -> None:
     from test_throughput_policy import profile_for
 
-    from kvpr.api import plan_throughput
     from kvpr.cli import main
     from kvpr.models.registry import builtin_config
+    from kvpr.placement import plan_throughput
 
     path = profile_for(builtin_config("opt-6.7b")).save(tmp_path / "h100.json")
     argv = ["plan", "--mode", "throughput", "--model", "opt-6.7b", "--profile", str(path)]

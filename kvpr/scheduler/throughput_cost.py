@@ -292,10 +292,10 @@ def block_costs(
     dtype_bytes: int,
 ) -> BlockCosts:
     sizes = block_sizes(model, workload, gpu_batch_size, num_gpu_batches, stores_x, dtype_bytes)
-    h, q, kv, e = model.hidden_size, model.q_size, model.kv_size, dtype_bytes
+    h, q, kv = model.hidden_size, model.q_size, model.kv_size  # widths, for the FLOP counts
     gbs, s0, mean = gpu_batch_size, workload.prompt_len, workload.mean_context
     matrices = [math.prod(shape) for _, shape in layer_weight_tensors(model) if len(shape) == 2]
-    kv_bytes, token_bytes = sizes.kv_token_bytes, sizes.token_bytes
+    kv_bytes, x_bytes, token_bytes = sizes.kv_token_bytes, sizes.x_token_bytes, sizes.token_bytes  # per token
     gemm, h2d, d2h = profile.gemm.rate, profile.h2d.rate, profile.d2h.rate
     flops_per_row = 2.0 * sum(matrices)  # every projection and MLP GEMM, per token
     calibration = 1.0  # scales the decode GEMMs to the measured layer, where the profile has it
@@ -309,14 +309,14 @@ def block_costs(
     return replace(
         sizes,
         rates={
-            "weights_h2d": h2d(sum(matrices) * e / len(matrices)),  # one weight matrix per copy
+            "weights_h2d": h2d(sum(matrices) * dtype_bytes / len(matrices)),  # one weight matrix per copy
             "cache_h2d": h2d(gbs * mean * kv_bytes),  # one (layer, GPU batch) K,V
             "prefill_d2h": d2h(gbs * s0 * token_bytes),
             "decode_d2h": d2h(gbs * token_bytes),
-            "act_prefill_h2d": h2d(gbs * s0 * h * e),
-            "act_prefill_d2h": d2h(gbs * s0 * h * e),
-            "act_decode_h2d": h2d(gbs * h * e),
-            "act_decode_d2h": d2h(gbs * h * e),
+            "act_prefill_h2d": h2d(gbs * s0 * x_bytes),  # one GPU batch's hidden states, [gbs, s0, h]
+            "act_prefill_d2h": d2h(gbs * s0 * x_bytes),
+            "act_decode_h2d": h2d(gbs * x_bytes),
+            "act_decode_d2h": d2h(gbs * x_bytes),
             "disk_read": limits.disk_read_bps,
             "disk_write": limits.disk_write_bps,
         },

@@ -1,0 +1,299 @@
+"""Where a run's bytes go and whether they fit, decided before anything is allocated.
+
+``LLM`` asks here: which codec its host tier stores, whether X is kept beside K,V, is the context
+within the model's positions, do the weights and a batch's cache (or a throughput block on its tiers)
+fit free memory, how many tokens stay GPU-resident, what share of the CPU tier throughput mode
+recomputes, and which throughput policy suits this machine. Functions of configs and sizes; the engine
+passes itself as a frozen ``Target``, so nothing here holds state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvpr.cache.disk import check_offload_dir
+from kvpr.cache.storage import CacheShape, tier_codec
+from kvpr.config import (
+    CACHE_METHODS,
+    RECOMPUTE_AUTO,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    Offload,
+    ThroughputConfig,
+    Tier,
+)
+from kvpr.device import (
+    DEVICE_FILL,
+    check_device_memory,
+    check_host_memory,
+    element_size,
+    free_device_bytes,
+    host_memory_limit,
+    resolve_device,
+    resolve_dtype,
+)
+from kvpr.errors import KvprError
+from kvpr.models.loader import resolve_source
+from kvpr.runtime.compressed import CacheMethod, make_method
+from kvpr.scheduler.policy import recompute_may_run
+from kvpr.scheduler.solver import resident_tokens
+from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run_needs
+
+if TYPE_CHECKING:
+    from kvpr.cache.codec import KVCodec, XCodec
+    from kvpr.scheduler.throughput_cost import ThroughputPlan
+
+
+def make_codec(cache: CacheConfig, model: ModelConfig) -> KVCodec | CacheMethod | None:
+    """The codec of the host tier (None: K,V as computed), or the cache method (KVO, KIVI, H2O,
+    StreamingLLM, Quest) the compressed executor runs. Raises for names the tier cannot hold."""
+    if cache.kv_codec in CACHE_METHODS:
+        return make_method(cache, model)
+    return tier_codec(cache.kv_codec, model.head_dim)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One engine as the checks size it: the model (``name`` for messages), the device and dtype it
+    runs in, its cache placement with the codecs that store K,V and X, and the stated host budget
+    (``--host-memory-gib``; None: the OS's available memory)."""
+
+    model: ModelConfig
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    cache: CacheConfig
+    codec: KVCodec | CacheMethod | None
+    x_codec: XCodec | None
+    host_memory_gib: float | None
+
+    def stores_inputs(self) -> bool:
+        """Keep X beside K,V only where recomputation may run and can pay (see recompute_may_run)."""
+        codec = None if isinstance(self.codec, CacheMethod) else self.codec  # methods never recompute
+        return self.cache.stores_inputs and recompute_may_run(self.cache, self.model, self.dtype, codec, self.x_codec)
+
+
+def check_context(target: Target, max_len: int) -> None:
+    """Raise a KvprError if ``max_len`` positions exceed the model's (or its sliding window's)."""
+    cfg = target.model
+    limit = cfg.max_position if cfg.sliding_window is None else min(cfg.max_position, cfg.sliding_window)
+    if max_len > limit:
+        raise KvprError(
+            f"prompt + new tokens need {max_len} positions but {target.name} supports {limit}: "
+            "shorten the prompt or lower --max-new-tokens"
+        )
+
+
+def check_throughput_cache(cache: CacheConfig) -> None:
+    """Throughput mode stores K,V (and X) as computed: refuse a codec before anything is built."""
+    for flag in ("kv_codec", "x_codec"):
+        if getattr(cache, flag) != "none":
+            raise KvprError(
+                f"--{flag.replace('_', '-')} is not supported in throughput mode yet: drop it or drop --percent"
+            )
+
+
+def check_cache_fits(target: Target, shape: CacheShape, weight_bytes: int, weights_loaded: bool = True) -> None:
+    """Raise a KvprError, before allocating anything, if a latency-mode batch of ``shape`` cannot run
+    here: its cache on its tier, the staging buffers and GPU-resident tokens of an offloaded one
+    (``weights_loaded=False``: counting the model's ``weight_bytes`` too, before they load)."""
+    check_context(target, shape.max_len)
+    cache, codec, budget, max_len = target.cache, target.codec, target.host_memory_gib, shape.max_len
+    what = f"the KV cache (b={shape.batch_size}, {max_len} slots, {shape.num_layers} layers)"
+    if isinstance(codec, CacheMethod):
+        device_bytes, host_bytes = codec.memory(shape, cache.offload is Offload.CPU)
+    elif cache.offload is Offload.CPU:
+        host_bytes = shape.kv_bytes(codec) + (shape.x_bytes(target.x_codec) if target.stores_inputs() else 0)
+        device_bytes = 2 * (shape.kv_bytes() + host_bytes) // shape.num_layers  # staging
+        wanted = cache.gpu_resident
+        if wanted != "auto" and wanted:  # an explicit count: its K,V must fit too
+            device_bytes += shape.kv_bytes() * min(int(wanted), max_len) // max_len
+        what += ", its staging buffers and GPU-resident tokens"
+    else:
+        device_bytes, host_bytes = shape.kv_bytes(), 0
+    if not weights_loaded:
+        device_bytes, what = device_bytes + weight_bytes, f"{what} with the weights of {target.name}"
+    if target.device.type != "cuda":  # one pool; a stated budget counts the loaded weights in it
+        check_host_memory(device_bytes + host_bytes, what, budget, held=weight_bytes if weights_loaded else 0)
+    else:
+        check_host_memory(host_bytes, what + " (its host share)", budget)
+        check_device_memory(device_bytes, target.device, what, budget)
+
+
+def check_block_fits(
+    target: Target,
+    throughput: ThroughputConfig,
+    batch_size: int,
+    max_len: int,
+    weights_loaded: bool,
+    buffers_made: bool,
+    offload_dir: Callable[[], Path | None],
+) -> None:
+    """Raise a KvprError, before allocating, if a throughput block of ``batch_size`` rows does not fit
+    its tiers (``weights_loaded=False``: with the weights, still to load; ``buffers_made``: the two GPU
+    layer buffers already held). ``check_run_memory`` of the same ``block_memory`` the policy search
+    plans with, against the same usable share of free memory; ``offload_dir`` is asked only when the
+    block has a disk share."""
+    check_context(target, max_len)
+    if batch_size > throughput.block_size:
+        raise KvprError(
+            f"{batch_size} rows exceed the block of {throughput.num_gpu_batches} GPU batches of "
+            f"{throughput.gpu_batch_size}: raise --num-gpu-batches or --gpu-batch-size"
+        )
+    memory = block_memory(
+        target.model, throughput, batch_size, max_len, target.stores_inputs(), element_size(target.dtype)
+    )
+    needs, everything = run_needs(memory, weights_loaded, buffers_made), run_needs(memory, False, False)
+    budget, device = target.host_memory_gib, target.device
+    on_host = (Tier.CPU,) if device.type == "cuda" else (Tier.CPU, Tier.GPU)  # a CPU run: one pool
+    held = sum(everything[tier] - needs[tier] for tier in on_host) if budget is not None else 0.0
+    free = {Tier.CPU: host_memory_limit(budget) - held}  # a stated budget counts what is held
+    if device.type == "cuda":
+        free[Tier.GPU] = DEVICE_FILL * free_device_bytes(device)
+    else:
+        needs[Tier.CPU] += needs[Tier.GPU]
+    what = f"a block of {batch_size} rows ({max_len} slots, --percent {throughput.placement})"
+    what += "" if weights_loaded else f" with the weights of {target.name}"
+    check_run_memory(needs, free, what)
+    if needs[Tier.DISK]:
+        check_offload_dir(offload_dir(), int(needs[Tier.DISK]), what + ": its disk share")  # type: ignore[arg-type]
+
+
+def check_before_loading(
+    target: Target,
+    throughput: ThroughputConfig | None,
+    batch_size: int,
+    max_len: int,
+    weight_bytes: int,
+    offload_dir: Callable[[], Path | None],
+) -> None:
+    """The check before the weights are built: they and the cache of a first batch of ``batch_size``
+    rows (throughput mode: a block of at most that many, its K,V uncompressed) fit where the
+    placement puts them. ``weight_bytes``: the model's, on the meta device, still to load."""
+    if throughput is None:
+        shape = CacheShape.for_model(target.model, batch_size, max_len, target.dtype)
+        check_cache_fits(target, shape, weight_bytes, weights_loaded=False)
+        return
+    check_throughput_cache(target.cache)
+    block = min(batch_size, throughput.block_size)
+    check_block_fits(target, throughput, block, max_len, False, False, offload_dir)  # nothing loaded or made yet
+
+
+def disk_tier_dir(throughput: ThroughputConfig | None, owner: object) -> Path | None:
+    """A fresh directory for a disk tier under ``--offload-dir``, removed with ``owner`` (None: the
+    placement has no disk tier)."""
+    if throughput is None or not throughput.placement.uses_disk:
+        return None
+    root = check_offload_dir(throughput.offload_dir, 0, "the disk tier")  # type: ignore[arg-type]
+    directory = Path(tempfile.mkdtemp(prefix="kvpr-", dir=root))
+    weakref.finalize(owner, shutil.rmtree, directory, True)
+    return directory
+
+
+def resident_cap(target: Target, shape: CacheShape) -> int:
+    """How many of the oldest tokens keep their K,V on the GPU (``--gpu-resident``)."""
+    wanted = target.cache.gpu_resident
+    if wanted != "auto":
+        return int(wanted)
+    if target.device.type != "cuda":
+        return 0  # no device memory apart from the host tier
+    free, _total = torch.cuda.mem_get_info(target.device)
+    staging = 2 * (shape.kv_bytes() + shape.x_bytes()) // shape.num_layers
+    # Keep room for the staging buffers, activations and allocator slack.
+    reserve = staging + free // 10 + 2 * 1024**3
+    return resident_tokens(target.model, shape.batch_size, shape.max_len, free, element_size(target.dtype), reserve)
+
+
+def recompute_fraction(
+    target: Target, throughput: ThroughputConfig, profile_path: str | None
+) -> Callable[[int], float]:
+    """Throughput mode's recompute policy: context length -> fraction of the CPU tier recomputed
+    (``profile_path``: the profile ``auto`` reads, measured here when absent)."""
+    recompute = target.cache.recompute
+    if not target.stores_inputs():
+        return lambda context_len: 0.0
+    if recompute != RECOMPUTE_AUTO:
+        return lambda context_len: float(recompute)
+    from kvpr.scheduler.profiler import load_or_measure
+    from kvpr.scheduler.throughput_policy import recompute_fraction_policy
+
+    profile = load_or_measure(target.device, target.model, target.dtype, throughput.gpu_batch_size, profile_path)
+    return recompute_fraction_policy(target.model, profile, throughput, element_size(target.dtype))
+
+
+def plan_throughput(
+    config: EngineConfig,
+    prompt_len: int,
+    gen_len: int,
+    allow_recompute: bool = True,
+    gpu_memory_gib: float | None = None,
+) -> ThroughputPlan:
+    """Throughput mode's policy search for this machine: placement, GPU batch size, number of GPU
+    batches and recompute fraction that maximise predicted tokens/s (``allow_recompute=False``:
+    FlexGen's own search). Plans on a measured profile, or on ``--profile FILE`` and
+    ``gpu_memory_gib`` on any machine. The plan fits the usable share (``DEVICE_FILL``) of the memory
+    free before the weights load, counting every item the run's own check counts
+    (``throughput_memory``), so the run accepts it."""
+    from kvpr.cache.disk import measure_disk_bps
+    from kvpr.scheduler.profile import HardwareProfile
+    from kvpr.scheduler.profiler import load_or_measure
+    from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputWorkload
+    from kvpr.scheduler.throughput_policy import search_policy
+
+    model = resolve_source(config.model, dummy_weights=True).config
+    runtime = config.runtime
+    if runtime.profile_path is not None:
+        profile = HardwareProfile.load(runtime.profile_path)
+        dtype = resolve_dtype(profile.dtype, torch.device("cpu"))
+    else:
+        device = resolve_device(runtime.device)
+        if device.type != "cuda":
+            raise KvprError("the throughput policy plans for a GPU: run on one, or pass --profile FILE measured there")
+        dtype = resolve_dtype(runtime.dtype, device)
+        profile = load_or_measure(device, model, dtype, 1, progress=True)
+    if gpu_memory_gib is not None:
+        gpu_bytes = gpu_memory_gib * 2**30
+    elif torch.cuda.is_available():
+        gpu_bytes = float(free_device_bytes(torch.device("cuda")))  # the profiler's freed buffers count as free
+    else:
+        raise KvprError("no GPU here to read free memory from: state the target's with --gpu-memory-gib")
+    this_machine = runtime.profile_path is None and gpu_memory_gib is None
+    host = host_memory_limit(runtime.host_memory_gib, check_total=this_machine)
+    offload_dir = config.throughput.offload_dir if config.throughput else None
+    disk_bytes, disk_rates = 0.0, (1e9, 1e9)  # rates unused without a disk tier
+    if offload_dir is not None:
+        disk_rates = measure_disk_bps(offload_dir)
+        disk_bytes = float(shutil.disk_usage(offload_dir).free) * 0.9
+    limits = MachineLimits(DEVICE_FILL * gpu_bytes, host, disk_bytes, *disk_rates)
+    return search_policy(
+        model,
+        profile,
+        limits,
+        ThroughputWorkload(prompt_len, gen_len),
+        allow_recompute=allow_recompute,
+        dtype_bytes=element_size(dtype),
+        offload_dir=offload_dir,
+    )
+
+
+def with_throughput_plan(config: EngineConfig, plan: ThroughputPlan) -> EngineConfig:
+    """``config`` running ``plan``: its placement and batches, its recompute fraction (the disk
+    directory and weight pinning stay the user's)."""
+    user = config.throughput or plan.config
+    throughput = dataclasses.replace(plan.config, offload_dir=user.offload_dir, pin_weight=user.pin_weight)
+    offload = Offload.NONE if throughput.placement.cache_gpu >= 100 else Offload.CPU
+    # r = 0 is "off", not a fraction of 0: a fraction stores X, which the plan did not count
+    recompute = plan.recompute_fraction if offload is Offload.CPU and plan.recompute_fraction > 0 else "off"
+    return config.replace(
+        throughput=throughput, cache=dataclasses.replace(config.cache, offload=offload, recompute=recompute)
+    )
