@@ -49,7 +49,8 @@ def run_needs(
 
 def check_run_memory(needs: Mapping[Tier, float], free: Mapping[Tier, float], what: str) -> None:
     """Raise a KvprError naming the first tier in ``free`` (usable bytes, slack already taken off)
-    whose need exceeds it. A pure function of sizes: ``kvpr.placement.check_block_fits`` (the run's own check) calls it."""
+    whose need exceeds it. A pure function of sizes; the run's own check,
+    ``kvpr.placement.check_block_fits``, calls it."""
     for tier, room in free.items():
         if needs[tier] > room:
             where = {Tier.GPU: "GPU memory", Tier.CPU: "host memory", Tier.DISK: "disk space"}[tier]
