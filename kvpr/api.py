@@ -263,6 +263,7 @@ class LLM:
         joined = [list(map(int, context)) + list(map(int, question)) for context, question in pairs]
         if any(len(ids) <= width for ids in joined):
             raise KvprError(f"a context is too short to leave a token for prefill beside a {width}-token question")
+        self._check_vocabulary(joined)  # the forced question tokens as well as the prefilled ones
         return self._run([ids[:-width] for ids in joined], params, None, [ids[-width:] for ids in joined])
 
     def _run(
@@ -282,9 +283,7 @@ class LLM:
             input_ids, valid = self._pad(rows)
             forced_ids = None
             if forced:
-                forced_rows = forced[first : first + block]
-                self._pad(forced_rows)  # the same vocabulary check as the prompts'
-                forced_ids = torch.tensor(forced_rows, dtype=torch.long, device=self.device)  # [b, f]
+                forced_ids = torch.tensor(forced[first : first + block], dtype=torch.long, device=self.device)  # [b, f]
             executor = self.make_executor(len(rows), input_ids.shape[1] + num_forced + params.max_new_tokens)
             callback = None if on_token is None else (lambda row, token, first=first: on_token(first + row, token))
             eos = self.model_config.eos_token_ids
@@ -307,9 +306,8 @@ class LLM:
         """Left-pad to one batch: ids and validity [b, q] on the compute device."""
         if any(len(ids) == 0 for ids in prompt_ids):
             raise KvprError("a prompt is empty after tokenization: give every prompt at least one token")
+        self._check_vocabulary(prompt_ids)
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for ids in prompt_ids for t in ids):
-            raise KvprError(f"a prompt token id lies outside the vocabulary [0, {vocab})")
         width = max(len(ids) for ids in prompt_ids)
         pad = self.model_config.pad_token_id
         pad = pad if pad is not None and 0 <= pad < vocab else 0
@@ -319,6 +317,11 @@ class LLM:
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             valid[row, width - len(ids) :] = True
         return input_ids.to(self.device), valid.to(self.device)
+
+    def _check_vocabulary(self, token_ids: Sequence[Sequence[int]]) -> None:
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for ids in token_ids for t in ids):
+            raise KvprError(f"a prompt token id lies outside the vocabulary [0, {vocab})")
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], prefix_len: int) -> torch.Tensor:

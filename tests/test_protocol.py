@@ -63,6 +63,8 @@ def test_questions_of_unequal_length_move_context_into_the_question(tiny_checkpo
     assert [a.token_ids for a in answered] == [g.token_ids for g in generated]
     with pytest.raises(KvprError, match="too short"):
         llm.answer([([], [6, 7, 8])], GREEDY)
+    with pytest.raises(KvprError, match="outside the vocabulary"):
+        llm.answer([([5, 6], [7, 10_000])], GREEDY)  # a question token is checked like a prompt's
 
 
 def test_encode_split_cuts_the_joint_tokenization() -> None:
