@@ -41,6 +41,7 @@ from kvpr.config import (
     parse_resident,
 )
 from kvpr.errors import KvprError
+from kvpr.eval.tasks import TASK_NAMES
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -263,7 +264,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--items", type=count, default=10, help="items per task and context length")
     evaluate.add_argument("--windows", type=at_least(0), default=4, help="perplexity windows per context length")
-    evaluate.add_argument("--tasks", nargs="+", default=None, help="passkey, kv_retrieval, multi_doc (default: all)")
+    evaluate.add_argument(
+        "--tasks", nargs="+", default=None, choices=TASK_NAMES, help="task families to run (default: all)"
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the items and windows")
     evaluate.add_argument("--batch-size", type=count, default=4, help="items run together")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -276,7 +279,6 @@ def _parser() -> argparse.ArgumentParser:
 def _run_eval(args: argparse.Namespace) -> int:
     from kvpr.api import LLM
     from kvpr.eval.harness import cache_for_spec, evaluate, write_report
-    from kvpr.eval.tasks import TASK_NAMES
 
     check_output_path(args.out, "--out", directory=True)  # before the evaluation, not after it
     recompute = parse_recompute(args.recompute)
