@@ -1,0 +1,177 @@
+"""The same operator and memory model on a measured GPU: kvpr's decode step on the H200, from the
+rates ``kvpr profile`` measured there (no constant of the device lives in this file).
+
+A layer of kvpr's overlapped executor (runtime/latency.py) is three queues, each summed over its work
+(DESIGN.md section 2, plus the layer's own ops on the compute stream):
+
+    copy stream     t_x(l) + t_kv(s - l)                 link bytes / H2D rate at the block size
+    compute stream  t_x/c + t_rc + t_dec + linear + attn  recompute at the measured rate for its rows,
+                                                          a K,V codec's decode at its measured rate,
+                                                          every projection max(FLOPs / GEMM peak,
+                                                          fp16 weights / HBM), attention's fp16 K,V / HBM
+    host            h_layer + c * h_chunk                 measured issue times
+    layer = max(copy, compute, host);  step = layers + LM head
+
+KVO's layers (runtime/kvo_cache.py, zero-copy gather): the selected rows cross PCIe inside a kernel on
+the compute stream, then select/decode/attend read the workload's bytes (anchors, rows, recent window,
+and each eager intermediate written and read back) from HBM; the host issue is the dense layer's.
+transformers' offloaded cache copies each layer's K,V to the host and back on the compute stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvpr.config import ModelConfig
+from kvpr.sim.workload import DecodeStep, Op, Unit, VRows, decode_step
+
+if TYPE_CHECKING:
+    from kvpr.scheduler.cost_model import RateCurve
+    from kvpr.scheduler.profile import HardwareProfile
+
+
+@dataclass(frozen=True)
+class GpuMachine:
+    """One GPU's measured rates: ``profile`` for the model's shape and batch, ``device_profile`` for
+    the device-wide rates a format-3 profile lacks (device memory)."""
+
+    profile: HardwareProfile
+    hbm_bytes_per_s: float
+    sources: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: str | Path, device_path: str | Path | None = None) -> GpuMachine:
+        from kvpr.scheduler.profile import HardwareProfile
+
+        profile = HardwareProfile.load(path)
+        hbm = profile.hbm_bytes_per_s()
+        sources = [Path(path).name]
+        if hbm is None:
+            if device_path is None:
+                raise ValueError(f"{path} has no device-memory rate: give a profile of the same device that has one")
+            hbm = HardwareProfile.load(device_path).hbm_bytes_per_s()
+            sources.append(Path(device_path).name)
+        assert hbm is not None
+        return cls(profile, hbm, tuple(sources))
+
+    @property
+    def gemm_peak(self) -> float:
+        return self.profile.gemm.peak
+
+    def h2d_s(self, nbytes: float, block: float | None = None) -> float:
+        return nbytes / self.profile.h2d.rate(block or nbytes) if nbytes > 0 else 0.0
+
+    def linear_s(self, op: Op) -> float:
+        return max(2 * op.macs / self.gemm_peak, op.weight_bytes / self.hbm_bytes_per_s)
+
+    def rate_s(self, curve: RateCurve, work: float, size: float) -> float:
+        return work / curve.rate(size) if work > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    copy_s: float
+    compute_s: float
+    host_s: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.copy_s, self.compute_s, self.host_s)
+
+
+def _layer_compute_s(gpu: GpuMachine, step: DecodeStep) -> float:
+    """The projections and the MLP of one layer plus attention over the fp16 staging buffer."""
+    ops = step.layers[0].ops
+    linear = sum(gpu.linear_s(op) for op in ops if op.unit is Unit.MATRIX)
+    return linear + step.kv_read_bytes / step.layers[0].count / gpu.hbm_bytes_per_s
+
+
+def offloaded_layer(
+    gpu: GpuMachine, model: ModelConfig, b: int, s: int, recompute_len: int, num_chunks: int,
+    x_codec: str = "none", kv_codec: str = "none",
+) -> LayerTimes:  # fmt: skip
+    """One layer of the overlapped executor at context ``s`` with ``l`` recomputed in ``c`` chunks."""
+    from kvpr.cache.codec import make_x_codec
+    from kvpr.sim.workload import dense_kv_bytes_per_token
+
+    p, h = gpu.profile, model.hidden_size
+    rl, c = recompute_len, max(1, min(num_chunks, recompute_len)) if recompute_len else 1
+    xc = make_x_codec(x_codec, h)
+    x_bytes = rl * (b * h * 2 if xc is None else xc.bytes_per_token(b, h))
+    kv_stored = (s - rl) * dense_kv_bytes_per_token("fp16" if kv_codec == "none" else kv_codec, b, model.num_kv_heads,
+                                                   model.head_dim)  # fmt: skip
+    t_x = gpu.h2d_s(x_bytes, x_bytes / c)
+    t_kv = gpu.h2d_s(kv_stored)
+    flops = 2.0 * b * rl * h * 2 * model.kv_size
+    t_rc = gpu.rate_s(p.recompute_curve(x_codec), flops, b * rl / c)
+    decode = p.kv_decode.get(kv_codec)
+    t_dec = gpu.rate_s(decode, kv_stored, kv_stored) if decode is not None and kv_stored else 0.0
+    step = decode_step(model, model.model_type, b, s, "fp16", weight_bits=16)
+    compute = t_x / c + t_rc + t_dec + _layer_compute_s(gpu, step)
+    host = p.host_issue(x_codec).seconds(rl, c)
+    return LayerTimes(t_x + t_kv, compute, host)
+
+
+def lm_head_s(gpu: GpuMachine, model: ModelConfig, b: int) -> float:
+    step = decode_step(model, model.model_type, b, 0, "fp16", weight_bits=16)
+    return sum(gpu.linear_s(op) for op in step.head)
+
+
+def kvpr_offloaded_ms(
+    gpu: GpuMachine, model: ModelConfig, b: int, prompt_len: int, splits: list[tuple[int, int]],
+    x_codec: str = "none", kv_codec: str = "none", skip: int = 1,
+) -> float:  # fmt: skip
+    """Mean decode ms/token over the steps after the first ``skip`` (as bench_latency times them);
+    ``splits[k]`` = (l, c) of decode step k, which runs with ``prompt_len + k`` cached tokens."""
+    times = []
+    for k, (recompute_len, c) in enumerate(splits):
+        if k < skip:
+            continue
+        layer = offloaded_layer(gpu, model, b, prompt_len + k, recompute_len, c, x_codec, kv_codec)
+        times.append(model.num_layers * layer.seconds + lm_head_s(gpu, model, b))
+    return 1e3 * sum(times) / len(times)
+
+
+def kvo_layer(gpu: GpuMachine, model: ModelConfig, b: int, s: int, kvo_config: object | None = None) -> LayerTimes:
+    """One KVO layer of the compressed executor with its rows in pinned host memory (zero-copy)."""
+    step = decode_step(model, model.model_type, b, s, "kvo", kvo_config, weight_bits=16, v_rows=VRows.PER_CHUNK)
+    group = step.layers[-1]
+    link = step.kv_link_bytes / group.count
+    hbm = sum(op.kv_bytes + 2 * op.inter_bytes for op in group.ops if op.unit is Unit.ATTENTION) - link
+    linear = sum(gpu.linear_s(op) for op in group.ops if op.unit is Unit.MATRIX)
+    compute = gpu.h2d_s(link) + hbm / gpu.hbm_bytes_per_s + linear
+    return LayerTimes(0.0, compute, gpu.profile.host_issue().seconds(0, 1))
+
+
+def kvpr_kvo_ms(gpu: GpuMachine, model: ModelConfig, b: int, prompt_len: int, steps: int, skip: int = 1) -> float:
+    """Mean decode ms/token of ``--kv-codec kvo --offload cpu``: dense first layers on the device."""
+    from kvpr.compress.kvo import KVOConfig
+
+    dense_layers = min(KVOConfig().uncompressed_layers, model.num_layers)
+    times = []
+    for k in range(skip, steps):
+        s = prompt_len + k
+        dense = decode_step(model, model.model_type, b, s, "fp16", weight_bits=16)
+        dense_s = max(_layer_compute_s(gpu, dense), gpu.profile.host_issue().seconds(0, 1))
+        kvo = kvo_layer(gpu, model, b, s).seconds
+        times.append(dense_layers * dense_s + (model.num_layers - dense_layers) * kvo + lm_head_s(gpu, model, b))
+    return 1e3 * sum(times) / len(times)
+
+
+def hf_ms(gpu: GpuMachine, model: ModelConfig, b: int, prompt_len: int, steps: int, offloaded: bool,
+          skip: int = 1) -> float:  # fmt: skip
+    """transformers' decode: its DynamicCache concatenates each layer's K,V every step (read and
+    written once more); offloaded, the layer's K,V go to the host and back on the compute stream.
+    Its host issue is not modelled: kvpr's profile does not time transformers' Python."""
+    times = []
+    for k in range(skip, steps):
+        s = prompt_len + k
+        step = decode_step(model, model.model_type, b, s, "fp16", weight_bits=16)
+        kv = step.kv_read_bytes / model.num_layers
+        layer = _layer_compute_s(gpu, step) + 2 * kv / gpu.hbm_bytes_per_s  # attention + the cat's copy
+        if offloaded:
+            layer += gpu.h2d_s(kv) + kv / gpu.profile.d2h.rate(kv)
+        times.append(model.num_layers * layer + lm_head_s(gpu, model, b))
+    return 1e3 * sum(times) / len(times)

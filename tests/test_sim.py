@@ -1,0 +1,199 @@
+"""kvpr sim: operator cycles worked by hand, K,V bytes against the runtime's own accounting, energy
+totals, the two techniques moving time the expected way, the peak against the paper, the H200 model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpr.cache.codec import make_codec
+from kvpr.cache.rows import GatherStaging
+from kvpr.cache.storage import CacheShape
+from kvpr.compress.kvo import KVOConfig
+from kvpr.config import ModelConfig
+from kvpr.models.registry import builtin_config
+from kvpr.runtime.kvo_cache import KVOCache
+from kvpr.sim.dataflow import attention_op, fused_chain, matrix_op, os_gemm_cycles, pipelined
+from kvpr.sim.hardware import PAPER, Accelerator, EnergyTable, MatrixCore, dense_baseline, kvo_llm
+from kvpr.sim.report import machine_step
+from kvpr.sim.workload import Gemm, Op, Unit, VRows, decode_step, kvo_reads
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(n_kv: int = 2, d: int = 64) -> ModelConfig:
+    return ModelConfig.from_hf(
+        {"model_type": "llama", "hidden_size": 2 * n_kv * d, "intermediate_size": 256, "num_hidden_layers": 4,
+         "num_attention_heads": 2 * n_kv, "num_key_value_heads": n_kv, "vocab_size": 100}
+    )  # fmt: skip
+
+
+# -- cycles of single operators ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "scalesim_cycles"),
+    [(16, 128, 64, 631), (32, 256, 48, 1715), (16, 64, 16, 93)],  # SCALE-Sim 3.0.0, os, 16 x 16, COMPUTE_REPORT
+)
+def test_output_stationary_cycles_match_scalesim(m: int, k: int, n: int, scalesim_cycles: int) -> None:
+    assert os_gemm_cycles(Gemm(m, k, n), 16, 16) == scalesim_cycles
+
+
+def test_output_stationary_cycles_by_hand() -> None:
+    # [5, 10] x [10, 9] on a 4 x 4 array: ceil(5/4) * ceil(9/4) = 6 tiles of 10 + 4 + 4 - 2 = 16 cycles
+    assert os_gemm_cycles(Gemm(5, 10, 9), 4, 4) == 6 * 16 - 1
+    # int4 packs two MACs a PE: K = 10 takes 5 cycles
+    assert os_gemm_cycles(Gemm(5, 10, 9), 4, 4, macs_per_pe=2.0) == 6 * 11 - 1
+    assert pipelined(3.0, 10.0, 4.0, 5) == 3 + 4 * 10 + 10
+    assert pipelined(3.0, 2.0, 4.0, 5) == 3 + 4 * 4 + 2
+
+
+def test_matrix_op_cycles_by_hand() -> None:
+    # one core of 4 x 4, DRAM 8 bytes a cycle at full efficiency: [4, 16] x [16, 8] int8, 128 weight bytes
+    machine = Accelerator("t", clock_hz=1.0, num_matrix_cores=1, matrix=MatrixCore(4, 4, 1 << 20))
+    machine = machine.with_(dram=machine.dram.__class__(bytes_per_s=8.0, eff_max=1.0, n_half=0.0))
+    op = Op("lin", Unit.MATRIX, macs=4 * 16 * 8, gemm=Gemm(4, 16, 8), weight_bytes=128)
+    cycles = matrix_op(op, machine)
+    # 2 column tiles, each 16 + 4 + 4 - 2 = 22 cycles of MACs and 64 bytes = 8 cycles of loads
+    assert cycles.compute == 44
+    assert cycles.memory == 16
+    assert cycles.cycles == 8 + 22 + 22
+    assert cycles.dram_bytes == 128
+
+
+def test_attention_ops_and_fused_chain_by_hand() -> None:
+    machine = kvo_llm().with_(dram=kvo_llm().dram.__class__(bytes_per_s=800e6 * 100, eff_max=1.0, n_half=0.0))
+    score = Op("score", Unit.ATTENTION, macs=10240, kv_bytes=1000.0, kv_run_bytes=100.0, inter_bytes=50.0)
+    softmax = Op("softmax", Unit.ATTENTION, elements=320, inter_bytes=50.0)
+    a, s = attention_op(score, machine), attention_op(softmax, machine)
+    assert (a.compute, a.memory) == (10.0, 10.0)  # 10240 MACs on 1024 lanes; 1000 bytes at 100 a cycle
+    assert s.compute == 10.0  # 320 exponentials at 32 a cycle
+    unfused = machine.with_(fusion=False)
+    assert attention_op(score, unfused).memory == 10.0 + 2 * 50 / 100  # the scores written and read back
+    # fused over 2 heads: the busiest stage (lanes, dram, softmax: 10 each) plus the others' share of one head
+    assert fused_chain([a, s], heads=2) == 10.0 + 20.0 / 2
+
+
+# -- K,V bytes against the codecs and the runtime -------------------------------------------------
+
+
+@pytest.mark.parametrize("top_chunks", [4, 64])
+def test_kvo_bytes_equal_the_runtime_accounting(top_chunks: int) -> None:
+    b, n, d, s = 2, 2, 64, 300
+    model, config = tiny_model(n, d), KVOConfig(top_chunks=top_chunks)
+    shape = CacheShape(1, s + 8, b, n, d, 2 * n * d, torch.float32)
+    cache = KVOCache(config, shape, torch.device("cpu"), on_host=True, staging=GatherStaging(False))
+    torch.manual_seed(0)
+    k, v = torch.randn(s, b, n, d), torch.randn(s, b, n, d)
+    cache.prefill(k, v, torch.ones(s, b, dtype=torch.bool), torch.rand(s, b, n))
+    with torch.inference_mode():
+        cache.decode(torch.randn(b, 2 * n, d), torch.randn(b, n, d), torch.randn(b, n, d))
+    assert cache._read_v_rows is not None
+    distinct = torch.unique(cache._read_v_rows).numel() / (b * n)
+    reads = kvo_reads(model, b, s, config, VRows.DISTINCT, distinct_groups=distinct)
+    assert reads.read_bytes == cache.read_bytes
+    assert reads.link_bytes == cache.link_bytes  # staged gather: K rows and each distinct V row once
+    per_chunk = kvo_reads(model, b, s, config, VRows.PER_CHUNK)
+    assert per_chunk.link_bytes == b * n * reads.selected * (cache.k_layout.row_bytes + cache.v_layout.row_bytes)
+    if top_chunks >= reads.num_chunks:  # every chunk read: the expectation is exact
+        assert kvo_reads(model, b, s, config, VRows.DISTINCT).read_bytes == cache.read_bytes
+
+
+def test_kvo_bytes_per_window_equal_the_codec() -> None:
+    """A window's anchors, K rows and V rows, plus the orders the runtime keeps aside, are the codec's
+    ``window_nbytes`` (rows carry no padding at d = 128)."""
+    config, b, n, d = KVOConfig(), 3, 4, 128
+    model = tiny_model(n, d)
+    # a context whose every chunk is read and scored by none: 2 windows finalised, recent window of 64 + 1
+    reads = kvo_reads(model, b, 3 * config.window - 1, KVOConfig(top_chunks=1000), VRows.DISTINCT)
+    windows = reads.num_chunks * config.chunk // config.window
+    order = b * n * reads.num_chunks * math.ceil(config.chunk * config.order_bits / 8)
+    packed = reads.anchor_bytes + reads.k_row_bytes + reads.v_row_bytes + order
+    assert packed == windows * config.window_nbytes(b, n, d)
+    assert make_codec("kvo").bytes_per_token(b, n, d) == config.window_nbytes(b, n, d) / config.window
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int4"])
+def test_dense_kv_bytes_equal_the_codec(codec: str) -> None:
+    b, s, model = 2, 37, tiny_model()
+    step = decode_step(model, "tiny", b, s, codec)
+    kv = torch.randn(s + 1, b, model.num_kv_heads, model.head_dim)
+    encoded = make_codec(codec).encode(kv, kv)
+    assert step.kv_read_bytes == model.num_layers * encoded.nbytes
+
+
+def test_kvo_step_keeps_the_first_layers_dense() -> None:
+    model = builtin_config("llama-2-7b")
+    step = decode_step(model, "llama-2-7b", 16, 4096, "kvo")
+    assert [(g.kind, g.count) for g in step.layers] == [("dense", 2), ("kvo", 30)]
+    fp16 = decode_step(model, "llama-2-7b", 16, 4096, "fp16")
+    per_layer = step.notes["kvo_layer_read_bytes"] / step.notes["fp16_layer_read_bytes"]
+    assert 0.05 < per_layer < 0.15  # the paper: about 94% fewer bytes read per step at 3.5K
+    assert step.kv_read_bytes < 0.2 * fp16.kv_read_bytes
+
+
+# -- energy, the two techniques, the peak ----------------------------------------------------------
+
+
+def test_energy_totals() -> None:
+    model = builtin_config("llama-2-7b")
+    result = machine_step(model, "llama-2-7b", 16, 4096, kvo_llm())
+    e, energy = kvo_llm().energy, result.energy_j()
+    assert energy["mac"] == pytest.approx(sum(op.macs * e.mac_pj(op.precision) for op in result.ops) * 1e-12)
+    assert energy["dram"] == pytest.approx(result.dram_bytes * 3.9 * 8 * 1e-12)
+    assert energy["static"] == pytest.approx(0.1 * result.seconds / 2)  # two batches share the time
+    assert result.macs == result.step.macs
+    assert EnergyTable().mac_int8_pj == pytest.approx(0.3 * 28 / 45)
+
+
+def test_fusion_and_interleaving_move_time_the_expected_way() -> None:
+    model = builtin_config("llama-2-7b")
+    run = {
+        (f, i): machine_step(model, "llama-2-7b", 16, 8192, kvo_llm().with_(fusion=f, interleave=i))
+        for f in (True, False)
+        for i in (True, False)
+    }
+    # fusion keeps the chain's intermediates out of DRAM: fewer bytes, a shorter attention phase
+    assert run[True, False].dram_bytes < run[False, False].dram_bytes
+    assert run[True, False].phases[-1].attention < run[False, False].phases[-1].attention
+    assert run[True, False].seconds < run[False, False].seconds
+    # interleaving hides memory-bound attention under compute-bound projections: more tokens/s
+    assert run[True, True].tokens_per_s > run[True, False].tokens_per_s
+    assert run[False, True].tokens_per_s > run[False, False].tokens_per_s
+    dense = machine_step(model, "llama-2-7b", 16, 8192, dense_baseline("fp16"))
+    assert run[True, True].tokens_per_s > dense.tokens_per_s
+
+
+def test_peak_reproduces_the_paper_within_5_percent() -> None:
+    machine = kvo_llm()
+    assert machine.peak_gops == 2 * 2048 * 800e6 / 1e9
+    assert abs(machine.peak_gops / PAPER["peak_gops"] - 1) < 0.05
+    assert abs(machine.peak_gops / machine.peak_power_w / PAPER["gops_per_w"] - 1) < 0.05
+
+
+# -- the H200 model and the command ----------------------------------------------------------------
+
+
+def test_h200_validation_of_the_link_bound_rows() -> None:
+    from kvpr.sim.validation import validation_rows
+
+    rows = {row["workload"]: row for row in validation_rows(ROOT)}
+    for name in ("opt-6.7b 32 x 256 + 32, kvpr-off", "opt-6.7b 16 x 2016 + 16, kvpr-auto",
+                 "llama-3-8b 16 x 2048 + 16, kvpr-off"):  # fmt: skip
+        assert abs(rows[name]["error"]) < 0.05, rows[name]
+        assert rows[name]["measured_source"].startswith("benchmarks/results/")
+
+
+def test_kvpr_sim_command_writes_json_and_png(tmp_path: Path) -> None:
+    from kvpr.cli import main
+
+    out = tmp_path / "sim"
+    assert main(["sim", "--context", "2048", "--sweep-context", "1024", "--sweep-batch", "8", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["machines"][0]["machine"] == "kvo-llm"
+    assert report["headline"]["vs"]["dense-fp16"]["throughput"] > 1.0
+    assert out.with_suffix(".png").stat().st_size > 10_000
