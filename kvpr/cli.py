@@ -23,6 +23,7 @@ from kvpr.cli_checks import (
     positive_float,
 )
 from kvpr.cli_commands import run_plan, run_profile
+from kvpr.sim.cli import register_sim, run_sim
 from kvpr.config import (
     DEFAULT_NUM_CHUNKS,
     RECOMPUTE_AUTO,
@@ -273,6 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     evaluate.add_argument("--out", default="eval-results", help="directory for the JSON, markdown and PNG")
     evaluate.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    register_sim(command)
     return parser
 
 
@@ -478,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "profile": run_profile,
             "plan": run_plan,
             "eval": _run_eval,
+            "sim": run_sim,
         }
         return runners[args.command](args)
     except SystemExit as done:  # --help and --version
