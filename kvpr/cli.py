@@ -23,7 +23,6 @@ from kvpr.cli_checks import (
     positive_float,
 )
 from kvpr.cli_commands import run_plan, run_profile
-from kvpr.sim.cli import register_sim, run_sim
 from kvpr.config import (
     DEFAULT_NUM_CHUNKS,
     RECOMPUTE_AUTO,
@@ -43,6 +42,7 @@ from kvpr.config import (
 )
 from kvpr.errors import KvprError
 from kvpr.eval.tasks import TASK_NAMES
+from kvpr.sim.cli import register_sim, run_sim
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
