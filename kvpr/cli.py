@@ -1,4 +1,4 @@
-"""``kvpr generate | bench | profile | plan | eval``: argparse -> EngineConfig -> api. Nothing else.
+"""``kvpr generate | bench | profile | plan | eval | serve``: argparse -> EngineConfig -> api. Nothing else.
 
 Every user-fixable problem (a bad flag value too) is a KvprError, printed as one line with exit
 code 2; Ctrl-C prints one line and exits 130, the shell's code for SIGINT, so scripts can tell an
@@ -42,6 +42,7 @@ from kvpr.config import (
 )
 from kvpr.errors import KvprError
 from kvpr.eval.tasks import TASK_NAMES
+from kvpr.serve.cli import add_serve_flags, run_serve
 from kvpr.sim.cli import register_sim, run_sim
 
 
@@ -275,6 +276,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="eval-results", help="directory for the JSON, markdown and PNG")
     evaluate.add_argument("--json", action="store_true", help="also print the rows as JSON")
     register_sim(command)
+
+    serve = command("serve", "an OpenAI-compatible HTTP server that batches concurrent requests")
+    _add_engine_flags(serve)
+    add_serve_flags(serve)
     return parser
 
 
@@ -480,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "profile": run_profile,
             "plan": run_plan,
             "eval": _run_eval,
+            "serve": lambda args: run_serve(args, build_engine_config),
             "sim": run_sim,
         }
         return runners[args.command](args)

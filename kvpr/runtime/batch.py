@@ -38,3 +38,20 @@ class BatchState:
         mask = causal.unsqueeze(0) & self.valid[:, :end].unsqueeze(1)  # [b, q, S]
         mask |= key_slots.unsqueeze(0) == query_slots.unsqueeze(1)
         return positions, mask.unsqueeze(1)
+
+    # -- rows filled and freed between decode steps (continuous batching: generation.RowBatch) --------
+
+    def place(self, rows: torch.Tensor, valid_rows: torch.Tensor) -> None:
+        """Rows ``rows`` [k] now hold new prompts, left-padded in the last ``q`` slots: valid_rows [k, q].
+
+        Everything the rows held before is dropped; their positions restart at 0.
+        """
+        k, q = valid_rows.shape
+        start = self.length - q
+        assert start >= 0 and rows.shape == (k,), (start, rows.shape, valid_rows.shape)
+        counts = valid_rows.long().cumsum(dim=1)  # [k, q]
+        self.valid[rows] = False
+        self.positions[rows] = 0
+        self.valid[rows, start : self.length] = valid_rows
+        self.positions[rows, start : self.length] = (counts - 1).clamp(min=0)
+        self.num_real[rows] = counts[:, -1]

@@ -1,15 +1,22 @@
-"""The token loop: prefill, then feed any forced tokens, then decode and sample until every row stops."""
+"""The token loop: prefill, then feed any forced tokens, then decode and sample until every row stops.
+
+A server drives the same executors step by step instead: ``RowBatch`` lets prompts join a running
+batch between decode steps, ``FixedBatch`` runs caches that must be prefilled whole.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.profiler import record_function
 
 from kvpr.config import SamplingParams
+from kvpr.models.common import attend
+from kvpr.runtime.batch import BatchState
 from kvpr.runtime.executor import Executor
 from kvpr.runtime.sampling import make_generator, sample_next
 from kvpr.runtime.streams import TokenMailbox
@@ -104,3 +111,268 @@ def generate_tokens(
         step_s=step_s,
         recompute_lens=list(executor.recompute_lens),
     )
+
+
+# -- step-wise generation for a server: rows that join and leave between decode steps ---------------
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded into one block: ids and validity [k, q] on ``device``."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        valid[row, width - len(ids) :] = True
+    return input_ids.to(device), valid.to(device)
+
+
+def supports_row_joins(executor: object) -> bool:
+    """Whether prompts may join ``executor``'s batch between decode steps: the dense latency-mode
+    cache, whose rows are independent token-major slots. The cache methods and throughput mode keep
+    per-layer state that one prefill builds for the whole batch, so their batches run whole."""
+    return isinstance(executor, Executor)
+
+
+class RowBatch:
+    """A dense cache whose free rows take new prompts between decode steps (continuous batching).
+
+    All rows share one token count ``S``. ``start`` prefills a fresh batch (rows without a prompt
+    are all padding); afterwards ``join`` prefills prompts of at most ``S`` tokens on their own rows
+    and writes them right-aligned into tokens ``[S - q, S)`` of rows whose request ended, which the
+    other rows never see. Validity says which tokens of a row are its own::
+
+        [0, S - q)        nothing: the row's earlier request, or padding
+        [S - q, S)        the new prompt (its own left padding invalid), then each generated token
+
+    The slot count only grows; ``reset`` empties the batch once no row is live.
+    """
+
+    joins_running = True
+
+    def __init__(self, executor: Executor) -> None:
+        if not supports_row_joins(executor):
+            raise ValueError(f"{type(executor).__name__} keeps no independent rows: run it as a FixedBatch")
+        self.executor = executor
+        self.layout: _Layout = _TierLayout() if hasattr(executor, "tiers") else _SlotLayout()
+
+    @property
+    def width(self) -> int:
+        return self.executor.batch.valid.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.executor.batch.valid.shape[1]
+
+    @property
+    def length(self) -> int:
+        """S: tokens in every row's slots, padding included."""
+        return self.executor.batch.length
+
+    def reset(self) -> None:
+        """Forget every row: the next ``start`` prefills at token 0 (the storage is reused)."""
+        executor = self.executor
+        executor.finish()
+        executor.batch = BatchState(self.width, self.capacity, executor.device)
+        self.layout.reset(executor)
+        for name in ("recompute_lens", "host_lens"):
+            getattr(executor, name, []).clear()
+
+    def start(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+        """Prefill an empty batch: ``prompts`` on ``rows``, the other rows all padding. Returns the
+        logits [k, V] after each prompt's last token."""
+        assert self.length == 0, "start an empty batch (reset it first)"
+        input_ids, valid = left_pad(prompts, pad_id, self.executor.device)  # [k, q]
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.executor.device)  # [k]
+        all_ids = torch.full((self.width, input_ids.shape[1]), pad_id, dtype=torch.long, device=index.device)
+        all_valid = torch.zeros_like(all_ids, dtype=torch.bool)  # [b, q]
+        all_ids[index], all_valid[index] = input_ids, valid
+        return self.executor.prefill(all_ids, all_valid)[index, -1]
+
+    def fits(self, prompt_len: int) -> bool:
+        """Whether a prompt may join now: it must lie within the tokens the batch already has."""
+        return 0 < prompt_len <= self.length
+
+    @torch.inference_mode()
+    def join(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+        """Prefill ``prompts`` (each ``fits``) on the free ``rows`` and place them in the last
+        tokens; returns the logits [k, V] after each prompt's last token. Live rows are untouched."""
+        executor = self.executor
+        assert all(self.fits(len(ids)) for ids in prompts)
+        executor.finish()  # every write-back has landed before rows are overwritten
+        input_ids, valid = left_pad(prompts, pad_id, executor.device)  # [k, q]
+        index = torch.tensor(list(rows), dtype=torch.long, device=executor.device)  # [k]
+        start = self.length - input_ids.shape[1]
+        model = executor.model
+        positions, mask = BatchState(*input_ids.shape, executor.device).append(valid)  # [k, q], [k, 1, q, q]
+        rope = model.rope(positions, executor.dtype)  # [k, q, 1, d]
+        hidden = model.embed(input_ids, positions)  # [k, q, h]
+        self.layout.clear_rows(executor, index)
+        for layer_index, layer in enumerate(executor.layers):  # Executor.prefill's arithmetic, on k rows
+            x = layer.attn_input(hidden)  # [k, q, h]
+            k, v = layer.kv_from_input(x, rope)  # [k, q, n_kv, d]
+            out = attend(layer.query(x, rope), k.transpose(1, 2), v.transpose(1, 2), mask)
+            tokens = (k.transpose(0, 1), v.transpose(0, 1), x.transpose(0, 1))  # [q, k, ...] each
+            self.layout.write(executor, layer_index, index, start, valid, *tokens)
+            hidden = layer.finish(hidden, out)
+        executor.batch.place(index, valid)
+        return model.logits(hidden[:, -1:])[:, -1]  # [k, V]
+
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step of every row ([b] -> logits [b, V]); free rows run on any token, unread."""
+        logits = self.executor.decode(token_ids)
+        for name in ("recompute_lens", "host_lens"):  # a server runs for days: keep the last step's
+            del getattr(self.executor, name, [])[:-1]
+        return logits
+
+    def last_split(self) -> tuple[int, int]:
+        """(l, host tokens) of the last decode step: recomputed from X, and all read from the host."""
+        return self.layout.last_split(self.executor)
+
+    def link_bytes(self) -> tuple[int, int]:
+        """(host-to-device, device-to-host) bytes a decode step moves now, all layers; device-to-host
+        is the new token's share of the write-back."""
+        executor, storage = self.executor, self.executor.storage
+        if not executor.offloaded:
+            return 0, 0
+        recompute_len, host_len = self.last_split()
+        kv_token = sum(storage.part(name, 0)[0].nbytes for name in storage.part_names)  # all rows
+        x_token = sum(storage.x_part(name, 0)[0].nbytes for name in storage.x_part_names)
+        layers = storage.shape.num_layers
+        return layers * (recompute_len * x_token + (host_len - recompute_len) * kv_token), layers * (kv_token + x_token)
+
+
+class _Layout:
+    """Where a dense executor keeps token ``t`` of a row: what ``RowBatch`` needs to write rows."""
+
+    def reset(self, executor: Any) -> None:
+        raise NotImplementedError
+
+    def clear_rows(self, executor: Any, rows: torch.Tensor) -> None:
+        """Forget every token of ``rows`` outside the batch state (per-slot validity of a tier)."""
+
+    def write(
+        self, executor: Any, layer: int, rows: torch.Tensor, start: int, valid: torch.Tensor, *tokens: torch.Tensor
+    ) -> None:
+        """Tokens [start, start+q) of ``rows``: k, v [q, k, n_kv, d], x [q, k, h]; valid [k, q]."""
+        raise NotImplementedError
+
+    def last_split(self, executor: Any) -> tuple[int, int]:
+        raise NotImplementedError
+
+
+def _store_host(storage: Any, layer: int, rows: torch.Tensor, start: int, k: Any, v: Any, x: Any) -> None:
+    """Host-tier slots [start, start+t) of ``rows``, as the tier stores them (codec parts, X parts)."""
+    end = start + k.shape[0]
+    parts = [(storage.part(name, layer), part) for name, part in storage.codec.encode(k, v).tensors.items()]
+    if storage.store_inputs:
+        parts += [(storage.x_part(name, layer), part) for name, part in storage.encode_x(x).items()]
+    host_rows = rows.to(storage.device)
+    for stored, part in parts:
+        stored[start:end, host_rows] = part.to(storage.device)  # [t, k, ...]
+
+
+class _SlotLayout(_Layout):
+    """Token ``t`` in storage slot ``t``; the oldest ``resident_len`` also on the device."""
+
+    def reset(self, executor: Any) -> None:
+        executor.storage.length = 0
+        executor.resident_len, executor.resident_k, executor.resident_v = 0, None, None
+
+    def write(
+        self, executor: Any, layer: int, rows: torch.Tensor, start: int, valid: torch.Tensor, *tokens: torch.Tensor
+    ) -> None:
+        k, v, x = tokens
+        _store_host(executor.storage, layer, rows, start, k, v, x)
+        resident = executor.resident_len
+        if start < resident:  # the device copy of the oldest tokens, as computed
+            executor.resident_k[layer][start:resident, rows] = k[: resident - start]
+            executor.resident_v[layer][start:resident, rows] = v[: resident - start]
+
+    def last_split(self, executor: Any) -> tuple[int, int]:
+        recompute_len = executor.recompute_lens[-1] if executor.recompute_lens else 0
+        host_len = executor.storage.length - 1 - executor.resident_len if executor.offloaded else 0
+        return recompute_len, max(0, host_len)
+
+
+class _TierLayout(_Layout):
+    """The two tiers of ``kvpr.runtime.tiers``: a GPU prefix, the host tier, then the GPU tail."""
+
+    def reset(self, executor: Any) -> None:
+        from kvpr.runtime.tiers import TierState
+
+        executor.tiers = TierState(executor.plan)
+        executor.storage.length = 0
+        executor.gpu_valid.zero_()
+
+    def clear_rows(self, executor: Any, rows: torch.Tensor) -> None:
+        executor.gpu_valid[rows] = False
+
+    def write(
+        self, executor: Any, layer: int, rows: torch.Tensor, start: int, valid: torch.Tensor, *tokens: torch.Tensor
+    ) -> None:
+        k, v, x = tokens
+        tiers, plan = executor.tiers, executor.plan
+        end, host_end = start + k.shape[0], tiers.prefix + tiers.host
+        gpu_k, gpu_v = executor.gpu_keys(layer)
+        pieces = [  # (first token, end token, GPU slot of the first token or None: host)
+            (start, min(end, tiers.prefix), start),
+            (max(start, tiers.prefix), min(end, host_end), None),
+            (max(start, host_end), end, plan.prefix_cap + max(start, host_end) - host_end),
+        ]
+        for first, last, slot in pieces:
+            if last <= first:
+                continue
+            block = slice(first - start, last - start)
+            if slot is None:
+                _store_host(executor.storage, layer, rows, first - tiers.prefix, k[block], v[block], x[block])
+                continue
+            gpu_k[slot : slot + last - first, rows] = k[block]
+            gpu_v[slot : slot + last - first, rows] = v[block]
+            executor.gpu_valid[rows, slot : slot + last - first] = valid[:, block]
+            tail = slot - plan.prefix_cap
+            if tail >= 0 and executor.tail_x.shape[1]:  # X of the tail, for its flush to the host
+                executor.tail_x[layer, tail : tail + last - first, rows] = x[block]
+
+    def last_split(self, executor: Any) -> tuple[int, int]:
+        recompute_len = executor.recompute_lens[-1] if executor.recompute_lens else 0
+        return recompute_len, executor.host_lens[-1] if executor.host_lens else 0
+
+
+class FixedBatch:
+    """A batch prefilled whole, for caches that cannot take a row mid-run (the cache methods keep
+    per-layer state one prefill builds; throughput mode keeps per-lane tiers): rows that finish early
+    idle, and new prompts wait until the batch is done. ``executor`` has exactly ``width`` rows."""
+
+    joins_running = False
+
+    def __init__(self, executor: Any, width: int) -> None:
+        self.executor = executor
+        self.width = width
+        self.length = 0
+
+    def start(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+        """Prefill the whole batch once: ``rows`` are 0..width-1."""
+        assert self.length == 0 and list(rows) == list(range(self.width)), "a FixedBatch is prefilled once, whole"
+        input_ids, valid = left_pad(prompts, pad_id, self.executor.device)  # [k, q]
+        self.length = input_ids.shape[1]
+        return self.executor.prefill(input_ids, valid)[:, -1]  # [k, V]
+
+    def fits(self, prompt_len: int) -> bool:
+        return False
+
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        self.length += 1
+        logits = self.executor.decode(token_ids)
+        del self.executor.recompute_lens[:-1]
+        return logits  # type: ignore[no-any-return]
+
+    def last_split(self) -> tuple[int, int]:
+        lens = self.executor.recompute_lens
+        return (lens[-1] if lens else 0), 0
+
+    def link_bytes(self) -> tuple[int, int]:
+        """(host-to-device, device-to-host) bytes of the last step where the executor counts them
+        (the compressed caches count what they copy; throughput mode does not: zero)."""
+        step_bytes = getattr(self.executor, "step_bytes", None)
+        return (step_bytes()[1], 0) if step_bytes is not None else (0, 0)

@@ -26,3 +26,21 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         choice = torch.multinomial(sorted_probs, 1, generator=generator)  # [b, 1]
         return order.gather(-1, choice).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    rows: list[int],
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """Next token of each row in ``rows`` from logits [b, V], each under its own params and generator.
+
+    A sampled row draws alone from its own generator, exactly as ``sample_next`` draws for a batch of
+    one, so a seeded request gives the same tokens in any batch. Greedy rows share one argmax.
+    """
+    chosen = dict(zip(rows, logits[rows].argmax(dim=-1).tolist())) if rows else {}
+    for row, row_params, generator in zip(rows, params, generators):
+        if row_params.temperature != 0:
+            chosen[row] = int(sample_next(logits[row : row + 1], row_params, generator).item())
+    return [chosen[row] for row in rows]

@@ -1,0 +1,2 @@
+"""``kvpr serve``: an OpenAI-compatible HTTP server over ``api.LLM``, decoding concurrent requests
+in one batch (``batcher.py`` decides, ``runtime.generation.RowBatch`` executes)."""

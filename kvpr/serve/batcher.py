@@ -1,0 +1,404 @@
+"""Decides which requests decode together, and runs the token loop in its own thread.
+
+Policy (dense caches: ``--offload none|cpu``, any ``--recompute``, tokenwise ``--kv-codec``), one
+batch of ``max_rows`` rows and ``max_model_len`` token slots, allocated once at startup:
+
+1. An empty batch starts with every waiting request (first come, first served) whose tokens fit
+   beside the others': the longest prompt plus the longest remaining answer within the slots.
+2. Between two decode steps, waiting requests join free rows of the running batch (continuous
+   batching), when their prompt is no longer than the batch's token count ``S`` (it is written
+   right-aligned into the row, left-padded) and their answer fits in the slots left. The head of
+   the queue goes first; a request behind a head that cannot join yet may pass it only if it ends
+   no later than the running batch would, so the head is never starved.
+3. A finished or cancelled request frees its row at the next step boundary; a batch with no live
+   row is reset to ``S = 0``. ``S`` never shrinks while any row is live: the cost of a late
+   join is the padding it shares with the older rows (``kvpr_slot_utilisation``).
+
+The cache methods (KVO, KIVI, H2O, StreamingLLM, Quest) and throughput mode build per-layer state
+in one prefill, so their batches run whole: waiting requests start the next batch together when
+the running one is done. Every step decodes every row of the batch, free ones included.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvpr.config import SamplingParams
+from kvpr.errors import KvprError
+from kvpr.runtime.generation import FixedBatch, RowBatch, supports_row_joins
+from kvpr.runtime.sampling import make_generator, sample_rows
+
+if TYPE_CHECKING:
+    from kvpr.api import LLM
+    from kvpr.serve.metrics import ServeMetrics
+
+log = logging.getLogger("kvpr.serve")
+
+Deliver = Callable[[list[tuple["Sequence", str, Any]]], None]  # (sequence, kind, value) events of one step
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits of a server: rows decoded together, tokens per row, requests held beyond the rows."""
+
+    max_rows: int = 8
+    max_model_len: int = 2048  # a request's prompt + max_tokens, and the batch's token slots
+    max_waiting: int = 32  # requests beyond max_rows held in the queue; more get HTTP 429
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise KvprError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.max_waiting < 0:
+            raise KvprError(f"--max-waiting {self.max_waiting}: must be >= 0")
+
+
+class QueueFull(Exception):
+    """The server holds as many requests as its limits allow (HTTP 429)."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice being generated: its prompt, sampling, and where it stands."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    tag: Any  # the caller's handle for its events (a choice index)
+    deliver: Deliver
+    arrival: float = field(default_factory=time.perf_counter)
+    row: int = -1
+    generated: int = 0
+    last_token: int = 0
+    cancelled: bool = False
+    done: bool = False
+    generator: torch.Generator | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Decode steps still needed: each step appends one token to every row."""
+        return self.params.max_new_tokens - self.generated
+
+
+class Batcher:
+    """Owns the engine: a thread runs the token loop; ``submit`` and ``cancel`` are thread-safe.
+
+    Events reach each sequence's ``deliver`` from the engine thread, batched per step:
+    ``("token", id)`` as each token is chosen, then ``("done", "eos" | "length")``, or
+    ``("error", message)`` if the engine failed.
+    """
+
+    def __init__(self, llm: LLM, config: ServeConfig, metrics: ServeMetrics | None = None) -> None:
+        self.llm = llm
+        self.config = config
+        self.metrics = metrics
+        pad = llm.model_config.pad_token_id
+        self.pad_id = pad if pad is not None and 0 <= pad < llm.model_config.vocab_size else 0
+        self.eos_ids = set(llm.model_config.eos_token_ids)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.in_flight = 0  # submitted and not finished, waiting or live
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.live: dict[int, Sequence] = {}  # row -> sequence (engine thread only)
+        self.admitting: list[Sequence] = []  # taken from the queue, not live yet (failed with a failing prefill)
+        self.batch: RowBatch | FixedBatch | None = None
+        self.rows_batch = self._make_row_batch()
+        self.step_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)
+        self.thread = threading.Thread(target=self._run, name="kvpr-engine", daemon=True)
+
+    @property
+    def continuous(self) -> bool:
+        """Whether requests join running batches (dense caches) or wait for the next batch."""
+        return self.rows_batch is not None
+
+    def _make_row_batch(self) -> RowBatch | None:
+        """The dense cache of ``max_rows`` x ``max_model_len``, allocated once; None where the
+        placement's executor cannot take rows mid-run."""
+        if self.llm.config.throughput is not None or not self._dense():
+            return None
+        executor = self.llm.make_executor(self.config.max_rows, self.config.max_model_len)
+        return RowBatch(executor) if supports_row_joins(executor) else None
+
+    def _dense(self) -> bool:
+        from kvpr.config import CACHE_METHODS
+
+        return self.llm.config.cache.kv_codec not in CACHE_METHODS
+
+    # -- the caller's side (any thread) -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+        self.thread.join(timeout=30)
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue the sequences of one request, all or none. Raises QueueFull over the limits."""
+        limit = self.config.max_rows + self.config.max_waiting
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if self.in_flight + len(sequences) > limit:
+                raise QueueFull(
+                    f"the server holds {self.in_flight} requests ({self.config.max_rows} rows decoding, "
+                    f"{self.config.max_waiting} waiting at most): retry later"
+                )
+            self.in_flight += len(sequences)
+            self.waiting.extend(sequences)
+            self.lock.notify_all()
+        self._gauge_queue()
+
+    def cancel(self, sequences: list[Sequence]) -> None:
+        """The client went away (or a stop sequence ended the choice): free the rows at the next
+        step boundary, drop the waiting ones."""
+        with self.lock:
+            for sequence in sequences:
+                sequence.cancelled = True
+            self.lock.notify_all()
+
+    def _gauge_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self.waiting))
+
+    # -- the engine thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self.stopping and not self.waiting and not self.live:
+                    self.lock.wait()
+                if self.stopping:
+                    break
+            try:
+                self._free_cancelled()
+                self._admit()
+                if self.live:
+                    self._step()
+            except Exception as err:  # the engine failed: end every live request, keep serving
+                log.exception("engine step failed")
+                message = str(err).splitlines()[0] if isinstance(err, KvprError) else f"engine failure: {err!r}"
+                self._fail(self.admitting, message)
+                self._fail_live(message)
+            self.admitting = []
+            if self.metrics is not None:
+                self.metrics.running_rows.set(len(self.live))
+        self._fail_live("the server is shutting down")
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        self._fail(waiting, "the server is shutting down")
+
+    def _free_cancelled(self) -> None:
+        events: list[tuple[Sequence, str, Any]] = []
+        for row, sequence in list(self.live.items()):
+            if sequence.cancelled:
+                del self.live[row]
+                self._finish(sequence, events, "done", "cancelled")
+                if self.metrics is not None:
+                    self.metrics.cancelled.inc()
+        self._send(events)
+
+    def _take_waiting(self, admissible: Callable[[Sequence, bool], bool], limit: int) -> list[Sequence]:
+        """Pop up to ``limit`` waiting sequences that ``admissible(sequence, is_head)`` accepts, in
+        queue order; cancelled ones are dropped on the way."""
+        taken: list[Sequence] = []
+        dropped: list[Sequence] = []
+        with self.lock:
+            kept: collections.deque[Sequence] = collections.deque()
+            head = True
+            while self.waiting:
+                sequence = self.waiting.popleft()
+                if sequence.cancelled:
+                    dropped.append(sequence)
+                elif len(taken) < limit and admissible(sequence, head):
+                    taken.append(sequence)
+                else:
+                    kept.append(sequence)
+                    head = False
+            self.waiting = kept
+        for sequence in dropped:
+            self._finish(sequence, [], "done", "cancelled")
+        self._gauge_queue()
+        self.admitting = taken
+        return taken
+
+    def _admit(self) -> None:
+        """Start a batch, or let waiting requests join the running one (see the module docstring)."""
+        if not self.waiting:
+            return
+        if not self.live:
+            self._start_batch()
+            return
+        batch = self.batch
+        if batch is None or not batch.joins_running:
+            return
+        free = [row for row in range(batch.width) if row not in self.live]
+        if not free:
+            return
+        length, capacity = batch.length, batch.capacity  # type: ignore[union-attr]
+        batch_end = length + max(sequence.remaining for sequence in self.live.values())
+
+        def admissible(sequence: Sequence, head: bool) -> bool:
+            end = length + sequence.params.max_new_tokens - 1
+            return batch.fits(len(sequence.prompt_ids)) and end <= (capacity if head else min(capacity, batch_end))
+
+        joining = self._take_waiting(admissible, len(free))
+        if joining:
+            rows = free[: len(joining)]
+            logits = batch.join(rows, [sequence.prompt_ids for sequence in joining], self.pad_id)
+            self._first_tokens(logits, rows, joining, joined=True)
+
+    def _start_batch(self) -> None:
+        """A new batch from the head of the queue: as many as fit its rows and slots together."""
+        rows_batch = self.rows_batch
+        width = self.config.max_rows if rows_batch is None else rows_batch.width
+        capacity = self.config.max_model_len
+        longest = [0, 0]  # the group's longest prompt and longest answer
+
+        def admissible(sequence: Sequence, head: bool) -> bool:
+            prompt_len, answer = len(sequence.prompt_ids), sequence.params.max_new_tokens - 1
+            fits = max(longest[0], prompt_len) + max(longest[1], answer) <= capacity
+            if fits:
+                longest[0], longest[1] = max(longest[0], prompt_len), max(longest[1], answer)
+            return fits
+
+        starting = self._take_waiting(admissible, width)
+        if not starting:
+            return
+        prompts = [sequence.prompt_ids for sequence in starting]
+        rows = list(range(len(starting)))
+        if rows_batch is not None:
+            rows_batch.reset()
+            self.batch = rows_batch
+        else:
+            self.batch = None  # the last batch's cache is freed before the next is allocated
+            executor = self.llm.make_executor(len(starting), longest[0] + longest[1] + 1)
+            self.batch = FixedBatch(executor, len(starting))
+        logits = self.batch.start(rows, prompts, self.pad_id)
+        if self.metrics is not None:
+            self.metrics.batches.inc()
+        self._first_tokens(logits, rows, starting, joined=False)
+
+    def _first_tokens(self, logits: torch.Tensor, rows: list[int], sequences: list[Sequence], joined: bool) -> None:
+        """Each new sequence's first token, from its prompt's logits [k, V]."""
+        device = logits.device
+        for sequence in sequences:
+            sequence.generator = make_generator(sequence.params, device)
+        chosen = sample_rows(
+            logits, list(range(len(rows))), [s.params for s in sequences], [s.generator for s in sequences]
+        )
+        now = time.perf_counter()
+        events: list[tuple[Sequence, str, Any]] = []
+        for row, sequence, token in zip(rows, sequences, chosen):
+            sequence.row = row
+            self.live[row] = sequence
+            if self.metrics is not None:
+                self.metrics.ttft.observe(now - sequence.arrival)
+                self.metrics.prompt_tokens.inc(len(sequence.prompt_ids))
+                if joined:
+                    self.metrics.joins.inc()
+            self._take_token(sequence, token, events)
+        self._send(events)
+
+    def _step(self) -> None:
+        """One decode step of the batch; each live row's next token."""
+        batch = self.batch
+        assert batch is not None
+        token_ids = [self.pad_id] * batch.width
+        for row, sequence in self.live.items():
+            token_ids[row] = sequence.last_token
+        began = time.perf_counter()
+        logits = batch.step(torch.tensor(token_ids, dtype=torch.long, device=self.llm.device))  # [b, V]
+        rows = list(self.live)
+        sequences = [self.live[row] for row in rows]
+        chosen = sample_rows(logits, rows, [s.params for s in sequences], [s.generator for s in sequences])
+        took = time.perf_counter() - began
+        events: list[tuple[Sequence, str, Any]] = []
+        for sequence, token in zip(sequences, chosen):
+            self._take_token(sequence, token, events)
+        self._observe_step(batch, took, len(rows))
+        self._send(events)
+
+    def _take_token(self, sequence: Sequence, token: int, events: list[tuple[Sequence, str, Any]]) -> None:
+        sequence.generated += 1
+        sequence.last_token = token
+        events.append((sequence, "token", token))
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc()
+        by_eos = token in self.eos_ids and sequence.params.stop_on_eos
+        if by_eos or sequence.remaining <= 0:
+            del self.live[sequence.row]
+            self._finish(sequence, events, "done", "eos" if by_eos else "length")
+
+    def _finish(self, sequence: Sequence, events: list[tuple[Sequence, str, Any]], kind: str, value: Any) -> None:
+        if sequence.done:
+            return
+        sequence.done = True
+        with self.lock:
+            self.in_flight -= 1
+        if self.metrics is not None:
+            self.metrics.latency.observe(time.perf_counter() - sequence.arrival)
+        if kind != "done" or value != "cancelled":  # a cancelled sequence's caller stopped listening
+            events.append((sequence, kind, value))
+
+    def _send(self, events: list[tuple[Sequence, str, Any]]) -> None:
+        """Hand a step's events to their callers, one call per caller."""
+        by_caller: dict[int, tuple[Deliver, list[tuple[Sequence, str, Any]]]] = {}
+        for event in events:
+            deliver = event[0].deliver
+            by_caller.setdefault(id(deliver), (deliver, []))[1].append(event)
+        for deliver, caller_events in by_caller.values():
+            deliver(caller_events)
+
+    def _fail(self, sequences: list[Sequence], message: str) -> None:
+        events: list[tuple[Sequence, str, Any]] = []
+        for sequence in sequences:
+            self._finish(sequence, events, "error", message)
+        self._send(events)
+
+    def _fail_live(self, message: str) -> None:
+        live, self.live = list(self.live.values()), {}
+        self._fail(live, message)
+        if self.rows_batch is not None:
+            try:
+                self.rows_batch.reset()
+            except Exception:  # the next batch's start will fail the same way and say so
+                log.exception("resetting the batch failed")
+
+    def _observe_step(self, batch: RowBatch | FixedBatch, took: float, live_rows: int) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        self.step_times.append((took, live_rows))
+        total_s = sum(t for t, _ in self.step_times)
+        metrics.step_seconds.observe(took)
+        metrics.step_rows.observe(live_rows)
+        metrics.tokens_per_second.set(sum(n for _, n in self.step_times) / total_s if total_s else 0.0)
+        recompute_len, host_len = batch.last_split()
+        metrics.recompute_tokens.set(recompute_len)
+        metrics.host_tokens.set(host_len)
+        h2d, d2h = batch.link_bytes()
+        metrics.link_bytes_step.labels("h2d").set(h2d)
+        metrics.link_bytes_step.labels("d2h").set(d2h)
+        metrics.link_bytes.labels("h2d").inc(h2d)
+        metrics.link_bytes.labels("d2h").inc(d2h)
+        metrics.batch_rows.set(batch.width)
+        metrics.batch_tokens.set(batch.length)
+        owned = sum(len(s.prompt_ids) + s.generated - 1 for s in self.live.values())
+        metrics.slot_utilisation.set(owned / (batch.width * batch.length) if batch.length else 0.0)
+
+
+def request_seed(seed: int | None, choice: int) -> int:
+    """Choice ``choice``'s sampling seed: ``seed + choice`` when the client gave one (so a seeded
+    request repeats), else fresh randomness."""
+    return secrets.randbits(63) if seed is None else (seed + choice) % 2**63

@@ -1,0 +1,139 @@
+"""``kvpr serve``: its flags, the limits resolved against the placement's memory check, and uvicorn.
+
+Kept out of cli.py, which only registers the subcommand; FastAPI and uvicorn are imported when the
+server runs, so the other subcommands start as fast as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kvpr.cli_checks import at_least
+from kvpr.config import EngineConfig
+from kvpr.errors import KvprError
+
+if TYPE_CHECKING:
+    from kvpr.api import LLM
+
+DEFAULT_CONTEXT = 2048  # --max-model-len when not given (at most the model's own)
+DEFAULT_ROWS = {"cuda": 32, "cpu": 8}  # --max-num-seqs auto: the most rows tried, halved until they fit
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    server.add_argument("--port", type=at_least(0), default=8000, help="port to listen on (0: any free one, printed)")
+    server.add_argument(
+        "--max-num-seqs",
+        default="auto",
+        help="rows decoded together: a count, or auto (the most of "
+        f"{DEFAULT_ROWS['cuda']} on CUDA, {DEFAULT_ROWS['cpu']} elsewhere, halved until the cache fits)",
+    )
+    server.add_argument(
+        "--max-model-len",
+        type=at_least(2),
+        default=None,
+        help=f"a request's prompt + max_tokens, and the batch's token slots (default: the model's, at most "
+        f"{DEFAULT_CONTEXT})",
+    )
+    server.add_argument(
+        "--max-waiting",
+        type=at_least(0),
+        default=None,
+        help="requests queued beyond the rows; more get HTTP 429 (default: 4 x --max-num-seqs)",
+    )
+    server.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model's)")
+    server.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="uvicorn's log level")
+
+
+def _rows_flag(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        rows = int(value)
+    except ValueError:
+        raise KvprError(f"--max-num-seqs {value!r}: use auto or a count >= 1") from None
+    if rows < 1:
+        raise KvprError(f"--max-num-seqs {rows}: must be >= 1")
+    return rows
+
+
+def model_context(llm: LLM) -> int:
+    """Positions the model supports (its sliding window, if smaller)."""
+    cfg = llm.model_config
+    return cfg.max_position if cfg.sliding_window is None else min(cfg.max_position, cfg.sliding_window)
+
+
+def resolve_limits(
+    llm: LLM, rows_flag: str, max_model_len: int | None, max_waiting: int | None
+) -> tuple[int, int, int]:
+    """(rows, tokens per row, queue) for this placement: explicit rows must pass the memory check
+    (``LLM.check_fits``, one line otherwise); auto halves from the default until they do."""
+    context = model_context(llm)
+    length = max_model_len or min(context, DEFAULT_CONTEXT)
+    if length > context:
+        raise KvprError(f"--max-model-len {length}: {llm.name} supports {context} positions")
+    wanted = _rows_flag(rows_flag)
+    throughput = llm.config.throughput
+    block = throughput.block_size if throughput is not None else None
+    if wanted is not None:
+        if block is not None and wanted > block:
+            raise KvprError(f"--max-num-seqs {wanted} exceeds the throughput block of {block} rows: raise the block")
+        llm.check_fits(wanted, length)
+        rows = wanted
+    else:
+        rows = min(DEFAULT_ROWS["cuda" if llm.device.type == "cuda" else "cpu"], block or sys.maxsize)
+        while True:
+            try:
+                llm.check_fits(rows, length)
+                break
+            except KvprError:
+                if rows == 1:
+                    raise
+                rows //= 2
+    return rows, length, 4 * rows if max_waiting is None else max_waiting
+
+
+def run_serve(args: argparse.Namespace, build_engine_config: Callable[[argparse.Namespace], EngineConfig]) -> int:
+    """Load the model, size the batch, and serve until interrupted."""
+    import uvicorn
+
+    from kvpr.api import LLM
+    from kvpr.serve.app import create_app
+    from kvpr.serve.batcher import ServeConfig
+
+    config = build_engine_config(args)
+    _rows_flag(args.max_num_seqs)  # a bad value fails before the weights load
+    listener = _listen(args.host, args.port)
+    llm = LLM(config, batch_size=1, max_len=2)  # the batch is sized (and checked) once the context is known
+    rows, length, waiting = resolve_limits(llm, args.max_num_seqs, args.max_model_len, args.max_waiting)
+    app = create_app(llm, ServeConfig(rows, length, waiting), args.served_model_name)
+    server = app.state.server
+    host, port = listener.getsockname()[:2]
+    policy = "continuous batching" if server.batcher.continuous else "whole batches (the cache takes no row mid-run)"
+    print(
+        f"kvpr serve: {server.name} on http://{host}:{port}/v1 ({rows} rows x {length} tokens, {policy})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False)).run(sockets=[listener])
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (a busy port fails in one line, at once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as err:
+        listener.close()
+        raise KvprError(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port or --host") from None
+    listener.listen(2048)
+    return listener

