@@ -30,12 +30,13 @@ from kvpr.api import LLM  # noqa: E402
 from kvpr.config import CacheConfig, EngineConfig, RuntimeConfig  # noqa: E402
 from kvpr.eval.budgets import matched_specs  # noqa: E402
 from kvpr.eval.harness import cache_for_spec, evaluate, guard_tokens, write_report  # noqa: E402
+from kvpr.eval.hf_runner import QUANTO_PEERS, quanto_available  # noqa: E402
 from kvpr.eval.tasks import TASK_NAMES  # noqa: E402
 
-# Fixed configs: the tokenwise host-tier codecs, and the compressors at their papers' settings
-# (Quest's default 512-token read budget is about the tokens KVO attends: 48 chunks of 8 plus its
-# recent window).
-FIXED = ("none", "int8", "int4", "kivi2", "kvo", "quest")
+# Fixed configs: the tokenwise host-tier codecs, the compressors at their papers' settings (Quest's
+# default 512-token read budget is about the tokens KVO attends: 48 chunks of 8 plus its recent
+# window), and transformers' QuantizedCache with optimum-quanto at 4 and 2 bits (the peers).
+FIXED = ("none", "int8", "int4", "kivi2", "kvo", "quest", *QUANTO_PEERS)
 COMPILED = "+compile"  # suffix of a config measured with --compile (KVO's fused decode, CUDA)
 
 
@@ -57,6 +58,12 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--guard",
+        type=int,
+        default=None,
+        help="W: keep needles out of the last W tokens (default: the run's largest window)",
+    )
     parser.add_argument("--tag", default="accuracy")
     parser.add_argument("--out", default="benchmarks/results")
     add_provenance_args(parser)
@@ -68,8 +75,15 @@ def main() -> int:
     plan: list[tuple[int, str, CacheConfig, bool]] = []  # (context, name, cache, compiled)
     for context_len in args.context:
         specs = [*FIXED, *budgets[context_len].values(), *args.extra]
-        if args.only is not None:
-            specs = [spec for spec in specs if spec.partition(":")[0] in args.only or spec in args.only]
+        if args.only is not None:  # in the order --only names them
+            rank = {name: at for at, name in enumerate(args.only)}
+            specs = [spec for spec in specs if spec.partition(":")[0] in rank or spec in rank]
+            specs.sort(key=lambda spec: rank.get(spec, rank.get(spec.partition(":")[0])))
+        if not quanto_available():
+            skipped = [spec for spec in specs if spec in QUANTO_PEERS]
+            if skipped:
+                print(f"skipping {skipped}: pip install optimum-quanto==0.2.7 to measure them", flush=True)
+            specs = [spec for spec in specs if spec not in QUANTO_PEERS]
         for spec in specs:
             plan.append((context_len, spec, cache_for_spec(spec), False))
             if spec in args.compile:
@@ -80,8 +94,11 @@ def main() -> int:
             first.setdefault(name.partition(":")[0], rank)
         plan.sort(key=lambda entry: first[entry[1].partition(":")[0]])
     # One W per context length (the matched budgets grow with it), so every config sees the same items there.
+    # --guard fixes W, so runs of different configs (or --only subsets) see the same items.
     guards = {
-        length: guard_tokens([(name, cache) for context_len, name, cache, _ in plan if context_len == length])
+        length: args.guard
+        if args.guard is not None
+        else guard_tokens([(name, cache) for context_len, name, cache, _ in plan if context_len == length])
         for length in args.context
     }
     device = llm.device.type if llm.device.type == "cpu" else llm.device.type + "-" + _gpu_name(llm)

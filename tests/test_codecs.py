@@ -17,7 +17,7 @@ from kvpr.errors import KvprError
 
 CUDA = torch.cuda.is_available()
 FP16_EPS = 2.0**-11  # relative rounding of a value stored as fp16
-CODEC_NAMES = ("fp16", "int8", "int4", "kivi2", "kvo")
+CODEC_NAMES = ("fp16", "int8", "int4", "kivi2", "kivi3", "kivi4", "kvo")
 
 
 def kv(t: int, b: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +49,7 @@ def assert_within(err: torch.Tensor, bound: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------- packing
 @settings(max_examples=60, deadline=None)
 @given(
-    bits=st.sampled_from([1, 2, 4, 8]),
+    bits=st.sampled_from([1, 2, 3, 4, 8]),
     lead=st.lists(st.integers(0, 3), max_size=2),
     length=st.integers(0, 37),
     seed=st.integers(0, 2**16),
@@ -58,7 +58,8 @@ def test_pack_bits_round_trip(bits: int, lead: list[int], length: int, seed: int
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (*lead, length), generator=gen, dtype=torch.uint8)
     packed = pack_bits(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.shape[-1] == math.ceil(length * bits / 8)
+    expected = 3 * math.ceil(length / 8) if bits == 3 else math.ceil(length * bits / 8)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == expected
     assert torch.equal(unpack_bits(packed, bits, length), codes)
     mask = codes % 2 == 1
     assert pack_mask(mask).shape[-1] == math.ceil(length / 8)
@@ -67,7 +68,7 @@ def test_pack_bits_round_trip(bits: int, lead: list[int], length: int, seed: int
 
 def test_pack_rejects_bad_widths() -> None:
     with pytest.raises(KvprError):
-        pack_bits(torch.zeros(8, dtype=torch.uint8), 3)
+        pack_bits(torch.zeros(8, dtype=torch.uint8), 5)
     with pytest.raises(KvprError):
         unpack_bits(torch.zeros(3, dtype=torch.uint8), 2, 16)
 
@@ -98,7 +99,7 @@ def test_registry_rejects_bad_names_and_params(name: str, params: dict[str, obje
         make_codec(name, **params)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "kivi2", "kvo"])
+@pytest.mark.parametrize("name", ["int8", "int4", "kivi2", "kivi4", "kvo"])
 def test_head_dim_must_fit_the_group(name: str) -> None:
     k, v = kv(64, 1, 1, 48)
     with pytest.raises(KvprError):

@@ -141,19 +141,29 @@ class IdentityCodec:
         return float(2 * b * n_kv * d * torch.finfo(self.dtype).bits // 8)
 
 
-CODEC_NAMES: tuple[str, ...] = ("fp16", "bf16", "fp32", "int8", "int4", "kivi2", "kvo")
+CODEC_NAMES: tuple[str, ...] = ("fp16", "bf16", "fp32", "int8", "int4", "kivi2", "kivi3", "kivi4", "kvo")
+
+
+def _kivi_builder(bits: int) -> Callable[..., KVCodec]:
+    """``make_codec``'s builder of the ``bits``-bit KIVI codec (its knobs are the keywords)."""
+    from kvpr.compress.kivi import KiviCodec
+
+    def build(group_size: int = 32, token_group: int = 32, rotate: str = "none") -> KVCodec:
+        return KiviCodec(bits, group_size, token_group, rotate)
+
+    return build
 
 
 def make_codec(name: str, **params: Any) -> KVCodec:
     """Build a codec by registry name with its parameters.
 
-    Names: fp16, bf16, fp32 (no parameters); int8, int4 (``group_size``, default 32); kivi2
-    (``group_size`` for V channels, ``token_group`` for K tokens, both default 32); kvo (any
-    :class:`kvpr.compress.kvo.KVOConfig` field).
+    Names: fp16, bf16, fp32 (no parameters); int8, int4 (``group_size``, default 32); kivi2,
+    kivi3, kivi4 (2, 3, 4 bits; ``group_size`` V channels per scale, ``token_group`` K tokens per
+    scale, both default 32; ``rotate`` none, k, v or kv: Hadamard-rotate those parts first); kvo
+    (any :class:`kvpr.compress.kvo.KVOConfig` field).
     Raises:
         KvprError: unknown name, unknown parameter or a bad value.
     """
-    from kvpr.compress.kivi import KiviCodec
     from kvpr.compress.kvo import KVOCodec, KVOConfig
     from kvpr.compress.quant import GroupQuantCodec
 
@@ -163,7 +173,7 @@ def make_codec(name: str, **params: Any) -> KVCodec:
         "fp32": lambda: IdentityCodec(torch.float32),
         "int8": lambda group_size=32: GroupQuantCodec(8, group_size),
         "int4": lambda group_size=32: GroupQuantCodec(4, group_size),
-        "kivi2": lambda group_size=32, token_group=32: KiviCodec(2, group_size, token_group),
+        **{f"kivi{bits}": _kivi_builder(bits) for bits in (2, 3, 4)},
         "kvo": lambda **kw: KVOCodec(KVOConfig.from_params(**kw)),
     }
     if name not in builders:

@@ -115,8 +115,9 @@ class KVOConfig:
 
     @property
     def order_bits(self) -> int:
-        """Bits per stored in-chunk index (3 bits of information for chunk 8, packed as 4)."""
-        return next(bits for bits in PACK_BITS if (1 << bits) >= self.chunk)
+        """Bits per stored in-chunk index (3 bits of information for chunk 8, packed as 4: the
+        widths that divide a byte, as KVO's layout was measured with)."""
+        return next(bits for bits in PACK_BITS if 8 % bits == 0 and (1 << bits) >= self.chunk)
 
     def compresses_layer(self, layer: int) -> bool:
         """Layers before ``uncompressed_layers`` stay fp16 (dense, unpruned)."""

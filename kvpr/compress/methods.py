@@ -12,9 +12,11 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from kvpr.compress.kivi import KiviCodec
 from kvpr.compress.kvo import KVOConfig
+from kvpr.compress.rotation import check_rotation
 from kvpr.errors import KvprError
 
 Params = tuple[tuple[str, Any], ...]  # (field, value) pairs: hashable, so configs stay frozen
@@ -29,16 +31,40 @@ def _positive(method: str, **values: int) -> None:
 @dataclass(frozen=True)
 class KiviConfig:
     """KIVI (ICML 2024): 2-bit K per channel over token groups, V per token over channel groups;
-    the newest tokens stay fp16 until ``residual`` of them are quantised together (paper: G=32, R=128)."""
+    the newest tokens stay fp16 until ``residual`` of them are quantised together (paper: G=32, R=128).
+    ``rotate`` (none, k, v, kv) Hadamard-rotates those parts before quantising (decode un-rotates).
+    ``kivi3`` and ``kivi4`` are the same method at 3 and 4 bits (``bits`` is the name's, not a knob)."""
 
+    bits: ClassVar[int] = 2
     group_size: int = 32  # V channels per scale
     token_group: int = 32  # K tokens per scale
     residual: int = 128  # fp16 window, quantised ``residual`` tokens at a time
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
-        _positive("kivi2", group_size=self.group_size, token_group=self.token_group, residual=self.residual)
+        name = f"kivi{self.bits}"
+        _positive(name, group_size=self.group_size, token_group=self.token_group, residual=self.residual)
         if self.residual % self.token_group:
-            raise KvprError(f"--kivi2-residual {self.residual} must be a multiple of token_group {self.token_group}")
+            raise KvprError(f"--{name}-residual {self.residual} must be a multiple of token_group {self.token_group}")
+        check_rotation(self.rotate)
+
+    def codec(self) -> KiviCodec:
+        """The codec that packs each block of ``token_group`` tokens."""
+        return KiviCodec(self.bits, self.group_size, self.token_group, self.rotate)
+
+
+@dataclass(frozen=True)
+class Kivi3Config(KiviConfig):
+    """KIVI at 3 bits (codes packed 8 to 3 bytes)."""
+
+    bits: ClassVar[int] = 3
+
+
+@dataclass(frozen=True)
+class Kivi4Config(KiviConfig):
+    """KIVI at 4 bits."""
+
+    bits: ClassVar[int] = 4
 
 
 @dataclass(frozen=True)
@@ -96,13 +122,26 @@ class QuestConfig:
 
 METHOD_CONFIGS: dict[str, type] = {
     "kivi2": KiviConfig,
+    "kivi3": Kivi3Config,
+    "kivi4": Kivi4Config,
     "kvo": KVOConfig,
     "h2o": H2OConfig,
     "streaming": StreamingConfig,
     "quest": QuestConfig,
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_CONFIGS)
-OFFLOADABLE: tuple[str, ...] = ("kivi2", "kvo")  # methods whose cache may live in host memory
+KIVI_METHODS: tuple[str, ...] = ("kivi2", "kivi3", "kivi4")  # one method (KiviConfig) at three widths
+OFFLOADABLE: tuple[str, ...] = (*KIVI_METHODS, "kvo")  # methods whose cache may live in host memory
+
+
+def engine_runs(name: str, config: Any) -> bool:
+    """Whether the engine's compressed runtime runs ``name`` with ``config`` as configured. Its KIVI
+    cache (``kvpr.runtime.layer_caches.KiviCache``) builds a 2-bit codec from ``group_size`` and
+    ``token_group`` only, so kivi3, kivi4 and any ``rotate`` run only in ``kvpr eval``'s transformers
+    runner until it builds ``config.codec()`` (and ``kvpr.config.CACHE_METHODS`` lists them)."""
+    if name not in KIVI_METHODS:
+        return name in METHOD_CONFIGS
+    return name == "kivi2" and config.rotate == "none"
 
 
 def method_config(name: str, params: Sequence[tuple[str, Any]] | dict[str, Any] = ()) -> Any:
@@ -130,7 +169,7 @@ def recent_window(name: str, config: Any) -> int:
     StreamingLLM ``budget - sink``; Quest always reads the newest page."""
     if name == "kvo":
         return 2 * config.window - 1
-    if name == "kivi2":
+    if name in KIVI_METHODS:
         return config.residual
     if name == "h2o":
         return config.recent
@@ -201,5 +240,10 @@ def knob_params(args: argparse.Namespace, codec: str) -> Params:
                 raise KvprError(f"{_flag(method, f.name)} applies to --kv-codec {method}, not {codec}")
             params.append((f.name, value))
     if params:
-        method_config(codec, params)  # validate before any model loads
+        config = method_config(codec, params)  # validate before any model loads
+        if codec in METHOD_CONFIGS and not engine_runs(codec, config):
+            raise KvprError(
+                f"--kv-codec {codec} with {dict(params)} is not run by the engine yet (its KIVI cache is 2-bit and "
+                "unrotated): measure it with kvpr eval, which runs it through transformers"
+            )
     return tuple(params)

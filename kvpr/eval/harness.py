@@ -25,6 +25,7 @@ from kvpr.config import CACHE_METHODS, RECOMPUTE_OFF, CacheConfig, Offload, Samp
 from kvpr.device import dtype_name
 from kvpr.errors import KvprError
 from kvpr.eval.corpus import sources_metadata
+from kvpr.eval.hf_runner import TransformersRunner, recent_tokens, runs_here
 from kvpr.eval.perplexity import essay_token_stream, perplexity
 from kvpr.eval.stats import wilson_interval
 from kvpr.eval.tasks import TASK_NAMES, TaskBuilder, TaskItem, depth_band, score_item
@@ -54,7 +55,10 @@ def cache_for_spec(spec: str, recompute: float | str = RECOMPUTE_OFF, x_codec: s
     """The placement ``kvpr eval`` measures a ``--codecs`` spec under: KVO and KIVI with their packed
     rows in host memory, the other cache methods on the device, the tokenwise codecs as the offloaded
     host tier (with ``recompute`` and ``x_codec``: the split of that tier and how it keeps X),
-    ``none`` as computed."""
+    ``none`` as computed. A spec the transformers runner measures (``hf_runner.runs_here``: the
+    quanto peers, KIVI widths the engine does not run yet) gets the uncompressed placeholder."""
+    if runs_here(spec):
+        return CacheConfig()
     name, params = parse_codec_spec(spec)
     if name == "none":
         return CacheConfig()
@@ -86,6 +90,7 @@ def guard_tokens(configs: Sequence[tuple[str, CacheConfig]]) -> int:
         for _, cache in configs
         if cache.kv_codec in CACHE_METHODS
     ]
+    windows += [recent_tokens(name) for name, _ in configs if runs_here(name)]
     return max(windows, default=0)
 
 
@@ -135,22 +140,26 @@ def evaluate(
     bar = tqdm(total=steps, desc="kvpr eval", disable=not progress)
     rows = []
     for name, cache in configs:
-        engine = llm.with_placement(cache)
+        runner = TransformersRunner(llm, name) if runs_here(name) else None
+        engine: Any = runner or llm.with_placement(cache)
         for context_len in context_lens:
-            if bytes_per_token is None:
-                stored, read = cache_footprint(engine, context_len)
-            else:
+            if bytes_per_token is not None:
                 stored = read = bytes_per_token(name, cache, llm.model_config)
+            elif runner is not None:
+                stored, read = runner.footprint(context_len)
+            else:
+                stored, read = cache_footprint(engine, context_len)
             row: dict[str, Any] = {
                 "codec": name,
-                "params": config_params(cache),
+                "params": runner.params if runner is not None else config_params(cache),
+                "runner": "transformers" if runner is not None else "kvpr",
                 "bytes_per_token": stored,
                 "read_bytes_per_token": read,
                 "context_len": context_len,
                 "guard_tokens": guard,
                 "device": device_label(llm.device),
                 "dtype": dtype_name(llm.dtype),
-                "compile": engine.config.runtime.compile,
+                "compile": runner is None and engine.config.runtime.compile,
                 "seed": seed,
                 "ppl": None,
                 "ppl_ci": None,
@@ -200,9 +209,10 @@ def accuracy_fields(details: Sequence[dict[str, Any]], key: str, ci_key: str) ->
     }
 
 
-def run_items(llm: LLM, items: Sequence[TaskItem], batch_size: int) -> list[dict[str, Any]]:
+def run_items(llm: LLM | TransformersRunner, items: Sequence[TaskItem], batch_size: int) -> list[dict[str, Any]]:
     """Greedy answers to the items (``batch_size`` per call, each context compressed before its
-    question runs, see ``LLM.answer``), each scored by ``score_item``."""
+    question runs, see ``LLM.answer``; the transformers runner answers the same way), each scored
+    by ``score_item``."""
     results = []
     for first in range(0, len(items), batch_size):
         batch = items[first : first + batch_size]
