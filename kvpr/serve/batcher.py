@@ -1,22 +1,25 @@
 """Decides which requests decode together, and runs the token loop in its own thread.
 
-Policy (dense caches: ``--offload none|cpu``, any ``--recompute``, tokenwise ``--kv-codec``), one
-batch of ``max_rows`` rows and ``max_model_len`` token slots, allocated once at startup:
+Policy for dense caches (``--offload none|cpu|auto``, any ``--recompute``, tokenwise ``--kv-codec``):
+one batch of ``max_rows`` rows and ``max_model_len`` token slots, allocated once at startup; every
+row shares one token count ``S``, and a decode step reads (offloaded: copies) all rows' ``S``
+slots, so ``S`` is what a join may cost the others.
 
-1. An empty batch starts with every waiting request (first come, first served) whose tokens fit
-   beside the others': the longest prompt plus the longest remaining answer within the slots.
-2. Between two decode steps, waiting requests join free rows of the running batch (continuous
-   batching), when their prompt is no longer than the batch's token count ``S`` (it is written
-   right-aligned into the row, left-padded) and their answer fits in the slots left. The head of
-   the queue goes first; a request behind a head that cannot join yet may pass it only if it ends
-   no later than the running batch would, so the head is never starved.
+1. An empty batch waits up to ``batch_wait_ms`` for its rows to fill, then starts with the waiting
+   requests in arrival order whose tokens fit together (longest prompt + longest answer within the
+   slots).
+2. Between two decode steps waiting requests take free rows of the running batch (continuous
+   batching), prefilled on their own rows and written right-aligned into the ``S`` tokens the
+   batch already has: so only prompts of at most ``S`` tokens can join. A request may join if it
+   ends no later than the batch would (backfill), or, while at most half the rows are live, if it
+   is at the head of the queue and its answer fits the slots left. Others wait for the batch to
+   finish: backfill never moves the batch's end, so a busy batch always drains.
 3. A finished or cancelled request frees its row at the next step boundary; a batch with no live
-   row is reset to ``S = 0``. ``S`` never shrinks while any row is live: the cost of a late
-   join is the padding it shares with the older rows (``kvpr_slot_utilisation``).
+   row starts again at ``S = 0``. Free rows keep decoding (their output is dropped).
 
-The cache methods (KVO, KIVI, H2O, StreamingLLM, Quest) and throughput mode build per-layer state
-in one prefill, so their batches run whole: waiting requests start the next batch together when
-the running one is done. Every step decodes every row of the batch, free ones included.
+The cache methods (KVO, KIVI, H2O, StreamingLLM, Quest) and throughput mode build per-layer state in
+one prefill, so their batches run whole: waiting requests start the next batch together when the
+running one is done.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class ServeConfig:
     max_rows: int = 8
     max_model_len: int = 2048  # a request's prompt + max_tokens, and the batch's token slots
     max_waiting: int = 32  # requests beyond max_rows held in the queue; more get HTTP 429
+    batch_wait_ms: float = 20.0  # an empty batch waits this long for requests arriving together
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_model_len"):
@@ -60,6 +64,8 @@ class ServeConfig:
                 raise KvprError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.max_waiting < 0:
             raise KvprError(f"--max-waiting {self.max_waiting}: must be >= 0")
+        if not self.batch_wait_ms >= 0:
+            raise KvprError(f"--batch-wait-ms {self.batch_wait_ms}: must be >= 0")
 
 
 class QueueFull(Exception):
@@ -180,6 +186,10 @@ class Batcher:
                     self.lock.wait()
                 if self.stopping:
                     break
+                gather = self._gather_left()
+                if gather > 0:  # an empty batch waits a moment for requests arriving together
+                    self.lock.wait(timeout=gather)
+                    continue
             try:
                 self._free_cancelled()
                 self._admit()
@@ -197,6 +207,13 @@ class Batcher:
         with self.lock:
             waiting, self.waiting = list(self.waiting), collections.deque()
         self._fail(waiting, "the server is shutting down")
+
+    def _gather_left(self) -> float:
+        """Seconds an empty batch still waits for more requests before it starts (under the lock):
+        until its rows are full or ``batch_wait_ms`` after the oldest waiting request arrived."""
+        if self.live or not self.waiting or len(self.waiting) >= self.config.max_rows:
+            return 0.0
+        return self.waiting[0].arrival + self.config.batch_wait_ms / 1e3 - time.perf_counter()
 
     def _free_cancelled(self) -> None:
         events: list[tuple[Sequence, str, Any]] = []
@@ -247,10 +264,12 @@ class Batcher:
             return
         length, capacity = batch.length, batch.capacity  # type: ignore[union-attr]
         batch_end = length + max(sequence.remaining for sequence in self.live.values())
+        underused = 2 * len(self.live) <= batch.width
 
         def admissible(sequence: Sequence, head: bool) -> bool:
-            end = length + sequence.params.max_new_tokens - 1
-            return batch.fits(len(sequence.prompt_ids)) and end <= (capacity if head else min(capacity, batch_end))
+            end = length + sequence.params.max_new_tokens - 1  # S once its last token is in
+            limit = capacity if underused and head else min(capacity, batch_end)
+            return batch.fits(len(sequence.prompt_ids)) and end <= limit
 
         joining = self._take_waiting(admissible, len(free))
         if joining:

@@ -47,8 +47,25 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="requests queued beyond the rows; more get HTTP 429 (default: 4 x --max-num-seqs)",
     )
+    server.add_argument(
+        "--batch-wait-ms",
+        type=non_negative_float,
+        default=20.0,
+        help="an empty batch waits this long for requests arriving together before it starts",
+    )
     server.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model's)")
     server.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="uvicorn's log level")
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse ``type``: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give one >= 0") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
 
 
 def _rows_flag(value: str) -> int | None:
@@ -112,7 +129,7 @@ def run_serve(args: argparse.Namespace, build_engine_config: Callable[[argparse.
     listener = _listen(args.host, args.port)
     llm = LLM(config, batch_size=1, max_len=2)  # the batch is sized (and checked) once the context is known
     rows, length, waiting = resolve_limits(llm, args.max_num_seqs, args.max_model_len, args.max_waiting)
-    app = create_app(llm, ServeConfig(rows, length, waiting), args.served_model_name)
+    app = create_app(llm, ServeConfig(rows, length, waiting, args.batch_wait_ms), args.served_model_name)
     server = app.state.server
     host, port = listener.getsockname()[:2]
     policy = "continuous batching" if server.batcher.continuous else "whole batches (the cache takes no row mid-run)"
