@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -265,13 +266,27 @@ def test_concurrent_streams_equal_single_requests(smol: LiveServer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("offload", "recompute", "overlap", "resident"),
-    [("none", "off", True, 0), ("cpu", 0.5, True, 0), ("cpu", 1.0, False, 0), ("cpu", 0.5, True, 4)],
+    ("offload", "recompute", "overlap", "resident", "codec"),
+    [
+        ("none", "off", True, 0, "none"),
+        ("cpu", 0.5, True, 0, "none"),
+        ("cpu", 1.0, False, 0, "none"),
+        ("cpu", 0.5, True, 4, "none"),
+        ("cpu", "off", True, 0, "int4"),
+    ],
 )
-def test_rows_join_running_batch(tiny_checkpoint, offload: str, recompute: Any, overlap: bool, resident: int) -> None:
+def test_rows_join_running_batch(
+    tiny_checkpoint, offload: str, recompute: Any, overlap: bool, resident: int, codec: str
+) -> None:
     """RowBatch: prompts joining free rows of a running batch (between steps, two at once, in the
-    GPU-resident prefix too) get the tokens they get alone; the running rows' tokens do not change."""
+    GPU-resident prefix too, under a K,V codec) get the tokens they get alone; the running rows'
+    tokens do not change."""
     llm = make_llm(tiny_checkpoint("llama-gqa"), offload, recompute, overlap, gpu_resident=resident)
+    if codec != "none":  # a lossy host tier: where a token lands decides its stored form, so no joins
+        llm = llm.with_placement(dataclasses.replace(llm.config.cache, kv_codec=codec))
+        batch = RowBatch(llm.make_executor(4, 48))
+        assert not batch.joins_running and not batch.fits(1)
+        return
     prompts = token_prompts([9, 3, 6, 2])
     params = SamplingParams(max_new_tokens=10, stop_on_eos=False)
     alone = [llm.generate([prompt], params)[0].token_ids for prompt in prompts]
@@ -405,6 +420,7 @@ def test_models_health_and_metrics(offloaded: LiveServer) -> None:
     host_len = int(offloaded.metric("kvpr_host_tokens"))
     assert host_len > 0 and offloaded.metric("kvpr_recompute_tokens") == round_fraction(0.5, host_len)
     assert offloaded.metric("kvpr_decode_tokens_per_second") > 0
+    assert 0 < offloaded.metric("kvpr_live_slots_total") <= offloaded.metric("kvpr_row_slots_total")
     assert offloaded.metric("kvpr_requests_total", endpoint="/v1/models", status="200") == 1
 
 

@@ -145,16 +145,17 @@ class RowBatch:
         [0, S - q)        nothing: the row's earlier request, or padding
         [S - q, S)        the new prompt (its own left padding invalid), then each generated token
 
-    The slot count only grows; ``reset`` empties the batch once no row is live.
+    The slot count only grows; ``reset`` empties the batch once no row is live. Rows join only
+    where the host tier stores K,V and X exactly (``joins_running``): under a lossy codec a token's
+    stored form depends on where it lands (a GPU slot keeps it exact), which a join would change.
     """
-
-    joins_running = True
 
     def __init__(self, executor: Executor) -> None:
         if not supports_row_joins(executor):
             raise ValueError(f"{type(executor).__name__} keeps no independent rows: run it as a FixedBatch")
         self.executor = executor
         self.layout: _Layout = _TierLayout() if hasattr(executor, "tiers") else _SlotLayout()
+        self.joins_running = executor.storage.raw and executor.storage.x_codec is None
 
     @property
     def width(self) -> int:
@@ -191,7 +192,7 @@ class RowBatch:
 
     def fits(self, prompt_len: int) -> bool:
         """Whether a prompt may join now: it must lie within the tokens the batch already has."""
-        return 0 < prompt_len <= self.length
+        return self.joins_running and 0 < prompt_len <= self.length
 
     @torch.inference_mode()
     def join(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:

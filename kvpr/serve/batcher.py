@@ -1,6 +1,7 @@
 """Decides which requests decode together, and runs the token loop in its own thread.
 
-Policy for dense caches (``--offload none|cpu|auto``, any ``--recompute``, tokenwise ``--kv-codec``):
+Policy for dense caches stored exactly (``--offload none|cpu|auto``, any ``--recompute``, no lossy
+``--kv-codec``/``--x-codec``):
 one batch of ``max_rows`` rows and ``max_model_len`` token slots, allocated once at startup; every
 row shares one token count ``S``, and a decode step reads (offloaded: copies) all rows' ``S``
 slots, so ``S`` is what a join may cost the others.
@@ -18,8 +19,9 @@ slots, so ``S`` is what a join may cost the others.
    row starts again at ``S = 0``. Free rows keep decoding (their output is dropped).
 
 The cache methods (KVO, KIVI, H2O, StreamingLLM, Quest) and throughput mode build per-layer state in
-one prefill, so their batches run whole: waiting requests start the next batch together when the
-running one is done.
+one prefill, and a lossy host tier (int8, int4 K,V or X) stores a token differently depending on
+where it lands: there batches run whole, and waiting requests start the next batch together when
+the running one is done.
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ class Batcher:
 
     @property
     def continuous(self) -> bool:
-        """Whether requests join running batches (dense caches) or wait for the next batch."""
-        return self.rows_batch is not None
+        """Whether requests join running batches (dense, exactly stored caches) or wait for the next."""
+        return self.rows_batch is not None and self.rows_batch.joins_running
 
     def _make_row_batch(self) -> RowBatch | None:
         """The dense cache of ``max_rows`` x ``max_model_len``, allocated once; None where the
@@ -345,7 +347,7 @@ class Batcher:
         events: list[tuple[Sequence, str, Any]] = []
         for sequence, token in zip(sequences, chosen):
             self._take_token(sequence, token, events)
-        self._observe_step(batch, took, len(rows))
+        self._observe_step(batch, took, sequences)
         self._send(events)
 
     def _take_token(self, sequence: Sequence, token: int, events: list[tuple[Sequence, str, Any]]) -> None:
@@ -394,10 +396,12 @@ class Batcher:
             except Exception:  # the next batch's start will fail the same way and say so
                 log.exception("resetting the batch failed")
 
-    def _observe_step(self, batch: RowBatch | FixedBatch, took: float, live_rows: int) -> None:
+    def _observe_step(self, batch: RowBatch | FixedBatch, took: float, sequences: list[Sequence]) -> None:
+        """A decode step's figures; ``sequences``: the rows it decoded for a request."""
         metrics = self.metrics
         if metrics is None:
             return
+        live_rows = len(sequences)
         self.step_times.append((took, live_rows))
         total_s = sum(t for t, _ in self.step_times)
         metrics.step_seconds.observe(took)
@@ -413,8 +417,10 @@ class Batcher:
         metrics.link_bytes.labels("d2h").inc(d2h)
         metrics.batch_rows.set(batch.width)
         metrics.batch_tokens.set(batch.length)
-        owned = sum(len(s.prompt_ids) + s.generated - 1 for s in self.live.values())
+        owned = sum(len(s.prompt_ids) + s.generated - 1 for s in sequences)  # the tokens the step attended
         metrics.slot_utilisation.set(owned / (batch.width * batch.length) if batch.length else 0.0)
+        metrics.row_slots.inc(batch.width * batch.length)
+        metrics.live_slots.inc(owned)
 
 
 def request_seed(seed: int | None, choice: int) -> int:

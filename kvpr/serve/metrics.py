@@ -35,6 +35,8 @@ class ServeMetrics:
         self.batch_rows = gauge("kvpr_batch_rows", "rows of the batch, free ones included")
         self.batch_tokens = gauge("kvpr_batch_tokens", "S: token slots of every row in use")
         self.slot_utilisation = gauge("kvpr_slot_utilisation", "share of the rows x S slots holding live tokens")
+        self.row_slots = counter("kvpr_row_slots", "rows x S summed over decode steps (what the steps read)")
+        self.live_slots = counter("kvpr_live_slots", "live requests' own tokens summed over decode steps")
         self.joins = counter("kvpr_rows_joined", "requests that joined a batch while other rows decoded")
         self.batches = counter("kvpr_batches_started", "batches started from an empty cache")
         # decode steps
