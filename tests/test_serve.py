@@ -403,6 +403,21 @@ def test_client_disconnect_frees_the_row(tiny: LiveServer) -> None:
     assert client.completions.create(model="tiny", prompt=[9], max_tokens=2, temperature=0).usage.completion_tokens == 2
 
 
+def test_engine_failure_ends_the_request_not_the_server(tiny: LiveServer, monkeypatch) -> None:
+    """A decode step that raises ends its requests with a one-line 500; the next request is served."""
+    batch = tiny.app.state.server.batcher.rows_batch
+
+    def broken(token_ids: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("device lost")
+
+    body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 4, "ignore_eos": True}
+    monkeypatch.setattr(batch, "step", broken)
+    assert "engine failure: RuntimeError('device lost')" in _one_line_error(_post(tiny, "/v1/completions", body), 500)
+    monkeypatch.undo()
+    answer = _post(tiny, "/v1/completions", body)
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4, answer.text
+
+
 def test_models_health_and_metrics(offloaded: LiveServer) -> None:
     models = offloaded.client().models.list()
     assert [(model.id, model.max_model_len) for model in models.data] == [("tiny", 128)]  # type: ignore[attr-defined]
