@@ -42,7 +42,10 @@ def runs_here(spec: str) -> bool:
     run yet, see ``methods.engine_runs``, or a spec with the ``@hf`` suffix) rather than by the engine."""
     if spec in QUANTO_PEERS or spec.endswith(HF_SUFFIX):
         return True
-    name, params = parse_codec_spec(spec)
+    try:
+        name, params = parse_codec_spec(spec)
+    except KvprError:  # a row label that is not a spec (``evaluate`` takes any names)
+        return False
     if name not in KIVI_METHODS:
         return False
     return name not in CACHE_METHODS or not engine_runs(name, method_config(name, params))
