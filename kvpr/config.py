@@ -247,17 +247,22 @@ def parse_resident(value: str) -> int | str:
         raise KvprError(f"--gpu-resident {value!r}: use auto or a token count >= 0") from None
 
 
-def parse_num_chunks(value: str) -> int | None:
-    """``auto`` (None: the scheduler chooses per step) or a chunk count >= 1."""
+def parse_auto_count(value: str, flag: str, noun: str = "count") -> int | None:
+    """``auto`` (None: chosen for the run) or a count >= 1 of flag ``flag`` (``noun`` names it)."""
     if value == "auto":
         return None
     try:
         count = int(value)
     except ValueError:
-        raise KvprError(f"--num-chunks {value!r}: use auto or a chunk count >= 1") from None
+        raise KvprError(f"{flag} {value!r}: use auto or a {noun} >= 1") from None
     if count < 1:
-        raise KvprError(f"--num-chunks {count}: must be >= 1 (or auto)")
+        raise KvprError(f"{flag} {count}: must be >= 1 (or auto)")
     return count
+
+
+def parse_num_chunks(value: str) -> int | None:
+    """``auto`` (None: the scheduler chooses per step) or a chunk count >= 1."""
+    return parse_auto_count(value, "--num-chunks", "chunk count")
 
 
 def parse_recompute(value: str | float | None) -> str | float:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvpr.cli_checks import at_least
-from kvpr.config import EngineConfig
+from kvpr.config import EngineConfig, parse_auto_count
 from kvpr.errors import KvprError
 
 if TYPE_CHECKING:
@@ -69,15 +69,7 @@ def non_negative_float(text: str) -> float:
 
 
 def _rows_flag(value: str) -> int | None:
-    if value == "auto":
-        return None
-    try:
-        rows = int(value)
-    except ValueError:
-        raise KvprError(f"--max-num-seqs {value!r}: use auto or a count >= 1") from None
-    if rows < 1:
-        raise KvprError(f"--max-num-seqs {rows}: must be >= 1")
-    return rows
+    return parse_auto_count(value, "--max-num-seqs")
 
 
 def model_context(llm: LLM) -> int:
