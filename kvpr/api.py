@@ -37,7 +37,7 @@ from kvpr.placement import (
     disk_tier_dir,
     make_codec,
     recompute_fraction,
-    resident_cap,
+    tier_plan,
 )
 from kvpr.runtime.compressed import CacheMethod, CompressedExecutor
 from kvpr.runtime.executor import Executor
@@ -353,26 +353,27 @@ class LLM:
             return self._throughput_executor(batch_size, max_len)
         shape = self.check_fits(batch_size, max_len)
         cache, runtime, target = self.config.cache, self.config.runtime, self._target()
-        offloaded = cache.offload is Offload.CPU
-        if isinstance(self.codec, CacheMethod):  # KVO, KIVI and the baselines: a compressed cache per layer
+        if isinstance(self.codec, CacheMethod):
+            offloaded = cache.offload is Offload.CPU  # KVO, KIVI and the baselines: a compressed cache per layer
             pin = offloaded and pin_host_memory(self.device)
             compile_ = self.config.runtime.compile
             return CompressedExecutor(self.model, self.codec, shape, self.device, offloaded, pin, compile_)  # type: ignore[return-value]
+        plan = tier_plan(target, shape, flush_block=runtime.flush_block)
+        offloaded = plan is not None
         storage = KVStorage(
-            shape,
+            dataclasses.replace(shape, max_len=plan.host_slots) if offloaded else shape,  # type: ignore[union-attr]
             torch.device("cpu") if offloaded else self.device,
             pin=offloaded and pin_host_memory(self.device),
-            store_inputs=target.stores_inputs(),
+            store_inputs=offloaded and target.stores_inputs(),
             codec=self.codec,
             x_codec=self.x_codec,
         )
         split = make_split_policy(
             cache, runtime, self.model_config, batch_size, self.device, self.dtype, self.codec, self.x_codec
         )
-        resident = resident_cap(target, shape) if offloaded else 0
         if runtime.overlap:
-            return OverlappedExecutor(self.model, storage, self.device, offloaded, split, resident)
-        return SequentialExecutor(self.model, storage, self.device, offloaded, split, resident)
+            return OverlappedExecutor(self.model, storage, self.device, offloaded, split, plan, runtime.slot_tokens)
+        return SequentialExecutor(self.model, storage, self.device, offloaded, split, plan)
 
     def _throughput_executor(self, batch_size: int, max_len: int) -> Executor:
         """One block of the block schedule: the cache split over GPU, CPU and disk by --percent."""
@@ -391,8 +392,11 @@ class LLM:
 
     def _target(self) -> Target:
         """This engine as kvpr.placement sizes it (the placement and budget of ``with_placement``'s too)."""
-        cache, budget = self.config.cache, self.config.runtime.host_memory_gib
-        return Target(self.model_config, self.name, self.device, self.dtype, cache, self.codec, self.x_codec, budget)
+        cache, runtime = self.config.cache, self.config.runtime
+        return Target(
+            self.model_config, self.name, self.device, self.dtype, cache, self.codec, self.x_codec,
+            runtime.host_memory_gib, runtime.gpu_memory_gib,
+        )  # fmt: skip
 
     def check_fits(self, batch_size: int, max_len: int, weights_loaded: bool = True) -> CacheShape:
         """Raise a KvprError, before allocating anything, if this batch cannot run here

@@ -51,7 +51,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="HF directory, .gguf file or built-in name (default: SmolLM2-135M-Instruct)"
     )
     parser.add_argument("--dummy-weights", action="store_true", help="random weights of the model's real configuration")
-    parser.add_argument("--offload", default="none", help="where the KV cache lives: none (device) or cpu (host)")
+    parser.add_argument(
+        "--offload",
+        default="auto",
+        help="where the KV cache lives: auto (the GPU while it fits, the overflow on the host; none on a CPU), "
+        "none (the device) or cpu (the host, all but --gpu-resident tokens)",
+    )
     parser.add_argument(
         "--recompute",
         default=None,
@@ -74,7 +79,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpu-resident",
         default="0",
-        help="with --offload cpu: keep the K,V of this many oldest tokens on the GPU too, or auto (fit free memory)",
+        help="with --offload cpu|auto: keep the K,V of this many tokens on the GPU (the oldest, and the newest "
+        "until they are flushed in blocks), or auto (what fits free memory, or --gpu-memory-gib)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
@@ -117,6 +123,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="host memory kvpr may use (default: what the OS reports available now)",
     )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=positive_float,
+        default=None,
+        help="GPU memory kvpr may use, weights included (default: what is free now); emulates a smaller GPU",
+    )
 
 
 def throughput_config(args: argparse.Namespace) -> ThroughputConfig | None:
@@ -145,13 +157,13 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     recompute = args.recompute or (RECOMPUTE_AUTO if args.kv_partial else RECOMPUTE_OFF)
     offload_name = args.offload
     if throughput is not None:  # the placement decides; the cache leaves the GPU unless all of it stays
-        if args.offload != "none":
+        if args.offload not in ("none", "auto"):
             raise KvprError("--offload is latency mode's flag: in throughput mode --percent places the cache")
         offload_name = "none" if throughput.placement.cache_gpu >= 100 else "cpu"
     try:
         offload = Offload(offload_name)
     except ValueError:
-        raise KvprError(f"--offload {args.offload!r}: use none or cpu") from None
+        raise KvprError(f"--offload {args.offload!r}: use auto, none or cpu") from None
     return EngineConfig(
         model=args.model,
         dummy_weights=args.dummy_weights,
@@ -172,6 +184,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
             compile=args.compile,
             profile_path=args.profile,
             host_memory_gib=args.host_memory_gib,
+            gpu_memory_gib=args.gpu_memory_gib,
         ),
     )
 

@@ -212,7 +212,8 @@ class Offload(str, enum.Enum):
     """Where the KV cache (and the stored layer inputs X) live between decode steps."""
 
     NONE = "none"  # on the compute device
-    CPU = "cpu"  # host memory (pinned when CUDA is present)
+    CPU = "cpu"  # host memory (pinned when CUDA is present), all but the GPU tier (--gpu-resident)
+    AUTO = "auto"  # on the GPU where it fits, the overflow in host memory (CPU device: none)
 
 
 RECOMPUTE_OFF = "off"
@@ -305,13 +306,13 @@ class CacheConfig:
         if self.x_codec != "none":
             if self.kv_codec in CACHE_METHODS:
                 raise KvprError(f"--x-codec applies to recomputation, which --kv-codec {self.kv_codec} never runs")
-            if self.offload is not Offload.CPU or self.recompute == RECOMPUTE_OFF:
+            if self.offload is Offload.NONE or self.recompute == RECOMPUTE_OFF:
                 raise KvprError(
-                    f"--x-codec {self.x_codec} needs --offload cpu and --recompute auto|F: X is stored only "
+                    f"--x-codec {self.x_codec} needs --offload cpu|auto and --recompute auto|F: X is stored only "
                     "for recomputing K,V from it"
                 )
         if not isinstance(self.offload, Offload):
-            raise KvprError(f"offload={self.offload!r}: use Offload.NONE or Offload.CPU")
+            raise KvprError(f"offload={self.offload!r}: use Offload.NONE, Offload.CPU or Offload.AUTO")
         if parse_recompute(self.recompute) != self.recompute:
             raise KvprError(f"recompute={self.recompute!r}: use 'off', 'auto' or a float in [0, 1]")
         if self.offload is Offload.NONE and self.recompute not in (RECOMPUTE_OFF, RECOMPUTE_AUTO, 0.0):
@@ -323,7 +324,7 @@ class CacheConfig:
     @property
     def stores_inputs(self) -> bool:
         """Whether layer inputs X are kept beside K,V (needed whenever recomputation may run)."""
-        return self.offload is Offload.CPU and self.recompute != RECOMPUTE_OFF
+        return self.offload is not Offload.NONE and self.recompute != RECOMPUTE_OFF
 
 
 @dataclass(frozen=True)
@@ -337,10 +338,17 @@ class RuntimeConfig:
     profile_path: str | None = None
     host_memory_gib: float | None = None  # host budget; None: what the OS reports available
     compile: bool = False  # fuse the cache method's decode kernels with torch.compile (CUDA, --kv-codec kvo)
+    gpu_memory_gib: float | None = None  # GPU memory kvpr may use, weights included; None: what is free
+    flush_block: int = 64  # new tokens kept on the GPU before they go to the host tier in one block
+    slot_tokens: int | None = None  # tokens per ring slot of the offloaded executor; None: 32 MiB of K,V
 
     def __post_init__(self) -> None:
         if self.host_memory_gib is not None and not self.host_memory_gib > 0:
             raise KvprError(f"--host-memory-gib {self.host_memory_gib}: must be > 0")
+        if self.flush_block < 1 or (self.slot_tokens is not None and self.slot_tokens < 1):
+            raise KvprError(f"flush_block={self.flush_block}, slot_tokens={self.slot_tokens}: must be >= 1")
+        if self.gpu_memory_gib is not None and not self.gpu_memory_gib > 0:
+            raise KvprError(f"--gpu-memory-gib {self.gpu_memory_gib}: must be > 0")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise KvprError(f"--dtype {self.dtype!r}: use auto, float32, float16 or bfloat16")
         if self.num_chunks is not None and self.num_chunks < 1:

@@ -34,6 +34,7 @@ from kvpr.config import (
 )
 from kvpr.device import (
     DEVICE_FILL,
+    GIB,
     check_device_memory,
     check_host_memory,
     element_size,
@@ -45,6 +46,8 @@ from kvpr.device import (
 from kvpr.errors import KvprError
 from kvpr.models.loader import resolve_source
 from kvpr.runtime.compressed import CacheMethod, make_method
+from kvpr.runtime.latency import RING_SLOTS, SLOT_BYTES
+from kvpr.runtime.tiers import DEFAULT_FLUSH_BLOCK, TierPlan
 from kvpr.scheduler.policy import recompute_may_run
 from kvpr.scheduler.solver import resident_tokens
 from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run_needs
@@ -66,7 +69,7 @@ def make_codec(cache: CacheConfig, model: ModelConfig) -> KVCodec | CacheMethod 
 class Target:
     """One engine as the checks size it: the model (``name`` for messages), the device and dtype it
     runs in, its cache placement with the codecs that store K,V and X, and the stated host budget
-    (``--host-memory-gib``; None: the OS's available memory)."""
+    (``--host-memory-gib``; None: the OS's available memory) and GPU budget (``--gpu-memory-gib``)."""
 
     model: ModelConfig
     name: str
@@ -76,6 +79,7 @@ class Target:
     codec: KVCodec | CacheMethod | None
     x_codec: XCodec | None
     host_memory_gib: float | None
+    gpu_memory_gib: float | None = None  # what kvpr may use on the GPU, weights included (None: all free)
 
     def stores_inputs(self) -> bool:
         """Keep X beside K,V only where recomputation may run and can pay (see recompute_may_run)."""
@@ -105,22 +109,21 @@ def check_throughput_cache(cache: CacheConfig) -> None:
 
 def check_cache_fits(target: Target, shape: CacheShape, weight_bytes: int, weights_loaded: bool = True) -> None:
     """Raise a KvprError, before allocating anything, if a latency-mode batch of ``shape`` cannot run
-    here: its cache on its tier, the staging buffers and GPU-resident tokens of an offloaded one
+    here: its cache on its tiers (the GPU tier and the rings of an offloaded one, the host tier)
     (``weights_loaded=False``: counting the model's ``weight_bytes`` too, before they load)."""
     check_context(target, shape.max_len)
     cache, codec, budget, max_len = target.cache, target.codec, target.host_memory_gib, shape.max_len
     what = f"the KV cache (b={shape.batch_size}, {max_len} slots, {shape.num_layers} layers)"
+    pending = 0 if weights_loaded else weight_bytes
     if isinstance(codec, CacheMethod):
         device_bytes, host_bytes = codec.memory(shape, cache.offload is Offload.CPU)
-    elif cache.offload is Offload.CPU:
-        host_bytes = shape.kv_bytes(codec) + (shape.x_bytes(target.x_codec) if target.stores_inputs() else 0)
-        device_bytes = 2 * (shape.kv_bytes() + host_bytes) // shape.num_layers  # staging
-        wanted = cache.gpu_resident
-        if wanted != "auto" and wanted:  # an explicit count: its K,V must fit too
-            device_bytes += shape.kv_bytes() * min(int(wanted), max_len) // max_len
-        what += ", its staging buffers and GPU-resident tokens"
     else:
-        device_bytes, host_bytes = shape.kv_bytes(), 0
+        plan = tier_plan(target, shape, pending)
+        if plan is None:
+            device_bytes, host_bytes = shape.kv_bytes(), 0
+        else:
+            device_bytes, host_bytes = tier_bytes(target, shape, plan)
+            what += f", {plan.gpu_slots} of its tokens on the GPU and its overflow on the host"
     if not weights_loaded:
         device_bytes, what = device_bytes + weight_bytes, f"{what} with the weights of {target.name}"
     if target.device.type != "cuda":  # one pool; a stated budget counts the loaded weights in it
@@ -200,18 +203,66 @@ def disk_tier_dir(throughput: ThroughputConfig | None, owner: object) -> Path | 
     return directory
 
 
-def resident_cap(target: Target, shape: CacheShape) -> int:
-    """How many of the oldest tokens keep their K,V on the GPU (``--gpu-resident``)."""
+def usable_device_bytes(target: Target, pending_bytes: int = 0) -> int:
+    """GPU bytes a cache may take now: the usable share of free memory, less ``pending_bytes``
+    still to load, within ``--gpu-memory-gib`` (which counts what kvpr holds already, the weights)."""
+    free = free_device_bytes(target.device) - pending_bytes
+    if target.gpu_memory_gib is not None:
+        held = torch.cuda.memory_allocated(target.device) + pending_bytes
+        free = min(free, int(target.gpu_memory_gib * GIB) - held)
+    return max(0, int(DEVICE_FILL * free))
+
+
+def gpu_token_capacity(target: Target, shape: CacheShape, pending_bytes: int = 0) -> int:
+    """Tokens whose K,V (every layer, the whole batch) an offloaded cache keeps on the GPU:
+    ``--gpu-resident N``, or what fits (``auto``) after the rings and a workspace reserve."""
     wanted = target.cache.gpu_resident
     if wanted != "auto":
         return int(wanted)
     if target.device.type != "cuda":
         return 0  # no device memory apart from the host tier
-    free, _total = torch.cuda.mem_get_info(target.device)
-    staging = 2 * (shape.kv_bytes() + shape.x_bytes()) // shape.num_layers
-    # Keep room for the staging buffers, activations and allocator slack.
-    reserve = staging + free // 10 + 2 * 1024**3
-    return resident_tokens(target.model, shape.batch_size, shape.max_len, free, element_size(target.dtype), reserve)
+    usable = usable_device_bytes(target, pending_bytes)
+    # Rings and recompute scratch, activations of a prefill and allocator slack.
+    reserve = ring_bytes(shape) + usable // 10 + GIB
+    return resident_tokens(target.model, shape.batch_size, shape.max_len, usable, element_size(target.dtype), reserve)
+
+
+def tier_plan(
+    target: Target, shape: CacheShape, pending_bytes: int = 0, flush_block: int = DEFAULT_FLUSH_BLOCK
+) -> TierPlan | None:
+    """The GPU and host tiers of a latency-mode batch; None: the whole cache on the device.
+
+    ``--offload none``: None. ``cpu``: the GPU keeps ``gpu_token_capacity`` tokens, the host the
+    rest. ``auto``: None where the whole cache fits the GPU (or there is no GPU), else as ``cpu``.
+    """
+    offload = target.cache.offload
+    if offload is Offload.NONE or (offload is Offload.AUTO and target.device.type != "cuda"):
+        return None
+    capacity = gpu_token_capacity(target, shape, pending_bytes)
+    if offload is Offload.AUTO and capacity >= shape.max_len:
+        return None
+    return TierPlan.for_capacity(capacity, shape.max_len, flush_block)
+
+
+def ring_bytes(shape: CacheShape, stores_x: bool = True) -> int:
+    """Device bytes of an offloaded executor's rings and scratch (``runtime.latency``): a K,V ring
+    and an X ring of ``RING_SLOTS`` slots, each slot up to ``SLOT_BYTES`` of K,V, and scratch."""
+    per_token = 2 * shape.batch_size * shape.num_kv_heads * shape.head_dim * shape.element_size
+    tokens = max(1, min(shape.max_len, SLOT_BYTES // per_token))
+    x_per_token = shape.batch_size * shape.hidden_size * shape.element_size if stores_x else 0
+    return tokens * (RING_SLOTS * (per_token + x_per_token) + per_token)
+
+
+def tier_bytes(target: Target, shape: CacheShape, plan: TierPlan) -> tuple[int, int]:
+    """(device, host) bytes of an offloaded batch under ``plan``: the GPU tier, the tail's X and the
+    rings on the device; the host tier's K,V (as its codec stores them) and X."""
+    gpu_share = shape.kv_bytes() * plan.gpu_slots // shape.max_len
+    stores_x = target.stores_inputs() and plan.offloads
+    tail_x = shape.x_bytes() * plan.tail_slots // shape.max_len if stores_x else 0
+    device_bytes = gpu_share + tail_x + (ring_bytes(shape, stores_x) if plan.offloads else 0)
+    host_kv = shape.kv_bytes(target.codec) * plan.host_slots // shape.max_len  # type: ignore[arg-type]
+    host_x = shape.x_bytes(target.x_codec) * plan.host_slots // shape.max_len if stores_x else 0
+    return device_bytes, host_kv + host_x
 
 
 def recompute_fraction(

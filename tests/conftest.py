@@ -159,13 +159,20 @@ def make_llm(
     dtype: str = "float32",
     dummy_weights: bool = False,
     gpu_resident: int | str = 0,
+    flush_block: int = 4,
+    slot_tokens: int | None = 3,
 ) -> LLM:
+    """Small flush blocks and ring slots by default, so short test prompts flush the GPU tail to the
+    host and cross several ring slots per layer."""
     return LLM(
         EngineConfig(
             model=None if model is None else str(model),
             dummy_weights=dummy_weights,
             cache=CacheConfig(offload=Offload(offload), recompute=recompute, gpu_resident=gpu_resident),
-            runtime=RuntimeConfig(device=device, dtype=dtype, overlap=overlap, num_chunks=3),
+            runtime=RuntimeConfig(
+                device=device, dtype=dtype, overlap=overlap, num_chunks=3, flush_block=flush_block,
+                slot_tokens=slot_tokens,
+            ),  # fmt: skip
         )
     )
 

@@ -1,37 +1,42 @@
-"""Latency mode: weights on the GPU, K,V and X on the host, the KVPR split overlapped on streams.
+"""Latency mode: weights on the GPU, the cache in two tiers, attention pipelined with the copies.
 
-Per decode step, with ``s`` cached tokens, ``r`` of them resident on the device and the
-recomputed range ``l`` chosen by the policy, for each layer (double buffer ``p = layer % 2``)::
+Per decode step, with ``h`` tokens on the host tier and the recomputed range ``l`` chosen by the
+policy, each layer attends its cache as pieces (``split_attention``), each as soon as it exists::
 
-    copy stream    | X[r:r+l] in c chunks -> xbuf[p] | K,V[r+l:s] -> kvbuf[p] |      (layer+1 ...)
-    compute stream | q, k_new, v_new | resident[0:r] -> kvbuf[p] | recompute chunk 1..c | attention | MLP
-                                                        (waits each X chunk)   (waits K,V)
+    copy stream    | X chunk 1 | X chunk 2 | K,V chunk 1 | K,V chunk 2 | ...   (layer+1 ...)
+    compute stream | q, k, v | GPU tier | recompute 1, attend | recompute 2, attend | attend | attend | merge | MLP
+    store stream   |                                  (a full tail: flushed to the host in one block per part)
 
-With a codec the copied K,V are the codec's parts, decoded on the compute stream after they land,
-and the write-back is encoded first; an X codec (``--x-codec``) does the same for each X chunk,
-decoded just before its recompute.
+The GPU tier (prefix and tail, ``kvpr.runtime.tiers``) is attended in place and never copied.
+Host chunks land in two rings of a few slots (X and K,V); the copy stream refills a slot once the
+compute stream has consumed it, in the order the step consumes chunks, so loads run ahead across
+layers by as many chunks as the rings hold. With a codec the K,V chunks are the codec's parts,
+decoded into a scratch buffer after they land; an X codec likewise for each X chunk.
 
-The loads of layer ``i+1`` are issued before layer ``i`` computes, so they stream in while it
-runs. A buffer is refilled only after the layer two back has finished with it. The new token's
-K, V and X go back to the host on the copy stream after its layer computed them.
-
-When the cache is resident (``offloaded=False``) the same loop attends straight over storage.
+When no token is on the host the step is one piece: plain attention over the GPU tier, exactly
+the resident cache's arithmetic.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvpr.models.common import attend
-from kvpr.runtime.executor import Executor, SplitPolicy
+from kvpr.runtime.executor import Executor, SplitPolicy, _Step
+from kvpr.runtime.split_attention import Partials, attend_piece
 from kvpr.runtime.streams import StreamSet
+from kvpr.runtime.tiers import TierPlan
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import EncodedKV, KVCodec
     from kvpr.cache.storage import KVStorage
     from kvpr.models.base import DecoderModel
+
+RING_SLOTS = 4  # chunks in flight per ring: enough that the copy stream never waits on compute
+SLOT_BYTES = 32 * 1024**2  # uncompressed K,V bytes per ring slot, when the caller fixes no size
 
 
 def chunk_bounds(length: int, num_chunks: int) -> list[tuple[int, int]]:
@@ -41,51 +46,98 @@ def chunk_bounds(length: int, num_chunks: int) -> list[tuple[int, int]]:
     return [(a, c) for a, c in zip(edges, edges[1:]) if c > a]
 
 
+def slot_tokens_for(storage: "KVStorage", host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
+    """Tokens per ring slot: ``slot_bytes`` of uncompressed K,V, within [1, host_slots]."""
+    s = storage.shape
+    per_token = 2 * s.batch_size * s.num_kv_heads * s.head_dim * s.element_size
+    return max(1, min(host_slots, slot_bytes // per_token))
+
+
 def decode_kv_into(
     codec: "KVCodec", encoded: "EncodedKV", dtype: torch.dtype, k_out: torch.Tensor, v_out: torch.Tensor, start: int
 ) -> None:
-    """Decode a landed block of t tokens' codec parts into the staging buffers' rows [start, start+t)
+    """Decode a landed block of t tokens' codec parts into buffer rows [start, start+t)
     (the profiler times this same call)."""
     k, v = codec.decode(encoded, dtype)  # [t, b, n_kv, d]
     k_out[start : start + k.shape[0]] = k
     v_out[start : start + v.shape[0]] = v
 
 
-class _LayerBuffers:
-    """One of the two device staging buffers, with the events that order its use."""
+class _Slot:
+    """One ring slot: a buffer per stored part ([cap, b, ...]) and the events that order its use."""
 
-    def __init__(self, storage: "KVStorage", device: torch.device, streams: StreamSet) -> None:
-        shape = storage.shape
-        kv_shape = (shape.max_len, shape.batch_size, shape.num_kv_heads, shape.head_dim)
-        self.k = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, n_kv, d]
-        self.v = torch.empty(kv_shape, dtype=shape.dtype, device=device)  # [s_max, b, n_kv, d]
-        # X chunks land here: X itself [s_max, b, h], or an X codec's parts, decoded chunk by chunk.
-        self.x_parts = {
-            name: torch.empty_like(storage.x_part(name, 0), device=device)  # [s_max, b, ...]
-            for name in storage.x_part_names
-        }
-        # A compressed tier's parts land here before they are decoded into k, v.
-        self.parts = (
-            {}
-            if storage.raw
-            else {
-                name: torch.empty_like(storage.part(name, 0), device=device)  # [s_max, b, ...]
-                for name in storage.part_names
-            }
-        )
+    def __init__(self, tensors: dict[str, torch.Tensor], streams: StreamSet) -> None:
+        self.tensors = tensors
+        self.ready = streams.event()  # recorded on the copy stream when a chunk has landed
+        self.free = streams.event()  # recorded on the compute stream when it is consumed
+
+
+class _Ring:
+    """Slots filled in turn; a slot is refilled only after its last chunk was consumed."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], capacity: int, device: torch.device, streams: StreamSet):
+        self.slots = [
+            _Slot({n: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=device) for n, t in parts.items()}, streams)
+            for _ in range(RING_SLOTS)
+        ]  # fmt: skip
+        self.issued = 0
+        self.consumed = 0
+        self.landed: deque[tuple[_Slot, int]] = deque()  # (slot, tokens) issued, not yet consumed
+
+    def has_room(self) -> bool:
+        return self.issued - self.consumed < len(self.slots)
+
+
+class _Loads:
+    """A step's host-to-device loads, issued in the order the step consumes them, each as soon as
+    its ring has a free slot (so no load overtakes an earlier one on the copy stream)."""
+
+    def __init__(self, storage: "KVStorage", streams: StreamSet, flushed: list[torch.cuda.Event | None]) -> None:
+        self.storage = storage
         self.streams = streams
-        self.x_ready: list[torch.cuda.Event | None] = []  # one per X chunk, grown to the most chunks asked
-        self.kv_ready = streams.event()
-        self.free = streams.event()
-        self.chunks: list[tuple[int, int]] = []
+        self.flushed = flushed  # per layer: the last write of its host slots
+        self.pending: deque[tuple[_Ring, bool, int, int, int]] = deque()  # (ring, is_x, layer, start, end)
 
-    def set_chunks(self, chunks: list[tuple[int, int]]) -> None:
-        self.chunks = chunks
-        self.x_ready += [self.streams.event() for _ in range(len(chunks) - len(self.x_ready))]
+    def begin(self, loads: list[tuple[_Ring, bool, int, int, int]]) -> None:
+        assert not self.pending
+        self.pending.extend(loads)
+        self.pump()
+
+    def pump(self) -> None:
+        streams = self.streams
+        while self.pending and self.pending[0][0].has_room():
+            ring, is_x, layer, start, end = self.pending.popleft()
+            slot = ring.slots[ring.issued % len(ring.slots)]
+            streams.copy_waits(slot.free)  # its previous chunk has been consumed
+            streams.copy_waits(self.flushed[layer])  # host slots written by a flush or the prefill
+            with streams.on_copy():
+                for name, staged in slot.tensors.items():
+                    source = self.storage.x_part(name, layer) if is_x else self.storage.part(name, layer)
+                    staged[: end - start].copy_(source[start:end], non_blocking=True)
+                streams.record_on_copy(slot.ready)
+            ring.issued += 1
+            ring.landed.append((slot, end - start))
+
+    def take(self, ring: _Ring) -> tuple[dict[str, torch.Tensor], _Slot]:
+        """The next chunk of ``ring``, once landed: its parts ([t, b, ...] views)."""
+        slot, tokens = ring.landed.popleft()
+        self.streams.compute_waits(slot.ready)
+        return {name: t[:tokens] for name, t in slot.tensors.items()}, slot
+
+    def release(self, ring: _Ring, slot: _Slot) -> None:
+        """The compute stream is done with ``slot``: it may be refilled, and the next loads issue."""
+        self.streams.record_on_compute(slot.free)
+        ring.consumed += 1
+        self.pump()
 
 
 class OverlappedExecutor(Executor):
-    """Copies on a copy stream, recompute and attention on the compute stream, double buffered."""
+    """Copies on a copy stream, flushes on a store stream, recompute and attention on the compute
+    stream; host chunks in two rings (see the module docstring).
+
+    Args (beyond ``Executor``'s):
+        slot_tokens: tokens per ring slot (None: ``SLOT_BYTES`` of uncompressed K,V).
+    """
 
     def __init__(
         self,
@@ -94,105 +146,109 @@ class OverlappedExecutor(Executor):
         device: torch.device,
         offloaded: bool,
         split: SplitPolicy,
-        resident_cap: int = 0,
+        plan: TierPlan | None = None,
+        slot_tokens: int | None = None,
     ) -> None:
-        super().__init__(model, storage, device, offloaded, split, resident_cap)
-        self.streams = StreamSet(device)
-        self.buffers = [_LayerBuffers(storage, device, self.streams) for _ in range(2)] if offloaded else []
+        super().__init__(model, storage, device, offloaded, split, plan)
+        self.streams = StreamSet(device, separate_store=True)
+        self.flushed = [self.streams.event() for _ in self.layers]
+        self.loads = _Loads(storage, self.streams, self.flushed)
+        self.slot_tokens = 0
+        if offloaded and self.plan.offloads:
+            self.slot_tokens = slot_tokens or slot_tokens_for(storage, self.plan.host_slots)
+            host_kv = {n: storage.part(n, 0) for n in storage.part_names}
+            self.kv_ring = _Ring(host_kv, self.slot_tokens, device, self.streams)
+            host_x = {n: storage.x_part(n, 0) for n in storage.x_part_names}
+            self.x_ring = _Ring(host_x, self.slot_tokens, device, self.streams)
+            s = storage.shape
+            scratch = (self.slot_tokens if (host_x or not storage.raw) else 0, s.batch_size, s.num_kv_heads, s.head_dim)
+            # K,V recomputed from an X chunk, or decoded from a codec chunk: [slot, b, n_kv, d]
+            self.scratch_k = torch.empty(scratch, dtype=self.dtype, device=device)
+            self.scratch_v = torch.empty(scratch, dtype=self.dtype, device=device)
 
-    def _store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+    @property
+    def staging_bytes(self) -> int:
+        """Device bytes of the rings and scratch buffers (what replaced the ``s_max`` staging)."""
+        if not self.slot_tokens:
+            return 0
+        tensors = [t for ring in (self.kv_ring, self.x_ring) for slot in ring.slots for t in slot.tensors.values()]
+        tensors += [self.scratch_k, self.scratch_v]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _store_host(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+        storage = self.storage
         end = start + k.shape[0]
-        if not self.offloaded:
-            self.storage.k(layer)[start:end] = k
-            self.storage.v(layer)[start:end] = v
-            return
-        if self.storage.raw:
-            tensors = [(self.storage.k(layer), k), (self.storage.v(layer), v)]
+        if storage.raw:
+            tensors = [(storage.k(layer), k), (storage.v(layer), v)]
         else:  # encoded on the compute stream, so only the compressed bytes cross the link
-            encoded = self.storage.codec.encode(k, v).tensors
-            tensors = [(self.storage.part(name, layer), part) for name, part in encoded.items()]
-        if self.storage.store_inputs:  # X encoded here too, if an X codec is set
-            tensors += [(self.storage.x_part(name, layer), part) for name, part in self.storage.encode_x(x).items()]
-        # Device-to-host on the copy stream, after the compute that produced the tensors.
-        self.streams.copy_waits_compute()
-        with self.streams.on_copy():
+            tensors = [(storage.part(name, layer), part) for name, part in storage.codec.encode(k, v).tensors.items()]
+        if storage.store_inputs:  # X encoded here too, if an X codec is set
+            tensors += [(storage.x_part(name, layer), part) for name, part in storage.encode_x(x).items()]
+        with self.streams.on_store_after_compute():  # device-to-host, after the compute that made them
             for host, source in tensors:
                 source = source.contiguous()
-                self.streams.keep_alive_for_copy(source)
+                self.streams.keep_alive_for_store(source)
                 host[start:end].copy_(source, non_blocking=True)
+            self.streams.record_on_store(self.flushed[layer])
 
-    def _issue_loads(self, layer: int, recompute_len: int, context_len: int, num_chunks: int) -> None:
-        """Queue the loads of one layer on the copy stream: X of [r, r+l) in ``num_chunks`` chunks
-        first, then the K,V of [r+l, s) (see the table in ``Executor``)."""
-        buffers = self.buffers[layer % 2]
-        storage = self.storage
-        resident = self.resident_len
-        copied_from = resident + recompute_len
-        buffers.set_chunks([(resident + a, resident + c) for a, c in chunk_bounds(recompute_len, num_chunks)])
-        self.streams.copy_waits(buffers.free)  # the layer two back has finished reading this buffer
-        with self.streams.on_copy():
-            for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
-                for name, staged in buffers.x_parts.items():
-                    staged[start:end].copy_(storage.x_part(name, layer)[start:end], non_blocking=True)
-                self.streams.record_on_copy(ready)  # chunk landed: its recompute may start
-            targets = {"k": buffers.k, "v": buffers.v} if storage.raw else buffers.parts
-            for name, staged in targets.items():
-                staged[copied_from:context_len].copy_(
-                    storage.part(name, layer)[copied_from:context_len], non_blocking=True
-                )
-            self.streams.record_on_copy(buffers.kv_ready)  # K,V of [r+l, s) landed: attention may start
+    def _chunks(self, step: _Step) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """X chunks of host [0, l) (the policy's count, more if a slot is smaller) and K,V chunks of [l, h)."""
+        l, h, cap = step.recompute_len, step.host_len, self.slot_tokens
+        x_chunks = chunk_bounds(l, max(step.num_chunks, -(-l // cap))) if l else []
+        kv_chunks = [(a, min(a + cap, h)) for a in range(l, h, cap)]
+        return x_chunks, kv_chunks
 
     def _decode_layers(
         self,
         hidden: torch.Tensor,
-        mask: torch.Tensor,
         rope_new: tuple[torch.Tensor, torch.Tensor] | None,
         rope_old: tuple[torch.Tensor, torch.Tensor] | None,
-        slot: int,
-        recompute_len: int,
-        num_chunks: int,
+        step: _Step,
     ) -> torch.Tensor:
-        streams = self.streams
-        if self.offloaded:
-            self._issue_loads(0, recompute_len, slot, num_chunks)
+        streams, storage, loads = self.streams, self.storage, self.loads
+        x_chunks, kv_chunks = self._chunks(step) if step.host_len else ([], [])
+        if step.host_len:
+            per_layer = [(self.x_ring, True, a, c) for a, c in x_chunks] + [(self.kv_ring, False, a, c) for a, c in kv_chunks]
+            loads.begin([(ring, is_x, index, a, c) for index in range(len(self.layers)) for ring, is_x, a, c in per_layer])
+        else:
+            bias = self.gpu_bias(step.gpu_len)  # one piece: the resident cache's own attention
+        gpu_valid = self.gpu_valid[:, : step.gpu_len]
         for index, layer in enumerate(self.layers):
-            if self.offloaded and index + 1 < len(self.layers):
-                self._issue_loads(index + 1, recompute_len, slot, num_chunks)  # prefetch while this layer runs
             x_new = layer.attn_input(hidden)  # [b, 1, h]
             q = layer.query(x_new, rope_new)  # [b, n_q, 1, d]
             k_new, v_new = layer.kv_from_input(x_new, rope_new)  # [b, 1, n_kv, d]
-            if self.offloaded:
-                buffers = self.buffers[index % 2]
-                keys, values = buffers.k, buffers.v
-                resident = self.resident_len
-                if resident:  # device-to-device, on the compute stream
-                    keys[:resident] = self.resident_k[index]  # type: ignore[index]
-                    values[:resident] = self.resident_v[index]  # type: ignore[index]
-                for (start, end), ready in zip(buffers.chunks, buffers.x_ready):
-                    streams.compute_waits(ready)  # X chunk is on the device
-                    offset = slice(start - resident, end - resident)  # rope_old covers [r, r+l)
-                    chunk_rope = None if rope_old is None else (rope_old[0][offset], rope_old[1][offset])
-                    x_chunk = self.storage.decode_x({n: x[start:end] for n, x in buffers.x_parts.items()})
-                    # recompute written in place into the staging buffer: [chunk, b, n_kv, d]
-                    layer.kv_into(x_chunk, chunk_rope, keys[start:end], values[start:end])
-                streams.compute_waits(buffers.kv_ready)  # copied K,V of [l, s) are on the device
-                if not self.storage.raw and slot > resident + recompute_len:
-                    self._decode_parts(buffers, resident + recompute_len, slot)
+            streams.compute_waits(self.flushed[index])  # a flushed tail is copied before it is overwritten
+            self.write_new(index, step, k_new, v_new, x_new)
+            gpu_k, gpu_v = self.gpu_keys(index)
+            if not step.host_len:
+                keys, values = gpu_k[: step.gpu_len], gpu_v[: step.gpu_len]  # [G, b, n_kv, d]
+                out = attend(q, keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3), bias)
             else:
-                keys, values = self.storage.k(index), self.storage.v(index)
-            keys[slot] = k_new[:, 0]
-            values[slot] = v_new[:, 0]
-            out = attend(q, keys[: slot + 1].permute(1, 2, 0, 3), values[: slot + 1].permute(1, 2, 0, 3), mask)
-            if self.offloaded:
-                streams.record_on_compute(self.buffers[index % 2].free)  # buffer may be refilled
-                self._store(index, slot, k_new.transpose(0, 1), v_new.transpose(0, 1), x_new.transpose(0, 1))
+                partials = Partials()
+                query = q[:, :, 0].contiguous()  # [b, n_q, d]
+                attend_piece(query, gpu_k[: step.gpu_len], gpu_v[: step.gpu_len], gpu_valid, partials)
+                for a, c in x_chunks:
+                    parts, slot = loads.take(self.x_ring)
+                    x_chunk = storage.decode_x(parts)  # [t, b, h]
+                    chunk_rope = None if rope_old is None else (rope_old[0][a:c], rope_old[1][a:c])
+                    k_chunk, v_chunk = self.scratch_k[: c - a], self.scratch_v[: c - a]
+                    layer.kv_into(x_chunk, chunk_rope, k_chunk, v_chunk)  # [t, b, n_kv, d]
+                    loads.release(self.x_ring, slot)
+                    attend_piece(query, k_chunk, v_chunk, self.host_valid(a, c), partials)
+                for a, c in kv_chunks:
+                    parts, slot = loads.take(self.kv_ring)
+                    if storage.raw:
+                        attend_piece(query, parts["k"], parts["v"], self.host_valid(a, c), partials)
+                    else:
+                        k_chunk, v_chunk = self.scratch_k[: c - a], self.scratch_v[: c - a]
+                        decode_kv_into(storage.codec, storage.encoded(parts), self.dtype, k_chunk, v_chunk, 0)
+                        attend_piece(query, k_chunk, v_chunk, self.host_valid(a, c), partials)
+                    loads.release(self.kv_ring, slot)
+                out = partials.merge(self.dtype)  # [b, 1, n_q * d]
+            if step.flush_to is not None:
+                self._store_host(index, step.flush_to, *self.tail_block(index))
             hidden = layer.finish(hidden, out)
         return hidden
-
-    def _decode_parts(self, buffers: _LayerBuffers, start: int, end: int) -> None:
-        """Decode the copied parts of tokens [start, end) into the K,V staging buffer."""
-        parts = {name: staged[start:end] for name, staged in buffers.parts.items()}
-        decode_kv_into(self.storage.codec, self.storage.encoded(parts), self.dtype, buffers.k, buffers.v, start)
 
     def finish(self) -> None:
         self.streams.synchronize()
