@@ -169,7 +169,7 @@ def timed_row(
         runs.append(run_kvpr(placed, case, prompts))
         free_memory()
     row = aggregate(runs, TIMED)
-    row["recompute_fraction"] = recompute_fraction(case, row["recompute_lens"])
+    row["recompute_fraction"] = recompute_fraction(row["recompute_lens"], row["host_lens"])
     if any(run["recompute_lens"] != row["recompute_lens"] for run in runs):
         row["recompute_lens_runs"] = [run["recompute_lens"] for run in runs]
     if system.cache_method:
@@ -177,9 +177,9 @@ def timed_row(
         _floor(row, lambda: [counted_work(link, read, weights, num_steps) for link, read in counted], profile, system)
     else:
         tokens = token_bytes(cfg, case.batch_size, llm.dtype, weights, system.kv_codec, system.x_codec)
-        splits = [(r["recompute_lens"], r["resident_len"]) for r in runs]
+        splits = [(r["recompute_lens"], r["host_lens"]) for r in runs]
         _floor(
-            row, lambda: [tokenwise_work(tokens, case.prompt_len, lens, res) for lens, res in splits], profile, system
+            row, lambda: [tokenwise_work(tokens, case.prompt_len, lens, host) for lens, host in splits], profile, system
         )
     if system.kv_codec == "kvo":  # selection, gather and decoding in a step; host memory
         row.update(method_profile(llm, system, prompts, row["decode_ms_per_token"], profile.h2d_best()))

@@ -91,16 +91,20 @@ class TokenBytes:
 
 
 def tokenwise_work(
-    tokens: TokenBytes, prompt_len: int, recompute_lens: Sequence[int], resident_len: int = 0
+    tokens: TokenBytes, prompt_len: int, recompute_lens: Sequence[int], host_lens: Sequence[int] | None = None
 ) -> list[StepWork]:
-    """The steps of a tokenwise host-tier run: at step k, ``s = prompt_len + k`` tokens are cached; the
-    first ``resident_len`` stay on the GPU, the next ``l_k`` are recomputed from X, the rest copied."""
+    """The steps of a tokenwise host-tier run: at step k, ``s = prompt_len + k`` tokens are cached,
+    ``h_k`` of them on the host tier (``host_lens``; None: all ``s``) and the rest on the GPU tier;
+    of the host's, the first ``l_k`` are recomputed from X and the others' K,V copied. Every cached
+    token is attended on the device. (The GPU tail's flushes go device-to-host, the other direction
+    of the link, and are not counted.)"""
     layers, steps = tokens.num_layers, []
     for step, recompute_len in enumerate(recompute_lens):
         context_len = prompt_len + step  # cached before this step's own token
-        copied = context_len - resident_len - recompute_len
-        if copied < 0:
-            raise ValueError(f"step {step}: {recompute_len} recomputed + {resident_len} resident > {context_len}")
+        host_len = context_len if host_lens is None else host_lens[step]
+        copied = host_len - recompute_len
+        if copied < 0 or host_len > context_len:
+            raise ValueError(f"step {step}: {recompute_len} recomputed of {host_len} host tokens, {context_len} cached")
         steps.append(
             StepWork(
                 link_bytes=layers * (recompute_len * tokens.x_stored + copied * tokens.kv_stored),

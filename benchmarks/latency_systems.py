@@ -138,7 +138,7 @@ def run_kvpr(placed: LLM, case: Case, prompts: torch.Tensor) -> dict[str, Any]:
     run: dict[str, Any] = {
         **_times(output.prefill_s, output.step_s),
         "recompute_lens": list(output.recompute_lens),
-        "resident_len": int(getattr(executor, "resident_len", 0)),
+        "host_lens": list(output.host_lens),  # host-tier tokens per step: the rest stay on the GPU
     }
     if hasattr(executor, "step_bytes"):  # a cache method: bytes of its last step, all layers
         run["read_bytes_per_step"], run["link_bytes_per_step"] = executor.step_bytes()
@@ -158,9 +158,10 @@ def _times(prefill_s: float, step_s: list[float]) -> dict[str, float]:
     }
 
 
-def recompute_fraction(case: Case, recompute_lens: list[int]) -> float:
-    contexts = [case.prompt_len + step for step in range(len(recompute_lens))]  # s at each decode step
-    return sum(recomputed / s for recomputed, s in zip(recompute_lens, contexts)) / max(1, len(contexts))
+def recompute_fraction(recompute_lens: list[int], host_lens: list[int]) -> float:
+    """Mean share of the host tier's tokens recomputed from X per step (0 where the host is empty)."""
+    shares = [recomputed / host if host else 0.0 for recomputed, host in zip(recompute_lens, host_lens)]
+    return sum(shares) / max(1, len(shares))
 
 
 def method_profile(llm: LLM, system: System, prompts: torch.Tensor, decode_ms: float, bandwidth: float) -> dict:

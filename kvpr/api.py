@@ -31,6 +31,7 @@ from kvpr.errors import KvprError
 from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
 from kvpr.placement import (
     Target,
+    cache_bytes,
     check_before_loading,
     check_block_fits,
     check_cache_fits,
@@ -67,7 +68,8 @@ class RunStats:
     prompt_len: int
     prefill_s: float
     step_s: list[float] = field(default_factory=list)
-    recompute_lens: list[int] = field(default_factory=list)
+    recompute_lens: list[int] = field(default_factory=list)  # l at each decode step
+    host_lens: list[int] = field(default_factory=list)  # host-tier tokens at each decode step
 
     @classmethod
     def combine(cls, blocks: Sequence["RunStats"]) -> "RunStats":
@@ -81,6 +83,7 @@ class RunStats:
             prefill_s=sum(b.prefill_s for b in blocks),
             step_s=[sum(b.step_s[k] for b in blocks if k < len(b.step_s)) for k in range(num_steps)],
             recompute_lens=blocks[-1].recompute_lens,
+            host_lens=blocks[-1].host_lens,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +95,7 @@ class RunStats:
             "decode_ms_per_token": 1e3 * sum(steps) / len(steps) if steps else None,
             "step_ms": [1e3 * s for s in steps],
             "recompute_lens": self.recompute_lens,
+            "host_lens": self.host_lens,
         }
 
 
@@ -358,7 +362,7 @@ class LLM:
             pin = offloaded and pin_host_memory(self.device)
             compile_ = self.config.runtime.compile
             return CompressedExecutor(self.model, self.codec, shape, self.device, offloaded, pin, compile_)  # type: ignore[return-value]
-        plan = tier_plan(target, shape, flush_block=runtime.flush_block)
+        plan = tier_plan(target, shape)
         offloaded = plan is not None
         storage = KVStorage(
             dataclasses.replace(shape, max_len=plan.host_slots) if offloaded else shape,  # type: ignore[union-attr]
@@ -368,8 +372,9 @@ class LLM:
             codec=self.codec,
             x_codec=self.x_codec,
         )
+        gpu_tokens = plan.gpu_slots if offloaded else 0  # type: ignore[union-attr]
         split = make_split_policy(
-            cache, runtime, self.model_config, batch_size, self.device, self.dtype, self.codec, self.x_codec
+            cache, runtime, self.model_config, batch_size, self.device, self.dtype, self.codec, self.x_codec, gpu_tokens
         )
         if runtime.overlap:
             return OverlappedExecutor(self.model, storage, self.device, offloaded, split, plan, runtime.slot_tokens)
@@ -395,8 +400,15 @@ class LLM:
         cache, runtime = self.config.cache, self.config.runtime
         return Target(
             self.model_config, self.name, self.device, self.dtype, cache, self.codec, self.x_codec,
-            runtime.host_memory_gib, runtime.gpu_memory_gib,
+            runtime.host_memory_gib, runtime.gpu_memory_gib, runtime.flush_block,
         )  # fmt: skip
+
+    def cache_bytes(self, batch_size: int, max_len: int) -> tuple[int, int]:
+        """(GPU, host) bytes a latency-mode batch's cache would take under this placement: the GPU
+        tier, rings and host tier the memory check counts (the weights not included)."""
+        shape = CacheShape.for_model(self.model_config, batch_size, max_len, self.dtype)
+        device_bytes, host_bytes, _ = cache_bytes(self._target(), shape)
+        return device_bytes, host_bytes
 
     def check_fits(self, batch_size: int, max_len: int, weights_loaded: bool = True) -> CacheShape:
         """Raise a KvprError, before allocating anything, if this batch cannot run here
@@ -429,6 +441,7 @@ def _stats(output: GenerationOutput, shape: torch.Size) -> RunStats:
         prefill_s=output.prefill_s,
         step_s=output.step_s,
         recompute_lens=output.recompute_lens,
+        host_lens=output.host_lens,
     )
 
 

@@ -246,6 +246,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", default=None, help="model whose shapes to plan for (default: the default model)")
     plan.add_argument("--batch-size", type=count, default=1, help="rows of the batch")
     plan.add_argument("--context", type=count, nargs="+", default=[256, 1024, 2048, 4096], help="context lengths s")
+    plan.add_argument(
+        "--gpu-resident", type=at_least(0), default=0, help="latency mode: tokens whose K,V stay on the GPU tier"
+    )
     plan.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     plan.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     plan.add_argument("--num-chunks", default="auto", help="X chunks per layer: auto or a count")

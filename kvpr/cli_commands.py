@@ -114,7 +114,9 @@ def run_plan(args: argparse.Namespace) -> int:
     x_bytes, kv_bytes = stored_element_bytes(cfg, dtype, codec, make_x_codec(args.x_codec, cfg.hidden_size))
     chunks = parse_num_chunks(args.num_chunks)
     kv_name = "none" if codec is None else codec.name
-    plans = format_plans(cfg, args.batch_size, args.context, profile, kv_bytes, x_bytes, chunks, args.x_codec, kv_name)
+    plans = format_plans(
+        cfg, args.batch_size, args.context, profile, kv_bytes, x_bytes, chunks, args.x_codec, kv_name, args.gpu_resident
+    )
     print(plans)
     return 0
 

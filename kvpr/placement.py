@@ -80,6 +80,7 @@ class Target:
     x_codec: XCodec | None
     host_memory_gib: float | None
     gpu_memory_gib: float | None = None  # what kvpr may use on the GPU, weights included (None: all free)
+    flush_block: int = DEFAULT_FLUSH_BLOCK  # tokens of the GPU tail flushed to the host at once
 
     def stores_inputs(self) -> bool:
         """Keep X beside K,V only where recomputation may run and can pay (see recompute_may_run)."""
@@ -107,30 +108,45 @@ def check_throughput_cache(cache: CacheConfig) -> None:
             )
 
 
-def check_cache_fits(target: Target, shape: CacheShape, weight_bytes: int, weights_loaded: bool = True) -> None:
-    """Raise a KvprError, before allocating anything, if a latency-mode batch of ``shape`` cannot run
-    here: its cache on its tiers (the GPU tier and the rings of an offloaded one, the host tier)
-    (``weights_loaded=False``: counting the model's ``weight_bytes`` too, before they load)."""
-    check_context(target, shape.max_len)
-    cache, codec, budget, max_len = target.cache, target.codec, target.host_memory_gib, shape.max_len
-    what = f"the KV cache (b={shape.batch_size}, {max_len} slots, {shape.num_layers} layers)"
-    pending = 0 if weights_loaded else weight_bytes
+def cache_bytes(target: Target, shape: CacheShape, pending_bytes: int = 0) -> tuple[int, int, str]:
+    """(device bytes, host bytes, what) of a latency-mode batch of ``shape``: its cache on its tiers
+    (the GPU tier and the rings of an offloaded one, the host tier); ``pending_bytes``: weights still
+    to load, which the GPU tier's size leaves room for."""
+    cache, codec = target.cache, target.codec
+    what = f"the KV cache (b={shape.batch_size}, {shape.max_len} slots, {shape.num_layers} layers)"
     if isinstance(codec, CacheMethod):
         device_bytes, host_bytes = codec.memory(shape, cache.offload is Offload.CPU)
-    else:
-        plan = tier_plan(target, shape, pending)
-        if plan is None:
-            device_bytes, host_bytes = shape.kv_bytes(), 0
-        else:
-            device_bytes, host_bytes = tier_bytes(target, shape, plan)
-            what += f", {plan.gpu_slots} of its tokens on the GPU and its overflow on the host"
+        return device_bytes, host_bytes, what
+    plan = tier_plan(target, shape, pending_bytes)
+    if plan is None:
+        return shape.kv_bytes(), 0, what
+    device_bytes, host_bytes = tier_bytes(target, shape, plan)
+    return device_bytes, host_bytes, f"{what}, {plan.gpu_slots} of its tokens on the GPU and its overflow on the host"
+
+
+def check_cache_fits(target: Target, shape: CacheShape, weight_bytes: int, weights_loaded: bool = True) -> None:
+    """Raise a KvprError, before allocating anything, if a latency-mode batch of ``shape`` cannot run
+    here: ``cache_bytes`` against free memory and the stated budgets (``weights_loaded=False``:
+    counting the model's ``weight_bytes`` too, before they load)."""
+    check_context(target, shape.max_len)
+    budget = target.host_memory_gib
+    pending = 0 if weights_loaded else weight_bytes
+    device_bytes, host_bytes, what = cache_bytes(target, shape, pending)
     if not weights_loaded:
         device_bytes, what = device_bytes + weight_bytes, f"{what} with the weights of {target.name}"
     if target.device.type != "cuda":  # one pool; a stated budget counts the loaded weights in it
         check_host_memory(device_bytes + host_bytes, what, budget, held=weight_bytes if weights_loaded else 0)
-    else:
-        check_host_memory(host_bytes, what + " (its host share)", budget)
-        check_device_memory(device_bytes, target.device, what, budget)
+        return
+    check_host_memory(host_bytes, what + " (its host share)", budget)
+    check_device_memory(device_bytes, target.device, what, budget)
+    if target.gpu_memory_gib is not None:
+        allowed = usable_device_bytes(target)  # device_bytes counts the weights when they are pending
+        if device_bytes > allowed:
+            raise KvprError(
+                f"{what} needs {device_bytes / GIB:.2f} GiB of GPU memory but --gpu-memory-gib "
+                f"{target.gpu_memory_gib:g} leaves {allowed / GIB:.2f} GiB after what kvpr holds: raise it, use "
+                "--offload auto (or fewer --gpu-resident tokens), or lower --batch-size or the lengths"
+            )
 
 
 def check_block_fits(
@@ -227,9 +243,7 @@ def gpu_token_capacity(target: Target, shape: CacheShape, pending_bytes: int = 0
     return resident_tokens(target.model, shape.batch_size, shape.max_len, usable, element_size(target.dtype), reserve)
 
 
-def tier_plan(
-    target: Target, shape: CacheShape, pending_bytes: int = 0, flush_block: int = DEFAULT_FLUSH_BLOCK
-) -> TierPlan | None:
+def tier_plan(target: Target, shape: CacheShape, pending_bytes: int = 0) -> TierPlan | None:
     """The GPU and host tiers of a latency-mode batch; None: the whole cache on the device.
 
     ``--offload none``: None. ``cpu``: the GPU keeps ``gpu_token_capacity`` tokens, the host the
@@ -241,7 +255,7 @@ def tier_plan(
     capacity = gpu_token_capacity(target, shape, pending_bytes)
     if offload is Offload.AUTO and capacity >= shape.max_len:
         return None
-    return TierPlan.for_capacity(capacity, shape.max_len, flush_block)
+    return TierPlan.for_capacity(capacity, shape.max_len, target.flush_block)
 
 
 def ring_bytes(shape: CacheShape, stores_x: bool = True) -> int:

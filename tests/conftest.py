@@ -159,19 +159,22 @@ def make_llm(
     dtype: str = "float32",
     dummy_weights: bool = False,
     gpu_resident: int | str = 0,
-    flush_block: int = 4,
-    slot_tokens: int | None = 3,
+    flush_block: int | None = None,
+    slot_tokens: int | None = None,
 ) -> LLM:
     """Small flush blocks and ring slots by default, so short test prompts flush the GPU tail to the
-    host and cross several ring slots per layer."""
+    host and cross several ring slots per layer: 4 and 3 tokens on the tiny checkpoints, 16 and 64
+    on the default model (``model`` None), whose tests run contexts of hundreds of tokens."""
+    default_model = model is None
     return LLM(
         EngineConfig(
             model=None if model is None else str(model),
             dummy_weights=dummy_weights,
             cache=CacheConfig(offload=Offload(offload), recompute=recompute, gpu_resident=gpu_resident),
             runtime=RuntimeConfig(
-                device=device, dtype=dtype, overlap=overlap, num_chunks=3, flush_block=flush_block,
-                slot_tokens=slot_tokens,
+                device=device, dtype=dtype, overlap=overlap, num_chunks=3,
+                flush_block=flush_block or (16 if default_model else 4),
+                slot_tokens=slot_tokens or (64 if default_model else 3),
             ),  # fmt: skip
         )
     )
@@ -213,7 +216,11 @@ MIB = 1 << 20
 
 
 def synthetic_profile(
-    h2d: list[tuple[float, float]], gemm: list[tuple[float, float]], hidden: int = 4096, kv_width: int = 8192
+    h2d: list[tuple[float, float]],
+    gemm: list[tuple[float, float]],
+    hidden: int = 4096,
+    kv_width: int = 8192,
+    attention: tuple[tuple[int, float], ...] = ((1024, 1e-4), (4096, 3e-4)),
 ) -> HardwareProfile:
     return HardwareProfile(
         device_name="synthetic",
@@ -224,7 +231,7 @@ def synthetic_profile(
         gemm_hidden=hidden,
         gemm_kv_width=kv_width,
         batch_size=32,
-        attention=((1024, 1e-4), (4096, 3e-4)),
+        attention=attention,
         decode_layer_s=2e-3,
         created="2025-01-01T00:00:00+00:00",
     )

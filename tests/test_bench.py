@@ -143,16 +143,16 @@ def test_floor_of_x4_row_counts_encoded_x_and_the_recompute() -> None:
     x4 = floors.token_bytes(model, b, torch.float16, 13e9, x_codec="int4")
     x_codec = make_x_codec("int4", model.hidden_size)
     assert x_codec is not None and x4.x_stored == x_codec.bytes_per_token(b, model.hidden_size)
-    (step,) = floors.tokenwise_work(x4, 256, [200], resident_len=16)
+    (step,) = floors.tokenwise_work(x4, 256, [200], host_lens=[240])
     layers = model.num_layers
-    assert step.link_bytes == layers * (200 * x4.x_stored + (256 - 16 - 200) * x4.kv_stored)  # resident: no PCIe
+    assert step.link_bytes == layers * (200 * x4.x_stored + (240 - 200) * x4.kv_stored)  # GPU tier: no PCIe
     assert step.recompute_flops == layers * 200 * b * 2 * model.hidden_size * 2 * model.kv_size
     assert step.device_bytes == 13e9 + layers * 257 * 2 * b * model.kv_size * 2
     rates = floors.FloorRates.from_profile(profile, "none")
     compute = step.device_bytes / 4e12 + step.recompute_flops / 500e12
     assert step.floor_s(rates) == pytest.approx(max(step.link_bytes / 50e9, compute))
     with pytest.raises(ValueError):
-        floors.tokenwise_work(x4, 256, [250], resident_len=16)
+        floors.tokenwise_work(x4, 256, [250], host_lens=[240])
 
 
 def test_floor_of_a_cache_method_uses_its_link_bytes() -> None:

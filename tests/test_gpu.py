@@ -296,3 +296,70 @@ def test_kivi_fused_decode_of_host_rows_moved_to_the_device() -> None:
     on_gpu = enc.pin_memory().to("cuda", non_blocking=True)
     for got, want in zip(codec.decode(on_gpu, torch.float32), codec.decode(enc, torch.float32), strict=True):
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+# -- tiered attention: the GPU tier attended in place, host chunks as pieces -------------------------
+
+
+@pytest.mark.parametrize("n_kv,group,t", [(8, 1, 37), (2, 4, 1000), (4, 8, 4100)])
+def test_triton_piece_attention_matches_the_torch_oracle(n_kv: int, group: int, t: int) -> None:
+    """The fused split-K kernel reads token-major K,V views in place (strided, masked) and gives the
+    float32 oracle's partials within fp16 rounding; merged, they equal SDPA over the whole cache."""
+    from kvpr.runtime.split_attention import Partials, _attend_torch, _attend_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, d = 3, 128
+    q = torch.randn(b, n_kv * group, d, device="cuda", dtype=torch.float16, generator=gen)
+    tier = torch.randn(2, t + 16, b, n_kv, d, device="cuda", dtype=torch.float16, generator=gen)
+    k, v = tier[0, 5 : 5 + t], tier[1, 5 : 5 + t]  # views with a token stride over the whole tier
+    valid = torch.rand(b, t + 16, device="cuda", generator=gen) > 0.2
+    mask = valid[:, 5 : 5 + t]
+    out, lse = _attend_triton(q, k, v, mask)
+    ref = Partials()
+    ref.add(*_attend_torch(q, k, v, mask))
+    fused = Partials()
+    fused.add(out, lse)
+    torch.testing.assert_close(fused.merge(torch.float32), ref.merge(torch.float32), atol=2e-3, rtol=2e-3)
+    assert out.shape[0] >= (2 if t > 1000 else 1)  # long pieces are split over programs
+
+
+def tiered_llm(model, overlap=True, recompute=0.5, resident=6):
+    return make_llm(
+        model, "cpu", recompute, overlap, device="cuda", dtype="float16", gpu_resident=resident, flush_block=4
+    )
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+@pytest.mark.parametrize("resident", [0, 6, 100])
+def test_tiered_cache_on_cuda_gives_the_resident_tokens(tiny_checkpoint, family: str, resident: int) -> None:
+    """GPU prefix, host tier (recomputed and copied chunks on streams, the Triton pieces) and a tail
+    flushed in blocks of 4: the resident cache's greedy tokens, overlapped and sequential alike."""
+    params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+    reference = [c.token_ids for c in gpu_llm(tiny_checkpoint(family)).generate(PROMPTS, params)]
+    for overlap in (True, False):
+        llm = tiered_llm(tiny_checkpoint(family), overlap, resident=resident)
+        assert [c.token_ids for c in llm.generate(PROMPTS, params)] == reference, overlap
+        if resident < 9:
+            assert max(llm.last_stats.host_lens) > 0
+
+
+def test_offload_auto_under_a_small_gpu_budget_tiers_the_cache() -> None:
+    """--gpu-memory-gib caps the GPU tier: a budget just above the weights keeps part of a long
+    batch's cache on the GPU and sends the rest to the host; a large budget keeps all of it."""
+    from kvpr.api import LLM
+    from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
+
+    def executor(gib: float):
+        llm = LLM(
+            EngineConfig(
+                model="opt-125m",
+                dummy_weights=True,
+                cache=CacheConfig(offload=Offload.AUTO, recompute="auto", gpu_resident="auto"),
+                runtime=RuntimeConfig(device="cuda", dtype="float16", gpu_memory_gib=gib),
+            )
+        )
+        return llm.make_executor(64, 8192)  # fp16 K,V: 64 * 8192 * 12 layers * 2 * 768 * 2 B = 19.3 GB
+
+    tiered = executor(8.0)
+    assert tiered.offloaded and 0 < tiered.plan.gpu_slots < 8192 and tiered.plan.host_slots > 0
+    assert not executor(60.0).offloaded

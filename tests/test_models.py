@@ -60,7 +60,8 @@ def test_against_hf_logits(tiny_checkpoint, family: str, offload: str, recompute
         logits = executor.decode(ids[:, position])
         diff = (logits - expected[:, position]).abs().max().item()
         assert diff < 1e-4, f"decode step {step} logits differ by {diff}"
-    assert executor.storage.length == ids.shape[1]
+    assert executor.tiers.length == ids.shape[1]  # every token placed, on the GPU tier or the host's
+    assert executor.storage.length == (executor.tiers.host if executor.offloaded else ids.shape[1])
     executor.storage.check_integrity()
 
 

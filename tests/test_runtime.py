@@ -52,10 +52,12 @@ def test_batched_equals_one_by_one(tiny_checkpoint, family: str) -> None:
 
 
 def test_recompute_fraction_follows_context(tiny_checkpoint) -> None:
+    """The fraction applies to the host tier: the whole prompt (no GPU prefix), then the GPU tail's
+    tokens once its block of 4 (conftest's flush block) has been flushed after decode step 3."""
     llm = cpu_llm(tiny_checkpoint("llama-gqa"), "cpu", 0.25)
     llm.generate([[5, 6, 7, 8, 9, 10, 11, 12]], SamplingParams(max_new_tokens=6, stop_on_eos=False))
-    # decode step k sees s = 8 + k cached tokens
-    assert llm.last_stats.recompute_lens == [round_fraction(0.25, 8 + k) for k in range(5)]
+    assert llm.last_stats.host_lens == [8, 8, 8, 8, 12]
+    assert llm.last_stats.recompute_lens == [round_fraction(0.25, h) for h in (8, 8, 8, 8, 12)]
 
 
 def test_sampling_is_seeded_and_stops_on_eos(tiny_checkpoint) -> None:
@@ -135,9 +137,14 @@ def test_gpu_resident_prefix_gives_the_same_tokens(tiny_checkpoint, family: str,
         for overlap in (True, False):
             llm = make_llm(directory, "cpu", recompute, overlap, gpu_resident=resident)
             assert [c.token_ids for c in llm.generate(PROMPTS[3], params)] == reference, (recompute, overlap)
-            offloaded = [9 + step - min(resident, 9) for step in range(9)]  # s - r at each step
-            if recompute == 1.0:
-                assert llm.last_stats.recompute_lens == offloaded
+            # GPU slots: max(r, 4) with a tail of 4 (conftest's flush block), the rest a prefix that
+            # stays; the tail flushes to the host after every 4th step. r = 100: no host tier.
+            prefix = 0 if resident >= 19 else max(resident, 4) - 4
+            host = [0] * 9 if resident >= 19 else [9 - prefix + 4 * (step // 4) for step in range(9)]
+            assert llm.last_stats.host_lens == host
+            assert llm.last_stats.recompute_lens == [
+                round_fraction(recompute, h) if recompute != "off" else 0 for h in host
+            ]
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "opt"])
@@ -156,7 +163,9 @@ def test_chunk_count_may_change_every_step(tiny_checkpoint, family: str) -> None
     expected = [resident.prefill(ids[:, :4], valid[:, :4])[:, -1]]
     expected += [resident.decode(ids[:, t]) for t in range(4, 9)]
     got = [offloaded.prefill(ids[:, :4], valid[:, :4])[:, -1]]
+    staging = offloaded.staging_bytes
     got += [offloaded.decode(ids[:, t]) for t in range(4, 9)]
+    assert staging == offloaded.staging_bytes > 0  # fixed rings, whatever the chunk count
     torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=1e-5, rtol=0)
-    assert offloaded.recompute_lens == [3, 4, 5, 6, 7]
-    assert len(offloaded.buffers[0].x_ready) == 5  # events grown to the most chunks asked, then reused
+    assert offloaded.host_lens == [4, 4, 4, 4, 8]  # the 4-token tail flushed after the 4th step
+    assert offloaded.recompute_lens == [3, 3, 3, 3, 7]

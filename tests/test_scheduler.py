@@ -22,6 +22,7 @@ from kvpr.scheduler.cost_model import (
     LayerShape,
     RateCurve,
     Schedule,
+    attention_s,
     chunked_s,
     floor_s,
     full_copy_s,
@@ -218,8 +219,12 @@ def test_load_or_measure_reuses_only_a_matching_cache(monkeypatch: pytest.Monkey
 # ---------------------------------------------------------------- cost model
 
 
+# The paper's cost model: the transfer and recompute terms alone (no attention timed).
+PAPER_H100 = dataclasses.replace(H100, attention=())
+
+
 def test_cost_model_matches_hand_arithmetic() -> None:
-    profile = synthetic_profile([(1.0, 10e9)], [(1.0, 1e12)])  # constant B = 10 GB/s, F = 1 TFLOP/s
+    profile = synthetic_profile([(1.0, 10e9)], [(1.0, 1e12)], attention=())  # B = 10 GB/s, F = 1 TFLOP/s
     shape = LayerShape(
         batch_size=2,
         context_len=100,
@@ -246,7 +251,7 @@ def test_cost_model_matches_hand_arithmetic() -> None:
 
 
 def test_cost_model_evaluates_rates_at_the_copied_block_size() -> None:
-    profile = synthetic_profile([(MIB, 10e9), (64 * MIB, 40e9)], [(64, 1e12), (4096, 4e12)])
+    profile = synthetic_profile([(MIB, 10e9), (64 * MIB, 40e9)], [(64, 1e12), (4096, 4e12)], attention=())
     shape = LayerShape(32, 2048, 1024, 1024, 2, 2)  # X of 2048 tokens: 128 MiB
     assert x_copy_s(shape, profile, 2048) == pytest.approx(128 * MIB / 40e9)  # one block, clamped at 64 MiB
     assert x_copy_s(shape, profile, 2048, blocks=8) == pytest.approx(128 * MIB / profile.h2d.rate(16 * MIB))
@@ -294,6 +299,8 @@ def rate_curves(draw: st.DrawFn, low: float, high: float, rate_low: float, rate_
     host_layer=st.one_of(st.just(0.0), st.floats(1e-6, 1e-2)),
     host_chunk=st.one_of(st.just(0.0), st.floats(1e-7, 1e-3)),
     decode=st.one_of(st.none(), rate_curves(1e3, 1e10, 1e8, 1e11)),
+    attention=st.one_of(st.just(()), st.tuples(st.tuples(st.integers(1, 8192), st.floats(1e-6, 1e-2)))),
+    resident=st.integers(0, 4000),
 )
 def test_solver_equals_brute_force_minimum(
     b: int,
@@ -310,18 +317,25 @@ def test_solver_equals_brute_force_minimum(
     host_layer: float,
     host_chunk: float,
     decode: RateCurve | None,
+    attention: tuple[tuple[int, float], ...],
+    resident: int,
 ) -> None:
     host = {"host_layer_s": {"none": host_layer}, "host_chunk_s": {"none": host_chunk}}
     kv_decode = {} if decode is None else {"int4": decode}
-    profile = HardwareProfile("synthetic", "0", h2d, h2d, gemm, h, 2 * kv, **host, kv_decode=kv_decode)
-    shape = LayerShape(b, s, h, kv, ex, ekv, kv_codec="none" if decode is None else "int4")
+    profile = HardwareProfile(
+        "synthetic", "0", h2d, h2d, gemm, h, 2 * kv, **host, kv_decode=kv_decode, attention=attention
+    )
+    shape = LayerShape(b, s, h, kv, ex, ekv, kv_codec="none" if decode is None else "int4", resident_len=resident)
     choice = solve_split(shape, profile, schedule, num_chunks, granularity)
     grid, best = brute_force(shape, profile, schedule, num_chunks, granularity)
     assert choice.recompute_len in grid
     assert choice.predicted_s == step_s(shape, profile, choice.recompute_len, schedule, num_chunks)
     assert choice.predicted_s <= best * (1 + 1e-9)
     if decode is None:
-        assert choice.copy_all_s == max(full_copy_s(shape, profile), host_layer)  # T(0): no chunks to issue
+        copy_all = max(full_copy_s(shape, profile), attention_s(shape, profile))  # T(0): no chunks to issue
+        if schedule is Schedule.SEQUENTIAL:
+            copy_all = full_copy_s(shape, profile) + attention_s(shape, profile)
+        assert choice.copy_all_s == pytest.approx(max(copy_all, host_layer), rel=1e-12)
 
 
 @pytest.mark.parametrize("schedule", list(Schedule))
@@ -352,7 +366,7 @@ def test_solver_finds_no_recompute_when_x_outweighs_kv(
     ],
 )
 def test_solver_matches_mha_closed_form(hidden: int, bandwidth: float, flops: float, batch: int, context: int) -> None:
-    profile = synthetic_profile([(MIB, bandwidth)], [(64, flops)])
+    profile = synthetic_profile([(MIB, bandwidth)], [(64, flops)], attention=())
     shape = LayerShape(batch, context, hidden, hidden, 2, 2)
     choice = solve_split(shape, profile, Schedule.SEQUENTIAL)
     expected = 1 / (1 + hidden * bandwidth / flops)
@@ -362,13 +376,13 @@ def test_solver_matches_mha_closed_form(hidden: int, bandwidth: float, flops: fl
 
 def test_solver_reproduces_design_figures_for_opt_6_7b() -> None:
     shape = LayerShape(32, 2048, 4096, 4096, 2, 2)
-    assert full_copy_s(shape, H100) == pytest.approx(19.5e-3, rel=0.01)
-    sequential = solve_split(shape, H100, Schedule.SEQUENTIAL)
+    assert full_copy_s(shape, PAPER_H100) == pytest.approx(19.5e-3, rel=0.01)
+    sequential = solve_split(shape, PAPER_H100, Schedule.SEQUENTIAL)
     assert sequential.recompute_len / 2048 == pytest.approx(0.76, abs=0.01)
     assert sequential.predicted_s == pytest.approx(12.1e-3, rel=0.01)
-    chunked = solve_split(shape, H100, Schedule.CHUNKED, num_chunks=16)
+    chunked = solve_split(shape, PAPER_H100, Schedule.CHUNKED, num_chunks=16)
     assert chunked.recompute_len == 2048  # X is half of K,V: recompute everything
-    assert chunked.predicted_s == pytest.approx(2048 * 32 * 4096 * 2 / H100.h2d.rate(32 * MIB))  # X copy bound
+    assert chunked.predicted_s == pytest.approx(2048 * 32 * 4096 * 2 / PAPER_H100.h2d.rate(32 * MIB))  # X copy bound
     assert chunked.speedup > 1.85
 
 
@@ -458,10 +472,10 @@ def test_a_kv_codec_decode_is_compute_stream_work() -> None:
     0.5625 B/elem, fp16 X: 2 B/elem, more than K,V)."""
     opt = model_config(4096, 32, 32, num_layers=32, max_position=2048)
     shape = LayerShape(16, 2016, 4096, 4096, 2, 0.5625, kv_codec="int4")
-    plain = plan_decode_step(opt, 16, 2016, H100, 0.5625, 2, Schedule.CHUNKED, 8, kv_codec="int4")
+    plain = plan_decode_step(opt, 16, 2016, PAPER_H100, 0.5625, 2, Schedule.CHUNKED, 8, kv_codec="int4")
     assert plain.recompute_len == 0  # no decode timed: X is larger than the encoded K,V
     decode = RateCurve.from_points([(MIB, 2e9), (256 * MIB, 4e9)])
-    slow = dataclasses.replace(H100, kv_decode={"int4": decode})
+    slow = dataclasses.replace(PAPER_H100, kv_decode={"int4": decode})
     copy, decoding = kv_copy_s(shape, slow, 2016), shape.kv_bytes(2016) / decode.rate(shape.kv_bytes(2016))
     assert step_s(shape, slow, 0, Schedule.CHUNKED) == pytest.approx(max(copy, decoding))
     assert step_s(shape, slow, 0, Schedule.SEQUENTIAL) == pytest.approx(copy + decoding)
@@ -474,10 +488,10 @@ def test_a_kv_codec_decode_is_compute_stream_work() -> None:
 
 def test_format_plans_table() -> None:
     opt = model_config(4096, 32, 32, num_layers=32, max_position=2048)
-    text = format_plans(opt, 32, [512, 2048], H100, 2, 2, 16)
+    text = format_plans(opt, 32, [512, 2048], PAPER_H100, 2, 2, 16)
     row = next(line for line in text.splitlines() if " 2048 " in line)
-    sequential = plan_decode_step(opt, 32, 2048, H100, 2, 2, Schedule.SEQUENTIAL, 16)
-    chunked = plan_decode_step(opt, 32, 2048, H100, 2, 2, Schedule.CHUNKED, 16)
+    sequential = plan_decode_step(opt, 32, 2048, PAPER_H100, 2, 2, Schedule.SEQUENTIAL, 16)
+    chunked = plan_decode_step(opt, 32, 2048, PAPER_H100, 2, 2, Schedule.CHUNKED, 16)
     for value in (
         sequential.predicted_full_copy_s * 1e3,
         sequential.predicted_s * 1e3,
@@ -486,3 +500,40 @@ def test_format_plans_table() -> None:
     ):
         assert f"{value:.3f}" in row
     assert "0.762" in row and "1.000" in row and "synthetic" in text
+
+
+def test_format_plans_shows_the_three_tiers() -> None:
+    """512 of 2048 tokens on the GPU: the split is over the 1536 host tokens, and the step also
+    attends the GPU tier's; a context within the GPU tier has no host tier at all."""
+    opt = model_config(4096, 32, 32, num_layers=32, max_position=4096)
+    text = format_plans(opt, 32, [256, 2048], H100, 2, 2, 16, gpu_tokens=512)
+    row = next(line for line in text.splitlines() if " 2048 " in line).split("│")
+    cells = [cell.strip() for cell in row if cell.strip()]
+    assert cells[:3] == ["2048", "512", "1536"]
+    chunked = plan_decode_step(opt, 32, 1536, H100, 2, 2, Schedule.CHUNKED, 16, resident_len=512)
+    assert f"{chunked.predicted_s * 1e3:.3f}" in cells and f"{chunked.recompute_len / 1536:.3f}" in cells
+    short = [cell.strip() for cell in next(line for line in text.splitlines() if " 256 " in line).split("│")]
+    attention_ms = H100.attention_s(256) * 1e3  # batch 32 = the profile's: the whole step
+    assert [c for c in short if c][:4] == ["256", "256", "0", f"{attention_ms:.3f}"]
+
+
+def test_attention_of_every_tier_is_compute_stream_work() -> None:
+    """t_att over the GPU tier and the host tier: on the chunked schedule's compute branch, after
+    both branches on the sequential one; it lowers l where compute is the busier stream."""
+    shape = LayerShape(16, 2016, 4096, 4096, 2, 2, resident_len=1000)
+    attend = H100.attention_s(3016) * 16 / H100.batch_size
+    copy = kv_copy_s(shape, H100, 2016)
+    assert attention_s(shape, H100) == pytest.approx(attend)
+    assert step_s(shape, H100, 0, Schedule.CHUNKED) == pytest.approx(max(copy, attend))
+    assert step_s(shape, H100, 0, Schedule.SEQUENTIAL) == pytest.approx(copy + attend)
+    split = 600
+    t_x, t_rc = x_copy_s(shape, H100, split, 4), recompute_s(shape, H100, split, 4)
+    t_kv = kv_copy_s(shape, H100, 2016 - split)
+    assert chunked_s(shape, H100, split, 4) == pytest.approx(max(t_x + t_kv, t_x / 4 + t_rc + attend))
+    slow_attention = dataclasses.replace(H100, attention=((1024, 2e-3), (4096, 8e-3)))
+    with_attention = solve_split(shape, slow_attention, Schedule.CHUNKED, 8)
+    without = solve_split(shape, PAPER_H100, Schedule.CHUNKED, 8)
+    assert with_attention.recompute_len < without.recompute_len
+    gpu_only = LayerShape(16, 0, 4096, 4096, 2, 2, resident_len=3016)
+    assert solve_split(gpu_only, H100, Schedule.CHUNKED, 8).predicted_s == pytest.approx(attend)
+    assert attention_s(shape, PAPER_H100) == 0.0  # not timed: not counted

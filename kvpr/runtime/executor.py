@@ -109,7 +109,13 @@ class Executor:
             gpu_v[:to_gpu] = v[:, :to_gpu].transpose(0, 1)
             if to_host:
                 host = slice(to_gpu, to_gpu + to_host)
-                self._store_host(index, host_start, k[:, host].transpose(0, 1), v[:, host].transpose(0, 1), x[:, host].transpose(0, 1))
+                self._store_host(
+                    index,
+                    host_start,
+                    k[:, host].transpose(0, 1),
+                    v[:, host].transpose(0, 1),
+                    x[:, host].transpose(0, 1),
+                )
             hidden = layer.finish(hidden, out)
         if not all_logits:
             hidden = hidden[:, -1:]

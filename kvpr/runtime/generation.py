@@ -20,6 +20,7 @@ from kvpr.runtime.batch import BatchState
 from kvpr.runtime.executor import Executor
 from kvpr.runtime.sampling import make_generator, sample_next
 from kvpr.runtime.streams import TokenMailbox
+from kvpr.runtime.tiers import TierState
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
 
@@ -36,7 +37,8 @@ class GenerationOutput:
     finished_by_eos: list[bool]
     prefill_s: float
     step_s: list[float] = field(default_factory=list)
-    recompute_lens: list[int] = field(default_factory=list)
+    recompute_lens: list[int] = field(default_factory=list)  # l at each decode step
+    host_lens: list[int] = field(default_factory=list)  # host-tier tokens at each decode step
 
 
 def generate_tokens(
@@ -110,6 +112,7 @@ def generate_tokens(
         prefill_s=prefill_s,
         step_s=step_s,
         recompute_lens=list(executor.recompute_lens),
+        host_lens=list(getattr(executor, "host_lens", ())),
     )
 
 
@@ -154,7 +157,7 @@ class RowBatch:
         if not supports_row_joins(executor):
             raise ValueError(f"{type(executor).__name__} keeps no independent rows: run it as a FixedBatch")
         self.executor = executor
-        self.layout: _Layout = _TierLayout() if hasattr(executor, "tiers") else _SlotLayout()
+        self.layout = _TierLayout()
         self.joins_running = executor.storage.raw and executor.storage.x_codec is None
 
     @property
@@ -243,25 +246,6 @@ class RowBatch:
         return layers * (recompute_len * x_token + (host_len - recompute_len) * kv_token), layers * (kv_token + x_token)
 
 
-class _Layout:
-    """Where a dense executor keeps token ``t`` of a row: what ``RowBatch`` needs to write rows."""
-
-    def reset(self, executor: Any) -> None:
-        raise NotImplementedError
-
-    def clear_rows(self, executor: Any, rows: torch.Tensor) -> None:
-        """Forget every token of ``rows`` outside the batch state (per-slot validity of a tier)."""
-
-    def write(
-        self, executor: Any, layer: int, rows: torch.Tensor, start: int, valid: torch.Tensor, *tokens: torch.Tensor
-    ) -> None:
-        """Tokens [start, start+q) of ``rows``: k, v [q, k, n_kv, d], x [q, k, h]; valid [k, q]."""
-        raise NotImplementedError
-
-    def last_split(self, executor: Any) -> tuple[int, int]:
-        raise NotImplementedError
-
-
 def _store_host(storage: Any, layer: int, rows: torch.Tensor, start: int, k: Any, v: Any, x: Any) -> None:
     """Host-tier slots [start, start+t) of ``rows``, as the tier stores them (codec parts, X parts)."""
     end = start + k.shape[0]
@@ -273,45 +257,23 @@ def _store_host(storage: Any, layer: int, rows: torch.Tensor, start: int, k: Any
         stored[start:end, host_rows] = part.to(storage.device)  # [t, k, ...]
 
 
-class _SlotLayout(_Layout):
-    """Token ``t`` in storage slot ``t``; the oldest ``resident_len`` also on the device."""
+class _TierLayout:
+    """Where a dense executor keeps token ``t`` of a row, for ``RowBatch`` to write rows: the two
+    tiers of ``kvpr.runtime.tiers`` (a GPU prefix, the host tier, then the GPU tail)."""
 
     def reset(self, executor: Any) -> None:
-        executor.storage.length = 0
-        executor.resident_len, executor.resident_k, executor.resident_v = 0, None, None
-
-    def write(
-        self, executor: Any, layer: int, rows: torch.Tensor, start: int, valid: torch.Tensor, *tokens: torch.Tensor
-    ) -> None:
-        k, v, x = tokens
-        _store_host(executor.storage, layer, rows, start, k, v, x)
-        resident = executor.resident_len
-        if start < resident:  # the device copy of the oldest tokens, as computed
-            executor.resident_k[layer][start:resident, rows] = k[: resident - start]
-            executor.resident_v[layer][start:resident, rows] = v[: resident - start]
-
-    def last_split(self, executor: Any) -> tuple[int, int]:
-        recompute_len = executor.recompute_lens[-1] if executor.recompute_lens else 0
-        host_len = executor.storage.length - 1 - executor.resident_len if executor.offloaded else 0
-        return recompute_len, max(0, host_len)
-
-
-class _TierLayout(_Layout):
-    """The two tiers of ``kvpr.runtime.tiers``: a GPU prefix, the host tier, then the GPU tail."""
-
-    def reset(self, executor: Any) -> None:
-        from kvpr.runtime.tiers import TierState
-
         executor.tiers = TierState(executor.plan)
         executor.storage.length = 0
         executor.gpu_valid.zero_()
 
     def clear_rows(self, executor: Any, rows: torch.Tensor) -> None:
+        """Forget every GPU-tier token of ``rows`` (the host tier's validity is the batch state's)."""
         executor.gpu_valid[rows] = False
 
     def write(
         self, executor: Any, layer: int, rows: torch.Tensor, start: int, valid: torch.Tensor, *tokens: torch.Tensor
     ) -> None:
+        """Tokens [start, start+q) of ``rows``: k, v [q, k, n_kv, d], x [q, k, h]; valid [k, q]."""
         k, v, x = tokens
         tiers, plan = executor.tiers, executor.plan
         end, host_end = start + k.shape[0], tiers.prefix + tiers.host

@@ -76,10 +76,13 @@ class _Ring:
     """Slots filled in turn; a slot is refilled only after its last chunk was consumed."""
 
     def __init__(self, parts: dict[str, torch.Tensor], capacity: int, device: torch.device, streams: StreamSet):
-        self.slots = [
-            _Slot({n: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=device) for n, t in parts.items()}, streams)
-            for _ in range(RING_SLOTS)
-        ]  # fmt: skip
+        def slot() -> _Slot:
+            shapes = {name: (capacity, *part.shape[1:]) for name, part in parts.items()}
+            return _Slot(
+                {n: torch.empty(shape, dtype=parts[n].dtype, device=device) for n, shape in shapes.items()}, streams
+            )
+
+        self.slots = [slot() for _ in range(RING_SLOTS)]
         self.issued = 0
         self.consumed = 0
         self.landed: deque[tuple[_Slot, int]] = deque()  # (slot, tokens) issued, not yet consumed
@@ -193,9 +196,9 @@ class OverlappedExecutor(Executor):
 
     def _chunks(self, step: _Step) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """X chunks of host [0, l) (the policy's count, more if a slot is smaller) and K,V chunks of [l, h)."""
-        l, h, cap = step.recompute_len, step.host_len, self.slot_tokens
-        x_chunks = chunk_bounds(l, max(step.num_chunks, -(-l // cap))) if l else []
-        kv_chunks = [(a, min(a + cap, h)) for a in range(l, h, cap)]
+        recompute, host, cap = step.recompute_len, step.host_len, self.slot_tokens
+        x_chunks = chunk_bounds(recompute, max(step.num_chunks, -(-recompute // cap))) if recompute else []
+        kv_chunks = [(a, min(a + cap, host)) for a in range(recompute, host, cap)]
         return x_chunks, kv_chunks
 
     def _decode_layers(
@@ -208,8 +211,12 @@ class OverlappedExecutor(Executor):
         streams, storage, loads = self.streams, self.storage, self.loads
         x_chunks, kv_chunks = self._chunks(step) if step.host_len else ([], [])
         if step.host_len:
-            per_layer = [(self.x_ring, True, a, c) for a, c in x_chunks] + [(self.kv_ring, False, a, c) for a, c in kv_chunks]
-            loads.begin([(ring, is_x, index, a, c) for index in range(len(self.layers)) for ring, is_x, a, c in per_layer])
+            per_layer = [(self.x_ring, True, a, c) for a, c in x_chunks] + [
+                (self.kv_ring, False, a, c) for a, c in kv_chunks
+            ]
+            loads.begin(
+                [(ring, is_x, index, a, c) for index in range(len(self.layers)) for ring, is_x, a, c in per_layer]
+            )
         else:
             bias = self.gpu_bias(step.gpu_len)  # one piece: the resident cache's own attention
         gpu_valid = self.gpu_valid[:, : step.gpu_len]

@@ -25,6 +25,14 @@ serves the neighbouring layer (t_dec = 0 without a K,V codec).
 Both are written as ``T(l) = max over two branches of a weighted sum of the terms`` (StepModel),
 the form the solver bounds.
 
+ATTENTION: the runtime attends each piece of the cache on the compute stream as it is ready: the
+GPU tier's ``r`` tokens in place, each recomputed or copied host chunk once it exists, merged by
+log-sum-exp. That is attention over all ``r + s`` tokens whatever ``l`` is: a constant ``t_att``
+(the profile's timed decode attention at ``r + s``, scaled to the batch; zero where the profile has
+none) on CHUNKED's compute branch, and after both branches under SEQUENTIAL, which attends once
+everything has landed. It lowers ``l`` where compute is the busier stream, and it is the whole
+step when the host tier is empty.
+
 HOST: the GPU cannot run ahead of the host that issues its work. Issuing a layer costs the host
 ``h_layer`` plus ``h_chunk`` per X chunk (both measured on the runtime itself, per X codec), so
 ``T(l) = max(device T(l), h_layer + min(c, l) * h_chunk)``: more chunks overlap better on the GPU
@@ -187,13 +195,15 @@ class LayerShape:
     kv_bytes_per_token_elem: float
     x_codec: str = "none"
     kv_codec: str = "none"
+    resident_len: int = 0  # tokens of the GPU tier, attended in place beside the host's context_len
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "hidden_size", "kv_size"):
             if getattr(self, name) < 1:
                 raise KvprError(f"layer shape has {name}={getattr(self, name)}: must be >= 1")
-        if self.context_len < 0:
-            raise KvprError(f"layer shape has context_len={self.context_len}: must be >= 0")
+        for name in ("context_len", "resident_len"):
+            if getattr(self, name) < 0:
+                raise KvprError(f"layer shape has {name}={getattr(self, name)}: must be >= 0")
         for name in ("x_bytes_per_token_elem", "kv_bytes_per_token_elem"):
             if not _positive_finite(getattr(self, name)):
                 raise KvprError(f"layer shape has {name}={getattr(self, name)}: must be a positive byte count")
@@ -241,6 +251,15 @@ def recompute_term(shape: LayerShape, profile: HardwareProfile, blocks: int = 1)
     )
 
 
+def attention_s(shape: LayerShape, profile: HardwareProfile) -> float:
+    """t_att: one layer's decode attention over every cached token (GPU tier and host tier), from the
+    profile's timings at its batch, scaled linearly to this batch; 0 where none were timed."""
+    tokens = shape.resident_len + shape.context_len
+    if not profile.attention or tokens == 0:
+        return 0.0
+    return profile.attention_s(tokens) * shape.batch_size / profile.batch_size
+
+
 Weights = tuple[float, ...]  # weights on (t_x, t_kv, t_rc[, t_dec])
 
 
@@ -258,14 +277,17 @@ class HostIssue:
 
 @dataclass(frozen=True)
 class StepModel:
-    """T(l) = max(branch_a . terms(l), branch_b . terms(l), host(l)), terms = (t_x, t_kv, t_rc), and
-    t_dec under a K,V codec whose decode was timed."""
+    """T(l) = max(branch_a . terms(l) + fixed_a, branch_b . terms(l) + fixed_b, host(l)), terms =
+    (t_x, t_kv, t_rc), and t_dec under a K,V codec whose decode was timed; ``fixed_a``/``fixed_b``:
+    each branch's work that does not depend on l (the attention)."""
 
     terms: tuple[TimeTerm, ...]
     branch_a: Weights
     branch_b: Weights
     host: HostIssue = HostIssue()
     num_chunks: int = 1
+    fixed_a: float = 0.0
+    fixed_b: float = 0.0
 
     def __post_init__(self) -> None:
         if not len(self.terms) == len(self.branch_a) == len(self.branch_b):
@@ -274,8 +296,8 @@ class StepModel:
     def combine(self, split: float, values: tuple[float, ...]) -> float:
         """T at ``split`` from the terms' values there."""
         device = max(
-            sum(w * v for w, v in zip(self.branch_a, values, strict=True)),
-            sum(w * v for w, v in zip(self.branch_b, values, strict=True)),
+            sum(w * v for w, v in zip(self.branch_a, values, strict=True)) + self.fixed_a,
+            sum(w * v for w, v in zip(self.branch_b, values, strict=True)) + self.fixed_b,
         )
         return max(device, self.host_s(split))
 
@@ -291,15 +313,15 @@ def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, 
     """The cost T(l) of one layer under ``schedule``, ready to evaluate or to bound."""
     if num_chunks < 1:
         raise KvprError(f"num_chunks={num_chunks}: must be >= 1")
-    decode = kv_decode_term(shape, profile)
+    decode, attend = kv_decode_term(shape, profile), attention_s(shape, profile)
     if schedule is Schedule.SEQUENTIAL:
         # t_x + max(t_rc, t_kv + t_dec) == max(t_x + t_rc, t_x + t_kv + t_dec); X moves as one chunk
-        chunks = 1
+        chunks, fixed = 1, (attend, attend)
         copy_branch, compute_branch = (1.0, 0.0, 1.0, 0.0), (1.0, 1.0, 0.0, 1.0)
     elif schedule is Schedule.CHUNKED:
         # copy stream: X chunks, then K,V; compute stream: the recompute as chunks land, then the
         # decode of the landed K,V (while the copy stream serves the next layer)
-        chunks = num_chunks
+        chunks, fixed = num_chunks, (0.0, attend)
         copy_branch, compute_branch = (1.0, 1.0, 0.0, 0.0), (1.0 / num_chunks, 0.0, 1.0, 1.0)
     else:
         raise KvprError(f"unknown schedule {schedule!r}: use Schedule.SEQUENTIAL or Schedule.CHUNKED")
@@ -310,7 +332,9 @@ def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, 
         *(() if decode is None else (decode,)),
     )
     count = len(terms)  # the weights of t_dec drop out without a K,V codec
-    return StepModel(terms, copy_branch[:count], compute_branch[:count], profile.host_issue(shape.x_codec), chunks)
+    return StepModel(
+        terms, copy_branch[:count], compute_branch[:count], profile.host_issue(shape.x_codec), chunks, *fixed
+    )
 
 
 def _check_split(shape: LayerShape, recompute_len: int) -> None:

@@ -76,13 +76,15 @@ def plan_decode_step(
     granularity: int = 1,
     x_codec: str = "none",
     kv_codec: str = "none",
+    resident_len: int = 0,
 ) -> SplitPlan:
     """The best split of the ``context_len`` offloaded tokens for one decode step (cheap: ~0.1-1 ms
     per chunk count). ``num_chunks=None`` (chunked schedule) also picks the chunk count from
     ``CHUNK_CHOICES``, the fewest among equals.
 
     Element sizes are those stored on the host (a codec may make them fractional); ``x_codec`` and
-    ``kv_codec`` name their codecs, whose decodes the recompute and the K,V load then cost.
+    ``kv_codec`` name their codecs, whose decodes the recompute and the K,V load then cost;
+    ``resident_len`` tokens of the GPU tier are attended beside them.
     """
     shape = LayerShape(
         batch_size,
@@ -93,6 +95,7 @@ def plan_decode_step(
         kv_bytes_per_elem,
         x_codec,
         kv_codec,
+        resident_len,
     )
     if schedule is Schedule.SEQUENTIAL:
         counts: tuple[int, ...] = (1,)
@@ -121,9 +124,11 @@ def format_plans(
     num_chunks: int | None,
     x_codec: str = "none",
     kv_codec: str = "none",
+    gpu_tokens: int = 0,
 ) -> str:
-    """A table, per context length, of predicted ms per layer: copy all, best sequential, best chunked
-    (with its chunk count, chosen when ``num_chunks`` is None), floor."""
+    """A table, per context length, of the three tiers (``gpu_tokens`` on the GPU, the rest on the
+    host: recomputed from X or copied) and the predicted ms per layer: copy all, best sequential,
+    best chunked (with its chunk count, chosen when ``num_chunks`` is None), floor."""
     from rich.console import Console
     from rich.table import Table
 
@@ -133,18 +138,21 @@ def format_plans(
             f"X {x_bytes_per_elem:g} B/elem, K,V {kv_bytes_per_elem:g} B/elem, on {profile.device_name}"
         ),
         caption=(
-            f"predicted ms per layer (x{model.num_layers} layers per step); l = recomputed tokens; "
+            f"predicted ms per layer (x{model.num_layers} layers per step); GPU r = tokens kept on the GPU, "
+            "attended in place; host h = the rest; l = host tokens recomputed from X, h - l copied; "
             "floor = the best plan's PCIe bytes at peak bandwidth or FLOPs at the peak recompute rate; "
             "c = X chunks; times include the host's time to issue the layer where the profile has it"
         ),
     )
     for header in (
         "context s",
+        "GPU r",
+        "host h",
         "copy all K,V",
-        "sequential: l/s",
+        "sequential: l/h",
         "ms",
         "x",
-        f"chunked ({'auto' if num_chunks is None else num_chunks}): l/s",
+        f"chunked ({'auto' if num_chunks is None else num_chunks}): l/h",
         "c",
         "ms",
         "x",
@@ -152,11 +160,13 @@ def format_plans(
     ):
         table.add_column(header, justify="right")
     for context_len in context_lens:
+        resident = min(gpu_tokens, context_len)
+        host_len = context_len - resident
         plans = [
             plan_decode_step(
                 model,
                 batch_size,
-                context_len,
+                host_len,
                 profile,
                 kv_bytes_per_elem,
                 x_bytes_per_elem,
@@ -164,13 +174,14 @@ def format_plans(
                 num_chunks,
                 x_codec=x_codec,
                 kv_codec=kv_codec,
+                resident_len=resident,
             )
             for schedule in (Schedule.SEQUENTIAL, Schedule.CHUNKED)
         ]
         best = min(plans, key=lambda plan: plan.predicted_s)
-        row = [str(context_len), f"{plans[1].predicted_full_copy_s * 1e3:.3f}"]  # T(0) as the runtime runs it
+        row = [str(context_len), str(resident), str(host_len), f"{plans[1].predicted_full_copy_s * 1e3:.3f}"]
         for plan in plans:
-            fraction = plan.recompute_len / context_len if context_len else 0.0
+            fraction = plan.recompute_len / host_len if host_len else 0.0
             chunks = [str(plan.num_chunks)] if plan.schedule is Schedule.CHUNKED else []
             row += [f"{fraction:.3f}", *chunks, f"{plan.predicted_s * 1e3:.3f}", f"{plan.speedup:.2f}"]
         table.add_row(*row, f"{best.predicted_floor_s * 1e3:.3f}")

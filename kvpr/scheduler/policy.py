@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec
     from kvpr.scheduler.profile import HardwareProfile
 
-SplitPolicy = Callable[[int], StepSplit]  # offloaded tokens s -> that decode step's split
+SplitPolicy = Callable[[int], StepSplit]  # host-tier tokens s -> that decode step's split
 
 
 def round_fraction(fraction: float, context_len: int) -> int:
@@ -71,9 +71,10 @@ def make_split_policy(
     dtype: torch.dtype,
     codec: "KVCodec | None" = None,
     x_codec: "XCodec | None" = None,
+    gpu_tokens: int = 0,
 ) -> SplitPolicy:
     """Build the per-step policy for one batch (``codec``, ``x_codec``: how K,V and X are stored
-    on the host)."""
+    on the host; ``gpu_tokens``: the GPU tier's slots, attended beside the host's tokens)."""
     if not recompute_may_run(cache, model, dtype, codec, x_codec):
         return lambda context_len: StepSplit(0)
     if cache.recompute != RECOMPUTE_AUTO:
@@ -85,7 +86,7 @@ def make_split_policy(
     x_bytes, kv_bytes = stored_element_bytes(model, dtype, codec, x_codec)
     x_name = "none" if x_codec is None else x_codec.name
     kv_name = "none" if codec is None else codec.name
-    return auto_policy(model, batch_size, profile, x_bytes, kv_bytes, runtime.num_chunks, x_name, kv_name)
+    return auto_policy(model, batch_size, profile, x_bytes, kv_bytes, runtime.num_chunks, x_name, kv_name, gpu_tokens)
 
 
 def kv_bytes_per_element(codec: "KVCodec", model: ModelConfig) -> float:
@@ -102,10 +103,13 @@ def auto_policy(
     num_chunks: int | None,
     x_codec: str = "none",
     kv_codec: str = "none",
+    gpu_tokens: int = 0,
 ) -> SplitPolicy:
-    """The solver's choice at each context length (memoised: one solve per distinct ``s``), the
+    """The solver's choice at each host-tier length (memoised: one solve per distinct ``s``), the
     chunk count too when ``num_chunks`` is None; ``x_bytes``/``kv_bytes``: stored bytes per element
-    (``stored_element_bytes``); ``x_codec``, ``kv_codec``: their codecs' names."""
+    (``stored_element_bytes``); ``x_codec``, ``kv_codec``: their codecs' names; ``gpu_tokens``: the
+    GPU tier's slots, whose attention the step also costs (its tail fills and flushes, so it is
+    counted full)."""
     from kvpr.scheduler.cost_model import Schedule
     from kvpr.scheduler.plan import plan_decode_step
 
@@ -122,6 +126,7 @@ def auto_policy(
             num_chunks,
             x_codec=x_codec,
             kv_codec=kv_codec,
+            resident_len=gpu_tokens,
         )
         return plan.step_split
 

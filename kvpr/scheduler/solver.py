@@ -113,10 +113,10 @@ class _Search:
                 lines_a.append(fm + dm * (la - mid))
                 lines_b.append(fm + dm * (lb - mid))
         wa, wb = self.model.branch_a, self.model.branch_b
-        a_at_a = sum(w * v for w, v in zip(wa, lines_a, strict=True))
-        a_at_b = sum(w * v for w, v in zip(wa, lines_b, strict=True))
-        b_at_a = sum(w * v for w, v in zip(wb, lines_a, strict=True))
-        b_at_b = sum(w * v for w, v in zip(wb, lines_b, strict=True))
+        a_at_a = sum(w * v for w, v in zip(wa, lines_a, strict=True)) + self.model.fixed_a
+        a_at_b = sum(w * v for w, v in zip(wa, lines_b, strict=True)) + self.model.fixed_a
+        b_at_a = sum(w * v for w, v in zip(wb, lines_a, strict=True)) + self.model.fixed_b
+        b_at_b = sum(w * v for w, v in zip(wb, lines_b, strict=True)) + self.model.fixed_b
         left, right = max(a_at_a, b_at_a), max(a_at_b, b_at_b)
         bound, where = (left, la) if left <= right else (right, lb)
         gap_a, gap_b = a_at_a - b_at_a, a_at_b - b_at_b
