@@ -19,7 +19,7 @@ import torch
 from floors import FloorKind
 from torch.nn.attention import sdpa_kernel
 
-from kvpr.config import CacheConfig, Offload, SamplingParams
+from kvpr.config import CACHE_METHODS, CacheConfig, Offload, SamplingParams
 from kvpr.models.common import ATTENTION_BACKENDS
 from kvpr.models.registry import BUILTIN_CONFIGS
 from kvpr.runtime.generation import generate_tokens
@@ -50,7 +50,7 @@ class System:
 
     @property
     def cache_method(self) -> bool:
-        return self.kv_codec in ("kvo", "kivi2")
+        return self.kv_codec in CACHE_METHODS
 
 
 _PLAN, _LINK = FloorKind.PLAN, FloorKind.LINK_BYTES

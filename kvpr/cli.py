@@ -65,8 +65,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-codec",
         default="none",
-        help="none (as computed); fp16, int8, int4: the offloaded host tier; kivi2, kvo: compressed, on the device "
-        "or with --offload cpu; h2o, streaming, quest: the baselines, on the device (knobs: --<codec>-*)",
+        help="none (as computed); fp16, int8, int4: the offloaded host tier; kivi2, kivi3, kivi4, kvo: compressed, "
+        "on the device or with --offload cpu; h2o, streaming, quest: the baselines, on the device (knobs: --<codec>-*)",
     )
     from kvpr.compress.methods import add_knob_flags
 
@@ -272,8 +272,9 @@ def _parser() -> argparse.ArgumentParser:
         "--codecs",
         nargs="+",
         default=["none", "int8", "int4"],
-        help="none (as computed), fp16, int8, int4, kivi2, kvo, h2o, streaming, quest; a method takes knobs as "
-        "name:field=value,... (e.g. h2o:budget=256)",
+        help="none (as computed), fp16, int8, int4, kivi2, kivi3, kivi4, kvo, h2o, streaming, quest; a method takes "
+        "knobs as name:field=value,... (e.g. h2o:budget=256, kivi4:rotate=v); <kivi spec>@hf runs it through "
+        "transformers",
     )
     evaluate.add_argument("--recompute", default="off", help="split used with the offloaded codecs (see generate)")
     evaluate.add_argument("--x-codec", default="none", help="how those codecs store X for recomputation (see generate)")

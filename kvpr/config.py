@@ -223,7 +223,8 @@ RECOMPUTE_AUTO = "auto"
 DEFAULT_NUM_CHUNKS = 4
 THROUGHPUT_NUM_CHUNKS = 8  # per GPU batch in throughput mode unless --num-chunks is given (its measured setting)
 # --kv-codec names run by runtime/compressed.py (kvpr.compress.methods), on the device or offloaded.
-CACHE_METHODS = ("kivi2", "kvo", "h2o", "streaming", "quest")
+KIVI_METHODS: tuple[str, ...] = ("kivi2", "kivi3", "kivi4")  # one method (KiviConfig) at three widths
+CACHE_METHODS: tuple[str, ...] = (*KIVI_METHODS, "kvo", "h2o", "streaming", "quest")
 
 
 def check_codec_names(kv_codec: str, x_codec: str) -> None:

@@ -84,3 +84,30 @@ def test_bench_runs_on_dummy_weights(capsys) -> None:
     # The 16 prompt tokens on the host, new ones in the GPU tail (64 tokens, not yet flushed).
     assert report["host_lens"] == [16, 16, 16] and report["recompute_lens"] == [8, 8, 8]
     assert report["decode_ms_per_token"] > 0 and report["prefill_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--kv-codec", "kivi3"],
+        ["--kv-codec", "kivi4", "--kivi4-rotate", "v", "--kivi4-residual", "64", "--offload", "cpu"],
+    ],
+)
+def test_bench_runs_kivi3_and_kivi4(capsys, flags: list[str]) -> None:
+    argv = DUMMY_BENCH + flags + ["--prompt-len", "140", "--gen-len", "3", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["offload"] == ("cpu" if "--offload" in flags else "none")
+    assert len(report["step_ms"]) == 2 and report["recompute_lens"] == [0, 0] and report["decode_ms_per_token"] > 0
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--kv-codec", "kivi4", "--kivi2-rotate", "v"], "--kivi2-rotate applies to --kv-codec kivi2, not kivi4"),
+        (["--kv-codec", "kivi3", "--kivi3-rotate", "x"], "rotate='x': use one of none, k, v, kv"),
+        (["--kv-codec", "kivi4", "--offload", "cpu", "--recompute", "0.5"], "is off for --kv-codec kivi4"),
+    ],
+)
+def test_kivi_flag_errors(capsys, flags: list[str], needle: str) -> None:
+    assert needle in cli_error_line(capsys, DUMMY_BENCH + flags)

@@ -9,27 +9,33 @@ import pytest
 import torch
 
 from conftest import method_llm, token_prompts
-from kvpr.config import SamplingParams
+from kvpr.compress.methods import parse_codec_spec
+from kvpr.config import CacheConfig, Offload, SamplingParams
 from kvpr.eval.harness import cache_for_spec, guard_tokens
 from kvpr.eval.hf_runner import QUANTO_PEERS, TransformersRunner, runs_here
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, stop_on_eos=False)
-KIVI = (("residual", 32), ("token_group", 16))  # short contexts still quantise several blocks
-SPEC = "kivi2:residual=32,token_group=16"
+SPEC = "kivi2:residual=32,token_group=16"  # short contexts still quantise several blocks
 
 
 def test_specs_it_measures() -> None:
-    assert all(runs_here(spec) for spec in (*QUANTO_PEERS, "kivi4", "kivi3:rotate=v", "kivi2:rotate=kv", SPEC + "@hf"))
-    assert not any(runs_here(spec) for spec in ("none", "int4", "kivi2", SPEC, "kvo", "quest"))
-    configs = [(spec, cache_for_spec(spec)) for spec in ("kivi4:residual=256", "hf-quanto-int2", "kvo")]
+    """The quanto peers and KIVI specs ending in @hf; the engine runs every other KIVI spec."""
+    assert all(runs_here(spec) for spec in (*QUANTO_PEERS, SPEC + "@hf", "kivi4@hf", "kivi3:rotate=v@hf"))
+    engine = ("none", "int4", "kivi2", SPEC, "kivi4", "kivi3:rotate=v", "kivi2:rotate=kv", "kvo", "quest", "kvo@hf")
+    assert not any(runs_here(spec) for spec in engine)
+    configs = [(spec, cache_for_spec(spec)) for spec in ("kivi4:residual=256@hf", "hf-quanto-int2", "kvo")]
     assert configs[0][1].kv_codec == "none" and guard_tokens(configs) == 256
+    kivi4 = CacheConfig(offload=Offload.CPU, kv_codec="kivi4", kv_codec_params=(("rotate", "v"),))
+    assert cache_for_spec("kivi4:rotate=v") == kivi4  # the engine's, packed rows in host memory
 
 
-def test_runner_answers_and_scores_as_the_engine(tiny_checkpoint) -> None:
+@pytest.mark.parametrize("spec", [SPEC, "kivi4:residual=32,token_group=16,rotate=v"])
+def test_runner_answers_and_scores_as_the_engine(tiny_checkpoint, spec: str) -> None:
     """Left-padded contexts, a question through the cache, greedy answers: the runner's KIVI layer
-    under transformers gives the engine's tokens and log-probabilities."""
-    llm = method_llm(tiny_checkpoint("llama-d32"), "kivi2", params=KIVI)
-    runner = TransformersRunner(llm, SPEC + "@hf")
+    under transformers gives the engine's tokens and log-probabilities (at 2 bits, and rotated at 4)."""
+    name, params = parse_codec_spec(spec)
+    llm = method_llm(tiny_checkpoint("llama-d32"), name, params=params)
+    runner = TransformersRunner(llm, spec + "@hf")
     pairs = list(zip(token_prompts([150, 131], seed=5), token_prompts([5, 3], seed=6)))
     expected = [a.token_ids for a in llm.answer(pairs, GREEDY)]
     assert [a.token_ids for a in runner.answer(pairs, GREEDY)] == expected
@@ -44,7 +50,7 @@ def test_more_bits_stay_closer_to_uncompressed(tiny_checkpoint) -> None:
     exact = llm.score(windows, 40)
     error = {}
     for bits in (2, 3, 4):
-        runner = TransformersRunner(llm, f"kivi{bits}:residual=32,token_group=16,rotate=v")
+        runner = TransformersRunner(llm, f"kivi{bits}:residual=32,token_group=16,rotate=v@hf")
         error[bits] = (runner.score(windows, 40) - exact).abs().mean().item()
         assert runner.footprint(64) == (runner.bytes_per_token(), runner.bytes_per_token())
     assert error[4] < error[3] < error[2]

@@ -17,7 +17,6 @@ from kvpr.cache.codec import make_codec
 from kvpr.compress.kivi import KiviCodec
 from kvpr.compress.methods import (
     KiviConfig,
-    engine_runs,
     knob_params,
     method_config,
     parse_codec_spec,
@@ -139,15 +138,15 @@ def test_kivi_methods_share_one_config_at_three_widths() -> None:
         method_config("kivi4", {"rotate": "x"})
 
 
-def test_engine_refuses_settings_its_kivi_cache_would_ignore() -> None:
-    assert engine_runs("kivi2", method_config("kivi2")) and engine_runs("kvo", method_config("kvo"))
-    assert not engine_runs("kivi2", method_config("kivi2", {"rotate": "v"}))
-    assert not engine_runs("kivi4", method_config("kivi4"))
+def test_knobs_of_every_kivi_width_reach_its_config() -> None:
+    """The engine runs every KIVI width and rotation, so a knob is refused only for another method."""
 
     class Args:
-        knob_kivi2_rotate = "v"
+        knob_kivi4_rotate = "v"
+        knob_kivi4_group_size = 64
 
-    with pytest.raises(KvprError, match="not run by the engine"):
+    assert knob_params(Args(), "kivi4") == (("group_size", 64), ("rotate", "v"))  # type: ignore[arg-type]
+    with pytest.raises(KvprError, match="--kivi4-group-size applies to --kv-codec kivi4, not kivi2"):
         knob_params(Args(), "kivi2")  # type: ignore[arg-type]
 
 

@@ -153,7 +153,7 @@ def test_throughput_mode_matches_latency_mode(tiny_checkpoint, tmp_path, family:
     assert [c.token_ids for c in llm.generate(PROMPTS, params)] == reference
 
 
-@pytest.mark.parametrize("codec", ["kvo", "kivi2"])
+@pytest.mark.parametrize("codec", ["kvo", "kivi2", "kivi4"])
 def test_compressed_cache_offloaded_equals_on_device(tiny_checkpoint, codec: str) -> None:
     """Packed rows in pinned host memory, gathered through staging and copied asynchronously, give
     the logits of the same rows on the device; at 8 bits without selection KVO decodes like fp16."""
@@ -166,7 +166,7 @@ def test_compressed_cache_offloaded_equals_on_device(tiny_checkpoint, codec: str
         runtime = RuntimeConfig(device="cuda", dtype="float16")
         return LLM(EngineConfig(model=str(tiny_checkpoint("llama-d32")), cache=cache, runtime=runtime))
 
-    params = (("top_chunks", 4),) if codec == "kvo" else ()
+    params = {"kvo": (("top_chunks", 4),), "kivi2": (), "kivi4": (("rotate", "kv"),)}[codec]  # kivi4: fused un-rotation
     ids = torch.tensor(token_prompts([340, 340], seed=1), device="cuda")
     valid = torch.ones_like(ids, dtype=torch.bool)
     valid[1, :128] = False

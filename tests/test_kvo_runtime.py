@@ -34,7 +34,8 @@ EIGHT_BIT = (
     ("v_anchor_bits", 8),
     ("v_keep", 32),
 )
-PARAMS = {"kvo": (("top_chunks", 4),), "kivi2": ()}  # kvo: selection active at these lengths
+# kvo: selection active at these lengths; kivi3, kivi4: the other widths, with rotated parts
+PARAMS = {"kvo": (("top_chunks", 4),), "kivi2": (), "kivi3": (("rotate", "v"),), "kivi4": (("rotate", "kv"),)}
 
 
 def kv(t: int, b: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +68,7 @@ def test_kvo_8bit_without_selection_matches_fp16_on_default_model() -> None:
 
 
 # ------------------------------------------------------------------ runtime paths, tiny model
-@pytest.mark.parametrize("codec", ["kvo", "kivi2"])
+@pytest.mark.parametrize("codec", list(PARAMS))
 def test_offloaded_equals_on_device(tiny_checkpoint, codec: str) -> None:
     """Host rows gathered through staging decode to exactly the device tier's logits; only the
     offloaded run moves bytes over the link, and both read the same bytes."""
@@ -90,7 +91,7 @@ def test_offloaded_equals_on_device(tiny_checkpoint, codec: str) -> None:
     assert filled < offloaded.host_nbytes() - offloaded.staging.nbytes and offloaded.host_nbytes() <= bound
 
 
-@pytest.mark.parametrize("codec", ["kvo", "kivi2"])
+@pytest.mark.parametrize("codec", list(PARAMS))
 def test_batched_equals_one_by_one(tiny_checkpoint, codec: str) -> None:
     """Left padding by whole windows (KVO: 64, KIVI: 128 tokens) changes no row's tokens."""
     llm = engine(tiny_checkpoint(D32), codec, "cpu", PARAMS[codec])

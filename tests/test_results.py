@@ -2,17 +2,20 @@
 
 - Every timed row of a latency JSON has the floor of its own plan and is not more than 2% below it
   (a row below its floor is a bug in the floor).
-- Every results JSON names a commit in this repository's history and was written from a clean tree,
-  or says ``allow_dirty``.
+- Every results JSON (latency, throughput, accuracy and ``kvpr sim``'s) names a commit in this
+  repository's history and was written from a clean tree, or says ``allow_dirty``, and carries every
+  field of benchmarks/provenance.py's header (device, driver, versions, date).
 - Every results file README.md cites exists (lines under a heading named "History" excepted).
 Files under ``benchmarks/results/history/`` are the record of older runs and are not checked.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FLOOR_TOLERANCE = 0.02  # a timed median may sit this far below its floor (noise of the peak rates)
-RESULT_PREFIXES = ("latency-", "throughput-", "accuracy-")
+RESULT_PREFIXES = ("latency-", "throughput-", "accuracy-", "sim-")  # sim-: kvpr sim --results
 # Prefixes of results whose commit and dirty state are not checked: none, every results JSON outside
 # history/ is (accuracy reports carry benchmarks/provenance.py's header since issue 12).
 COMMIT_CHECK_EXEMPT: tuple[str, ...] = ()
@@ -29,7 +32,7 @@ COMMIT_CHECK_EXEMPT: tuple[str, ...] = ()
 # latency-paper-NVIDIA_H200-20261202.json; "..." or "*" stand for any characters.
 CITED = re.compile(
     r"(?:benchmarks/)?results/[\w.*/\-]+?\.json(?:\.gz)?"
-    r"|(?<![\w/.-])(?:latency|throughput|accuracy|profile|trace)-[\w.*\-]*?\.json(?:\.gz)?"
+    r"|(?<![\w/.-])(?:latency|throughput|accuracy|profile|trace|sim)-[\w.*\-]*?\.json(?:\.gz)?"
 )
 
 
@@ -78,6 +81,25 @@ def floor_problems(name: str, result: dict[str, Any]) -> list[str]:
     return problems
 
 
+@functools.cache
+def header_fields() -> tuple[str, ...]:
+    """The fields benchmarks/provenance.py's ``results_header`` writes (asked of it, not copied here)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import provenance
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return tuple(provenance.results_header(allow_dirty=True, env={}))
+
+
+def header_problems(name: str, result: dict[str, Any]) -> list[str]:
+    """Header fields the result lacks (it was not written through ``provenance.results_header``)."""
+    missing = [field for field in header_fields() if field not in result]
+    return (
+        [f"{name}: no {', '.join(missing)} in its header: write it with provenance.results_header"] if missing else []
+    )
+
+
 def provenance_problems(name: str, result: dict[str, Any]) -> list[str]:
     """A commit not in this history (each of a merged result's), or a dirty tree without allow_dirty."""
     problems = []
@@ -103,11 +125,22 @@ def test_results_name_a_clean_commit_of_this_history(path: Path) -> None:
     assert not provenance_problems(path.name, _load(path))
 
 
+@pytest.mark.parametrize("path", _current(RESULT_PREFIXES), ids=lambda p: p.name)
+def test_results_carry_the_provenance_header(path: Path) -> None:
+    assert not header_problems(path.name, _load(path))
+
+
 def test_the_checks_themselves() -> None:
     row = {"model": "m", "batch_size": 1, "prompt_len": 8, "system": "kvpr-auto", "decode_ms_per_token": 97.0}
     floor_row = {**row, "system": "floor", "timed": False, "floor_ms": 500.0, "floor_kind": "predicted-fp16-plan"}
     ok = {"rows": [{**row, "floor_ms": 98.0, "floor_kind": "plan"}, floor_row, {**row, "skipped": "OOM"}]}
     assert floor_problems("r", ok) == []
+    header = dict.fromkeys(header_fields())
+    assert {"commit", "dirty", "device", "driver", "torch", "transformers", "python", "date"} <= set(header)
+    assert header_problems("r", header) == []
+    assert (
+        "no device, torch" in header_problems("r", {k: v for k, v in header.items() if k not in ("device", "torch")})[0]
+    )
     assert "below its floor" in floor_problems("r", {"rows": [{**row, "floor_ms": 100.0, "floor_kind": "plan"}]})[0]
     assert "no floor_ms" in floor_problems("r", {"rows": [row]})[0]
     if not _git_works():

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from kvpr.compress.kivi import KiviCodec
 from kvpr.compress.kvo import KVOConfig
 from kvpr.compress.rotation import check_rotation
+from kvpr.config import KIVI_METHODS
 from kvpr.errors import KvprError
 
 Params = tuple[tuple[str, Any], ...]  # (field, value) pairs: hashable, so configs stay frozen
@@ -130,18 +131,7 @@ METHOD_CONFIGS: dict[str, type] = {
     "quest": QuestConfig,
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_CONFIGS)
-KIVI_METHODS: tuple[str, ...] = ("kivi2", "kivi3", "kivi4")  # one method (KiviConfig) at three widths
 OFFLOADABLE: tuple[str, ...] = (*KIVI_METHODS, "kvo")  # methods whose cache may live in host memory
-
-
-def engine_runs(name: str, config: Any) -> bool:
-    """Whether the engine's compressed runtime runs ``name`` with ``config`` as configured. Its KIVI
-    cache (``kvpr.runtime.layer_caches.KiviCache``) builds a 2-bit codec from ``group_size`` and
-    ``token_group`` only, so kivi3, kivi4 and any ``rotate`` run only in ``kvpr eval``'s transformers
-    runner until it builds ``config.codec()`` (and ``kvpr.config.CACHE_METHODS`` lists them)."""
-    if name not in KIVI_METHODS:
-        return name in METHOD_CONFIGS
-    return name == "kivi2" and config.rotate == "none"
 
 
 def method_config(name: str, params: Sequence[tuple[str, Any]] | dict[str, Any] = ()) -> Any:
@@ -240,10 +230,5 @@ def knob_params(args: argparse.Namespace, codec: str) -> Params:
                 raise KvprError(f"{_flag(method, f.name)} applies to --kv-codec {method}, not {codec}")
             params.append((f.name, value))
     if params:
-        config = method_config(codec, params)  # validate before any model loads
-        if codec in METHOD_CONFIGS and not engine_runs(codec, config):
-            raise KvprError(
-                f"--kv-codec {codec} with {dict(params)} is not run by the engine yet (its KIVI cache is 2-bit and "
-                "unrotated): measure it with kvpr eval, which runs it through transformers"
-            )
+        method_config(codec, params)  # validate before any model loads
     return tuple(params)

@@ -56,7 +56,7 @@ def cache_for_spec(spec: str, recompute: float | str = RECOMPUTE_OFF, x_codec: s
     rows in host memory, the other cache methods on the device, the tokenwise codecs as the offloaded
     host tier (with ``recompute`` and ``x_codec``: the split of that tier and how it keeps X),
     ``none`` as computed. A spec the transformers runner measures (``hf_runner.runs_here``: the
-    quanto peers, KIVI widths the engine does not run yet) gets the uncompressed placeholder."""
+    quanto peers, KIVI specs ending in ``@hf``) gets the uncompressed placeholder."""
     if runs_here(spec):
         return CacheConfig()
     name, params = parse_codec_spec(spec)

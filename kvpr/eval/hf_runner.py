@@ -5,9 +5,8 @@ Two uses, both rows of ``kvpr eval`` measured on the same items and windows as t
 - peers: transformers' ``QuantizedCache`` with the optimum-quanto backend at its defaults (4 or 2
   bits, groups of 64 along the last axis, i.e. per token and head for K and V, a 128-token
   full-precision residual): ``hf-quanto-int4``, ``hf-quanto-int2``;
-- kvpr's KIVI codecs where the engine cannot run them yet (``kivi3``, ``kivi4`` until
-  ``kvpr.config.CACHE_METHODS`` and the compressed runtime take them; ``<spec>@hf`` forces any KIVI
-  spec here, to check this runner against the engine): :class:`KiviLayer` keeps the engine's
+- kvpr's KIVI specs with the ``@hf`` suffix (``kivi4:rotate=v@hf``), to check this runner against
+  the engine, which runs every KIVI spec itself: :class:`KiviLayer` keeps the engine's
   ``KiviCache`` policy (fp16 residual, ``residual`` tokens quantised at a time, padding zeroed,
   prefill attention exact) and calls the same codec.
 
@@ -23,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvpr.compress.methods import KIVI_METHODS, KiviConfig, engine_runs, method_config, parse_codec_spec
-from kvpr.config import CACHE_METHODS, SamplingParams
+from kvpr.compress.methods import KiviConfig, method_config, parse_codec_spec
+from kvpr.config import KIVI_METHODS, SamplingParams
 from kvpr.errors import KvprError
 
 if TYPE_CHECKING:
@@ -38,17 +37,11 @@ QUANTO_GROUP, QUANTO_RESIDUAL = 64, 128  # transformers' QuantizedCache defaults
 
 
 def runs_here(spec: str) -> bool:
-    """Whether ``spec`` is measured by this runner (a quanto peer, a KIVI setting the engine does not
-    run yet, see ``methods.engine_runs``, or a spec with the ``@hf`` suffix) rather than by the engine."""
-    if spec in QUANTO_PEERS or spec.endswith(HF_SUFFIX):
+    """Whether ``spec`` is measured by this runner (a quanto peer, or a KIVI spec with the ``@hf``
+    suffix) rather than by the engine."""
+    if spec in QUANTO_PEERS:
         return True
-    try:
-        name, params = parse_codec_spec(spec)
-    except KvprError:  # a row label that is not a spec (``evaluate`` takes any names)
-        return False
-    if name not in KIVI_METHODS:
-        return False
-    return name not in CACHE_METHODS or not engine_runs(name, method_config(name, params))
+    return spec.endswith(HF_SUFFIX) and spec.partition(":")[0].removesuffix(HF_SUFFIX) in KIVI_METHODS
 
 
 def recent_tokens(spec: str) -> int:
@@ -145,7 +138,7 @@ class TransformersRunner:
 
     def __init__(self, llm: LLM, spec: str) -> None:
         if not runs_here(spec):
-            raise KvprError(f"{spec} is not a transformers-runner config: use hf-quanto-int4|int2 or a KIVI spec")
+            raise KvprError(f"{spec} is not a transformers-runner config: use hf-quanto-int4|int2 or a KIVI spec + @hf")
         self.llm, self.spec = llm, spec
         self.tokenizer, self.model_config, self.name = llm.tokenizer, llm.model_config, llm.name
         self.device, self.dtype = llm.device, llm.dtype

@@ -21,8 +21,9 @@ import torch
 from kvpr.cache.rows import GatherStaging
 from kvpr.cache.storage import CacheShape
 from kvpr.compress.kvo import check_head_dim
-from kvpr.compress.methods import OFFLOADABLE, method_config, uncompressed_layers
-from kvpr.config import RECOMPUTE_AUTO, RECOMPUTE_OFF, CacheConfig, ModelConfig, Offload
+from kvpr.compress.methods import METHOD_CONFIGS, OFFLOADABLE, method_config, uncompressed_layers
+from kvpr.compress.rotation import check_rotation
+from kvpr.config import KIVI_METHODS, RECOMPUTE_AUTO, RECOMPUTE_OFF, CacheConfig, ModelConfig, Offload
 from kvpr.errors import KvprError
 from kvpr.models.common import attend
 from kvpr.runtime.batch import BatchState
@@ -69,7 +70,7 @@ class CacheMethod:
             return DenseCache(shape, device)
         if self.name == "kvo":
             return KVOCache(self.config, shape, device, on_host, pin, staging, compile)
-        if self.name == "kivi2":
+        if self.name in KIVI_METHODS:
             return KiviCache(self.config, shape, device, on_host, pin, staging)
         return {"h2o": H2OCache, "streaming": StreamingCache, "quest": QuestCache}[self.name](
             self.config, shape, device
@@ -93,7 +94,7 @@ class CacheMethod:
             v_rows = min(selected, chunks // cfg.anchors_per_group)
             read = chunks * n * anchor + selected * n * k_layout.row_bytes + v_rows * n * v_layout.row_bytes
             return chunks * n * per_chunk + recent_bytes, read + recent_bytes
-        if self.name == "kivi2":
+        if self.name in KIVI_METHODS:
             quantised = s // cfg.residual * cfg.residual
             stored = quantised * KiviCache.bytes_per_token(cfg, n, d) + (s - quantised) * 2 * n * d * 2
             return stored, stored
@@ -140,7 +141,7 @@ class CacheMethod:
             chunks = kvo_split(cfg, s)[0] + cfg.window // cfg.chunk
             device += compressed * b * n * (chunks * anchor + 2 * cfg.window * (3 * d + 4 * d // cfg.group + 5))
             staging = b * n * min(cfg.top_chunks, chunks) * (k_layout.row_bytes + v_layout.row_bytes)
-        else:  # kivi2: the fp16 residual stays on the device
+        else:  # KIVI: the fp16 residual stays on the device
             device += compressed * b * (cfg.residual * n * d * 4 + s)
         return device, compressed * held + staging
 
@@ -151,8 +152,11 @@ _ANCHORS = ("k_anchor_codes", "k_anchor_scale", "k_anchor_zero")
 _NO_RECOMPUTE = {
     "kvo": "a step reads only the selected chunks, stored at about 2 bits per value, and recomputing them "
     "needs their X in the model dtype, several times those bytes, so it can never pay",
-    "kivi2": "K,V are stored at about 2 bits per value and X in the model dtype is several times larger, "
-    "so recomputing can never pay",
+    **{
+        name: f"K,V are stored at about {METHOD_CONFIGS[name].bits} bits per value and X in the model dtype "
+        "takes more bytes than they do, so recomputing can never pay"
+        for name in KIVI_METHODS
+    },
     "h2o": "its cache holds only the budget, on the compute device: nothing crosses the link",
     "streaming": "its cache holds only the budget, on the compute device: nothing crosses the link",
     "quest": "its cache stays on the compute device: nothing crosses the link",
@@ -172,6 +176,8 @@ def make_method(cache: CacheConfig, model: ModelConfig) -> CacheMethod:
         raise KvprError(f"--gpu-resident applies to the fp16/int8/int4 host tier, not --kv-codec {name}")
     if name == "kvo":
         check_head_dim(model.head_dim, config)
+    if name in KIVI_METHODS:
+        check_rotation(config.rotate, model.head_dim)
     group = getattr(config, "group_size", 1)
     if model.head_dim % group:
         raise KvprError(f"--kv-codec {name}: head_dim {model.head_dim} is not a multiple of group_size {group}")

@@ -18,7 +18,6 @@ from torch.nn.attention import sdpa_kernel
 from kvpr.cache.codec import EncodedKV
 from kvpr.cache.rows import GatherStaging, RowLayout, RowTier
 from kvpr.cache.storage import CacheShape
-from kvpr.compress.kivi import KiviCodec
 from kvpr.compress.methods import KiviConfig
 from kvpr.models.common import ATTENTION_BACKENDS, attend
 
@@ -137,9 +136,11 @@ class DenseCache:
 
 
 class KiviCache:
-    """KIVI: blocks of ``token_group`` tokens quantised (K per channel, V per token), packed one row
-    per (block, sequence, head) on the device or the host; the newest tokens in an fp16 residual on
-    the device until ``residual`` of them are quantised together. Every step reads every block.
+    """KIVI at 2, 3 or 4 bits (``config.codec()``: the spec's width, groups and rotation): blocks of
+    ``token_group`` tokens quantised (K per channel, V per token; Hadamard-rotated first where
+    ``rotate`` says, un-rotated by the codec's decode), packed one row per (block, sequence, head) on
+    the device or the host; the newest tokens in an fp16 residual on the device until ``residual`` of
+    them are quantised together. Every step reads every block.
     """
 
     prefill_queries: int | None = None
@@ -154,7 +155,7 @@ class KiviCache:
         staging: GatherStaging | None = None,
     ) -> None:
         self.config, self.device, self.dtype = config, device, shape.dtype
-        self.codec = KiviCodec(2, config.group_size, config.token_group)
+        self.codec = config.codec()  # bits, groups and rotation as the method's spec says
         b, n, d = shape.batch_size, shape.num_kv_heads, shape.head_dim
         self.b, self.n, self.d = b, n, d
         probe = torch.zeros(config.token_group, 1, 1, d)
@@ -233,7 +234,7 @@ class KiviCache:
     @staticmethod
     def bytes_per_token(config: KiviConfig, n_kv: int, d: int) -> float:
         """Stored (and read) bytes of one token of one layer in steady state, for one sequence."""
-        return KiviCodec(2, config.group_size, config.token_group).bytes_per_token(1, n_kv, d)
+        return config.codec().bytes_per_token(1, n_kv, d)
 
 
 _KIVI_PARTS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
