@@ -10,7 +10,7 @@ Writes ``kvo-prefill-<model>-<device>-<yyyymmdd>.json`` into ``--out`` and print
     # CPU, small (opt-125m shapes, 4 layers, random weights)
     python3 benchmarks/bench_kvo_prefill.py --allow-dirty
     # CPU, the profiled size
-    python3 benchmarks/bench_kvo_prefill.py --model opt-125m --batch-size 4 --prompt-len 1024 --allow-dirty
+    python3 benchmarks/bench_kvo_prefill.py --model opt-125m --batch-size 4 --prompt-len 1024 --threads 1 --allow-dirty
     # H200: the size
     $(python3 benchmarks/provenance.py) python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b \
         --batch-size 16 --prompt-len 2016 --device cuda --dtype float16 --repeats 5 --out benchmarks/results
@@ -146,6 +146,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(dense.device),
         "dtype": str(dense.dtype).removeprefix("torch."),
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "dense_s": dense_s,
         "kvo_s": kvo_s,
         "overhead_s": kvo_s - dense_s,
@@ -179,12 +180,15 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", help="float32 on CPU, float16 on CUDA by default")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
     add_provenance_args(parser)
     args = parser.parse_args()
     if args.layers is None and args.device == "cpu" and args.model == "opt-125m" and args.prompt_len <= 512:
         args.layers = 4  # the tiny default
     header = header_or_exit(args.allow_dirty)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # a shared CPU: fewer threads than cores time more steadily
     result = measure(args)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
