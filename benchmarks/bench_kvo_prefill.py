@@ -118,14 +118,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         source = model_source(args.model, args.layers, Path(workdir))
         runtime = RuntimeConfig(device=args.device, dtype=args.dtype)
-        dense = LLM(EngineConfig(model=source, dummy_weights=True, runtime=runtime), args.batch_size, args.prompt_len + 8)
+        dense = LLM(
+            EngineConfig(model=source, dummy_weights=True, runtime=runtime), args.batch_size, args.prompt_len + 8
+        )
     kvo = dense.with_placement(CacheConfig(kv_codec="kvo"))
     generator = torch.Generator().manual_seed(args.seed)
     vocab = dense.model_config.vocab_size
     ids = torch.randint(3, vocab, (args.batch_size, args.prompt_len), generator=generator).to(dense.device)
     valid = torch.ones_like(ids, dtype=torch.bool)
     runs: dict[str, list[float]] = {"dense": [], "kvo": []}
-    for name, llm in (("dense", dense), ("kvo", kvo)):
+    for llm in (dense, kvo):
         time_prefill(llm, ids, valid)  # warm-up at the timed shape
     for _ in range(args.repeats):  # interleaved, so drift hits both alike
         for name, llm in (("dense", dense), ("kvo", kvo)):
@@ -193,7 +195,9 @@ def main() -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         device = header["device"].replace(" ", "_")
-        path = args.out / f"kvo-prefill-{args.model}-b{args.batch_size}-s{args.prompt_len}-{device}-{header['date']}.json"
+        path = (
+            args.out / f"kvo-prefill-{args.model}-b{args.batch_size}-s{args.prompt_len}-{device}-{header['date']}.json"
+        )
         path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
         print(f"wrote {path}")
     print(table(result))

@@ -100,7 +100,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, wi
     for start in range(0, t, block):
         end = min(t, start + block)
         lo = max(0, start - window)  # the first key a query of the block counts
-        size, width = end - start, end - lo
+        size = end - start
         queries = qg[:, :, :, start:end].float().reshape(rows, g * size, d)
         logits = torch.baddbmm(bias[:, :, :end], queries, keys[:, :end].transpose(1, 2), alpha=1.0 / math.sqrt(d))
         logits5 = logits.view(b, n_kv, g, size, end)  # [b, n_kv, g, B, end]
