@@ -148,10 +148,19 @@ def check_head_dim(d: int, cfg: KVOConfig) -> None:
 
 
 def largest(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:
-    """Ascending indices of the ``count`` largest entries along ``dim``; ties go to the lower
-    index, so CPU and GPU keep the same entries (topk breaks ties differently on each)."""
-    top = torch.argsort(x, dim=dim, descending=True, stable=True).narrow(dim, 0, count)
-    return top.sort(dim=dim).values
+    """Ascending indices of the ``count`` largest entries of ``x >= 0`` along ``dim``; ties go to the
+    lower index, so CPU and GPU keep the same entries (topk alone breaks ties differently on each).
+
+    Each entry gets a distinct int64 key, its float32 bits (which order as the values for
+    ``x >= 0``) then the reversed index, so one ``topk`` picks exactly the entries a stable
+    descending sort would put first, and only the ``count`` picked indices are sorted.
+    """
+    n = x.shape[dim]
+    rank = torch.arange(n - 1, -1, -1, device=x.device)  # the lower index wins a tie
+    bits = x.float().movedim(dim, -1).view(torch.int32)  # ``dim`` last: topk and sort along rows
+    key = bits.to(torch.int64, memory_format=torch.contiguous_format).mul_(n).add_(rank)
+    top = key.topk(count, dim=-1, sorted=False).indices.sort(dim=-1).values
+    return top.movedim(-1, dim)
 
 
 def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig) -> Tensors:
@@ -176,8 +185,8 @@ def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: K
     diff = (kr[..., 1:, :] - ka_hat.unsqueeze(-2)).reshape(C, b, n, A, groups, G)
     levels = (1 << cfg.k_diff_bits) - 1
     kd_scale, kd_zero = fit_range(diff, -1, levels)  # [C, b, n, A, d/G, 1]
-    kd_codes = quantize(diff, kd_scale, kd_zero, levels)  # [C, b, n, A, d/G, G]
     kept = largest(diff.abs(), cfg.k_keep, dim=-1)  # [C, b, n, A, d/G, k_keep]
+    kd_codes = quantize(diff.gather(-1, kept), kd_scale, kd_zero, levels)  # the kept ones only
     k_keep = torch.zeros_like(diff, dtype=torch.bool).scatter_(-1, kept, True)
 
     vg = vr.reshape(nG, P, b, n, S, d).permute(0, 2, 3, 1, 4, 5)  # [nG, b, n, P, S, d]
@@ -186,20 +195,20 @@ def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: K
     v_scale, v_zero = v_scale.squeeze(3), v_zero.squeeze(3)  # [nG, b, n, 1, d]
     va_codes = quantize(vg[..., 0, :], v_scale.float() * (levels / a_levels), v_zero, a_levels)
     others = vg[..., 1:, :].reshape(nG, b, n, P * A, d)  # [nG, b, n, G-P, d]
-    vo_codes = quantize(others, v_scale, v_zero, levels)
     v_kept = largest(others.abs(), cfg.v_keep - P, dim=3)  # [nG, b, n, v_keep-P, d]
+    vo_codes = quantize(others.gather(3, v_kept), v_scale, v_zero, levels)  # the kept ones only
     v_keep = torch.zeros_like(others, dtype=torch.bool).scatter_(3, v_kept, True)
     return {
         "order": pack_bits(order, cfg.order_bits),
         "k_anchor_codes": ka_codes,
         "k_anchor_scale": ka_scale,
         "k_anchor_zero": ka_zero,
-        "k_diff_codes": pack_bits(kd_codes.gather(-1, kept), cfg.k_diff_bits).flatten(-2),
+        "k_diff_codes": pack_bits(kd_codes, cfg.k_diff_bits).flatten(-2),
         "k_diff_scale": kd_scale.squeeze(-1),
         "k_diff_zero": kd_zero.squeeze(-1),
         "k_keep": pack_mask(k_keep.flatten(-2)),
         "v_anchor_codes": pack_bits(va_codes, cfg.v_anchor_bits),
-        "v_codes": pack_bits(vo_codes.gather(3, v_kept), cfg.v_bits),
+        "v_codes": pack_bits(vo_codes, cfg.v_bits),
         "v_keep": pack_mask(v_keep),
         "v_scale": v_scale.squeeze(-2),
         "v_zero": v_zero.squeeze(-2),

@@ -82,7 +82,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes = codes.reshape(*codes.shape[:-1], num_bytes, per_byte)  # [..., n/per_byte, per_byte]
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # [per_byte]
     # Fields do not overlap, so the sum of the shifted codes is their bitwise OR (< 256).
-    return (codes << shifts).sum(dim=-1).to(torch.uint8)
+    return (codes << shifts).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:

@@ -27,8 +27,10 @@ def fit_range(x: torch.Tensor, dim: int | tuple[int, ...], levels: int) -> tuple
         (scale, zero), fp16, with ``zero <= min(x)`` and ``zero + levels * scale >= max(x)``.
     """
     x = x.float()
-    lo = x.amin(dim=dim, keepdim=True)
-    hi = x.amax(dim=dim, keepdim=True)
+    if isinstance(dim, int):
+        lo, hi = torch.aminmax(x, dim=dim, keepdim=True)  # one pass
+    else:
+        lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
     zero = (lo - lo.abs() * _OUTWARD).to(torch.float16)
     # Multiply by the reciprocal: CUDA divides by a scalar that way, so CPU and GPU agree bitwise.
     step = (hi - zero.float()) * (1.0 / levels)
@@ -40,8 +42,9 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: i
     """Codes ``round((x - zero) / scale)`` clamped to ``[0, levels]``, as uint8 (broadcasting)."""
     step = scale.float()
     step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: every code 0
-    codes = torch.round((x.float() - zero.float()) / step)
-    return codes.clamp_(0, levels).to(torch.uint8)
+    codes = x.float().sub(zero.float())  # one new tensor, then in place where the shapes allow
+    codes = codes.div_(step) if torch.broadcast_shapes(codes.shape, step.shape) == codes.shape else codes / step
+    return codes.round_().clamp_(0, levels).to(torch.uint8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -79,24 +79,41 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, wi
     Returns:
         float32 [t, b, n_kv]: for token j, the sum over queries i in (j, j + window] and over the
         query heads of j's KV head of the causal attention probability p[i, j].
+
+    Blocks of queries: each block's logits over the keys it sees give its rows' log-sum-exp (one
+    batched GEMM with the padding bias folded in, four in-place passes), and only the band of keys
+    within ``window`` of the block is exponentiated and summed, so no [t, t] probabilities exist
+    and nothing waits on the host. A padding query's row may be all -inf: it is never counted.
     """
     b, n_q, t, d = q.shape
     n_kv = k.shape[1]
-    qg = q.reshape(b, n_kv, n_q // n_kv, t, d)
+    g, rows = n_q // n_kv, b * n_kv
+    qg = q.reshape(b, n_kv, g, t, d)
+    keys = k.float().reshape(rows, t, d)  # [b * n_kv, t, d]
+    # padding keys are never attended; [b * n_kv, 1, t], broadcast over the block's queries
+    bias = torch.zeros(b, t, device=q.device).masked_fill_(~valid, float("-inf"))
+    bias = bias[:, None, None, :].expand(b, n_kv, 1, t).reshape(rows, 1, t)
+    positions = torch.arange(t, device=q.device)
     scores = torch.zeros(b, n_kv, t, dtype=torch.float32, device=q.device)
-    keys = torch.arange(t, device=q.device)
-    block = max(16, min(256, (1 << 27) // max(1, b * n_q * t)))  # at most ~512 MB of probabilities
+    block = max(16, min(256, (1 << 27) // max(1, b * n_q * t)))  # at most ~512 MB of logits
     for start in range(0, t, block):
         end = min(t, start + block)
-        queries = keys[start:end, None]  # [B, 1]
-        logits = torch.matmul(qg[:, :, :, start:end].float(), k[:, :, None, :end].float().transpose(-1, -2))
-        logits = logits * (1.0 / math.sqrt(d))  # [b, n_kv, g, B, end]
-        # causal over real keys; a padding query sees itself so its row stays finite (it is not counted)
-        allowed = ((keys[:end] <= queries) & valid[:, None, :end]) | (keys[:end] == queries)  # [b, B, end]
-        probs = torch.softmax(logits.masked_fill(~allowed[:, None, None], float("-inf")), dim=-1)
-        band = (keys[:end] < queries) & (queries <= keys[:end] + window)  # [B, end]
-        counted = band & valid[:, start:end, None]  # [b, B, end]: real queries in the band
-        scores[:, :, :end] += (probs * counted[:, None, None]).sum(dim=(2, 3))
+        lo = max(0, start - window)  # the first key a query of the block counts
+        size = end - start
+        queries = qg[:, :, :, start:end].float().reshape(rows, g * size, d)
+        logits = torch.baddbmm(bias[:, :, :end], queries, keys[:, :end].transpose(1, 2), alpha=1.0 / math.sqrt(d))
+        logits5 = logits.view(b, n_kv, g, size, end)  # [b, n_kv, g, B, end]
+        future = positions[start:end, None] < positions[None, start:end]  # [B, B]: key after query
+        logits5[..., start:end].masked_fill_(future, float("-inf"))
+        band = logits5[..., lo:end].clone()  # [b, n_kv, g, B, width]
+        peak = logits.amax(dim=-1, keepdim=True)  # [rows, g * B, 1]
+        total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+        lse = (total.log_() + peak).view(b, n_kv, g, size, 1)
+        query = positions[start:end, None]  # [B, 1]
+        key = positions[None, lo:end]  # [1, width]
+        counted = (key < query) & (query <= key + window) & valid[:, start:end, None]  # [b, B, width]
+        probs = band.sub_(lse).exp_().masked_fill_(~counted[:, None, None], 0.0)
+        scores[:, :, lo:end] += probs.sum(dim=(2, 3))
     return scores.permute(2, 0, 1)
 
 
