@@ -39,7 +39,9 @@ from kvpr.api import LLM  # noqa: E402
 from kvpr.cache.storage import CacheShape  # noqa: E402
 from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig  # noqa: E402
 from kvpr.device import element_size  # noqa: E402
-from kvpr.placement import DEVICE_FILL, GIB, ring_bytes  # noqa: E402
+from kvpr.models.loader import build_model  # noqa: E402
+from kvpr.models.registry import builtin_config  # noqa: E402
+from kvpr.placement import DEVICE_FILL, GIB, Target, cache_bytes, ring_bytes  # noqa: E402
 from kvpr.scheduler.profile import profile_shape  # noqa: E402
 from kvpr.scheduler.profiler import load_or_measure  # noqa: E402
 
@@ -120,21 +122,23 @@ def timed(llm: LLM, case: Case, fraction: float | None, recompute: str, repeats:
     return row
 
 
-def largest_batch(llm: LLM, prompt_len: int, gen_len: int, gib: float, old_layout: bool) -> int:
-    """The largest batch whose whole cache offloaded (recompute on) leaves its GPU bytes within
-    ``gib`` beside the weights: today's GPU tail and chunk rings (``LLM.cache_bytes``, what the
+def largest_batch(model: str, prompt_len: int, gen_len: int, gib: float, old_layout: bool) -> int:
+    """The largest fp16 batch whose whole cache offloaded (recompute on) leaves its GPU bytes within
+    ``gib`` beside the weights: today's GPU tail and chunk rings (``placement.cache_bytes``, what the
     memory check counts), or (``old_layout``) the two staging buffers of ``s_max`` tokens' K,V and
-    X that the layout before tiered attention kept. Host memory is not the question here."""
-    cfg, max_len = llm.model_config, prompt_len + gen_len
-    weights = sum(p.numel() for p in llm.model.parameters()) * element_size(llm.dtype)
+    X that the layout before tiered attention kept. Arithmetic of the memory check (no GPU needed);
+    host memory is not the question here."""
+    cfg, max_len, dtype = builtin_config(model), prompt_len + gen_len, torch.float16
+    weights = sum(p.numel() for p in build_model(cfg).parameters()) * element_size(dtype)
     allowed = DEVICE_FILL * gib * GIB - weights
-    engine = llm.with_placement(CacheConfig(offload=Offload.CPU, recompute=0.5))
+    cache = CacheConfig(offload=Offload.CPU, recompute=0.5)
+    target = Target(cfg, model, torch.device("cpu"), dtype, cache, None, None, None, gib)
 
     def device_bytes(batch: int) -> int:
+        shape = CacheShape.for_model(cfg, batch, max_len, dtype)
         if old_layout:
-            shape = CacheShape.for_model(cfg, batch, max_len, llm.dtype)
             return 2 * (shape.kv_bytes() + shape.x_bytes()) // cfg.num_layers
-        return engine.cache_bytes(batch, max_len)[0]
+        return cache_bytes(target, shape)[0]
 
     low, high = 0, 1
     while device_bytes(high) <= allowed and high < 1 << 16:
@@ -143,6 +147,15 @@ def largest_batch(llm: LLM, prompt_len: int, gen_len: int, gib: float, old_layou
         middle = (low + high) // 2
         low, high = (middle, high) if device_bytes(middle) <= allowed else (low, middle)
     return low
+
+
+def capacity(gib: float) -> dict[str, Any]:
+    """The largest opt-6.7b batch of 2016 + 16 tokens, whole cache offloaded, under ``gib``."""
+    return {
+        "gpu_memory_gib": gib,
+        "chunk_rings": largest_batch("opt-6.7b", 2016, 16, gib, old_layout=False),
+        "s_max_staging": largest_batch("opt-6.7b", 2016, 16, gib, old_layout=True),
+    }
 
 
 def systems_for(fractions: tuple[float, ...]) -> list[tuple[str, float | None, str]]:
@@ -238,12 +251,20 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--device", default="cuda", help="cuda (fp16), or cpu (fp32) to try the script itself")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="the GPU budget of the largest-batch figure")
+    parser.add_argument("--capacity-only", action="store_true", help="only the largest-batch figure (no GPU needed)")
     add_provenance_args(parser)
     args = parser.parse_args()
     header = header_or_exit(args.allow_dirty)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"tiered-{header['device'].replace(' ', '_')}-{header['date']}"
+    if args.capacity_only:
+        result = {**header, "largest_batch_opt_6_7b_2016": capacity(args.budget_gib)}
+        (out / f"tiered-capacity-{header['device'].replace(' ', '_')}-{header['date']}.json").write_text(
+            json.dumps(result, indent=1)
+        )
+        print(json.dumps(result["largest_batch_opt_6_7b_2016"]))
+        return
     jobs = [job for suite in args.suite for job in SUITES[suite]]
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
@@ -281,15 +302,7 @@ def main() -> None:
             tqdm.write(json.dumps({k: v for k, v in row.items() if not k.endswith(("_runs", "_lens"))}))
             progress.update()
     progress.close()
-    if args.device == "cuda" and llm is not None:
-        opt = (
-            llm if llm.name == "opt-6.7b" else LLM(EngineConfig(model="opt-6.7b", dummy_weights=True, runtime=runtime))
-        )
-        extra["largest_batch_opt_6_7b_2016_at_gib"] = {
-            "gpu_memory_gib": args.budget_gib,
-            "chunk_rings": largest_batch(opt, 2016, 16, args.budget_gib, old_layout=False),
-            "s_max_staging": largest_batch(opt, 2016, 16, args.budget_gib, old_layout=True),
-        }
+    extra["largest_batch_opt_6_7b_2016"] = capacity(args.budget_gib)
     add_ratios(rows)
     write()
     table = markdown(rows)

@@ -97,7 +97,7 @@ def test_bench_runs_kivi3_and_kivi4(capsys, flags: list[str]) -> None:
     argv = DUMMY_BENCH + flags + ["--prompt-len", "140", "--gen-len", "3", "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["offload"] == ("cpu" if "--offload" in flags else "none")
+    assert report["offload"] == ("cpu" if "--offload" in flags else "auto")  # the default
     assert len(report["step_ms"]) == 2 and report["recompute_lens"] == [0, 0] and report["decode_ms_per_token"] > 0
 
 

@@ -225,3 +225,47 @@ def test_h200_block_of_512_rows_runs_after_its_warm_up() -> None:
     assert block > DEVICE_FILL * driver_free  # the driver's figure alone refuses it (the bug)
     free = reusable_device_bytes(int(driver_free), int(reserved), int(held))
     check_run_memory({Tier.GPU: block}, {Tier.GPU: DEVICE_FILL * free}, "the timed block")
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget=st.floats(0.5, 60.0), batch=st.integers(1, 64), max_len=st.integers(64, 8192))
+def test_offload_auto_never_plans_beyond_the_gpu_budget(budget: float, batch: int, max_len: int) -> None:
+    """On an (emulated) 141 GB GPU with 0.3 GiB held: ``--offload auto --gpu-memory-gib N`` sizes the
+    GPU tier so that the tier, its rings and the workspace reserve stay within N; the whole cache
+    on the GPU where it fits, else tiers; the memory check refuses a placement beyond N."""
+    import unittest.mock as mock
+
+    from kvpr.cache.storage import CacheShape
+    from kvpr.config import CacheConfig, Offload
+    from kvpr.placement import Target, cache_bytes, check_cache_fits, tier_plan, usable_device_bytes
+
+    model = builtin_config("opt-125m")
+    cuda = torch.device("cuda")
+
+    def target(offload: Offload, resident: int | str = "auto") -> Target:
+        cache = CacheConfig(offload=offload, recompute=0.5, gpu_resident=resident)
+        return Target(model, "opt-125m", cuda, torch.float16, cache, None, None, None, budget)
+
+    shape = CacheShape.for_model(model, batch, max_len, torch.float16)
+    with (
+        mock.patch("kvpr.placement.free_device_bytes", return_value=140 * GIB),
+        mock.patch("kvpr.device.free_device_bytes", return_value=140 * GIB),
+        mock.patch("torch.cuda.memory_allocated", return_value=int(0.3 * GIB)),
+    ):
+        auto = target(Offload.AUTO)
+        usable = usable_device_bytes(auto)
+        assert usable == pytest.approx(max(0.0, DEVICE_FILL * (budget - 0.3) * GIB), abs=2)
+        plan = tier_plan(auto, shape)
+        device_bytes, _, _ = cache_bytes(auto, shape)
+        with mock.patch("kvpr.placement.check_host_memory"):  # the host share is not the question
+            if plan is None:  # all on the GPU: only when the whole cache is within the budget
+                assert shape.kv_bytes() <= usable
+            else:  # tiers: a prefix only as large as fits; the tail (one flush block) in any case
+                assert plan.offloads and plan.prefix_cap < max_len
+                if device_bytes > usable:  # not even the tail and rings fit: refused, in one line
+                    with pytest.raises(KvprError, match="--gpu-memory-gib"):
+                        check_cache_fits(auto, shape, weight_bytes=0)
+            too_many = target(Offload.CPU, resident=max_len)  # every token's K,V kept on the GPU by hand
+            if shape.kv_bytes() > usable:
+                with pytest.raises(KvprError, match="--gpu-memory-gib"):
+                    check_cache_fits(too_many, shape, weight_bytes=0)
