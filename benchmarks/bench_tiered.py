@@ -252,8 +252,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda (fp16), or cpu (fp32) to try the script itself")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="the GPU budget of the largest-batch figure")
     parser.add_argument("--capacity-only", action="store_true", help="only the largest-batch figure (no GPU needed)")
+    parser.add_argument("--render", type=Path, default=None, help="table and plot of a results JSON (a cut-short run)")
     add_provenance_args(parser)
     args = parser.parse_args()
+    if args.render is not None:  # the run's own rows, ratios added, beside its JSON
+        rows = json.loads(args.render.read_text())["rows"]
+        add_ratios(rows)
+        args.render.with_suffix(".md").write_text(markdown(rows) + "\n")
+        plot(rows, args.render.with_suffix(".png"))
+        print(markdown(rows))
+        return
     header = header_or_exit(args.allow_dirty)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
