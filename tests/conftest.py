@@ -172,10 +172,13 @@ def make_llm(
             dummy_weights=dummy_weights,
             cache=CacheConfig(offload=Offload(offload), recompute=recompute, gpu_resident=gpu_resident),
             runtime=RuntimeConfig(
-                device=device, dtype=dtype, overlap=overlap, num_chunks=3,
+                device=device,
+                dtype=dtype,
+                overlap=overlap,
+                num_chunks=3,
                 flush_block=flush_block or (16 if default_model else 4),
                 slot_tokens=slot_tokens or (64 if default_model else 3),
-            ),  # fmt: skip
+            ),
         )
     )
 
