@@ -142,7 +142,7 @@ class Executor:
         host_first = self.plan.prefix_cap  # token index of host slot 0
         old_positions = self.batch.positions[:, host_first : host_first + split.recompute_len].transpose(0, 1)
         rope_old = self.model.rope(old_positions, self.dtype) if split.recompute_len else None  # [l, b, 1, d]
-        step = _Step(gpu_slot, tiers.gpu_len, host_len, split.recompute_len, split.num_chunks, flush_to)
+        step = StepLayout(gpu_slot, tiers.gpu_len, host_len, split.recompute_len, split.num_chunks, flush_to)
         hidden = self._decode_layers(hidden, rope_new, rope_old, step)
         if flush_to is not None:
             self.storage.reserve(tiers.tail)
@@ -158,7 +158,9 @@ class Executor:
         first = self.plan.prefix_cap
         return self.batch.valid[:, first + start : first + end]
 
-    def write_new(self, layer: int, step: _Step, k_new: torch.Tensor, v_new: torch.Tensor, x_new: torch.Tensor) -> None:
+    def write_new(
+        self, layer: int, step: StepLayout, k_new: torch.Tensor, v_new: torch.Tensor, x_new: torch.Tensor
+    ) -> None:
         """The new token's K,V [b, 1, n_kv, d] into its GPU slot; its X [b, 1, h] too when it is in
         a tail whose flush will need it."""
         gpu_k, gpu_v = self.gpu_keys(layer)
@@ -178,7 +180,7 @@ class Executor:
         hidden: torch.Tensor,
         rope_new: tuple[torch.Tensor, torch.Tensor] | None,
         rope_old: tuple[torch.Tensor, torch.Tensor] | None,
-        step: _Step,
+        step: StepLayout,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -191,7 +193,7 @@ class Executor:
         """Wait for outstanding work (write-backs) so the cache may be read or freed."""
 
 
-class _Step:
+class StepLayout:
     """One decode step's layout, the same for every layer."""
 
     __slots__ = ("gpu_slot", "gpu_len", "host_len", "recompute_len", "num_chunks", "flush_to")

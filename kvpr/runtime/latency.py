@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvpr.models.common import attend
-from kvpr.runtime.executor import Executor, SplitPolicy, _Step
+from kvpr.runtime.executor import Executor, SplitPolicy, StepLayout
 from kvpr.runtime.split_attention import Partials, attend_piece
 from kvpr.runtime.streams import StreamSet
 from kvpr.runtime.tiers import TierPlan
@@ -194,7 +194,7 @@ class OverlappedExecutor(Executor):
                 host[start:end].copy_(source, non_blocking=True)
             self.streams.record_on_store(self.flushed[layer])
 
-    def _chunks(self, step: _Step) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    def _chunks(self, step: StepLayout) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """X chunks of host [0, l) (the policy's count, more if a slot is smaller) and K,V chunks of [l, h)."""
         recompute, host, cap = step.recompute_len, step.host_len, self.slot_tokens
         x_chunks = chunk_bounds(recompute, max(step.num_chunks, -(-recompute // cap))) if recompute else []
@@ -206,7 +206,7 @@ class OverlappedExecutor(Executor):
         hidden: torch.Tensor,
         rope_new: tuple[torch.Tensor, torch.Tensor] | None,
         rope_old: tuple[torch.Tensor, torch.Tensor] | None,
-        step: _Step,
+        step: StepLayout,
     ) -> torch.Tensor:
         streams, storage, loads = self.streams, self.storage, self.loads
         x_chunks, kv_chunks = self._chunks(step) if step.host_len else ([], [])

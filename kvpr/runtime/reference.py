@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kvpr.models.common import attend, attention_bias
-from kvpr.runtime.executor import Executor, _Step
+from kvpr.runtime.executor import Executor, StepLayout
 
 
 class SequentialExecutor(Executor):
@@ -29,7 +29,7 @@ class SequentialExecutor(Executor):
         hidden: torch.Tensor,
         rope_new: tuple[torch.Tensor, torch.Tensor] | None,
         rope_old: tuple[torch.Tensor, torch.Tensor] | None,
-        step: _Step,
+        step: StepLayout,
     ) -> torch.Tensor:
         device, storage = self.device, self.storage
         recompute_len, host_len = step.recompute_len, step.host_len
