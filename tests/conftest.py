@@ -161,6 +161,7 @@ def make_llm(
     gpu_resident: int | str = 0,
     flush_block: int | None = None,
     slot_tokens: int | None = None,
+    tensor_parallel: int = 1,
 ) -> LLM:
     """Small flush blocks and ring slots by default, so short test prompts flush the GPU tail to the
     host and cross several ring slots per layer: 4 and 3 tokens on the tiny checkpoints, 16 and 64
@@ -172,9 +173,13 @@ def make_llm(
             dummy_weights=dummy_weights,
             cache=CacheConfig(offload=Offload(offload), recompute=recompute, gpu_resident=gpu_resident),
             runtime=RuntimeConfig(
-                device=device, dtype=dtype, overlap=overlap, num_chunks=3,
+                device=device,
+                dtype=dtype,
+                overlap=overlap,
+                num_chunks=3,
                 flush_block=flush_block or (16 if default_model else 4),
                 slot_tokens=slot_tokens or (64 if default_model else 3),
+                tensor_parallel=tensor_parallel,
             ),  # fmt: skip
         )
     )
