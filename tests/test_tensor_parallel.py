@@ -25,6 +25,9 @@ import torch.multiprocessing as mp
 from conftest import cli_error_line, make_llm, teacher_forced, token_prompts
 from kvpr.config import SamplingParams
 from kvpr.errors import KvprError
+from kvpr.models.registry import builtin_config
+from kvpr.parallel import rank_config
+from kvpr.scheduler.policy import recompute_can_pay
 
 MODELS = ("opt", "llama-gqa")  # MHA; GQA with n_kv=2 (split at 2 ranks, replicated at 4)
 # (offload, recompute, gpu_resident, dummy_weights): resident, offloaded with recompute off, half
@@ -171,3 +174,15 @@ def test_torchrun_smoke(tiny_checkpoint: Callable[[str], Path]) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)  # a second rank's report would break the JSON
     assert report["offload"] == "cpu" and len(report["step_ms"]) == 3
+
+
+def test_rank_config_drives_the_cost_model() -> None:
+    """A rank's config holds its share of heads and MLP columns; X stays full-size, so the cost
+    model sees a smaller K,V against the same X, and recomputation stops paying sooner."""
+    llama = builtin_config("llama-3-8b")  # n_q 32, n_kv 8, I 14336
+    split, replicated = rank_config(llama, 2), rank_config(llama, 16)
+    assert (split.num_q_heads, split.num_kv_heads, split.intermediate_size) == (16, 4, 7168)
+    assert (replicated.num_q_heads, replicated.num_kv_heads) == (2, 1)
+    assert split.hidden_size == llama.hidden_size and split.head_dim == llama.head_dim
+    opt = builtin_config("opt-6.7b")  # MHA: fp16 X is half of K,V on one GPU, as large as a rank's at 2
+    assert recompute_can_pay(opt, 2, 2) and not recompute_can_pay(rank_config(opt, 2), 2, 2)
