@@ -18,6 +18,7 @@ rules it out sooner as N grows.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -131,12 +132,21 @@ def setup(world_size: int, device: torch.device) -> tuple[TensorParallel | None,
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A group still alive at interpreter exit can abort the process ("terminate called without
+        # an active exception" from gloo's threads): the group made here is destroyed at exit.
+        atexit.register(_destroy_group)
     if dist.get_world_size() != world_size:
         raise KvprError(
             f"--tensor-parallel {world_size} but the process group has {dist.get_world_size()} ranks: "
             f"launch {world_size} processes"
         )
     return TensorParallel(dist.get_rank(), world_size), device
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still uses them
+        dist.destroy_process_group()
 
 
 def parallelize(model: DecoderModel, tp: TensorParallel) -> None:
