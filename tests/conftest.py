@@ -162,6 +162,8 @@ def make_llm(
     flush_block: int | None = None,
     slot_tokens: int | None = None,
     tensor_parallel: int = 1,
+    kv_codec: str = "none",
+    x_codec: str = "none",
 ) -> LLM:
     """Small flush blocks and ring slots by default, so short test prompts flush the GPU tail to the
     host and cross several ring slots per layer: 4 and 3 tokens on the tiny checkpoints, 16 and 64
@@ -171,7 +173,13 @@ def make_llm(
         EngineConfig(
             model=None if model is None else str(model),
             dummy_weights=dummy_weights,
-            cache=CacheConfig(offload=Offload(offload), recompute=recompute, gpu_resident=gpu_resident),
+            cache=CacheConfig(
+                offload=Offload(offload),
+                recompute=recompute,
+                gpu_resident=gpu_resident,
+                kv_codec=kv_codec,
+                x_codec=x_codec,
+            ),
             runtime=RuntimeConfig(
                 device=device,
                 dtype=dtype,

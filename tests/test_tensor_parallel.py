@@ -30,15 +30,17 @@ from kvpr.parallel import rank_config
 from kvpr.scheduler.policy import recompute_can_pay
 
 MODELS = ("opt", "llama-gqa")  # MHA; GQA with n_kv=2 (split at 2 ranks, replicated at 4)
-# (offload, recompute, gpu_resident, dummy_weights): resident, offloaded with recompute off, half
-# and all of it, and a GPU-resident prefix with the tail flushed in blocks of 4 (make_llm's default).
+# (offload, recompute, gpu_resident, dummy_weights, kv_codec, x_codec): resident, offloaded with
+# recompute off, half and all of it, a GPU-resident prefix with the tail flushed in blocks of 4
+# (make_llm's default), dummy weights (drawn full, then sliced), and int8 K,V and X on the host.
 CASES = (
-    ("none", "off", 0, False),
-    ("cpu", "off", 0, False),
-    ("cpu", 0.5, 0, False),
-    ("cpu", 1.0, 0, False),
-    ("cpu", 0.5, 2, False),
-    ("none", "off", 0, True),
+    ("none", "off", 0, False, "none", "none"),
+    ("cpu", "off", 0, False, "none", "none"),
+    ("cpu", 0.5, 0, False, "none", "none"),
+    ("cpu", 1.0, 0, False, "none", "none"),
+    ("cpu", 0.5, 2, False, "none", "none"),
+    ("none", "off", 0, True, "none", "none"),
+    ("cpu", 0.5, 0, False, "int8", "int8"),
 )
 ALL_CASES = [(model, index) for model in MODELS for index in range(len(CASES))]
 # Four ranks share two CPU cores here (~6 ms per all-reduce): llama-gqa's replicated KV heads (one
@@ -54,10 +56,10 @@ def run_cases(directories: dict[str, str], keys: list[tuple[str, int]], tensor_p
     results: Results = {}
     params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_on_eos=False)
     for model, index in keys:
-        offload, recompute, resident, dummy = CASES[index]
+        offload, recompute, resident, dummy, kv_codec, x_codec = CASES[index]
         llm = make_llm(
             directories[model], offload, recompute, gpu_resident=resident, dummy_weights=dummy,
-            tensor_parallel=tensor_parallel,
+            tensor_parallel=tensor_parallel, kv_codec=kv_codec, x_codec=x_codec,
         )  # fmt: skip
         tokens = [completion.token_ids for completion in llm.generate(PROMPTS, params)]
         ids, valid = llm._pad([prompt + new for prompt, new in zip(PROMPTS, tokens)])
