@@ -29,10 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kvpr.config import CACHE_METHODS, EngineConfig, ModelConfig
 from kvpr.errors import KvprError
 
 if TYPE_CHECKING:
-    from kvpr.config import EngineConfig, ModelConfig
     from kvpr.models.base import DecoderModel
 
 # Layers whose input features are split across ranks (HF checkpoint names, every supported family).
@@ -67,8 +67,6 @@ class RowParallelLinear(nn.Linear):
 
 def check_supported(config: EngineConfig) -> None:
     """Refuse, in one line, the engine settings tensor parallelism does not cover yet."""
-    from kvpr.config import CACHE_METHODS
-
     num = config.runtime.tensor_parallel
     if num == 1:
         return
