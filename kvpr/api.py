@@ -29,6 +29,7 @@ from kvpr.config import (
 from kvpr.device import element_size, host_memory_limit, pin_host_memory, resolve_device, resolve_dtype
 from kvpr.errors import KvprError
 from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
+from kvpr.parallel import WeightShard, check_supported, parallelize, rank_config, setup
 from kvpr.placement import (
     Target,
     cache_bytes,
@@ -108,22 +109,32 @@ class LLM:
         allocated, so an impossible run fails in one line, not after building gigabytes of weights
         (every batch is checked again when it runs)."""
         self.config = config
+        check_supported(config)  # tensor parallelism's limits, before anything is loaded
         self.device = resolve_device(config.runtime.device)
         self.dtype = resolve_dtype(config.runtime.dtype, self.device)
         host_memory_limit(config.runtime.host_memory_gib)  # refuses a budget above the machine's memory
         source = resolve_source(config.model, config.dummy_weights, self.dtype)
-        self.model_config: ModelConfig = source.config
+        num_ranks = config.runtime.tensor_parallel
+        # With tensor parallelism, this rank's share of the heads and MLP: what the cache, the
+        # placement checks and the scheduler size from (kvpr.parallel).
+        self.model_config: ModelConfig = rank_config(source.config, num_ranks)
+        self.tp, self.device = setup(num_ranks, self.device)
         self.name = source.name
         self.codec = make_codec(config.cache, self.model_config)  # rejects a bad --kv-codec before the weights load
         self._check_compile()
         self.x_codec = make_x_codec(config.cache.x_codec, self.model_config.hidden_size)
         self.model = build_model(self.model_config)  # on the meta device: no memory yet
+        shard = None
+        if self.tp is not None:
+            parallelize(self.model, self.tp)
+            shard = WeightShard.of(build_model(source.config), self.model, self.tp)
         self.layer_weights = self._plan_weights(batch_size, max_len)  # throughput mode: weights on three tiers
         place = self.layer_weights.place if self.layer_weights else None
         if config.dummy_weights:
-            init_dummy_weights(self.model, self.device, self.dtype, seed=0, place=place)
+            init_dummy_weights(self.model, self.device, self.dtype, seed=0, place=place, shard=shard)
         else:
-            load_weights(self.model, source, torch.device("cpu") if place else self.device, self.dtype, place)
+            device = torch.device("cpu") if place else self.device
+            load_weights(self.model, source, device, self.dtype, place, shard)
         self.model.eval()
         self.tokenizer = _load_tokenizer(source.directory) if source.directory else None
         self.last_stats: RunStats | None = None
@@ -163,8 +174,12 @@ class LLM:
         """
         clone = copy.copy(self)
         runtime = runtime or self.config.runtime
-        runtime = dataclasses.replace(runtime, device=self.config.runtime.device, dtype=self.config.runtime.dtype)
+        fixed = self.config.runtime  # the weights were loaded for these
+        runtime = dataclasses.replace(
+            runtime, device=fixed.device, dtype=fixed.dtype, tensor_parallel=fixed.tensor_parallel
+        )
         clone.config = self.config.replace(cache=cache, runtime=runtime)
+        check_supported(clone.config)
         clone.codec = make_codec(cache, self.model_config)
         clone._check_compile()
         clone.x_codec = make_x_codec(cache.x_codec, self.model_config.hidden_size)
@@ -447,11 +462,11 @@ def _stats(output: GenerationOutput, shape: torch.Size) -> RunStats:
 
 def _load_tokenizer(directory: Any) -> Any:
     """The checkpoint's own tokenizer files (never a hub download), or None when there are none."""
-    from transformers import AutoTokenizer
-
     files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
     if not any((directory / name).is_file() for name in files):
-        return None
+        return None  # before importing transformers, which takes seconds
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as err:

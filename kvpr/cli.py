@@ -8,7 +8,9 @@ interrupted run from a failed one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -129,6 +131,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="GPU memory kvpr may use, weights included (default: what is free now); emulates a smaller GPU",
     )
+    parser.add_argument(
+        "--tensor-parallel",
+        type=at_least(1),
+        default=1,
+        help="split each layer's heads and MLP over N ranks (launch N processes with torchrun; rank 0 prints)",
+    )
 
 
 def throughput_config(args: argparse.Namespace) -> ThroughputConfig | None:
@@ -185,6 +193,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
             profile_path=args.profile,
             host_memory_gib=args.host_memory_gib,
             gpu_memory_gib=args.gpu_memory_gib,
+            tensor_parallel=args.tensor_parallel,
         ),
     )
 
@@ -505,6 +514,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serve": lambda args: run_serve(args, build_engine_config),
             "sim": run_sim,
         }
+        tensor_parallel = getattr(args, "tensor_parallel", 1)
+        if tensor_parallel > 1 and args.command == "serve":
+            raise KvprError(f"--tensor-parallel {tensor_parallel} is not supported by kvpr serve yet: drop it")
+        if tensor_parallel > 1 and os.environ.get("RANK", "0") != "0":  # only rank 0 prints results
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                return runners[args.command](args)
         return runners[args.command](args)
     except SystemExit as done:  # --help and --version
         return done.code if isinstance(done.code, int) else 0

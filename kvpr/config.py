@@ -342,6 +342,7 @@ class RuntimeConfig:
     gpu_memory_gib: float | None = None  # GPU memory kvpr may use, weights included; None: what is free
     flush_block: int = 64  # new tokens kept on the GPU before they go to the host tier in one block
     slot_tokens: int | None = None  # tokens per ring slot of the offloaded executor; None: 32 MiB of K,V
+    tensor_parallel: int = 1  # ranks splitting each layer's heads and MLP columns (kvpr.parallel)
 
     def __post_init__(self) -> None:
         if self.host_memory_gib is not None and not self.host_memory_gib > 0:
@@ -354,6 +355,8 @@ class RuntimeConfig:
             raise KvprError(f"--dtype {self.dtype!r}: use auto, float32, float16 or bfloat16")
         if self.num_chunks is not None and self.num_chunks < 1:
             raise KvprError(f"--num-chunks {self.num_chunks}: must be >= 1 (or auto)")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise KvprError(f"--tensor-parallel {self.tensor_parallel}: must be an integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,9 @@ def make_llm(
     gpu_resident: int | str = 0,
     flush_block: int | None = None,
     slot_tokens: int | None = None,
+    tensor_parallel: int = 1,
+    kv_codec: str = "none",
+    x_codec: str = "none",
 ) -> LLM:
     """Small flush blocks and ring slots by default, so short test prompts flush the GPU tail to the
     host and cross several ring slots per layer: 4 and 3 tokens on the tiny checkpoints, 16 and 64
@@ -170,7 +173,13 @@ def make_llm(
         EngineConfig(
             model=None if model is None else str(model),
             dummy_weights=dummy_weights,
-            cache=CacheConfig(offload=Offload(offload), recompute=recompute, gpu_resident=gpu_resident),
+            cache=CacheConfig(
+                offload=Offload(offload),
+                recompute=recompute,
+                gpu_resident=gpu_resident,
+                kv_codec=kv_codec,
+                x_codec=x_codec,
+            ),
             runtime=RuntimeConfig(
                 device=device,
                 dtype=dtype,
@@ -178,6 +187,7 @@ def make_llm(
                 num_chunks=3,
                 flush_block=flush_block or (16 if default_model else 4),
                 slot_tokens=slot_tokens or (64 if default_model else 3),
+                tensor_parallel=tensor_parallel,
             ),
         )
     )

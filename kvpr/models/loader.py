@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +29,9 @@ from kvpr.errors import KvprError
 from kvpr.models.base import DecoderModel
 from kvpr.models.packaged import PACKAGED_MODELS
 from kvpr.models.registry import BUILTIN_CONFIGS, model_class
+
+if TYPE_CHECKING:
+    from kvpr.parallel import WeightShard
 
 DEFAULT_MODEL = "smollm2-135m"
 # Old checkpoints carry these buffers; kvpr recomputes them.
@@ -270,10 +273,16 @@ def build_model(cfg: ModelConfig) -> DecoderModel:
 
 
 def load_weights(
-    model: DecoderModel, source: ModelSource, device: torch.device, dtype: torch.dtype, place: Place | None = None
+    model: DecoderModel,
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    place: Place | None = None,
+    shard: WeightShard | None = None,
 ) -> None:
     """Fill every parameter from the checkpoint files, converting as each tensor is read
-    (``place``: where each tensor goes instead of ``device``, e.g. throughput mode's tiers)."""
+    (``place``: where each tensor goes instead of ``device``, e.g. throughput mode's tiers;
+    ``shard``: a tensor-parallel rank keeps only its slice of each tensor)."""
     assert source.directory is not None
     params = dict(model.named_parameters())
     tied = model.tied_parameters()
@@ -286,6 +295,8 @@ def load_weights(
         if name not in params:
             unexpected.append(name)
             continue
+        if shard is not None:
+            tensor = shard.slice(name, tensor)
         if tuple(tensor.shape) != tuple(params[name].shape):
             raise KvprError(
                 f"checkpoint tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
@@ -303,23 +314,33 @@ def load_weights(
 
 
 def init_dummy_weights(
-    model: DecoderModel, device: torch.device, dtype: torch.dtype, seed: int, place: Place | None = None
+    model: DecoderModel,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    place: Place | None = None,
+    shard: WeightShard | None = None,
 ) -> None:
     """Random weights of the real shapes, made on ``device`` in the target dtype one tensor at a
-    time (``place`` then moves each to its home, so the device never holds more than one)."""
+    time (``place`` then moves each to its home, so the device never holds more than one). With
+    ``shard`` each tensor is drawn at its full shape and cut, so a tensor-parallel rank holds
+    exactly its slice of the single-process model's weights."""
     generator = torch.Generator(device=device).manual_seed(seed)
     tied = model.tied_parameters()
     values: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if name in tied:
             continue
-        tensor = torch.empty(param.shape, device=device, dtype=dtype)
+        shape = param.shape if shard is None else shard.full_shape(name)
+        tensor = torch.empty(shape, device=device, dtype=dtype)
         if name.endswith("norm.weight"):
             tensor.fill_(1.0)
         elif name.endswith(".bias"):
             tensor.zero_()
         else:
             tensor.normal_(0.0, 0.02, generator=generator)
+        if shard is not None:
+            tensor = shard.slice(name, tensor)
         values[name] = place(name, tensor) if place else tensor
     _assign(model, values, tied)
 

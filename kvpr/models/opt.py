@@ -18,10 +18,10 @@ class OPTAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_q_heads, cfg.head_dim
         h, bias = cfg.hidden_size, cfg.linear_bias
-        self.q_proj = nn.Linear(h, h, bias=bias)
-        self.k_proj = nn.Linear(h, h, bias=bias)
-        self.v_proj = nn.Linear(h, h, bias=bias)
-        self.out_proj = nn.Linear(h, h, bias=bias)
+        self.q_proj = nn.Linear(h, cfg.q_size, bias=bias)  # q_size = kv_size = h, or a rank's share of it
+        self.k_proj = nn.Linear(h, cfg.kv_size, bias=bias)
+        self.v_proj = nn.Linear(h, cfg.kv_size, bias=bias)
+        self.out_proj = nn.Linear(cfg.q_size, h, bias=bias)
 
 
 class OPTLayer(DecoderLayer):
