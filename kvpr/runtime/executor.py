@@ -66,7 +66,6 @@ class Executor:
         self.batch = BatchState(shape.batch_size, plan.max_len, device)
         self.recompute_lens: list[int] = []  # l chosen at each decode step (for reports)
         self.host_lens: list[int] = []  # host-tier tokens at each decode step (for floors)
-        self.resident_cap = plan.gpu_slots if offloaded else 0
         b, n_kv, d = shape.batch_size, shape.num_kv_heads, shape.head_dim
         if offloaded:  # the GPU tier: [L, G, b, n_kv, d]; X of the tail too, for its flush
             size = (shape.num_layers, plan.gpu_slots, b, n_kv, d)
@@ -76,11 +75,6 @@ class Executor:
             x_size = (shape.num_layers, plan.tail_slots if keeps_x else 0, b, shape.hidden_size)
             self.tail_x = torch.empty(x_size, dtype=self.dtype, device=device)  # [L, tail, b, h]
         self.gpu_valid = torch.zeros(b, plan.gpu_slots, dtype=torch.bool, device=device)  # [b, G]
-
-    @property
-    def resident_len(self) -> int:
-        """Tokens on the GPU tier now (prefix and tail)."""
-        return self.tiers.gpu_len if self.offloaded else 0
 
     def gpu_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The GPU tier of one layer: K, V [G, b, n_kv, d] (the storage itself when not offloaded)."""
