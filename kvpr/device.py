@@ -119,9 +119,23 @@ def reusable_device_bytes(driver_free: int, reserved: int, allocated: int) -> in
     return driver_free + max(0, reserved - allocated)
 
 
+def settle_device_memory(device: torch.device) -> None:
+    """Bring torch's memory counters up to date before they are read for a placement.
+
+    An executor dropped inside a reference cycle holds its cache until collected; and a tensor a
+    side stream used (``record_stream``: the GPU tier's tail, read by its flushes) stays counted as
+    allocated after it is freed until the allocator next processes its events, which only an
+    allocation or ``empty_cache`` does. Without this a second run under ``--offload auto`` saw the
+    first run's GPU tier as still held and put its whole cache on the host.
+    """
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # frees the blocks whose stream events completed, then the cached ones
+
+
 def free_device_bytes(device: torch.device) -> int:
     """Bytes free for new tensors on CUDA ``device`` (``reusable_device_bytes`` of its state now)."""
-    gc.collect()  # an executor dropped inside a reference cycle still holds its cache until collected
+    settle_device_memory(device)
     free, _total = torch.cuda.mem_get_info(device)
     return reusable_device_bytes(free, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device))
 

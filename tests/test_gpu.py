@@ -363,3 +363,39 @@ def test_offload_auto_under_a_small_gpu_budget_tiers_the_cache() -> None:
     tiered = executor(8.0)
     assert tiered.offloaded and 0 < tiered.plan.gpu_slots < 2048 and tiered.plan.host_slots > 0
     assert not executor(60.0).offloaded
+
+
+def test_offload_auto_plans_the_same_tiers_run_after_run() -> None:
+    """A second generate under --offload auto gets the first one's GPU tier: the first run's tier
+    (read by its tail flushes on the store stream) no longer counts as held once the run is over.
+    Before the allocator's stream events were settled, the second run put its whole cache on the host."""
+    from kvpr.api import LLM
+    from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams
+
+    def llm_under(gib: float) -> LLM:
+        return LLM(
+            EngineConfig(
+                model="opt-125m",
+                dummy_weights=True,
+                cache=CacheConfig(offload=Offload.AUTO, gpu_resident="auto"),
+                runtime=RuntimeConfig(device="cuda", dtype="float16", gpu_memory_gib=gib),
+            )
+        )
+
+    batch, prompt_len, gen_len = 64, 1024, 80  # 80 > the 64-token tail: every run flushes it to the host
+    held = torch.cuda.memory_allocated() / 2**30
+    budgets = [held + 1.9 + step / 10 for step in range(30)]  # weights, rings and reserve, then part of the cache
+
+    def tiers_part(candidate: LLM) -> bool:
+        executor = candidate.make_executor(batch, prompt_len + gen_len)
+        return executor.offloaded and 0 < executor.plan.prefix_cap
+
+    llm = next((candidate for candidate in map(llm_under, budgets) if tiers_part(candidate)), None)
+    assert llm is not None, "no budget in the sweep tiers the cache"
+    prompts = torch.randint(0, 1000, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_new_tokens=gen_len, stop_on_eos=False)
+    first_tokens = [c.token_ids for c in llm.generate(prompts, params)]
+    first = llm.last_stats.host_lens
+    second_tokens = [c.token_ids for c in llm.generate(prompts, params)]
+    assert first[0] > 0 and llm.last_stats.host_lens == first
+    assert second_tokens == first_tokens

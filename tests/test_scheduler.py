@@ -458,11 +458,12 @@ def test_a_chunk_dearer_than_the_copy_turns_recompute_off() -> None:
 
 def test_host_issue_measurement_runs_on_the_executor() -> None:
     """The measurement behind the profile's host costs (CUDA in a profile) runs on any device: every
-    X codec gets a layer and a chunk cost, finite and not negative."""
+    X codec gets a layer and a chunk cost, finite and positive: the chunked steps recompute a prompt
+    that lies on the host tier (with the prompt on a GPU tier they had no chunk to issue, and every
+    chunk was measured free)."""
     layer_s, chunk_s = profiler.host_issue_times(torch.device("cpu"), TINY, torch.float32, Progress(False), 3)
     assert set(layer_s) == set(chunk_s) == {"none", "int8", "int4"}
-    assert all(math.isfinite(t) and t >= 0 for t in (*layer_s.values(), *chunk_s.values()))
-    assert max(layer_s.values()) > 0  # a second layer is never free
+    assert all(math.isfinite(t) and t > 0 for t in (*layer_s.values(), *chunk_s.values()))
 
 
 def test_a_kv_codec_decode_is_compute_stream_work() -> None:

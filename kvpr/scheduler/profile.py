@@ -24,9 +24,10 @@ from kvpr.errors import KvprError
 from kvpr.scheduler.cost_model import HostIssue, RateCurve
 
 # 2: the recompute timed as the runtime runs it, per X codec; 3: host issue times, K,V codec decodes;
-# 4: every repetition of the H2D copies (two kinds of pinned memory), device-memory bandwidth
-PROFILE_FORMAT_VERSION = 4
-READABLE_FORMATS = (3, 4)  # a format 3 profile loads with no H2D repetitions and no device-memory rates
+# 4: every repetition of the H2D copies (two kinds of pinned memory), device-memory bandwidth;
+# 5: host chunk costs timed with the prompt on the host tier (format 4 timed chunks that never ran: 0)
+PROFILE_FORMAT_VERSION = 5
+READABLE_FORMATS = (3, 4, 5)  # a format 3 profile loads with no H2D repetitions and no device-memory rates
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,7 @@ def host_issue_times(
     from kvpr.cache.storage import CacheShape, KVStorage
     from kvpr.models.loader import build_model, init_dummy_weights
     from kvpr.runtime.latency import OverlappedExecutor
+    from kvpr.runtime.tiers import TierPlan
     from kvpr.scheduler.plan import StepSplit
 
     prompt, few, many, warm = 16, 1, 16, 4
@@ -234,7 +235,9 @@ def host_issue_times(
         shape = CacheShape.for_model(configs[layers], 1, prompt + steps, dtype)
         codec = make_x_codec(x_codec, model.hidden_size)
         storage = KVStorage(shape, torch.device("cpu"), pin=device.type == "cuda", store_inputs=True, x_codec=codec)
-        built = OverlappedExecutor(models[layers], storage, device, True, split)
+        # No GPU prefix: the prompt lies on the host tier, so the chunked steps really recompute it.
+        plan = TierPlan.for_capacity(0, shape.max_len)
+        built = OverlappedExecutor(models[layers], storage, device, True, split, plan)
         built.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
         return built
 
