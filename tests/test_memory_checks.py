@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvpr.api
+import kvpr.device
 from kvpr.api import LLM
 from kvpr.cli import main
 from kvpr.config import EngineConfig, ModelConfig, RuntimeConfig, ThroughputConfig, Tier
@@ -123,6 +124,7 @@ def test_freed_cache_held_by_the_allocator_counts_as_free(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(driver_free), 141 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(reserved))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(allocated))
+    monkeypatch.setattr(kvpr.device, "settle_device_memory", lambda device: None)  # no CUDA here to settle
     cuda = torch.device("cuda")
     check_device_memory(int(76.5 * GIB), cuda, "the block's cache")  # 118.99 GiB reusable
     with pytest.raises(KvprError, match=r"needs 120\.00 GiB of GPU memory but only 118\.99 GiB is free"):
