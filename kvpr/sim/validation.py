@@ -99,8 +99,8 @@ NOTES = {  # system -> what a row outside the tolerance leaves out, and why it i
         "the step's host work outside the layers is not timed"
     ),
     "kvpr-tiered": (
-        "copy-bound per the model (its X copy 1.3 ms a layer, recompute about 1 ms); the run took 1.7x that, with "
-        "repeats spanning 69-112 ms, and no measured rate accounts for it"
+        "the model puts copy and compute at 1.4 ms a layer each (X of 556 host tokens, their recompute); the run "
+        "took 1.6x that, with repeats spanning 69-112 ms, and no measured rate accounts for it"
     ),
 }
 NOTES["kvpr-tiered-gpu"] = NOTES["kvpr-gpu"]  # kvpr-tiered with every token in the GPU tier
