@@ -188,6 +188,61 @@ def test_h200_validation_of_the_link_bound_rows() -> None:
         assert rows[name]["measured_source"].startswith("benchmarks/results/")
 
 
+def _flat_gpu(host_layer: dict[str, float], host_chunk: dict[str, float]) -> object:
+    """A GpuMachine with one rate everywhere: H2D 50 GB/s, recompute 500 TFLOP/s, HBM 4 TB/s."""
+    from kvpr.scheduler.cost_model import RateCurve
+    from kvpr.scheduler.profile import HardwareProfile
+    from kvpr.sim.gpu import GpuMachine
+
+    flat = lambda rate: RateCurve.from_points([(1.0, rate), (1e12, rate)])  # noqa: E731
+    profile = HardwareProfile(
+        device_name="test", torch_version="0", h2d=flat(50e9), d2h=flat(50e9), gemm=flat(500e12), gemm_hidden=128,
+        gemm_kv_width=128, host_layer_s=host_layer, host_chunk_s=host_chunk,
+    )  # fmt: skip
+    return GpuMachine(profile, 4e12, ("test",))
+
+
+def test_kv_codec_host_term_by_hand() -> None:
+    from kvpr.sim.gpu import kv_codec_host_s
+
+    gpu = _flat_gpu({"none": 1.0e-3, "int4": 1.5e-3}, {"none": 0.1e-3, "int4": 0.3e-3})
+    # K and V: two encodes (2 x 0.5 ms) and, per decoded range, two decodes (2 x 0.2 ms)
+    assert kv_codec_host_s(gpu.profile, "int4") == pytest.approx(1.4e-3)
+    assert kv_codec_host_s(gpu.profile, "int4", decodes=3) == pytest.approx(1.0e-3 + 1.2e-3)
+    assert kv_codec_host_s(gpu.profile, "none") == 0.0
+    assert kv_codec_host_s(gpu.profile, "int8") == 0.0  # not timed: nothing derived
+
+
+def test_tiered_layer_by_hand() -> None:
+    from kvpr.sim.gpu import _layer_compute_s, tiered_layer
+    from kvpr.sim.workload import decode_step
+
+    model = tiny_model(n_kv=2, d=64)  # h = 256, kv_size = 128
+    gpu = _flat_gpu({"none": 0.2e-3}, {"none": 0.0})
+    b, gpu_len, host_len, recompute_len, c, slot = 4, 100, 300, 200, 2, 64
+    t = tiered_layer(gpu, model, b, gpu_len, host_len, recompute_len, c, slot, chunk_host_s=10e-6)
+    x_bytes, kv_bytes = 200 * 4 * 256 * 2, 100 * 2 * 4 * 128 * 2  # X of [0, l); K,V of [l, h)
+    assert t.copy_s == pytest.approx((x_bytes + kv_bytes) / 50e9)
+    # X in max(2, ceil(200 / 64)) = 4 chunks, K,V in ceil(100 / 64) = 2: six chunks of 10 us
+    assert t.host_s == pytest.approx(0.2e-3 + 6 * 10e-6)
+    flops = 2.0 * b * recompute_len * 256 * 2 * 128
+    step = decode_step(model, model.model_type, b, gpu_len + host_len, "fp16", weight_bits=16)
+    assert t.compute_s == pytest.approx(x_bytes / 50e9 / 4 + flops / 500e12 + _layer_compute_s(gpu, step))
+    resident = tiered_layer(gpu, model, b, 400, 0, 0, 1, slot, chunk_host_s=10e-6)
+    assert resident.copy_s == 0.0 and resident.host_s == pytest.approx(0.2e-3)
+
+
+def test_h200_validation_notes_every_miss_and_covers_the_tiered_rows() -> None:
+    from kvpr.sim.validation import validation_rows
+
+    rows = validation_rows(ROOT)
+    assert all(row["within_tolerance"] or row.get("note") for row in rows)
+    tiered = [row for row in rows if "tiered-NVIDIA_H200" in row["measured_source"]]
+    assert len(tiered) == 13 and sum(row["within_tolerance"] for row in tiered) >= 9
+    off = {row["workload"]: row for row in tiered}["opt-6.7b 16 x 2016 + 16, kvpr-off-tiered GPU 0.50"]
+    assert abs(off["error"]) < 0.08
+
+
 def test_kvpr_sim_command_writes_json_and_png(tmp_path: Path) -> None:
     from kvpr.cli import main
 

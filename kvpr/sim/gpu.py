@@ -9,8 +9,14 @@ A layer of kvpr's overlapped executor (runtime/latency.py) is three queues, each
                                                           a K,V codec's decode at its measured rate,
                                                           every projection max(FLOPs / GEMM peak,
                                                           fp16 weights / HBM), attention's fp16 K,V / HBM
-    host            h_layer + c * h_chunk                 measured issue times
+    host            h_layer + c * h_chunk + h_kv          measured issue times; h_kv: a K,V codec's
+                                                          encode and decode, derived from the X codec's
     layer = max(copy, compute, host);  step = layers + LM head
+
+``offloaded_layer`` is the executor the latency rows were measured on (commit 12ec21af: every host
+token's K,V copied into an ``s_max`` staging buffer in one range per layer, decoded there in one call);
+``tiered_layer`` is today's (docs/structure.md "One decode step, offloaded": the GPU tier attended in
+place, host chunks through rings of ``slot_tokens``, one piece each), on which the tiered rows ran.
 
 KVO's layers (runtime/kvo_cache.py, zero-copy gather): the selected rows cross PCIe inside a kernel on
 the compute stream, then select/decode/attend read the workload's bytes (anchors, rows, recent window,
@@ -110,8 +116,63 @@ def offloaded_layer(
     t_dec = gpu.rate_s(decode, kv_stored, kv_stored) if decode is not None and kv_stored else 0.0
     step = decode_step(model, model.model_type, b, s, "fp16", weight_bits=16)
     compute = t_x / c + t_rc + t_dec + _layer_compute_s(gpu, step)
-    host = p.host_issue(x_codec).seconds(rl, c)
+    host = p.host_issue(x_codec).seconds(rl, c) + kv_codec_host_s(p, kv_codec)
     return LayerTimes(t_x + t_kv, compute, host)
+
+
+def kv_codec_host_s(profile: HardwareProfile, kv_codec: str, decodes: int = 1) -> float:
+    """Host seconds a tokenwise K,V codec adds to a layer: the new token's K and V encoded and stored
+    as codes, scale and zero (six D2H copies, not two), and ``decodes`` landed ranges decoded (six
+    H2D copies, not two). ``kvpr profile`` times the same group-quantisation calls for X alone: its
+    ``host_layer_s[codec] - host_layer_s["none"]`` is one encode and two extra copies, its
+    ``host_chunk_s[codec] - host_chunk_s["none"]`` one decode and two extra copies; K and V are two
+    of each (compress/quant.py ``GroupQuantCodec`` calls ``quantize_groups`` / ``dequantize_groups``
+    once per part, as ``GroupQuantInputs`` does for X). 0 without a codec or its X timing."""
+    layer, chunk = profile.host_layer_s, profile.host_chunk_s
+    if kv_codec == "none" or kv_codec not in layer or kv_codec not in chunk:
+        return 0.0
+    encode = max(0.0, layer[kv_codec] - layer.get("none", 0.0))
+    decode = max(0.0, chunk[kv_codec] - chunk.get("none", 0.0))
+    return 2 * encode + 2 * decodes * decode
+
+
+def tiered_layer(
+    gpu: GpuMachine, model: ModelConfig, b: int, gpu_len: int, host_len: int, recompute_len: int, num_chunks: int,
+    slot_tokens: int, chunk_host_s: float,
+) -> LayerTimes:  # fmt: skip
+    """One layer of today's executor (runtime/latency.py): the GPU tier's ``gpu_len`` tokens attended
+    in place; of the host tier's ``host_len``, X of ``[0, l)`` in ``max(c, l / slot)`` chunks, then
+    K,V in chunks of ``slot_tokens``, each chunk a ring slot and a piece. Host: the profile's layer
+    issue (timed on this executor with every token in the GPU tier) plus ``chunk_host_s`` a chunk."""
+    p, h = gpu.profile, model.hidden_size
+    rl = recompute_len
+    x_chunks = max(num_chunks, -(-rl // slot_tokens)) if rl else 0
+    kv_chunks = -(-(host_len - rl) // slot_tokens)
+    x_bytes, kv_token = rl * b * h * 2, 2 * b * model.kv_size * 2
+    t_x = gpu.h2d_s(x_bytes, x_bytes / x_chunks) if rl else 0.0
+    t_kv = gpu.h2d_s((host_len - rl) * kv_token, slot_tokens * kv_token)
+    flops = 2.0 * b * rl * h * 2 * model.kv_size
+    t_rc = gpu.rate_s(p.recompute_curve(), flops, b * rl / x_chunks) if rl else 0.0
+    step = decode_step(model, model.model_type, b, gpu_len + host_len, "fp16", weight_bits=16)
+    compute = (t_x / x_chunks if rl else 0.0) + t_rc + _layer_compute_s(gpu, step)
+    host = p.host_issue().layer_s + (x_chunks + kv_chunks) * chunk_host_s
+    return LayerTimes(t_x + t_kv, compute, host)
+
+
+def kvpr_tiered_ms(
+    gpu: GpuMachine, model: ModelConfig, b: int, prompt_len: int, steps: list[tuple[int, int, int]],
+    slot_tokens: int, chunk_host_s: float, skip: int = 1,
+) -> float:  # fmt: skip
+    """Mean decode ms/token of today's executor; ``steps[k]`` = (host tokens, l, c) of decode step k,
+    which runs with ``prompt_len + k`` cached tokens."""
+    times = []
+    for k, (host_len, recompute_len, c) in enumerate(steps):
+        if k < skip:
+            continue
+        gpu_len = prompt_len + k - host_len
+        layer = tiered_layer(gpu, model, b, gpu_len, host_len, recompute_len, c, slot_tokens, chunk_host_s)
+        times.append(model.num_layers * layer.seconds + lm_head_s(gpu, model, b))
+    return 1e3 * sum(times) / len(times)
 
 
 def lm_head_s(gpu: GpuMachine, model: ModelConfig, b: int) -> float:
