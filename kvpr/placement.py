@@ -260,11 +260,13 @@ def tier_plan(target: Target, shape: CacheShape, pending_bytes: int = 0) -> Tier
 
 def ring_bytes(shape: CacheShape, stores_x: bool = True) -> int:
     """Device bytes of an offloaded executor's rings and scratch (``runtime.latency``): a K,V ring
-    and an X ring of ``RING_SLOTS`` slots, each slot up to ``SLOT_BYTES`` of K,V, and scratch."""
+    of ``RING_SLOTS`` slots of up to ``SLOT_BYTES`` of K,V, an X ring of slots of up to
+    ``SLOT_BYTES`` of X, and scratch for one slot's K,V (recomputed from X or decoded)."""
     per_token = 2 * shape.batch_size * shape.num_kv_heads * shape.head_dim * shape.element_size
     tokens = max(1, min(shape.max_len, SLOT_BYTES // per_token))
-    x_per_token = shape.batch_size * shape.hidden_size * shape.element_size if stores_x else 0
-    return tokens * (RING_SLOTS * (per_token + x_per_token) + per_token)
+    x_per_token = shape.batch_size * shape.hidden_size * shape.element_size
+    x_tokens = max(1, min(shape.max_len, SLOT_BYTES // x_per_token)) if stores_x else 0
+    return RING_SLOTS * (tokens * per_token + x_tokens * x_per_token) + max(tokens, x_tokens) * per_token
 
 
 def tier_bytes(target: Target, shape: CacheShape, plan: TierPlan) -> tuple[int, int]:

@@ -305,7 +305,7 @@ def test_kivi_fused_decode_of_host_rows_moved_to_the_device() -> None:
 def test_triton_piece_attention_matches_the_torch_oracle(n_kv: int, group: int, t: int) -> None:
     """The fused split-K kernel reads token-major K,V views in place (strided, masked) and gives the
     float32 oracle's partials within fp16 rounding; merged, they equal SDPA over the whole cache."""
-    from kvpr.runtime.split_attention import Partials, _attend_torch, _attend_triton
+    from kvpr.runtime.split_attention import Partials, _attend_torch, _attend_triton, merge_partials
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     b, d = 3, 128
@@ -314,13 +314,31 @@ def test_triton_piece_attention_matches_the_torch_oracle(n_kv: int, group: int, 
     k, v = tier[0, 5 : 5 + t], tier[1, 5 : 5 + t]  # views with a token stride over the whole tier
     valid = torch.rand(b, t + 16, device="cuda", generator=gen) > 0.2
     mask = valid[:, 5 : 5 + t]
-    out, lse = _attend_triton(q, k, v, mask)
-    ref = Partials()
-    ref.add(*_attend_torch(q, k, v, mask))
     fused = Partials()
-    fused.add(out, lse)
-    torch.testing.assert_close(fused.merge(torch.float32), ref.merge(torch.float32), atol=2e-3, rtol=2e-3)
-    assert out.shape[0] >= (2 if t > 1000 else 1)  # long pieces are split over programs
+    _attend_triton(q, k, v, mask, fused)
+    ref_out, ref_lse = _attend_torch(q, k, v, mask)
+    torch.testing.assert_close(fused.merge(torch.float32), merge_partials(ref_out, ref_lse), atol=2e-3, rtol=2e-3)
+    assert fused.count >= (2 if t > 1000 else 1)  # long pieces are split over programs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_merge_equals_the_torch_merge(dtype: torch.dtype) -> None:
+    """The one-launch merge over P partials (a -inf one among them: a piece a row does not attend)
+    equals the torch merge, cast to the output dtype; pieces grow the reused buffers past their
+    first capacity and keep the rows so far."""
+    from kvpr.runtime.split_attention import Partials, merge_partials
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    b, n_q, d, count = 5, 12, 128, 19
+    out = torch.randn(count, b, n_q, d, device="cuda", generator=gen)
+    lse = 4 * torch.randn(count, b, n_q, device="cuda", generator=gen)
+    lse[3, 1] = float("-inf")
+    partials = Partials()
+    for first in range(0, count, 3):  # several pieces of up to 3 partials each: 8 rows first, then growth
+        partials.add(out[first : first + 3], lse[first : first + 3])
+    assert partials.count == count
+    want = merge_partials(out, lse).to(dtype).reshape(b, 1, n_q * d)
+    torch.testing.assert_close(partials.merge(dtype), want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=2e-3)
 
 
 def tiered_llm(model, overlap=True, recompute=0.5, resident=6):

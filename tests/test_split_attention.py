@@ -51,7 +51,7 @@ def test_a_piece_no_row_attends_weighs_nothing() -> None:
     valid[0, :6] = False  # row 0 sees nothing of the first piece
     partials = Partials()
     attend_piece(q, k[:6], v[:6], valid[:, :6], partials)
-    assert torch.isneginf(partials.lses[0][0, 0]).all() and torch.isfinite(partials.lses[0][0, 1]).all()
+    assert torch.isneginf(partials.lse[0, 0]).all() and torch.isfinite(partials.lse[0, 1]).all()
     attend_piece(q, k[6:], v[6:], None, partials)
     torch.testing.assert_close(partials.merge(torch.float32), one_piece(q, k, v, valid), atol=1e-6, rtol=1e-5)
 

@@ -47,10 +47,18 @@ def chunk_bounds(length: int, num_chunks: int) -> list[tuple[int, int]]:
 
 
 def slot_tokens_for(storage: "KVStorage", host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
-    """Tokens per ring slot: ``slot_bytes`` of uncompressed K,V, within [1, host_slots]."""
+    """Tokens per K,V ring slot: ``slot_bytes`` of uncompressed K,V, within [1, host_slots]."""
     s = storage.shape
     per_token = 2 * s.batch_size * s.num_kv_heads * s.head_dim * s.element_size
     return max(1, min(host_slots, slot_bytes // per_token))
+
+
+def x_slot_tokens_for(storage: "KVStorage", host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
+    """Tokens per X ring slot: ``slot_bytes`` of uncompressed X, within [1, host_slots]. Sized by
+    X's own bytes (half of K,V's per token in an MHA model), so a recomputed range takes fewer
+    chunks, and each chunk costs the host a recompute and a piece to issue."""
+    s = storage.shape
+    return max(1, min(host_slots, slot_bytes // (s.batch_size * s.hidden_size * s.element_size)))
 
 
 def decode_kv_into(
@@ -139,7 +147,8 @@ class OverlappedExecutor(Executor):
     stream; host chunks in two rings (see the module docstring).
 
     Args (beyond ``Executor``'s):
-        slot_tokens: tokens per ring slot (None: ``SLOT_BYTES`` of uncompressed K,V).
+        slot_tokens: tokens per ring slot, both rings (None: ``SLOT_BYTES`` of uncompressed K,V in
+            the K,V ring, of uncompressed X in the X ring).
     """
 
     def __init__(
@@ -156,15 +165,18 @@ class OverlappedExecutor(Executor):
         self.streams = StreamSet(device, separate_store=True)
         self.flushed = [self.streams.event() for _ in self.layers]
         self.loads = _Loads(storage, self.streams, self.flushed)
-        self.slot_tokens = 0
+        self.partials = Partials()  # one layer's partial outputs, buffers reused layer after layer
+        self.slot_tokens = self.x_slot_tokens = 0
         if offloaded and self.plan.offloads:
             self.slot_tokens = slot_tokens or slot_tokens_for(storage, self.plan.host_slots)
+            self.x_slot_tokens = slot_tokens or x_slot_tokens_for(storage, self.plan.host_slots)
             host_kv = {n: storage.part(n, 0) for n in storage.part_names}
             self.kv_ring = _Ring(host_kv, self.slot_tokens, device, self.streams)
             host_x = {n: storage.x_part(n, 0) for n in storage.x_part_names}
-            self.x_ring = _Ring(host_x, self.slot_tokens, device, self.streams)
+            self.x_ring = _Ring(host_x, self.x_slot_tokens, device, self.streams)
             s = storage.shape
-            scratch = (self.slot_tokens if (host_x or not storage.raw) else 0, s.batch_size, s.num_kv_heads, s.head_dim)
+            tokens = max(self.x_slot_tokens if host_x else 0, 0 if storage.raw else self.slot_tokens)
+            scratch = (tokens, s.batch_size, s.num_kv_heads, s.head_dim)
             # K,V recomputed from an X chunk, or decoded from a codec chunk: [slot, b, n_kv, d]
             self.scratch_k = torch.empty(scratch, dtype=self.dtype, device=device)
             self.scratch_v = torch.empty(scratch, dtype=self.dtype, device=device)
@@ -197,7 +209,8 @@ class OverlappedExecutor(Executor):
     def _chunks(self, step: StepLayout) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """X chunks of host [0, l) (the policy's count, more if a slot is smaller) and K,V chunks of [l, h)."""
         recompute, host, cap = step.recompute_len, step.host_len, self.slot_tokens
-        x_chunks = chunk_bounds(recompute, max(step.num_chunks, -(-recompute // cap))) if recompute else []
+        x_cap = self.x_slot_tokens
+        x_chunks = chunk_bounds(recompute, max(step.num_chunks, -(-recompute // x_cap))) if recompute else []
         kv_chunks = [(a, min(a + cap, host)) for a in range(recompute, host, cap)]
         return x_chunks, kv_chunks
 
@@ -231,7 +244,8 @@ class OverlappedExecutor(Executor):
                 keys, values = gpu_k[: step.gpu_len], gpu_v[: step.gpu_len]  # [G, b, n_kv, d]
                 out = attend(q, keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3), bias)
             else:
-                partials = Partials()
+                partials = self.partials
+                partials.reset()
                 query = q[:, :, 0].contiguous()  # [b, n_q, d]
                 attend_piece(query, gpu_k[: step.gpu_len], gpu_v[: step.gpu_len], gpu_valid, partials)
                 for a, c in x_chunks:

@@ -33,27 +33,70 @@ def triton_available(device: torch.device) -> bool:
 
 
 class Partials:
-    """The partial results of one decode step's pieces, merged at the end.
+    """The partial results of one layer's pieces, merged at the end, in buffers kept across layers.
 
-    ``add(o, lse)`` takes o float32 [S, b, n_q, d] and lse float32 [S, b, n_q] (S partials of one
-    piece); ``merge(dtype)`` returns the attention output [b, 1, n_q * d], the layout of
-    ``kvpr.models.common.attend``.
+    Each piece reserves rows of one float32 buffer pair (o [P, b, n_q, d], lse [P, b, n_q]) and its
+    kernel writes them in place, so a piece allocates nothing and the merge concatenates nothing: a
+    decode step is bound by the host's launches where the overflow is small, and every op counts.
+    ``reset`` starts a layer (the merge that read the rows is queued before the next layer's
+    writes, on the same stream); ``merge(dtype)`` returns the attention output [b, 1, n_q * d],
+    the layout of ``kvpr.models.common.attend``.
     """
 
     def __init__(self) -> None:
-        self.outputs: list[torch.Tensor] = []
-        self.lses: list[torch.Tensor] = []
+        self._out: torch.Tensor | None = None  # [capacity, b, n_q, d] float32
+        self._lse: torch.Tensor | None = None  # [capacity, b, n_q] float32
+        self.count = 0
+
+    def reset(self) -> None:
+        self.count = 0
+
+    @property
+    def out(self) -> torch.Tensor:
+        assert self._out is not None, "no piece was attended"
+        return self._out[: self.count]
+
+    @property
+    def lse(self) -> torch.Tensor:
+        assert self._lse is not None, "no piece was attended"
+        return self._lse[: self.count]
+
+    def reserve(self, splits: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``splits`` rows, o [splits, b, n_q, d] and lse [splits, b, n_q], for a piece of
+        queries ``like`` [b, n_q, d]; the buffers grow (keeping the rows so far) when they are full."""
+        shape = tuple(like.shape)
+        buffers = self._out
+        if buffers is None or buffers.shape[1:] != shape or buffers.device != like.device:
+            self._grow(max(8, splits), like, keep=False)
+        elif self.count + splits > buffers.shape[0]:
+            self._grow(max(2 * buffers.shape[0], self.count + splits), like, keep=True)
+        assert self._out is not None and self._lse is not None
+        rows = slice(self.count, self.count + splits)
+        self.count += splits
+        return self._out[rows], self._lse[rows]
+
+    def _grow(self, capacity: int, like: torch.Tensor, keep: bool) -> None:
+        out = torch.empty(capacity, *like.shape, dtype=torch.float32, device=like.device)
+        lse = torch.empty(capacity, *like.shape[:2], dtype=torch.float32, device=like.device)
+        if keep and self.count:
+            out[: self.count] = self.out
+            lse[: self.count] = self.lse
+        else:
+            self.count = 0
+        self._out, self._lse = out, lse
 
     def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        self.outputs.append(out)
-        self.lses.append(lse)
+        """Partials computed elsewhere: o [S, b, n_q, d] and lse [S, b, n_q]."""
+        out_rows, lse_rows = self.reserve(out.shape[0], out[0])
+        out_rows.copy_(out)
+        lse_rows.copy_(lse)
 
     def merge(self, dtype: torch.dtype) -> torch.Tensor:
-        out = self.outputs[0] if len(self.outputs) == 1 else torch.cat(self.outputs)  # [P, b, n_q, d]
-        lse = self.lses[0] if len(self.lses) == 1 else torch.cat(self.lses)  # [P, b, n_q]
-        merged = merge_partials(out, lse)  # [b, n_q, d]
-        b, n_q, d = merged.shape
-        return merged.to(dtype).reshape(b, 1, n_q * d)
+        out, lse = self.out, self.lse
+        b, n_q, d = out.shape[1:]
+        if triton_available(out.device) and out.is_contiguous() and lse.is_contiguous():
+            return _merge_triton(out, lse, dtype).reshape(b, 1, n_q * d)
+        return merge_partials(out, lse).to(dtype).reshape(b, 1, n_q * d)
 
 
 def merge_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -80,7 +123,7 @@ def attend_piece(
     if k.shape[0] == 0:
         return
     if triton_available(q.device) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype:
-        partials.add(*_attend_triton(q, k, v, valid))
+        _attend_triton(q, k, v, valid, partials)
     else:
         partials.add(*_attend_torch(q, k, v, valid))
 
@@ -174,9 +217,9 @@ def _decode_kernel() -> Any:
 
 
 def _attend_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel: S partials, o [S, b, n_q, d] and lse [S, b, n_q] (float32)."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, partials: Partials
+) -> None:
+    """The fused kernel: S partials written into the next S rows of ``partials``."""
     b, n_q, d = q.shape
     t, _, n_kv, _ = k.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dims must be contiguous"
@@ -186,8 +229,7 @@ def _attend_triton(
     tokens_per_split = -(-t // splits)
     tokens_per_split = -(-tokens_per_split // _BLOCK_T) * _BLOCK_T
     splits = -(-t // tokens_per_split)
-    out = torch.empty(splits, b, n_q, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(splits, b, n_q, dtype=torch.float32, device=q.device)
+    out, lse = partials.reserve(splits, q)  # [S, b, n_q, d], [S, b, n_q]
     mask = valid if valid is not None else q  # any tensor; unread when HAS_VALID is False
     mask_strides = (valid.stride(0), valid.stride(1)) if valid is not None else (0, 0)
     if valid is not None and valid.dtype == torch.bool:
@@ -206,7 +248,49 @@ def _attend_triton(
         BLOCK_D=max(16, triton_next_power_of_2(d)),
         BLOCK_T=_BLOCK_T,
     )  # fmt: skip
-    return out, lse
+
+
+@functools.cache
+def _merge_kernel() -> Any:
+    """The merge as one Triton kernel (the torch form is a dozen launches a layer): one program per
+    (row, query head) runs an online log-sum-exp over the P partials and writes the output dtype."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def merge_partials_kernel(
+        o_ptr, lse_ptr, out_ptr, num_partials, rows_heads, head_dim,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        row_head = tl.program_id(0)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < head_dim
+        m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)  # per dim (all equal): loop-carried types stay fixed
+        s = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for p in range(num_partials):
+            lse = tl.load(lse_ptr + p * rows_heads + row_head)
+            o = tl.load(o_ptr + (p * rows_heads + row_head) * head_dim + dims, mask=dim_ok, other=0.0)
+            m_new = tl.maximum(m, lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            weight = tl.exp(lse - m_safe)
+            acc = acc * alpha + weight * o
+            s = s * alpha + weight
+            m = m_new
+        merged = acc / tl.where(s > 0, s, 1.0)
+        tl.store(out_ptr + row_head * head_dim + dims, merged.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+    return merge_partials_kernel
+
+
+def _merge_triton(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``merge_partials`` in one launch, cast to ``dtype``: out [P, b, n_q, d], lse [P, b, n_q]
+    (contiguous float32) -> [b, n_q, d]. A row no partial attends gives zeros (torch: NaN)."""
+    num_partials, b, n_q, d = out.shape
+    merged = torch.empty(b, n_q, d, dtype=dtype, device=out.device)
+    _merge_kernel()[(b * n_q,)](out, lse, merged, num_partials, b * n_q, d, BLOCK_D=max(16, triton_next_power_of_2(d)))
+    return merged
 
 
 def triton_next_power_of_2(n: int) -> int:
