@@ -10,6 +10,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ENGINE_PHASES = (
+    "idle",  # no request to serve
+    "gather",  # an empty batch waiting for more of an arrival wave
+    "start",  # prefilling a new batch at S = 0 (first tokens included)
+    "join",  # prefilling requests into free rows of a running batch
+    "step",  # queueing decode steps and waiting for their tokens
+    "deliver",  # a step's tokens to their requests: bookkeeping, metrics, events
+    "other",  # the loop itself: cancellations, queue scans
+)
 
 
 class ServeMetrics:
@@ -47,6 +56,13 @@ class ServeMetrics:
         self.host_tokens = gauge("kvpr_host_tokens", "tokens read from the host tier in the last step")
         self.link_bytes_step = gauge("kvpr_pcie_bytes_per_step", "host link bytes of the last step", ["direction"])
         self.link_bytes = counter("kvpr_pcie_bytes", "host link bytes of all decode steps", ["direction"])
+        # the engine thread's wall time, by what it did: where a run's seconds go
+        self.engine_seconds = counter("kvpr_engine_seconds", "engine thread wall time by phase", ["phase"])
+        self.engine_phases = {phase: self.engine_seconds.labels(phase) for phase in ENGINE_PHASES}
+
+    def spent(self, phase: str, seconds: float) -> None:
+        """Count ``seconds`` of the engine thread's wall time under ``phase`` (one of ENGINE_PHASES)."""
+        self.engine_phases[phase].inc(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
