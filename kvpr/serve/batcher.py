@@ -242,26 +242,33 @@ class Batcher:
                     self.lock.wait(timeout=gather)
                     mark = self._spent("gather", mark)
                     continue
-            try:
-                self._free_cancelled()
-                mark = self._spent("other", mark)
-                mark = self._spent(self._admit() or "other", mark)
-                if self.live:
-                    mark = self._advance(mark)
-                else:
-                    self.queued = None  # every row ended: a step queued ahead is discarded
-            except Exception as err:  # the engine failed: end every live request, keep serving
-                log.exception("engine step failed")
-                message = str(err).splitlines()[0] if isinstance(err, KvprError) else f"engine failure: {err!r}"
-                self._fail(self.admitting, message)
-                self._fail_live(message)
-            self.admitting = []
-            if self.metrics is not None:
-                self.metrics.running_rows.set(len(self.live))
+            mark = self.run_once(mark)
         self._fail_live("the server is shutting down")
         with self.lock:
             waiting, self.waiting = list(self.waiting), collections.deque()
         self._fail(waiting, "the server is shutting down")
+
+    def run_once(self, mark: float) -> float:
+        """One pass of the engine loop, on the engine thread (tests drive it directly): cancelled
+        rows freed, a batch started or requests joined, a decode step queued and one read.
+        ``mark``: when the engine's time was last counted; returns the new mark."""
+        try:
+            self._free_cancelled()
+            mark = self._spent("other", mark)
+            mark = self._spent(self._admit() or "other", mark)
+            if self.live:
+                mark = self._advance(mark)
+            else:
+                self.queued = None  # every row ended: a step queued ahead is discarded
+        except Exception as err:  # the engine failed: end every live request, keep serving
+            log.exception("engine step failed")
+            message = str(err).splitlines()[0] if isinstance(err, KvprError) else f"engine failure: {err!r}"
+            self._fail(self.admitting, message)
+            self._fail_live(message)
+        self.admitting = []
+        if self.metrics is not None:
+            self.metrics.running_rows.set(len(self.live))
+        return mark
 
     def _gather_left(self) -> float:
         """Seconds an empty batch still waits for more requests before it starts (under the lock):
