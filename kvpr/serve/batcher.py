@@ -21,8 +21,9 @@ later joins at the price of every step reading them: an offloaded step's link by
    join if it ends no later than the batch would (backfill), or, while at most half the rows are
    live, if it is at the head of the queue and its answer fits the slots left. Others wait for the
    batch to finish: backfill never moves the batch's end, so a busy batch always drains. While a
-   wave is still arriving (the newest request came less than ``JOIN_QUIET x batch_wait_ms`` ago
-   and fewer wait than rows are free) the join waits a step, if all waiting could still join then.
+   wave is still arriving (the newest request came less than ``JOIN_QUIET x batch_wait_ms`` ago,
+   the oldest less than ``batch_wait_ms``, and fewer wait than rows are free) the join waits one
+   step, if all waiting could still join then: one prefill instead of several.
 3. A finished or cancelled request frees its row at the next step boundary; a batch with no live
    row starts again at ``S = 0``. Free rows keep decoding (their output is dropped). Requests never
    join a batch whose every live row ends with the step already queued: they start the next batch
@@ -156,7 +157,6 @@ class Batcher:
         self.next_ids: torch.Tensor | None = None  # [b] on the device: the next step's input tokens
         self.queued: QueuedStep | None = None
         self.last_read = 0.0  # perf_counter when the last step's tokens reached the host
-        self.step_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)
         self.thread = threading.Thread(target=self._run, name="kvpr-engine", daemon=True)
 
     @property
@@ -358,11 +358,15 @@ class Batcher:
 
     def _wave_arriving(self, free: int, admissible_next_step: Callable[[Sequence, bool], bool]) -> bool:
         """Whether a join had better wait one step for more of an arrival wave: requests are still
-        arriving, fewer wait than rows are free, and every waiting one could join after the step."""
-        quiet = JOIN_QUIET * self.config.batch_wait_ms / 1e3
+        arriving, fewer wait than rows are free, every waiting one could join after the step, and
+        none has waited ``batch_wait_ms`` yet (so no request waits more than one step for this)."""
+        wait = self.config.batch_wait_ms / 1e3
         with self.lock:
             waiting = list(self.waiting)
-        if not waiting or len(waiting) >= free or time.perf_counter() - waiting[-1].arrival >= quiet:
+        now = time.perf_counter()
+        if not waiting or len(waiting) >= free or now - waiting[0].arrival >= wait:
+            return False
+        if now - waiting[-1].arrival >= JOIN_QUIET * wait:
             return False
         return all(admissible_next_step(sequence, index == 0) for index, sequence in enumerate(waiting))
 
@@ -468,7 +472,8 @@ class Batcher:
             self._take_token(sequence, tokens[sequence.row], events)
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(len(sequences))
-        self._observe_step(self.batch, took, sequences)
+        if self.metrics is not None:
+            self.metrics.observe_step(self.batch, took, sequences)
         self._send(events)
         return self._spent("deliver", now)
 
@@ -516,32 +521,6 @@ class Batcher:
                 self.rows_batch.reset()
             except Exception:  # the next batch's start will fail the same way and say so
                 log.exception("resetting the batch failed")
-
-    def _observe_step(self, batch: RowBatch | FixedBatch, took: float, sequences: list[Sequence]) -> None:
-        """A decode step's figures; ``sequences``: the rows it decoded for a request."""
-        metrics = self.metrics
-        if metrics is None:
-            return
-        live_rows = len(sequences)
-        self.step_times.append((took, live_rows))
-        total_s = sum(t for t, _ in self.step_times)
-        metrics.step_seconds.observe(took)
-        metrics.step_rows.observe(live_rows)
-        metrics.tokens_per_second.set(sum(n for _, n in self.step_times) / total_s if total_s else 0.0)
-        recompute_len, host_len = batch.last_split()
-        metrics.recompute_tokens.set(recompute_len)
-        metrics.host_tokens.set(host_len)
-        h2d, d2h = batch.link_bytes()
-        metrics.link_bytes_step.labels("h2d").set(h2d)
-        metrics.link_bytes_step.labels("d2h").set(d2h)
-        metrics.link_bytes.labels("h2d").inc(h2d)
-        metrics.link_bytes.labels("d2h").inc(d2h)
-        metrics.batch_rows.set(batch.width)
-        metrics.batch_tokens.set(batch.length)
-        owned = sum(len(s.prompt_ids) + s.generated - 1 for s in sequences)  # the tokens the step attended
-        metrics.slot_utilisation.set(owned / (batch.width * batch.length) if batch.length else 0.0)
-        metrics.row_slots.inc(batch.width * batch.length)
-        metrics.live_slots.inc(owned)
 
 
 def request_seed(seed: int | None, choice: int) -> int:
