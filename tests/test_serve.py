@@ -358,12 +358,23 @@ def _tokens(batcher: Batcher) -> dict[int, list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize(("offload", "recompute"), [("cpu", 1.0), ("cpu", 0.0), ("none", "off")])
-def test_steps_queued_ahead_join_and_restart(tiny_checkpoint, offload: str, recompute: Any) -> None:
-    """The CUDA loop (step n + 1 queued before step n's tokens are read) run on the CPU: a request
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    ("offload", "recompute", "device"),
+    [
+        ("cpu", 1.0, "cpu"),
+        ("cpu", 0.0, "cpu"),
+        ("none", "off", "cpu"),
+        pytest.param("cpu", 1.0, "cuda", marks=needs_cuda),  # the join's host rows by cudaMemcpy2DAsync
+    ],
+)
+def test_steps_queued_ahead_join_and_restart(tiny_checkpoint, offload: str, recompute: Any, device: str) -> None:
+    """The CUDA loop (step n + 1 queued before step n's tokens are read), on the CPU too: a request
     joins between queued steps with the tokens it gets alone; one arriving while every live row
     ends with the queued step does not join but starts the next batch at S = 0."""
-    llm = make_llm(tiny_checkpoint("llama-gqa"), offload, recompute)
+    llm = make_llm(tiny_checkpoint("llama-gqa"), offload, recompute, device=device)
     prompts, limits = token_prompts([9, 3, 6, 2]), [10, 4, 5, 3]
     alone = [
         llm.generate([prompt], SamplingParams(max_new_tokens=limit, stop_on_eos=False))[0].token_ids
@@ -433,7 +444,7 @@ def test_empty_batch_gathers_until_arrivals_pause(tiny_checkpoint) -> None:
     assert left(0.001, 0.001, 0.001, 0.001) == 0  # 4 rows full: start
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_join_host_writes_are_pitched_copies_on_cuda() -> None:
     """A join's host-tier rows: one cudaMemcpy2DAsync per run of rows lands exactly where an
     index_put would have put them, other rows untouched."""
