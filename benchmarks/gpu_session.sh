@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device call for a change to the runtime, the server and the KVO prefill: the GPU tests that
+# cover them, then the serve and KVO-prefill benchmarks, each within its own time limit so a slow
+# part never eats the next one's. Logs and JSON go to $OUT; a short table is printed last.
+# Usage (repo root; the device's copy has no usable .git, so name the commit):
+#   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo]
+# Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (170), KVO_S (110), TESTS_K (a -k filter).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-benchmarks/results}"; mkdir -p "$OUT"
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests serve kvo)
+stem=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")-$(date -u +%Y%m%d)
+began=$SECONDS
+for part in "${parts[@]}"; do
+  case "$part" in
+    tests)
+      log="$OUT/gpu-tests-$stem-session.log"
+      echo "# commit ${KVPR_COMMIT:-unknown} (dirty: ${KVPR_DIRTY:-unknown}): tests/test_gpu.py tests/test_split_attention.py tests/test_serve.py tests/test_kvo_prefill.py -k '${TESTS_K:-}'" > "$log"
+      timeout -k 5 "${TESTS_S:-240}" python3 -m pytest tests/test_gpu.py tests/test_split_attention.py tests/test_serve.py \
+        tests/test_kvo_prefill.py -q -p no:cacheprovider -rfE ${TESTS_K:+-k "$TESTS_K"} >> "$log" 2>&1
+      echo "pytest rc $?" >> "$log"; tail -6 "$log" ;;
+    serve)
+      timeout -s INT -k 10 "${SERVE_S:-170}" python3 benchmarks/bench_serve.py --model opt-6.7b --dummy-weights \
+        --offload cpu --recompute 1.0 --clients 32 --requests 3 --prompt-len 256 --max-tokens 32 --out "$OUT" \
+        2>&1 | grep -v "it/s\]\|s/it\]" | tail -4 ;;
+    kvo)
+      timeout -s INT -k 10 "${KVO_S:-110}" python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b --batch-size 16 \
+        --prompt-len 2016 --device cuda --dtype float16 --repeats 3 --out "$OUT" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -12 ;;
+    *) echo "unknown part $part (tests, serve, kvo)"; exit 2 ;;
+  esac
+  echo "== $part done at $(( SECONDS - began )) s"
+done
+python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).glob("serve-*.json")):
+    r = json.loads(path.read_text())
+    s, o = r["serve"], r["offline"]
+    print(f"{path.name}: serve {s['tokens_per_s']:.0f} tok/s [{s['tokens_per_s_min']:.0f}-{s['tokens_per_s_max']:.0f}] "
+          f"vs offline decode {o['decode_tokens_per_s']:.0f} = {s['tokens_per_s'] / o['decode_tokens_per_s']:.0%}; "
+          f"step {s.get('step_ms', 0):.1f} ms vs {o['decode_ms_per_token']:.1f}; joins {s.get('joins')}, ttft {s['ttft_s']:.2f} s")
+for path in sorted(Path(sys.argv[1]).glob("kvo-prefill-*.json")):
+    r = json.loads(path.read_text())
+    phases = ", ".join(f"{name} {t:.2f}" for name, t in r.get("phases_s", {}).items())
+    print(f"{path.name}: kvo {r['kvo_s']:.2f} s vs dense {r['dense_s']:.2f} s = {r['ratio']:.2f}x; phases (s): {phases}")
+PY
