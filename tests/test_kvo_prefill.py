@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpr.compress.kvo import KVOConfig, encode_chunks, encode_recent
+from kvpr.compress.kvo import KVOConfig, encode_chunks, encode_recent, largest
 from kvpr.compress.kvo_scores import band_scores, blocked_lse, prefill_attention
 from kvpr.compress.packing import pack_mask
 from kvpr.models.common import attend
@@ -179,6 +179,28 @@ def test_encode_chunks_is_bit_identical_to_the_former_encode(ties: bool, dtype: 
         assert got.keys() == want.keys()
         for name in want:
             assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    n=st.integers(1, 40),
+    data=st.data(),
+    coarse=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_largest_by_sort_picks_what_topk_picks(lead, n, data, coarse, seed) -> None:
+    """The CUDA formulation (stable sort) and the CPU one (topk of distinct int64 keys) keep the same
+    entries as the stable descending argsort, ties and zeros included, along any dim."""
+    count = data.draw(st.integers(1, n))
+    dim = data.draw(st.integers(-len(lead) - 1, len(lead)))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, n, generator=gen).abs().movedim(-1, dim)
+    if coarse:
+        x = _ties(x, gen).abs()
+    want = _largest_oracle(x, count, dim)
+    assert torch.equal(largest(x, count, dim, by_sort=True), want)
+    assert torch.equal(largest(x, count, dim, by_sort=False), want)
 
 
 def test_encode_recent_is_bit_identical_to_the_former_quantiser() -> None:
