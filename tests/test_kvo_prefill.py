@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend
 
 from kvpr.compress.kvo import KVOConfig, encode_chunks, encode_recent, largest
 from kvpr.compress.kvo_scores import band_scores, blocked_lse, prefill_attention
@@ -248,6 +249,16 @@ def test_prefill_attention_is_attend_plus_the_lse(dtype: torch.dtype, n_q: int, 
     atol = 1e-5 if dtype == torch.float32 else 5e-4
     torch.testing.assert_close(lse.double(), _lse_reference(q, k, mask), rtol=1e-6, atol=atol)
     torch.testing.assert_close(blocked_lse(q, k, mask).double(), _lse_reference(q, k, mask), rtol=1e-6, atol=1e-5)
+
+
+def test_prefill_attention_without_a_fused_kernel_falls_back_to_attend(monkeypatch) -> None:
+    """Any other backend: attend's output and a blocked float32 lse."""
+    q, k = _qkv(2, 4, 2, 50, 32, seed=8)
+    mask = _prefill_mask(_padded(2, 50, 9))
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *args, **kwargs: SDPBackend.MATH.value)
+    out, lse = prefill_attention(q, k, k, mask)
+    assert torch.equal(out, attend(q, k, k, mask))
+    torch.testing.assert_close(lse.double(), _lse_reference(q, k, mask), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -38,15 +38,17 @@ def prefill_attention(
     """
     b, n_q, q_len, d = q.shape
     group = n_q // k.shape[1]
+    kr, vr = k, v
+    if group > 1:  # as ``attend`` does for a prompt
+        kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [b, n_q, q, d]
     with sdpa_kernel(ATTENTION_BACKENDS):
-        choice = torch._fused_sdp_choice(q, k, v, attn_mask=mask)
+        choice = torch._fused_sdp_choice(q, kr, vr, attn_mask=mask)  # the backend ``attend`` gets
     fused = (q.is_cuda and choice == SDPBackend.EFFICIENT_ATTENTION.value) or (
         q.device.type == "cpu" and choice == SDPBackend.FLASH_ATTENTION.value
     )
     if not fused:
         return attend(q, k, v, mask), blocked_lse(q, k, mask)
-    if group > 1:  # as ``attend`` does for a prompt
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [b, n_q, q, d]
+    k, v = kr, vr
     bias = attention_bias(mask, q.dtype)  # [b, 1, q, q]: the float bias sdpa makes of a bool mask
     if q.is_cuda:
         bias = bias.expand(b, n_q, q_len, k.shape[2])  # as sdpa hands it to the kernel
