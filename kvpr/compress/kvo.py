@@ -291,7 +291,7 @@ def decode_v_chunks(ts: TensorMap, position: torch.Tensor, cfg: KVOConfig, d: in
 
 def encode_recent(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig) -> Tensors:
     """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16."""
-    codes, scale, zero = quantize_groups(k, 8, cfg.group)
+    codes, scale, zero = quantize_groups(k.float(), 8, cfg.group)  # widened once, not by each pass inside
     return {"rk_codes": codes, "rk_scale": scale, "rk_zero": zero, "rv": owned(v, torch.float16)}
 
 
