@@ -285,6 +285,16 @@ def test_band_scores_equal_the_per_block_softmax(b, n_q, n_kv, t, d, window) -> 
         assert (got[-1] == 0).all() and (got[t // 5 : -1, 0] > 0).all()  # nobody after the last; real keys get mass
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_band_scores_of_half_inputs(dtype: torch.dtype) -> None:
+    """q and k in the model dtype: widened per pass, summed in float32 as the oracle does."""
+    q, k = _qkv(2, 4, 2, 200, 64, seed=3, dtype=dtype)
+    valid = _padded(2, 200, 17)
+    lse = _lse_reference(q, k, _prefill_mask(valid)).float()
+    got = band_scores(q, k, valid, lse, 128)
+    torch.testing.assert_close(got, received_attention_oracle(q, k, valid, 128), rtol=1e-5, atol=1e-6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     b=st.integers(1, 3),

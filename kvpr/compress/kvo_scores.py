@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kvpr.models.common import ATTENTION_BACKENDS, attend, attention_bias
 
 KEY_BLOCK = 64  # keys per block of the band: queries of ceil(window / 64) + 1 blocks are computed
-MAX_BAND_ELEMENTS = 1 << 27  # float32 band logits per pass (512 MB), as the former blocked scores
+MAX_BAND_ELEMENTS = 1 << 27  # float32 query windows and band logits per pass (512 MB)
 
 
 def prefill_attention(
@@ -102,12 +102,13 @@ def band_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, lse: torc
     R = -(-window // B) + 1  # query blocks a key block meets
     nb = -(-t // B)  # key blocks
     span = (nb + R - 1) * B  # padded query length: the last key block's queries run past t
-    # [b, n_kv, g, span, d]: queries padded with zeros (never counted), lse with zeros (finite)
-    qp = torch.zeros(b, n_kv, g, span, d, dtype=torch.float32, device=q.device)
+    # [b, n_kv, g, span, d]: queries padded with zeros (never counted), lse with zeros (finite);
+    # q and k stay in their dtype here, each pass widens its own windows
+    qp = torch.zeros(b, n_kv, g, span, d, dtype=q.dtype, device=q.device)
     qp[..., :t, :] = q.reshape(b, n_kv, g, t, d)
     lp = torch.zeros(b, n_kv, g, span, dtype=torch.float32, device=q.device)
     lp[..., :t] = lse.reshape(b, n_kv, g, t)
-    kp = torch.zeros(b, n_kv, nb * B, d, dtype=torch.float32, device=q.device)
+    kp = torch.zeros(b, n_kv, nb * B, d, dtype=k.dtype, device=q.device)
     kp[:, :, :t] = k
     vq = torch.zeros(b, span, dtype=torch.bool, device=q.device)
     vq[:, :t] = valid
@@ -120,12 +121,13 @@ def band_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, lse: torc
     rel_k = torch.arange(B, device=q.device)[None, :]  # [1, B]
     band = (rel_k < rel_q) & (rel_q <= rel_k + window)  # [R*B, B]: the same for every block
     kb = kp.view(b, n_kv, nb, B, d)
-    per_pass = max(1, MAX_BAND_ELEMENTS // (b * n_q * R * B * B))
-    for first in range(0, nb, per_pass):  # one pass at the sizes KVO runs (window 128)
+    # float32 elements a key block takes: its query windows and its logits
+    per_pass = max(1, MAX_BAND_ELEMENTS // (b * n_q * R * B * (d + B)))
+    for first in range(0, nb, per_pass):
         last = min(nb, first + per_pass)
         m = last - first
-        rows = q_win[:, :, first:last].reshape(b * n_kv * m, g * R * B, d)  # copies the windows
-        keys = kb[:, :, first:last].reshape(b * n_kv * m, B, d)
+        rows = q_win[:, :, first:last].float().reshape(b * n_kv * m, g * R * B, d)  # one copy of the windows
+        keys = kb[:, :, first:last].float().reshape(b * n_kv * m, B, d)
         logits = torch.bmm(rows, keys.transpose(1, 2)).mul_(1.0 / math.sqrt(d))  # [b*n_kv*m, g*R*B, B]
         logits = logits.view(b, n_kv, m, g, R * B, B).sub_(l_win[:, :, first:last, :, :, None])
         probs = logits.exp_()  # [b, n_kv, m, g, R*B, B]
