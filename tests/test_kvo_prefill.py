@@ -6,9 +6,15 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend
 
-from kvpr.compress.kvo import KVOConfig, encode_chunks, encode_recent
+from kvpr.compress.kvo import KVOConfig, encode_chunks, encode_recent, largest
+from kvpr.compress.kvo_scores import band_scores, blocked_lse, prefill_attention
 from kvpr.compress.packing import pack_mask
+from kvpr.models.common import attend
+from kvpr.runtime.batch import BatchState
 from kvpr.runtime.layer_caches import received_attention
 
 
@@ -176,6 +182,28 @@ def test_encode_chunks_is_bit_identical_to_the_former_encode(ties: bool, dtype: 
             assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    n=st.integers(1, 40),
+    data=st.data(),
+    coarse=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_largest_by_sort_picks_what_topk_picks(lead, n, data, coarse, seed) -> None:
+    """The CUDA formulation (stable sort) and the CPU one (topk of distinct int64 keys) keep the same
+    entries as the stable descending argsort, ties and zeros included, along any dim."""
+    count = data.draw(st.integers(1, n))
+    dim = data.draw(st.integers(-len(lead) - 1, len(lead)))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, n, generator=gen).abs().movedim(-1, dim)
+    if coarse:
+        x = _ties(x, gen).abs()
+    want = _largest_oracle(x, count, dim)
+    assert torch.equal(largest(x, count, dim, by_sort=True), want)
+    assert torch.equal(largest(x, count, dim, by_sort=False), want)
+
+
 def test_encode_recent_is_bit_identical_to_the_former_quantiser() -> None:
     gen = torch.Generator().manual_seed(9)
     k = torch.randn(70, 2, 3, 64, generator=gen)
@@ -184,3 +212,133 @@ def test_encode_recent_is_bit_identical_to_the_former_quantiser() -> None:
     scale, zero = _fit_range_oracle(kg, -1, 255)
     assert torch.equal(got["rk_codes"], _quantize_oracle(kg, scale, zero, 255).reshape(70, 2, 3, 64))
     assert torch.equal(got["rk_scale"], scale.squeeze(-1)) and torch.equal(got["rk_zero"], zero.squeeze(-1))
+
+
+# ----------------------------------------------------------------- scores from the attention's lse
+def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """The executor's prefill mask [b, 1, t, t] of left-padded rows ``valid`` [b, t]."""
+    return BatchState(valid.shape[0], valid.shape[1], valid.device).append(valid)[1]
+
+
+def _lse_reference(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float64 log-sum-exp [b, n_q, t] of each query's scaled logits over its allowed keys."""
+    b, n_q, t, d = q.shape
+    kr = k.double().repeat_interleave(n_q // k.shape[1], dim=1)
+    logits = (q.double() @ kr.transpose(-1, -2)) / math.sqrt(d)
+    return logits.masked_fill(~mask, float("-inf")).logsumexp(dim=-1)
+
+
+def _padded(b: int, t: int, pad: int) -> torch.Tensor:
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[0, :pad] = False  # left padding in the first row
+    return valid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_q", "n_kv", "d"), [(4, 4, 64), (8, 2, 32), (2, 1, 128)])
+def test_prefill_attention_is_attend_plus_the_lse(dtype: torch.dtype, n_q: int, n_kv: int, d: int) -> None:
+    """The output is attend's, bit for bit (the prefill stays exact); the lse is the float64 one's."""
+    b, t = 2, 77
+    q, k = _qkv(b, n_q, n_kv, t, d, seed=d, dtype=dtype)
+    v = torch.randn(b, n_kv, t, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    mask = _prefill_mask(_padded(b, t, 20))
+    out, lse = prefill_attention(q, k, v, mask)
+    assert torch.equal(out, attend(q, k, v, mask))
+    assert lse.shape == (b, n_q, t) and lse.dtype == torch.float32
+    # bf16: the CPU kernel's logits come from bf16 products; float32 sums everywhere else
+    atol = 1e-5 if dtype == torch.float32 else 5e-4
+    torch.testing.assert_close(lse.double(), _lse_reference(q, k, mask), rtol=1e-6, atol=atol)
+    torch.testing.assert_close(blocked_lse(q, k, mask).double(), _lse_reference(q, k, mask), rtol=1e-6, atol=1e-5)
+
+
+def test_prefill_attention_without_a_fused_kernel_falls_back_to_attend(monkeypatch) -> None:
+    """Any other backend: attend's output and a blocked float32 lse."""
+    q, k = _qkv(2, 4, 2, 50, 32, seed=8)
+    mask = _prefill_mask(_padded(2, 50, 9))
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *args, **kwargs: SDPBackend.MATH.value)
+    out, lse = prefill_attention(q, k, k, mask)
+    assert torch.equal(out, attend(q, k, k, mask))
+    torch.testing.assert_close(lse.double(), _lse_reference(q, k, mask), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("b", "n_q", "n_kv", "t", "d", "window"),
+    [
+        (2, 4, 4, 300, 32, 128),
+        (3, 8, 2, 517, 64, 128),
+        (1, 2, 1, 40, 32, 7),
+        (2, 4, 2, 96, 32, 1000),
+        (2, 2, 1, 65, 32, 64),
+        (2, 2, 2, 1, 32, 128),
+    ],
+)
+def test_band_scores_equal_the_per_block_softmax(b, n_q, n_kv, t, d, window) -> None:
+    q, k = _qkv(b, n_q, n_kv, t, d, seed=t)
+    valid = _padded(b, t, t // 5)
+    lse = _lse_reference(q, k, _prefill_mask(valid)).float()
+    got = band_scores(q, k, valid, lse, window)
+    want = received_attention_oracle(q, k, valid, window)
+    assert got.shape == (t, b, n_kv) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[: t // 5, 0] == 0).all()  # padding receives nothing
+    if t > 1:
+        assert (got[-1] == 0).all() and (got[t // 5 : -1, 0] > 0).all()  # nobody after the last; real keys get mass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_band_scores_of_half_inputs(dtype: torch.dtype) -> None:
+    """q and k in the model dtype: widened per pass, summed in float32 as the oracle does."""
+    q, k = _qkv(2, 4, 2, 200, 64, seed=3, dtype=dtype)
+    valid = _padded(2, 200, 17)
+    lse = _lse_reference(q, k, _prefill_mask(valid)).float()
+    got = band_scores(q, k, valid, lse, 128)
+    torch.testing.assert_close(got, received_attention_oracle(q, k, valid, 128), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    n_kv=st.integers(1, 3),
+    group=st.integers(1, 3),
+    t=st.integers(1, 200),
+    window=st.integers(1, 260),
+    pad=st.integers(0, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_band_scores_with_the_attention_lse_equal_the_oracle(b, n_kv, group, t, window, pad, seed) -> None:
+    """Any shape, window and padding: the band normalised by prefill_attention's lse is the oracle's."""
+    q, k = _qkv(b, n_kv * group, n_kv, t, 32, seed=seed)
+    valid = _padded(b, t, min(pad, t - 1))
+    v = torch.randn(b, n_kv, t, 32, generator=torch.Generator().manual_seed(seed))
+    _, lse = prefill_attention(q, k, v, _prefill_mask(valid))
+    got = band_scores(q, k, valid, lse, window)
+    torch.testing.assert_close(got, received_attention_oracle(q, k, valid, window), rtol=1e-5, atol=1e-6)
+
+
+def test_band_scores_give_the_same_encoding() -> None:
+    """The band scores reorder the chunks as the oracle's do: the encoded tensors are equal."""
+    b, n_kv, t, d = 2, 2, 512, 64
+    q, k = _qkv(b, 2 * n_kv, n_kv, t, d, seed=11)
+    v = torch.randn(t, b, n_kv, d, generator=torch.Generator().manual_seed(12))
+    valid = torch.ones(b, t, dtype=torch.bool)
+    _, lse = prefill_attention(q, k, k, _prefill_mask(valid))
+    cfg, kt = KVOConfig(), k.permute(2, 0, 1, 3)  # [t, b, n_kv, d]
+    got = encode_chunks(kt, v, band_scores(q, k, valid, lse, 128), cfg)
+    want = encode_chunks(kt, v, received_attention_oracle(q, k, valid, 128), cfg)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_attention_on_cuda_is_attend_plus_the_lse() -> None:
+    """The memory-efficient kernel called with its lse on gives attend's fp16 output bit for bit."""
+    b, n_q, n_kv, t, d = 2, 8, 4, 300, 128
+    q, k = (x.cuda() for x in _qkv(b, n_q, n_kv, t, d, seed=4, dtype=torch.float16))
+    v = torch.randn(b, n_kv, t, d, device="cuda", dtype=torch.float16)
+    valid = _padded(b, t, 33).cuda()
+    mask = _prefill_mask(valid)
+    out, lse = prefill_attention(q, k, v, mask)
+    assert torch.equal(out, attend(q, k, v, mask))
+    torch.testing.assert_close(lse.double(), _lse_reference(q, k, mask), rtol=1e-5, atol=1e-4)
+    got = band_scores(q, k, valid, lse, 128)
+    torch.testing.assert_close(got.cpu(), received_attention_oracle(q, k, valid, 128).cpu(), rtol=1e-4, atol=1e-5)

@@ -147,24 +147,33 @@ def check_head_dim(d: int, cfg: KVOConfig) -> None:
         raise KvprError(f"KVO needs head_dim {d} to be a multiple of group {cfg.group} and of 8")
 
 
-def largest(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:
+def largest(x: torch.Tensor, count: int, dim: int, by_sort: bool | None = None) -> torch.Tensor:
     """Ascending indices of the ``count`` largest entries of ``x >= 0`` along ``dim``; ties go to the
     lower index, so CPU and GPU keep the same entries (topk alone breaks ties differently on each).
 
-    Each entry gets a distinct int64 key, its float32 bits (which order as the values for
-    ``x >= 0``) then the reversed index, so one ``topk`` picks exactly the entries a stable
-    descending sort would put first, and only the ``count`` picked indices are sorted.
+    Two formulations pick the same entries (the tests hold them equal). ``by_sort`` (the default on
+    CUDA): one stable descending sort of each row, whose first ``count`` are the picks; CUDA sorts
+    rows this short in registers, one warp each, while its topk runs a 64-bit radix select per row.
+    Otherwise (the default elsewhere, where topk is the faster): each entry gets a distinct int64
+    key, its float32 bits (which order as the values for ``x >= 0``) then the reversed index, so
+    one ``topk`` picks exactly the entries a stable descending sort would put first.
+    Only the ``count`` picked indices are sorted ascending.
     """
-    n = x.shape[dim]
-    rank = torch.arange(n - 1, -1, -1, device=x.device)  # the lower index wins a tie
-    bits = x.float().movedim(dim, -1).view(torch.int32)  # ``dim`` last: topk and sort along rows
-    key = bits.to(torch.int64, memory_format=torch.contiguous_format).mul_(n).add_(rank)
-    top = key.topk(count, dim=-1, sorted=False).indices.sort(dim=-1).values
-    return top.movedim(-1, dim)
+    rows = x.float().movedim(dim, -1)  # ``dim`` last: topk and sort along rows
+    if x.is_cuda if by_sort is None else by_sort:
+        top = rows.contiguous().sort(dim=-1, descending=True, stable=True).indices[..., :count]
+    else:
+        n = x.shape[dim]
+        rank = torch.arange(n - 1, -1, -1, device=x.device)  # the lower index wins a tie
+        key = rows.view(torch.int32).to(torch.int64, memory_format=torch.contiguous_format).mul_(n).add_(rank)
+        top = key.topk(count, dim=-1, sorted=False).indices
+    return top.sort(dim=-1).values.movedim(-1, dim)
 
 
 def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig) -> Tensors:
     """Reorder, quantise and prune ``t`` tokens (``t % group == 0``) into KVO tensors.
+
+    Every window, chunk, sequence and head at once: a handful of whole-tensor passes per part.
 
     Args:
         k, v: [t, b, n_kv, d]. scores: [t, b, n_kv], higher = more attended (ties keep order).
@@ -176,9 +185,12 @@ def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: K
     C, nG, groups = t // S, t // G, d // G
     order = scores.float().reshape(C, S, b, n).permute(0, 2, 3, 1)  # [C, b, n, S]
     order = torch.argsort(order, dim=-1, descending=True, stable=True)
+    # gathered in the input dtype (exact), widened once after
     index = order.unsqueeze(-1).expand(C, b, n, S, d)
-    kr = k.float().reshape(C, S, b, n, d).permute(0, 2, 3, 1, 4).gather(3, index)  # [C, b, n, S, d]
-    vr = v.float().reshape(C, S, b, n, d).permute(0, 2, 3, 1, 4).gather(3, index)
+    kr = k.reshape(C, S, b, n, d).permute(0, 2, 3, 1, 4).gather(3, index).float()  # [C, b, n, S, d]
+    # V straight into its token groups: [nG, b, n, P, S, d], the group's P*S tokens adjacent
+    v_index = order.reshape(nG, P, b, n, S).permute(0, 2, 3, 1, 4).unsqueeze(-1).expand(nG, b, n, P, S, d)
+    vg = v.reshape(nG, P, S, b, n, d).permute(0, 3, 4, 1, 2, 5).gather(4, v_index).float()
 
     ka_codes, ka_scale, ka_zero = quantize_groups(kr[..., 0, :], cfg.k_anchor_bits, G)
     ka_hat = dequantize_groups(ka_codes, ka_scale, ka_zero, cfg.k_anchor_bits, d)  # [C, b, n, d]
@@ -189,10 +201,8 @@ def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: K
     kd_codes = quantize(diff.gather(-1, kept), kd_scale, kd_zero, levels)  # the kept ones only
     k_keep = torch.zeros_like(diff, dtype=torch.bool).scatter_(-1, kept, True)
 
-    vg = vr.reshape(nG, P, b, n, S, d).permute(0, 2, 3, 1, 4, 5)  # [nG, b, n, P, S, d]
     levels, a_levels = (1 << cfg.v_bits) - 1, (1 << cfg.v_anchor_bits) - 1
-    v_scale, v_zero = fit_range(vg, (3, 4), levels)  # [nG, b, n, 1, 1, d]
-    v_scale, v_zero = v_scale.squeeze(3), v_zero.squeeze(3)  # [nG, b, n, 1, d]
+    v_scale, v_zero = fit_range(vg.view(nG, b, n, P * S, d), 3, levels)  # [nG, b, n, 1, d]: one pass
     va_codes = quantize(vg[..., 0, :], v_scale.float() * (levels / a_levels), v_zero, a_levels)
     others = vg[..., 1:, :].reshape(nG, b, n, P * A, d)  # [nG, b, n, G-P, d]
     v_kept = largest(others.abs(), cfg.v_keep - P, dim=3)  # [nG, b, n, v_keep-P, d]
@@ -281,7 +291,7 @@ def decode_v_chunks(ts: TensorMap, position: torch.Tensor, cfg: KVOConfig, d: in
 
 def encode_recent(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig) -> Tensors:
     """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16."""
-    codes, scale, zero = quantize_groups(k, 8, cfg.group)
+    codes, scale, zero = quantize_groups(k.float(), 8, cfg.group)  # widened once, not by each pass inside
     return {"rk_codes": codes, "rk_scale": scale, "rk_zero": zero, "rv": owned(v, torch.float16)}
 
 

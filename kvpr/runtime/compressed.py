@@ -21,6 +21,7 @@ import torch
 from kvpr.cache.rows import GatherStaging
 from kvpr.cache.storage import CacheShape
 from kvpr.compress.kvo import check_head_dim
+from kvpr.compress.kvo_scores import band_scores, prefill_attention
 from kvpr.compress.methods import METHOD_CONFIGS, OFFLOADABLE, method_config, uncompressed_layers
 from kvpr.compress.rotation import check_rotation
 from kvpr.config import KIVI_METHODS, RECOMPUTE_AUTO, RECOMPUTE_OFF, CacheConfig, ModelConfig, Offload
@@ -225,9 +226,14 @@ class CompressedExecutor:
             k, v = layer.kv_from_input(x, rope)  # [b, q, n_kv, d]
             q = layer.query(x, rope)  # [b, n_q, q, d]
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [b, n_kv, q, d]
-            out = attend(q, keys, values, mask)
             window = cache.prefill_queries
-            scores = None if window is None else received_attention(q, keys, valid, window)  # [q, b, n_kv]
+            if isinstance(cache, KVOCache) and window is not None:
+                # the attention's own log-sum-exp normalises the band of scores: no second full QK^T
+                out, lse = prefill_attention(q, keys, values, mask)  # [b, q, n_q * d], [b, n_q, q]
+                scores = band_scores(q, keys, valid, lse, window)  # [q, b, n_kv]
+            else:
+                out = attend(q, keys, values, mask)
+                scores = None if window is None else received_attention(q, keys, valid, window)  # [q, b, n_kv]
             cache.prefill(k.transpose(0, 1), v.transpose(0, 1), valid.T, scores)
             hidden = layer.finish(hidden, out)
         if not all_logits:

@@ -167,7 +167,7 @@ class KVOCache:
             scores = torch.zeros(k.shape[:3], device=self.device)
         if valid is None:
             valid = torch.ones(k.shape[:2], dtype=torch.bool, device=self.device)
-        v = torch.where(valid[:, :, None, None], v, torch.zeros_like(v))  # padding V never widens a range
+        v = v.masked_fill(~valid[:, :, None, None], 0.0)  # padding V never widens a range
         new = encode_recent(k, v, self.config)
         r, total = self.recent_len, self.recent_len + t
         if total < 2 * w:
@@ -176,9 +176,12 @@ class KVOCache:
             self.recent_scores[r:total], self.recent_valid[r:total] = scores.float(), valid
             self.recent_len = total
             return
-        joined = {name: torch.cat([self.recent[name][:r], new[name]]) for name in RECENT_NAMES}
-        all_scores = torch.cat([self.recent_scores[:r], scores.float()])  # [total, b, n_kv]
-        all_valid = torch.cat([self.recent_valid[:r], valid])  # [total, b]
+        if r == 0:  # a prompt into an empty cache: nothing to join
+            joined, all_scores, all_valid = new, scores.float(), valid  # [total, b, n_kv, *], ..., [total, b]
+        else:
+            joined = {name: torch.cat([self.recent[name][:r], new[name]]) for name in RECENT_NAMES}
+            all_scores = torch.cat([self.recent_scores[:r], scores.float()])  # [total, b, n_kv]
+            all_valid = torch.cat([self.recent_valid[:r], valid])  # [total, b]
         count = (total - w) // w * w  # leaves window..2*window-1 recent
         self._finalise({name: x[:count] for name, x in joined.items()}, all_scores[:count], all_valid[:count])
         rest = total - count
