@@ -228,3 +228,30 @@ def test_timed_row_on_a_tiny_model(tiny_checkpoint: Callable[[str], Path]) -> No
         assert row["floor_kind"] == "plan" and row["floor_ms"] > 0
         if name == "kvpr-0.5":
             assert all(length > 0 for length in row["recompute_lens"]) and row["floor_recompute_flops_per_step"] > 0
+
+
+def test_floors_take_the_link_rate_the_run_demonstrated() -> None:
+    """A row that moved 56 GB in a second shows the link does at least 56 GB/s: every row whose
+    floor assumed the profiler's 50 GB/s is re-floored with 56 (never raised, the profile's floor
+    kept beside it), a compute-bound row keeps its floor, and doing it twice changes nothing."""
+    rates = {"h2d_bytes_per_s": 50e9, "hbm_bytes_per_s": 4e12, "recompute_flop_per_s": 600e12}
+
+    def row(system: str, link: float, device: float, ms: float) -> dict:
+        floor = 1e3 * max(link / 50e9, device / 4e12)
+        return {"model": "m", "batch_size": 1, "prompt_len": 8, "system": system, "decode_ms_per_token": ms,
+                "floor_ms": floor, "floor_kind": "plan", "floor_rates": dict(rates),
+                "floor_link_bytes_per_step": link, "floor_device_bytes_per_step": device,
+                "floor_recompute_flops_per_step": 0.0}  # fmt: skip
+
+    fast, slow, bound = row("a", 56e9, 1e9, 1000.0), row("b", 28e9, 1e9, 600.0), row("c", 1e9, 4e12, 1100.0)
+    untimed = {**row("floor", 100e9, 0.0, 1.0), "timed": False}  # the cost model's row is no measurement
+    rows = [fast, slow, bound, untimed]
+    assert floors.demonstrated_h2d(rows) == (56e9, "m 1 x 8 a")
+    floors.floor_with_demonstrated_h2d(rows)
+    assert fast["floor_ms"] == pytest.approx(1000.0) and fast["floor_ms_profile_h2d"] == pytest.approx(1120.0)
+    assert slow["floor_ms"] == pytest.approx(500.0) and slow["floor_rates"]["h2d_bytes_per_s"] == 56e9
+    assert bound["floor_ms"] == pytest.approx(1000.0)  # device bytes over HBM: the link rate does not move it
+    assert slow["floor_h2d_source"] == "demonstrated by m 1 x 8 a"
+    again = [dict(r) for r in rows]
+    floors.floor_with_demonstrated_h2d(again)
+    assert again == rows

@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FLOOR_TOLERANCE = 0.02  # a timed median may sit this far below its floor (noise of the peak rates)
-RESULT_PREFIXES = ("latency-", "throughput-", "accuracy-", "sim-")  # sim-: kvpr sim --results
+RESULT_PREFIXES = ("latency-", "tiered-", "throughput-", "accuracy-", "sim-", "serve-", "kvo-prefill-")  # sim-: kvpr sim --results
 # Prefixes of results whose commit and dirty state are not checked: none, every results JSON outside
 # history/ is (accuracy reports carry benchmarks/provenance.py's header since issue 12).
 COMMIT_CHECK_EXEMPT: tuple[str, ...] = ()
@@ -60,7 +60,7 @@ def _timed_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows with a measured decode time: not skipped, not the cost model's (untimed) floor row."""
     return [
         row
-        for row in result["rows"]
+        for row in result.get("rows", [])  # a capacity-only result has none
         if row.get("decode_ms_per_token") and not row.get("skipped") and row.get("timed", True)
         and row.get("system") != "floor"
     ]  # fmt: skip
@@ -111,7 +111,7 @@ def provenance_problems(name: str, result: dict[str, Any]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("path", _current(("latency-",)), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _current(("latency-", "tiered-")), ids=lambda p: p.name)
 def test_latency_rows_are_not_below_their_own_floor(path: Path) -> None:
     assert not floor_problems(path.name, _load(path))
 
