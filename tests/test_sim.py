@@ -214,13 +214,14 @@ def test_kv_codec_host_term_by_hand() -> None:
 
 
 def test_tiered_layer_by_hand() -> None:
-    from kvpr.sim.gpu import _layer_compute_s, tiered_layer
+    from kvpr.sim.gpu import TieredIssue, _layer_compute_s, tiered_layer
     from kvpr.sim.workload import decode_step
 
     model = tiny_model(n_kv=2, d=64)  # h = 256, kv_size = 128
     gpu = _flat_gpu({"none": 0.2e-3}, {"none": 0.0})
+    issue = TieredIssue(gpu_layer_s=0.1e-3, layer_s=0.2e-3, x_chunk_s=10e-6, kv_chunk_s=10e-6)
     b, gpu_len, host_len, recompute_len, c, slot = 4, 100, 300, 200, 2, 64
-    t = tiered_layer(gpu, model, b, gpu_len, host_len, recompute_len, c, slot, chunk_host_s=10e-6)
+    t = tiered_layer(gpu, model, b, gpu_len, host_len, recompute_len, c, slot, slot, issue)
     x_bytes, kv_bytes = 200 * 4 * 256 * 2, 100 * 2 * 4 * 128 * 2  # X of [0, l); K,V of [l, h)
     assert t.copy_s == pytest.approx((x_bytes + kv_bytes) / 50e9)
     # X in max(2, ceil(200 / 64)) = 4 chunks, K,V in ceil(100 / 64) = 2: six chunks of 10 us
@@ -228,8 +229,45 @@ def test_tiered_layer_by_hand() -> None:
     flops = 2.0 * b * recompute_len * 256 * 2 * 128
     step = decode_step(model, model.model_type, b, gpu_len + host_len, "fp16", weight_bits=16)
     assert t.compute_s == pytest.approx(x_bytes / 50e9 / 4 + flops / 500e12 + _layer_compute_s(gpu, step))
-    resident = tiered_layer(gpu, model, b, 400, 0, 0, 1, slot, chunk_host_s=10e-6)
-    assert resident.copy_s == 0.0 and resident.host_s == pytest.approx(0.2e-3)
+    resident = tiered_layer(gpu, model, b, 400, 0, 0, 1, slot, slot, issue)
+    assert resident.copy_s == 0.0 and resident.host_s == pytest.approx(0.1e-3)  # no host tier: one attention
+
+
+def test_x_slots_by_x_bytes_by_hand() -> None:
+    """72448d7: X slots of their own 128 tokens where K,V slots hold 64: fewer, larger X chunks."""
+    from kvpr.sim.gpu import TieredIssue, tiered_layer
+
+    model = tiny_model(n_kv=2, d=64)
+    gpu = _flat_gpu({"none": 0.2e-3}, {"none": 0.0})
+    issue = TieredIssue(gpu_layer_s=0.1e-3, layer_s=0.2e-3, x_chunk_s=30e-6, kv_chunk_s=10e-6)
+    t = tiered_layer(gpu, model, 4, 100, 300, 200, 1, 64, 128, issue)
+    # X in max(1, ceil(200 / 128)) = 2 chunks of 30 us, K,V in ceil(100 / 64) = 2 of 10 us
+    assert t.host_s == pytest.approx(0.2e-3 + 2 * 30e-6 + 2 * 10e-6)
+    # recompute at 500 TFLOP/s whatever the rows; the compute stream waits for one X chunk of two
+    x_bytes = 200 * 4 * 256 * 2
+    assert t.compute_s - tiered_layer(gpu, model, 4, 100, 300, 200, 1, 64, 64, issue).compute_s == pytest.approx(
+        x_bytes / 50e9 / 2 - x_bytes / 50e9 / 4
+    )
+
+
+def test_host_tier_issue_from_the_format5_profile_by_hand() -> None:
+    """The 72448d7 sweep's profile: host_layer_s 1.19625 ms (a layer with one K,V chunk), host_chunk_s
+    0.39006 ms; GPU share 0.75 runs h = 556, l = 397 at batch 16 (X slots 256 tokens, K,V 128)."""
+    from kvpr.scheduler.profile import HardwareProfile
+    from kvpr.sim.gpu import GpuMachine, host_tier_issue, tiered_layer
+
+    path = ROOT / "benchmarks/results/profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json"
+    profile = HardwareProfile.load(path)
+    layer, chunk = profile.host_layer_s["none"], profile.host_chunk_s["none"]
+    assert layer == pytest.approx(1.19625e-3, abs=1e-8) and chunk == pytest.approx(0.39006e-3, abs=1e-8)
+    issue = host_tier_issue(profile, gpu_layer_s=0.38e-3)
+    assert issue.layer_s == pytest.approx(0.80619e-3, abs=1e-8) and issue.kv_chunk_s == issue.x_chunk_s == chunk
+    assert issue.seconds(0, 1) == pytest.approx(layer)  # the probe's own layer: l = 0, one K,V chunk
+    assert issue.seconds(0, 0) == 0.38e-3
+    opt = builtin_config("opt-6.7b")
+    t = tiered_layer(GpuMachine.load(path), opt, 16, 2016 + 1 - 556, 556, 397, 1, 128, 256, issue)
+    # X in max(1, ceil(397 / 256)) = 2 chunks, K,V of 159 tokens in 2: 0.80619 + 4 x 0.39006 ms
+    assert t.host_s == pytest.approx(2.36645e-3, abs=1e-8)
 
 
 def test_h200_validation_notes_every_miss_and_covers_the_tiered_rows() -> None:
@@ -241,6 +279,18 @@ def test_h200_validation_notes_every_miss_and_covers_the_tiered_rows() -> None:
     assert len(tiered) == 13 and sum(row["within_tolerance"] for row in tiered) >= 9
     off = {row["workload"]: row for row in tiered}["opt-6.7b 16 x 2016 + 16, kvpr-off-tiered GPU 0.50"]
     assert abs(off["error"]) < 0.08
+
+
+def test_h200_validation_of_the_72448d7_sweep() -> None:
+    from kvpr.sim.validation import validation_rows
+
+    rows = [row for row in validation_rows(ROOT) if row["measured_source"].endswith("-72448d7.json")]
+    assert len(rows) == 8 and all(row["measured_commit"].startswith("72448d7") for row in rows)
+    assert all(row["model"].startswith("kvpr tiered at 72448d7") for row in rows)
+    assert any(path.endswith("-format5.json") for path in rows[0]["profiles"])
+    offloaded = [row for row in rows if "GPU 1.00" not in row["workload"]]
+    assert len(offloaded) == 6 and all(row["within_tolerance"] for row in offloaded)
+    assert all("K,V chunk" in row["note"] for row in offloaded)  # the assumed K,V chunk cost, stated
 
 
 def test_kvpr_sim_command_writes_json_and_png(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ A layer of kvpr's overlapped executor (runtime/latency.py) is three queues, each
 
 ``offloaded_layer`` is the executor the latency rows were measured on (commit 12ec21af: every host
 token's K,V copied into an ``s_max`` staging buffer in one range per layer, decoded there in one call);
-``tiered_layer`` is today's (docs/structure.md "One decode step, offloaded": the GPU tier attended in
-place, host chunks through rings of ``slot_tokens``, one piece each), on which the tiered rows ran.
+``tiered_layer`` is the tiered one (docs/structure.md "One decode step, offloaded": the GPU tier attended
+in place, host chunks through rings of slots, one piece each) in either version the tiered rows ran on:
+a266ad4 (X slots hold a K,V slot's tokens) and 72448d7 (X slots of 32 MiB of X, ``x_slot_tokens_for``),
+its host issue by part (``TieredIssue``).
 
 KVO's layers (runtime/kvo_cache.py, zero-copy gather): the selected rows cross PCIe inside a kernel on
 the compute stream, then select/decode/attend read the workload's bytes (anchors, rows, recent window,
@@ -136,41 +138,67 @@ def kv_codec_host_s(profile: HardwareProfile, kv_codec: str, decodes: int = 1) -
     return 2 * encode + 2 * decodes * decode
 
 
+@dataclass(frozen=True)
+class TieredIssue:
+    """Host seconds of one layer of the tiered executor, by what it issues: ``gpu_layer_s`` with every
+    token in the GPU tier (one attention), else ``layer_s`` (the layer, its GPU-tier piece and the
+    merge) plus ``x_chunk_s`` per X chunk and ``kv_chunk_s`` per K,V chunk (a ring slot and a piece)."""
+
+    gpu_layer_s: float
+    layer_s: float
+    x_chunk_s: float
+    kv_chunk_s: float
+
+    def seconds(self, x_chunks: int, kv_chunks: int) -> float:
+        if not x_chunks and not kv_chunks:
+            return self.gpu_layer_s
+        return self.layer_s + x_chunks * self.x_chunk_s + kv_chunks * self.kv_chunk_s
+
+
+def host_tier_issue(profile: HardwareProfile, gpu_layer_s: float) -> TieredIssue:
+    """The tiered executor's issue from a format-5 profile, whose probe puts its 16-token prompt on
+    the host tier: ``host_layer_s`` is a layer at ``l = 0`` (one K,V chunk of 16 tokens), and
+    ``host_chunk_s`` one X chunk more. No probe times a K,V chunk alone: it is costed as an X chunk
+    (the same slot wait, copy, piece and release; a recompute's launches fewer, a second copy more),
+    and taken out of the layer once. No probe times a layer without a host tier: ``gpu_layer_s``."""
+    chunk = profile.host_chunk_s["none"]
+    return TieredIssue(gpu_layer_s, profile.host_layer_s["none"] - chunk, chunk, chunk)
+
+
 def tiered_layer(
     gpu: GpuMachine, model: ModelConfig, b: int, gpu_len: int, host_len: int, recompute_len: int, num_chunks: int,
-    slot_tokens: int, chunk_host_s: float,
+    kv_slot_tokens: int, x_slot_tokens: int, issue: TieredIssue,
 ) -> LayerTimes:  # fmt: skip
-    """One layer of today's executor (runtime/latency.py): the GPU tier's ``gpu_len`` tokens attended
-    in place; of the host tier's ``host_len``, X of ``[0, l)`` in ``max(c, l / slot)`` chunks, then
-    K,V in chunks of ``slot_tokens``, each chunk a ring slot and a piece. Host: the profile's layer
-    issue (timed on this executor with every token in the GPU tier) plus ``chunk_host_s`` a chunk."""
+    """One layer of the tiered executor (runtime/latency.py): the GPU tier's ``gpu_len`` tokens
+    attended in place; of the host tier's ``host_len``, X of ``[0, l)`` in ``max(c, l / x_slot)``
+    chunks, then K,V in chunks of ``kv_slot_tokens``, each chunk a ring slot and a piece; the host
+    issues them at ``issue``'s costs."""
     p, h = gpu.profile, model.hidden_size
     rl = recompute_len
-    x_chunks = max(num_chunks, -(-rl // slot_tokens)) if rl else 0
-    kv_chunks = -(-(host_len - rl) // slot_tokens)
+    x_chunks = max(num_chunks, -(-rl // x_slot_tokens)) if rl else 0
+    kv_chunks = -(-(host_len - rl) // kv_slot_tokens)
     x_bytes, kv_token = rl * b * h * 2, 2 * b * model.kv_size * 2
     t_x = gpu.h2d_s(x_bytes, x_bytes / x_chunks) if rl else 0.0
-    t_kv = gpu.h2d_s((host_len - rl) * kv_token, slot_tokens * kv_token)
+    t_kv = gpu.h2d_s((host_len - rl) * kv_token, kv_slot_tokens * kv_token)
     flops = 2.0 * b * rl * h * 2 * model.kv_size
     t_rc = gpu.rate_s(p.recompute_curve(), flops, b * rl / x_chunks) if rl else 0.0
     step = decode_step(model, model.model_type, b, gpu_len + host_len, "fp16", weight_bits=16)
     compute = (t_x / x_chunks if rl else 0.0) + t_rc + _layer_compute_s(gpu, step)
-    host = p.host_issue().layer_s + (x_chunks + kv_chunks) * chunk_host_s
-    return LayerTimes(t_x + t_kv, compute, host)
+    return LayerTimes(t_x + t_kv, compute, issue.seconds(x_chunks, kv_chunks))
 
 
 def kvpr_tiered_ms(
     gpu: GpuMachine, model: ModelConfig, b: int, prompt_len: int, steps: list[tuple[int, int, int]],
-    slot_tokens: int, chunk_host_s: float, skip: int = 1,
+    kv_slot_tokens: int, x_slot_tokens: int, issue: TieredIssue, skip: int = 1,
 ) -> float:  # fmt: skip
-    """Mean decode ms/token of today's executor; ``steps[k]`` = (host tokens, l, c) of decode step k,
-    which runs with ``prompt_len + k`` cached tokens."""
+    """Mean decode ms/token of the tiered executor; ``steps[k]`` = (host tokens, l, c) of decode step
+    k, which runs with ``prompt_len + k`` cached tokens."""
     times = []
     for k, (host_len, recompute_len, c) in enumerate(steps):
         if k < skip:
             continue
         gpu_len = prompt_len + k - host_len
-        layer = tiered_layer(gpu, model, b, gpu_len, host_len, recompute_len, c, slot_tokens, chunk_host_s)
+        layer = tiered_layer(gpu, model, b, gpu_len, host_len, recompute_len, c, kv_slot_tokens, x_slot_tokens, issue)
         times.append(model.num_layers * layer.seconds + lm_head_s(gpu, model, b))
     return 1e3 * sum(times) / len(times)
 

@@ -3,7 +3,9 @@
 Each row names the results file it was measured in, the profile files whose rates the prediction
 used, and ``error = predicted / measured - 1``. Splits ``(l, c)`` are the row's recorded recompute
 lengths with the chunk count the run's policy picks for them (kvpr's own solver on the same profile;
-on the latency rows it gives the recorded ``l`` of every step at the measured commit too).
+on the latency rows it gives the recorded ``l`` of every step at the measured commit too). A tiered
+row is modelled on the executor version it ran on (``TieredRun``: its X slot rule and which profile
+times each part of its host issue).
 
 A row the model does not reach within the tolerance carries a ``note`` saying what it leaves out and
 why that is not modelled (no measured rate for it): no row is fitted.
@@ -17,10 +19,33 @@ from pathlib import Path
 from typing import Any
 
 from kvpr.scheduler.profile import HardwareProfile
-from kvpr.sim.gpu import GpuMachine, hf_ms, kvpr_kvo_ms, kvpr_offloaded_ms, kvpr_tiered_ms
+from kvpr.sim.gpu import (
+    GpuMachine,
+    TieredIssue,
+    hf_ms,
+    host_tier_issue,
+    kvpr_kvo_ms,
+    kvpr_offloaded_ms,
+    kvpr_tiered_ms,
+)
 
 TOLERANCE = 0.15
 RESULTS = Path("benchmarks/results")
+SWEEP_72448D7 = "tiered-sweep-opt-NVIDIA_H200-20261203-72448d7.json"
+
+
+@dataclass(frozen=True)
+class TieredRun:
+    """The tiered executor a results file was measured on, and where its host issue comes from."""
+
+    commit: str
+    x_slots_by_x: bool  # X slots of 32 MiB of X (72448d7's x_slot_tokens_for); before, a K,V slot's tokens
+    # a profile of the same device and shape (file name), or None for the row's own
+    chunk_profile: str | None  # whose host_chunk_s["none"] is a chunk's issue
+    gpu_layer_profile: str | None  # whose host_layer_s["none"] is a layer with no host tier
+    host_tier_probe: bool  # the chunk profile is format 5 (host_tier_issue); else every part costs its figures
+    note: str  # what is borrowed or assumed, on every row with host tokens
+    gpu_note: str | None = None  # the same, on rows without
 
 
 @dataclass(frozen=True)
@@ -29,9 +54,7 @@ class Source:
 
     results: str
     profiles: dict[tuple[str, int], tuple[str, str | None]]
-    # today's executor: a profile of the same device and shape timed on the earlier one, whose
-    # host_chunk_s["none"] stands for a host chunk's issue (see TIERED_CHUNK_NOTE)
-    chunk_profile: str | None = None
+    tiered: TieredRun | None = None
 
 
 H200_SOURCES = (
@@ -59,15 +82,42 @@ H200_SOURCES += (
             ("opt", 16): ("profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json", None),
             ("llama", 8): ("profile-llama-h4096-kv2048-float16-b8-NVIDIA_H200-20261203-tiered.json", None),
         },
-        chunk_profile="profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203.json",
+        tiered=TieredRun(
+            commit="a266ad4",
+            x_slots_by_x=False,
+            chunk_profile="profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203.json",
+            gpu_layer_profile=None,
+            host_tier_probe=False,
+            note=(
+                "host chunk issue: the tiered profiles time the layer on the a266ad4 executor with a 16-token prompt, "
+                "which stays in the GPU tier, so their host_chunk_s is 0 (no chunk issued); each X or K,V chunk is "
+                "costed at host_chunk_s['none'] of the same device and shape timed on the earlier executor"
+            ),
+        ),
+    ),
+    Source(
+        SWEEP_72448D7,
+        {("opt", 16): ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", None)},
+        tiered=TieredRun(
+            commit="72448d7",
+            x_slots_by_x=True,
+            chunk_profile=None,
+            gpu_layer_profile="profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json",
+            host_tier_probe=True,
+            note=(
+                "host issue from this run's format-5 profile (prompt on the host tier, batch 1): host_layer_s is a "
+                "layer with one K,V chunk, host_chunk_s one X chunk more; no probe times a K,V chunk alone, so each "
+                "is costed as an X chunk (and one is taken out of the layer)"
+            ),
+            gpu_note=(
+                "the format-5 profile times no layer without a host tier; the GPU-tier-only layer's host issue is "
+                "host_layer_s of the a266ad4 tiered profile (same device and shape, batch 1), whose single-attention "
+                "path 72448d7 did not change"
+            ),
+        ),
     ),
 )
 TIERED_SYSTEMS = ("kvpr-gpu", "kvpr-tiered", "kvpr-off-tiered")
-TIERED_CHUNK_NOTE = (
-    "host chunk issue: the tiered profiles time the layer on today's executor with a 16-token prompt, which "
-    "stays in the GPU tier, so their host_chunk_s is 0 (no chunk issued); each X or K,V chunk is costed at "
-    "host_chunk_s['none'] of the same device and shape timed on the earlier executor (chunk_profile)"
-)
 NOTES = {  # system -> what a row outside the tolerance leaves out, and why it is not modelled
     "kvpr-x4": (
         "copy, compute and host issue each come to 1.0-1.2 ms a layer (opt-6.7b) or 1.8-2.1 ms (llama-3-8b) and the "
@@ -104,6 +154,20 @@ NOTES = {  # system -> what a row outside the tolerance leaves out, and why it i
     ),
 }
 NOTES["kvpr-tiered-gpu"] = NOTES["kvpr-gpu"]  # kvpr-tiered with every token in the GPU tier
+RUN_NOTES = {  # (results file, system) -> a note that replaces NOTES[system] on that file's rows
+    (SWEEP_72448D7, "kvpr-gpu"): (
+        "host-bound: the model puts the host at 0.38 ms a layer against 0.22 ms of device work (12.2 ms a step); "
+        "this run measured 22.4 ms (repeats 18.0-23.1), where kvpr-tiered with every token in the GPU tier, the "
+        "same executor and attention path in the same run, measured 14.6 ms (13.8-20.6) and kvpr-gpu measured "
+        "14.2 ms at a266ad4: no measured rate separates them; the step's host work outside the layers "
+        "(embedding, logits, sampling) is not timed by kvpr profile"
+    ),
+    (SWEEP_72448D7, "kvpr-tiered-gpu"): (
+        "host-bound: the model puts the host at 0.38 ms a layer against 0.22 ms of device work (12.2 ms a step); "
+        "the run's 14.6 ms (repeats 13.8-20.6) is 0.46 ms a layer; the step's host work outside the layers "
+        "(embedding, logits, sampling) is not timed by kvpr profile"
+    ),
+}
 SYSTEM_CODECS = {  # system -> (x codec, K,V codec) of kvpr's tokenwise host tier
     "kvpr-off": ("none", "none"),
     "kvpr-auto": ("none", "none"),
@@ -126,21 +190,38 @@ def _chunks(gpu: GpuMachine, model: Any, b: int, s: int, x_codec: str, kv_codec:
     return auto_policy(model, b, gpu.profile, x_bytes, kv_bytes, None, x_codec, kv_codec, gpu_tokens)(s).num_chunks
 
 
-def _tiered_ms(row: dict[str, Any], gpu: GpuMachine, model: Any, chunk_host_s: float) -> float:
-    """Today's executor on a tiered row: each step's recorded host tokens and ``l``, the policy's ``c``."""
+def tiered_issue(run: TieredRun, gpu: GpuMachine, root: Path) -> TieredIssue:
+    """The host issue of ``run``'s executor from its profiles (``gpu``'s own where ``run`` names none)."""
+
+    def profile(name: str | None) -> HardwareProfile:
+        return gpu.profile if name is None else HardwareProfile.load(root / RESULTS / name)
+
+    chunks, gpu_layer = profile(run.chunk_profile), profile(run.gpu_layer_profile).host_layer_s["none"]
+    if run.host_tier_probe:
+        return host_tier_issue(chunks, gpu_layer)
+    chunk = chunks.host_chunk_s["none"]
+    return TieredIssue(gpu_layer, gpu.profile.host_layer_s["none"], chunk, chunk)
+
+
+def _tiered_ms(row: dict[str, Any], gpu: GpuMachine, model: Any, run: TieredRun, issue: TieredIssue) -> float:
+    """The tiered executor on a row: each step's recorded host tokens and ``l``, the policy's ``c``."""
     from kvpr.runtime.latency import SLOT_BYTES
 
     b, prompt = row["batch_size"], row["prompt_len"]
-    slot_tokens = max(1, SLOT_BYTES // (2 * b * model.kv_size * 2))  # slot_tokens_for on fp16 K,V
+    kv_slot = max(1, SLOT_BYTES // (2 * b * model.kv_size * 2))  # slot_tokens_for on fp16 K,V
+    x_slot = max(1, SLOT_BYTES // (b * model.hidden_size * 2)) if run.x_slots_by_x else kv_slot  # x_slot_tokens_for
     steps = [
         (h, n, _chunks(gpu, model, b, h, "none", "none", row["gpu_slots"]) if n else 1)
         for h, n in zip(row["host_lens"], row["recompute_lens"], strict=True)
     ]
-    return kvpr_tiered_ms(gpu, model, b, prompt, steps, slot_tokens, chunk_host_s)
+    return kvpr_tiered_ms(gpu, model, b, prompt, steps, kv_slot, x_slot, issue)
 
 
-def predict_row(row: dict[str, Any], gpu: GpuMachine, chunk_host_s: float = 0.0) -> tuple[float, str] | None:
-    """(predicted ms, the model used) for a measured row, or None for a system the model does not cover."""
+def predict_row(
+    row: dict[str, Any], gpu: GpuMachine, tiered: tuple[TieredRun, TieredIssue] | None = None
+) -> tuple[float, str] | None:
+    """(predicted ms, the model used) for a measured row, or None for a system the model does not cover;
+    a tiered row needs its executor and host issue (``tiered``)."""
     from kvpr.models.registry import builtin_config
 
     model = builtin_config(row["model"])
@@ -155,8 +236,10 @@ def predict_row(row: dict[str, Any], gpu: GpuMachine, chunk_host_s: float = 0.0)
         ), "kvpr offloaded, per layer max(copy, compute, host)"
     if system == "kvpr-kvo-compile":
         return kvpr_kvo_ms(gpu, model, b, prompt, steps), "kvpr KVO rows in host memory, zero-copy gather"
-    if system in TIERED_SYSTEMS:
-        return _tiered_ms(row, gpu, model, chunk_host_s), "kvpr tiered, per layer max(copy, compute, host)"
+    if system in TIERED_SYSTEMS and tiered is not None:
+        run, issue = tiered
+        how = f"kvpr tiered at {run.commit}, per layer max(copy, compute, host)"
+        return _tiered_ms(row, gpu, model, run, issue), how
     if system in ("hf-offloaded", "hf-gpu"):
         return hf_ms(
             gpu, model, b, prompt, steps, system == "hf-offloaded"
@@ -177,11 +260,13 @@ def validation_rows(root: Path) -> list[dict[str, Any]]:
             if paths is None:
                 continue
             gpu = GpuMachine.load(root / RESULTS / paths[0], None if paths[1] is None else root / RESULTS / paths[1])
-            chunk_host_s, profiles = 0.0, [f"benchmarks/results/{name}" for name in gpu.sources]
-            if source.chunk_profile is not None:
-                chunk_host_s = HardwareProfile.load(root / RESULTS / source.chunk_profile).host_chunk_s["none"]
-                profiles.append(f"benchmarks/results/{source.chunk_profile}")
-            predicted = predict_row(row, gpu, chunk_host_s)
+            names, tiered = list(gpu.sources), None
+            if source.tiered is not None:
+                run = source.tiered
+                tiered = run, tiered_issue(run, gpu, root)
+                names += [n for n in (run.chunk_profile, run.gpu_layer_profile) if n and n not in names]
+            profiles = [f"benchmarks/results/{name}" for name in names]
+            predicted = predict_row(row, gpu, tiered)
             if predicted is None:
                 continue
             ms, how = predicted
@@ -190,9 +275,12 @@ def validation_rows(root: Path) -> list[dict[str, Any]]:
             fraction = row.get("gpu_fraction")
             name = system if fraction is None else f"{system} GPU {fraction:.2f}"
             key = "kvpr-tiered-gpu" if system == "kvpr-tiered" and not any(row["host_lens"]) else system
-            note = None if within else NOTES.get(key)
-            if source.chunk_profile is not None and any(row.get("host_lens") or ()):
-                note = TIERED_CHUNK_NOTE if note is None else f"{note}; {TIERED_CHUNK_NOTE}"
+            note = None if within else RUN_NOTES.get((source.results, key), NOTES.get(key))
+            if source.tiered is not None:
+                run = source.tiered
+                borrowed = run.note if any(row.get("host_lens") or ()) else run.gpu_note
+                if borrowed is not None:
+                    note = borrowed if note is None else f"{note}; {borrowed}"
             rows.append({
                 "workload": f"{row['model']} {b} x {row['prompt_len']} + {row['gen_len']}, {name}",
                 "predicted_ms": round(ms, 3),
