@@ -2,13 +2,17 @@
 # One device call for a change to the runtime, the server and the KVO prefill: the GPU tests that
 # cover them, then the serve and KVO-prefill benchmarks, each within its own time limit so a slow
 # part never eats the next one's. Logs and JSON go to $OUT; a short table is printed last.
-# Usage (repo root; the device's copy has no usable .git, so name the commit):
+# Usage (repo root; the device's copy has no usable .git, so name the commit; carry .whl-serve):
 #   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo]
 # Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (170), KVO_S (110), TESTS_K (a -k filter).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results}"; mkdir -p "$OUT"
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests serve kvo)
+if [ -d .whl-serve ]; then  # the server's stack and the openai client (carry .whl-serve: the device reaches no registry)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-serve/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 stem=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")-$(date -u +%Y%m%d)
 began=$SECONDS
 for part in "${parts[@]}"; do
