@@ -157,7 +157,9 @@ class LLM:
         if throughput is None:
             return None
         pin = throughput.pin_weight and pin_host_memory(self.device)
-        weights = LayerWeights(self.model, throughput.placement, self.device, self.dtype, pin, self._offload_dir())
+        weights = LayerWeights(
+            self.model, throughput.placement, self.device, self.dtype, pin, self._offload_dir(), throughput.compress_weight
+        )
         weights.allocate()
         return weights
 
