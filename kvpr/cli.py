@@ -177,6 +177,11 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
         if args.offload not in ("none", "auto"):
             raise KvprError("--offload is latency mode's flag: in throughput mode --percent places the cache")
         offload_name = "none" if throughput.placement.cache_gpu >= 100 else "cpu"
+        if offload_name == "none" and args.kv_codec != "none":
+            raise KvprError(
+                f"--kv-codec {args.kv_codec} compresses the CPU and disk tiers of the cache, and --percent "
+                f"{throughput.placement} keeps all of it on the GPU: drop it or lower the cache's GPU share"
+            )
     try:
         offload = Offload(offload_name)
     except ValueError:

@@ -99,12 +99,22 @@ def check_context(target: Target, max_len: int) -> None:
         )
 
 
+THROUGHPUT_CODECS: tuple[str, ...] = ("none", "int8", "int4")  # tokenwise: any token range of a tier is a slice
+
+
 def check_throughput_cache(cache: CacheConfig) -> None:
-    """Throughput mode stores K,V (and X) as computed: refuse a codec before anything is built."""
+    """Throughput mode's tiers store K,V and X as computed or under a tokenwise group codec (int8,
+    int4): refuse the cache methods (KVO, KIVI, H2O, ...) and other codecs before anything is built."""
+    if cache.kv_codec in CACHE_METHODS:
+        raise KvprError(
+            f"--kv-codec {cache.kv_codec} is a cache method, not supported in throughput mode yet: "
+            "use --kv-codec int8|int4 or drop --percent"
+        )
     for flag in ("kv_codec", "x_codec"):
-        if getattr(cache, flag) != "none":
+        name = getattr(cache, flag)
+        if name not in THROUGHPUT_CODECS:
             raise KvprError(
-                f"--{flag.replace('_', '-')} is not supported in throughput mode yet: drop it or drop --percent"
+                f"--{flag.replace('_', '-')} {name} is not supported in throughput mode: use none, int8 or int4"
             )
 
 
