@@ -54,7 +54,7 @@ from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec
-    from kvpr.scheduler.throughput_cost import ThroughputPlan
+    from kvpr.scheduler.throughput_cost import CacheCodecs, ThroughputPlan
 
 
 def make_codec(cache: CacheConfig, model: ModelConfig) -> KVCodec | CacheMethod | None:
@@ -180,7 +180,13 @@ def check_block_fits(
             f"{throughput.gpu_batch_size}: raise --num-gpu-batches or --gpu-batch-size"
         )
     memory = block_memory(
-        target.model, throughput, batch_size, max_len, target.stores_inputs(), element_size(target.dtype)
+        target.model,
+        throughput,
+        batch_size,
+        max_len,
+        target.stores_inputs(),
+        element_size(target.dtype),
+        cache_codecs(target.cache),
     )
     needs, everything = run_needs(memory, weights_loaded, buffers_made), run_needs(memory, False, False)
     budget, device = target.host_memory_gib, target.device
@@ -196,6 +202,13 @@ def check_block_fits(
     check_run_memory(needs, free, what)
     if needs[Tier.DISK]:
         check_offload_dir(offload_dir(), int(needs[Tier.DISK]), what + ": its disk share")  # type: ignore[arg-type]
+
+
+def cache_codecs(cache: CacheConfig) -> CacheCodecs:
+    """The codecs of throughput mode's CPU and disk tiers, as the cost model counts them."""
+    from kvpr.scheduler.throughput_cost import CacheCodecs
+
+    return CacheCodecs(cache.kv_codec, cache.x_codec)
 
 
 def check_before_loading(
@@ -305,7 +318,8 @@ def recompute_fraction(
     from kvpr.scheduler.throughput_policy import recompute_fraction_policy
 
     profile = load_or_measure(target.device, target.model, target.dtype, throughput.gpu_batch_size, profile_path)
-    return recompute_fraction_policy(target.model, profile, throughput, element_size(target.dtype))
+    dtype_bytes = element_size(target.dtype)
+    return recompute_fraction_policy(target.model, profile, throughput, dtype_bytes, codecs=cache_codecs(target.cache))
 
 
 def plan_throughput(
@@ -360,6 +374,8 @@ def plan_throughput(
         allow_recompute=allow_recompute,
         dtype_bytes=element_size(dtype),
         offload_dir=offload_dir,
+        codecs=cache_codecs(config.cache),
+        compress_weight=config.throughput.compress_weight if config.throughput else False,
     )
 
 
@@ -367,7 +383,9 @@ def with_throughput_plan(config: EngineConfig, plan: ThroughputPlan) -> EngineCo
     """``config`` running ``plan``: its placement and batches, its recompute fraction (the disk
     directory and weight pinning stay the user's)."""
     user = config.throughput or plan.config
-    throughput = dataclasses.replace(plan.config, offload_dir=user.offload_dir, pin_weight=user.pin_weight)
+    throughput = dataclasses.replace(
+        plan.config, offload_dir=user.offload_dir, pin_weight=user.pin_weight, compress_weight=user.compress_weight
+    )
     offload = Offload.NONE if throughput.placement.cache_gpu >= 100 else Offload.CPU
     # r = 0 is "off", not a fraction of 0: a fraction stores X, which the plan did not count
     recompute = plan.recompute_fraction if offload is Offload.CPU and plan.recompute_fraction > 0 else "off"

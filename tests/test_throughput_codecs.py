@@ -192,3 +192,83 @@ def test_bad_codec_combinations_fail_in_one_line(flags: list[str], message: str,
 
     argv = ["bench", "--model", "opt-125m", "--dummy-weights", "--device", "cpu", *flags]
     assert message in cli_error_line(capsys, argv)
+
+
+# -- the policy counts encoded bytes ---------------------------------------------------------------
+
+
+def test_block_memory_counts_encoded_bytes() -> None:
+    from kvpr.config import Tier
+    from kvpr.models.registry import builtin_config
+    from kvpr.scheduler.throughput_cost import CacheCodecs
+    from kvpr.scheduler.throughput_memory import block_memory
+
+    model = builtin_config("opt-30b")  # h 7168, 56 heads of 128, 48 layers
+    plain_config = ThroughputConfig(Placement.parse("0 100 0 100 0 100".split()), 32, 2)
+    packed_config = ThroughputConfig(plain_config.placement, 32, 2, compress_weight=True)
+    plain = block_memory(model, plain_config, 64, 288, False, 2)
+    packed = block_memory(model, packed_config, 64, 288, False, 2, CacheCodecs("int4"))
+    # int4 K,V: 4 bits a value and an fp16 scale and zero per 32 channels = 0.3125 of fp16
+    assert packed[Tier.CPU]["kv cache"] == pytest.approx(plain[Tier.CPU]["kv cache"] * 0.3125)
+    # 4-bit weights in groups of 64: 0.28125 of fp16 for the matrices, biases and norms as they are
+    ratio = packed[Tier.CPU]["layer weights"] / plain[Tier.CPU]["layer weights"]
+    assert 0.28125 < ratio < 0.2815
+    # two encoded layer buffers and one decoded one, against two decoded
+    assert packed[Tier.GPU]["weight buffers"] == pytest.approx(plain[Tier.GPU]["weight buffers"] * (ratio + 0.5))
+
+
+def test_compressed_run_admits_a_larger_block() -> None:
+    """Under the same host memory, the search finds a larger block once weights and cache are 4-bit."""
+    from test_throughput_policy import profile_for
+
+    from kvpr.models.registry import builtin_config
+    from kvpr.scheduler.throughput_cost import CacheCodecs, MachineLimits, ThroughputWorkload
+    from kvpr.scheduler.throughput_policy import search_policy
+
+    model = builtin_config("opt-30b")
+    limits = MachineLimits(30 * 2**30, 80 * 2**30, 0.0, 1e9, 1e9)  # fp16 weights alone take 56 GiB
+    workload = ThroughputWorkload(256, 32)
+    grid = {"gpu_batch_sizes": (8, 16, 32, 64), "num_gpu_batches": (1, 2, 4, 8, 16)}
+    profile = profile_for(model)
+    plain = search_policy(model, profile, limits, workload, allow_recompute=False, **grid)
+    packed = search_policy(
+        model,
+        profile,
+        limits,
+        workload,
+        allow_recompute=False,
+        codecs=CacheCodecs("int4"),
+        compress_weight=True,
+        **grid,
+    )
+    assert packed.config.compress_weight and not plain.config.compress_weight
+    assert packed.config.block_size > plain.config.block_size
+    assert packed.memory_bytes["cpu"] <= limits.cpu_bytes and packed.memory_bytes["gpu"] <= limits.gpu_bytes
+    assert packed.tokens_per_s > plain.tokens_per_s
+
+
+def test_estimate_adds_the_measured_kv_decode() -> None:
+    import dataclasses
+
+    from test_throughput_policy import profile_for
+
+    from kvpr.models.registry import builtin_config
+    from kvpr.scheduler.cost_model import RateCurve
+    from kvpr.scheduler.throughput_cost import CacheCodecs, MachineLimits, ThroughputWorkload, estimate
+
+    model = builtin_config("opt-6.7b")
+    limits = MachineLimits(40 * 2**30, 200 * 2**30, 0.0, 1e9, 1e9)
+    config = ThroughputConfig(Placement.parse("100 0 0 100 100 0".split()), 16, 1)
+    workload = ThroughputWorkload(512, 32)
+    profile = profile_for(model)
+    measured = dataclasses.replace(profile, kv_decode={"int4": RateCurve.from_points([(2**20, 1e11)])})
+    unmeasured = estimate(model, profile, limits, workload, config, 0.0, codecs=CacheCodecs("int4"))
+    timed = estimate(model, measured, limits, workload, config, 0.0, codecs=CacheCodecs("int4"))
+    # the whole mean context is copied from the CPU tier: its stored bytes at 100 GB/s, per layer and step
+    stored = 16 * workload.mean_context * 0.3125 * 2 * model.kv_size * 2
+    added = timed.layer_terms_s["decode"]["compute"] - unmeasured.layer_terms_s["decode"]["compute"]
+    assert added == pytest.approx(stored / 1e11)
+    plain = estimate(model, profile, limits, workload, config, 0.0)
+    assert unmeasured.layer_terms_s["decode"]["h2d"] == pytest.approx(
+        0.3125 * plain.layer_terms_s["decode"]["h2d"], rel=0.02
+    )
