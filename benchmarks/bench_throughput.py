@@ -80,8 +80,15 @@ SUITES: dict[str, list[Workload]] = {
     "compressed": [
         Workload("opt-30b", 256, 32, (0, 100, 0, 100, 0, 100), 32, 2, systems=("flexgen", "kvpr"), compress=True),
         Workload(
-            "opt-30b", 256, 32, (0, 100, 0, 100, 0, 100), 32, 8,
-            systems=("flexgen", "kvpr", "kvpr-auto-policy"), compress=True, note="a larger block: the cache is 4-bit",
+            "opt-30b",
+            256,
+            32,
+            (0, 100, 0, 100, 0, 100),
+            32,
+            8,
+            systems=("flexgen", "kvpr", "kvpr-auto-policy"),
+            compress=True,
+            note="a larger block: the cache is 4-bit",
         ),  # fmt: skip
     ],
     "smoke": [
