@@ -49,7 +49,8 @@ class Workload:
 
     @property
     def name(self) -> str:
-        return f"{self.model} {self.prompt_len}+{self.gen_len} {self.gpu_batch_size}x{self.num_gpu_batches}{' 4-bit' if self.compress else ''}"
+        suffix = " 4-bit" if self.compress else ""
+        return f"{self.model} {self.prompt_len}+{self.gen_len} {self.gpu_batch_size}x{self.num_gpu_batches}{suffix}"
 
 
 # The workloads; placements are FlexGen's flags for them.
