@@ -132,6 +132,8 @@ class FlexGenCase:
     overlap: bool = True
     offload_dir: str = FLEXGEN_OFFLOAD_DIR
     flexgen_warmup: bool = False  # FlexGen's own warm-up (32-token prompts, 1 new token), not the timed shape
+    compress_weight: bool = False  # FlexGen's --compress-weight: 4-bit groups of 64 along dim 0
+    compress_cache: bool = False  # FlexGen's --compress-cache: 4-bit groups of 64 along dim 2
 
     def __post_init__(self) -> None:
         assert len(self.percent) == 6, "percent takes six numbers: weight, cache, activations on GPU and CPU"
@@ -148,7 +150,8 @@ def _flex_opt() -> types.ModuleType:
 
 def make_policy(flex_opt: types.ModuleType, case: FlexGenCase) -> Any:
     """FlexGen's Policy as run_flexgen builds it; the flags this script does not expose keep FlexGen's
-    defaults: sep_layer on, cpu_cache_compute off, attn_sparsity 1.0, no weight or cache compression."""
+    defaults: sep_layer on, cpu_cache_compute off, attn_sparsity 1.0; weight and cache compression as the
+    case says (off by default, as in FlexGen)."""
     weight_4bit = flex_opt.CompressionConfig(num_bits=4, group_size=64, group_dim=0, symmetric=False)
     cache_4bit = flex_opt.CompressionConfig(num_bits=4, group_size=64, group_dim=2, symmetric=False)
     return flex_opt.Policy(
@@ -160,9 +163,9 @@ def make_policy(flex_opt: types.ModuleType, case: FlexGenCase) -> Any:
         case.pin_weight,
         False,  # cpu_cache_compute
         1.0,  # attn_sparsity
-        False,  # compress_weight
+        case.compress_weight,
         weight_4bit,
-        False,  # compress_cache
+        case.compress_cache,
         cache_4bit,
     )
 
@@ -242,8 +245,8 @@ def _describe(flex_opt: types.ModuleType, case: FlexGenCase, method: str) -> dic
             "overlap": case.overlap,
             "sep_layer": True,
             "cpu_cache_compute": False,
-            "compress_weight": False,
-            "compress_cache": False,
+            "compress_weight": case.compress_weight,
+            "compress_cache": case.compress_cache,
         },
         "model_gb": opt_config.model_bytes() / GB,
         "cache_gb": opt_config.cache_bytes(case.num_prompts, seq_len) / GB,
@@ -362,6 +365,8 @@ def parse_case(argv: Sequence[str] | None = None) -> tuple[FlexGenCase, argparse
     parser.add_argument(
         "--flexgen-warmup", action="store_true", help="FlexGen's own warm-up (32-token prompts, 1 new token)"
     )
+    parser.add_argument("--compress-weight", action="store_true", help="FlexGen's 4-bit weights (group 64)")
+    parser.add_argument("--compress-cache", action="store_true", help="FlexGen's 4-bit K,V cache (group 64)")
     parser.add_argument("--json", type=Path, help="also write the result object to this file")
     parser.add_argument("--via-run-flexgen", action="store_true", help="run FlexGen's run_flexgen, read its log")
     args = parser.parse_args(argv)

@@ -45,10 +45,12 @@ class Workload:
     num_gpu_batches: int
     systems: tuple[str, ...] = ("flexgen", "kvpr-off", "kvpr", "kvpr-auto-policy")
     note: str = ""
+    compress: bool = False  # FlexGen --compress-weight --compress-cache; kvpr --compress-weight --kv-codec int4
 
     @property
     def name(self) -> str:
-        return f"{self.model} {self.prompt_len}+{self.gen_len} {self.gpu_batch_size}x{self.num_gpu_batches}"
+        suffix = " 4-bit" if self.compress else ""
+        return f"{self.model} {self.prompt_len}+{self.gen_len} {self.gpu_batch_size}x{self.num_gpu_batches}{suffix}"
 
 
 # The issue's workloads; placements are FlexGen's flags for them.
@@ -74,6 +76,21 @@ SUITES: dict[str, list[Workload]] = {
             systems=("flexgen", "kvpr", "kvpr-auto-policy"),
             note="weights on GPU, cache on CPU",
         ),
+    ],
+    # issue 14 item 4: 4-bit weights and cache on both sides (not yet run on a GPU)
+    "compressed": [
+        Workload("opt-30b", 256, 32, (0, 100, 0, 100, 0, 100), 32, 2, systems=("flexgen", "kvpr"), compress=True),
+        Workload(
+            "opt-30b",
+            256,
+            32,
+            (0, 100, 0, 100, 0, 100),
+            32,
+            8,
+            systems=("flexgen", "kvpr", "kvpr-auto-policy"),
+            compress=True,
+            note="a larger block: the cache is 4-bit",
+        ),  # fmt: skip
     ],
     "smoke": [
         Workload("opt-125m", 64, 8, (0, 100, 0, 100, 0, 100), 4, 2, systems=("kvpr-off", "kvpr", "kvpr-auto-policy")),
@@ -114,11 +131,12 @@ class Runner:
         lengths = ["--prompt-len", str(w.prompt_len), "--gen-len", str(w.gen_len)]
         if system == "flexgen":
             flexgen = [sys.executable, str(HERE / "bench_flexgen.py"), "--model", f"facebook/{w.model}"]
+            compress = ["--compress-weight", "--compress-cache"] if w.compress else []
             return [*flexgen, "--percent", *percent, *shape, *lengths, "--offload-dir", self.offload_dir,
-                    "--json", self._flexgen_json]  # fmt: skip
+                    *compress, "--json", self._flexgen_json]  # fmt: skip
         kvpr = [sys.executable, "-m", "kvpr", "bench", "--model", w.model, "--dummy-weights", "--mode", "throughput",
                 *lengths, "--host-memory-gib", str(self.host_memory_gib), "--offload-dir", self.offload_dir,
-                "--json"]  # fmt: skip
+                "--json", *(["--compress-weight", "--kv-codec", "int4"] if w.compress else [])]  # fmt: skip
         if system == "kvpr-auto-policy":
             return [*kvpr, "--policy", "auto", "--kv-partial"]
         recompute = ["--recompute", "off"] if system == "kvpr-off" else ["--kv-partial"]

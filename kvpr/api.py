@@ -157,7 +157,15 @@ class LLM:
         if throughput is None:
             return None
         pin = throughput.pin_weight and pin_host_memory(self.device)
-        weights = LayerWeights(self.model, throughput.placement, self.device, self.dtype, pin, self._offload_dir())
+        weights = LayerWeights(
+            self.model,
+            throughput.placement,
+            self.device,
+            self.dtype,
+            pin,
+            self._offload_dir(),
+            throughput.compress_weight,
+        )
         weights.allocate()
         return weights
 
@@ -405,7 +413,7 @@ class LLM:
         stores_inputs, num_chunks = target.stores_inputs(), runtime.num_chunks or THROUGHPUT_NUM_CHUNKS
         return ThroughputExecutor(  # type: ignore[return-value]
             self.model, self.layer_weights, throughput, batch_size, max_len, self.device, self.dtype,
-            fraction, stores_inputs, num_chunks, self._offload_dir(),
+            fraction, stores_inputs, num_chunks, self._offload_dir(), self.codec, self.x_codec,  # type: ignore[arg-type]
         )  # fmt: skip
 
     # -- placement: every batch sized by kvpr.placement before anything is allocated ---------

@@ -117,6 +117,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "--pin-weight", action=argparse.BooleanOptionalAction, default=True, help="pin the CPU share of the weights"
     )
     throughput.add_argument(
+        "--compress-weight",
+        action="store_true",
+        help="store the CPU and disk shares of the weights in 4-bit groups of 64 (FlexGen's scheme), "
+        "copied encoded and decoded on the GPU per layer; GPU-resident weights stay in the model dtype",
+    )
+    throughput.add_argument(
         "--kv-partial", action="store_true", help="partial KV recomputation: --recompute auto unless given"
     )
     parser.add_argument(
@@ -145,6 +151,8 @@ def throughput_config(args: argparse.Namespace) -> ThroughputConfig | None:
     if mode == "latency":
         if args.percent is not None:
             raise KvprError("--percent places weights and activations too: it needs --mode throughput")
+        if getattr(args, "compress_weight", False):
+            raise KvprError("--compress-weight compresses streamed weights: it needs --mode throughput")
         return None
     placement = Placement.parse(args.percent) if args.percent is not None else Placement()
     return ThroughputConfig(
@@ -153,6 +161,7 @@ def throughput_config(args: argparse.Namespace) -> ThroughputConfig | None:
         num_gpu_batches=args.num_gpu_batches,
         offload_dir=args.offload_dir,
         pin_weight=args.pin_weight,
+        compress_weight=getattr(args, "compress_weight", False),
     )
 
 
@@ -168,6 +177,11 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
         if args.offload not in ("none", "auto"):
             raise KvprError("--offload is latency mode's flag: in throughput mode --percent places the cache")
         offload_name = "none" if throughput.placement.cache_gpu >= 100 else "cpu"
+        if offload_name == "none" and args.kv_codec != "none":
+            raise KvprError(
+                f"--kv-codec {args.kv_codec} compresses the CPU and disk tiers of the cache, and --percent "
+                f"{throughput.placement} keeps all of it on the GPU: drop it or lower the cache's GPU share"
+            )
     try:
         offload = Offload(offload_name)
     except ValueError:
@@ -453,6 +467,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             "gpu_batch_size": throughput.gpu_batch_size,
             "num_gpu_batches": throughput.num_gpu_batches,
             "pin_weight": throughput.pin_weight,
+            "compress_weight": throughput.compress_weight,
         }
     steps = stats.step_s
     decode_s = sum(steps)

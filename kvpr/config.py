@@ -521,6 +521,7 @@ class ThroughputConfig:
     num_gpu_batches: int = 1
     offload_dir: str | None = None  # the disk tier; needed when the placement puts anything on disk
     pin_weight: bool = True  # CPU weights in pinned memory (faster copies, host memory locked)
+    compress_weight: bool = False  # CPU and disk shares of the weights in 4-bit groups of 64 (FlexGen's)
 
     def __post_init__(self) -> None:
         if self.gpu_batch_size < 1:

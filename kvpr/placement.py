@@ -54,7 +54,7 @@ from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec
-    from kvpr.scheduler.throughput_cost import ThroughputPlan
+    from kvpr.scheduler.throughput_cost import CacheCodecs, ThroughputPlan
 
 
 def make_codec(cache: CacheConfig, model: ModelConfig) -> KVCodec | CacheMethod | None:
@@ -99,12 +99,22 @@ def check_context(target: Target, max_len: int) -> None:
         )
 
 
+THROUGHPUT_CODECS: tuple[str, ...] = ("none", "int8", "int4")  # tokenwise: any token range of a tier is a slice
+
+
 def check_throughput_cache(cache: CacheConfig) -> None:
-    """Throughput mode stores K,V (and X) as computed: refuse a codec before anything is built."""
+    """Throughput mode's tiers store K,V and X as computed or under a tokenwise group codec (int8,
+    int4): refuse the cache methods (KVO, KIVI, H2O, ...) and other codecs before anything is built."""
+    if cache.kv_codec in CACHE_METHODS:
+        raise KvprError(
+            f"--kv-codec {cache.kv_codec} is a cache method, not supported in throughput mode yet: "
+            "use --kv-codec int8|int4 or drop --percent"
+        )
     for flag in ("kv_codec", "x_codec"):
-        if getattr(cache, flag) != "none":
+        name = getattr(cache, flag)
+        if name not in THROUGHPUT_CODECS:
             raise KvprError(
-                f"--{flag.replace('_', '-')} is not supported in throughput mode yet: drop it or drop --percent"
+                f"--{flag.replace('_', '-')} {name} is not supported in throughput mode: use none, int8 or int4"
             )
 
 
@@ -170,7 +180,13 @@ def check_block_fits(
             f"{throughput.gpu_batch_size}: raise --num-gpu-batches or --gpu-batch-size"
         )
     memory = block_memory(
-        target.model, throughput, batch_size, max_len, target.stores_inputs(), element_size(target.dtype)
+        target.model,
+        throughput,
+        batch_size,
+        max_len,
+        target.stores_inputs(),
+        element_size(target.dtype),
+        cache_codecs(target.cache),
     )
     needs, everything = run_needs(memory, weights_loaded, buffers_made), run_needs(memory, False, False)
     budget, device = target.host_memory_gib, target.device
@@ -186,6 +202,13 @@ def check_block_fits(
     check_run_memory(needs, free, what)
     if needs[Tier.DISK]:
         check_offload_dir(offload_dir(), int(needs[Tier.DISK]), what + ": its disk share")  # type: ignore[arg-type]
+
+
+def cache_codecs(cache: CacheConfig) -> CacheCodecs:
+    """The codecs of throughput mode's CPU and disk tiers, as the cost model counts them."""
+    from kvpr.scheduler.throughput_cost import CacheCodecs
+
+    return CacheCodecs(cache.kv_codec, cache.x_codec)
 
 
 def check_before_loading(
@@ -295,7 +318,8 @@ def recompute_fraction(
     from kvpr.scheduler.throughput_policy import recompute_fraction_policy
 
     profile = load_or_measure(target.device, target.model, target.dtype, throughput.gpu_batch_size, profile_path)
-    return recompute_fraction_policy(target.model, profile, throughput, element_size(target.dtype))
+    dtype_bytes = element_size(target.dtype)
+    return recompute_fraction_policy(target.model, profile, throughput, dtype_bytes, codecs=cache_codecs(target.cache))
 
 
 def plan_throughput(
@@ -350,6 +374,8 @@ def plan_throughput(
         allow_recompute=allow_recompute,
         dtype_bytes=element_size(dtype),
         offload_dir=offload_dir,
+        codecs=cache_codecs(config.cache),
+        compress_weight=config.throughput.compress_weight if config.throughput else False,
     )
 
 
@@ -357,7 +383,9 @@ def with_throughput_plan(config: EngineConfig, plan: ThroughputPlan) -> EngineCo
     """``config`` running ``plan``: its placement and batches, its recompute fraction (the disk
     directory and weight pinning stay the user's)."""
     user = config.throughput or plan.config
-    throughput = dataclasses.replace(plan.config, offload_dir=user.offload_dir, pin_weight=user.pin_weight)
+    throughput = dataclasses.replace(
+        plan.config, offload_dir=user.offload_dir, pin_weight=user.pin_weight, compress_weight=user.compress_weight
+    )
     offload = Offload.NONE if throughput.placement.cache_gpu >= 100 else Offload.CPU
     # r = 0 is "off", not a fraction of 0: a fraction stores X, which the plan did not count
     recompute = plan.recompute_fraction if offload is Offload.CPU and plan.recompute_fraction > 0 else "off"

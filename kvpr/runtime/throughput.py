@@ -16,6 +16,12 @@ Each lane's cache is split by token slots, the oldest first (``Placement`` docst
                     chunks, each recomputed as it lands), K,V of the rest copied
     [g + c, s_max)  disk tier: read into pinned staging by the host, then copied
 
+With a K,V codec (``--kv-codec int8|int4``) the CPU and disk tiers store the codec's parts: the new
+tokens are encoded on the compute stream before their write-back, and a unit's parts land in a
+device staging area and are decoded on the compute stream, after landing, into the K,V staging
+buffer (the GPU tier stays as computed). With an X codec (``--x-codec``) stored X is encoded the
+same way and each X chunk decoded just before its K,V are recomputed.
+
 ``l = round(F * c_s)`` of the ``c_s`` cached CPU-tier tokens, with ``F`` fixed (``--recompute F``) or
 chosen each step by the throughput cost model (``auto``: ``recompute_fraction_policy``).
 Activations (the residual stream between layers) live on the tier holding the placement's 50th
@@ -33,8 +39,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvpr.cache.codec import EncodedKV
 from kvpr.cache.disk import DiskQueue, DiskTensor
-from kvpr.cache.storage import CacheShape, KVStorage
+from kvpr.cache.storage import CacheShape, KVStorage, input_layout, token_layout
 from kvpr.config import CacheSplit, Tier
 from kvpr.device import host_empty
 from kvpr.models.common import attend
@@ -44,11 +51,45 @@ from kvpr.runtime.streams import StreamSet
 from kvpr.scheduler.policy import round_fraction
 
 if TYPE_CHECKING:
+    from kvpr.cache.codec import KVCodec, XCodec
     from kvpr.config import ModelConfig, ThroughputConfig
     from kvpr.models.base import DecoderModel
     from kvpr.runtime.weights import LayerWeights
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
+Parts = dict[str, tuple[tuple[int, ...], torch.dtype]]  # stored part -> (shape of one token and row, dtype)
+
+
+def part_layouts(
+    cfg: "ModelConfig", dtype: torch.dtype, codec: "KVCodec | None", x_codec: "XCodec | None"
+) -> tuple[Parts, Parts]:
+    """The parts one token of one row stores, for K,V (``k``, ``v`` as computed, or the codec's) and
+    for X (``x``, or the X codec's): each part of a tier is ``[L, slots, b, *shape]``."""
+    one = CacheShape.for_model(cfg, 1, 1, dtype)
+    kv = {"k": ((cfg.num_kv_heads, cfg.head_dim), dtype), "v": ((cfg.num_kv_heads, cfg.head_dim), dtype)}
+    if codec is not None:
+        kv = {name: (shape[1:], part_dtype) for name, (shape, part_dtype) in token_layout(codec, one).items()}
+    x = {name: (shape[1:], part_dtype) for name, (shape, part_dtype) in input_layout(x_codec, one).items()}
+    return kv, x
+
+
+def _flat_parts(parts: Parts, rows: int, device: torch.device, pin: bool | None) -> dict[str, torch.Tensor]:
+    """One flat buffer per part for ``rows`` (tokens x batch rows); pinned host memory if ``pin`` is not None."""
+    out = {}
+    for name, (shape, part_dtype) in parts.items():
+        numel = rows
+        for size in shape:
+            numel *= size
+        if pin is None:
+            out[name] = torch.empty(numel, dtype=part_dtype, device=device)
+        else:
+            out[name] = host_empty((numel,), part_dtype, pin)
+    return out
+
+
+def _part_views(flat: dict[str, torch.Tensor], parts: Parts, lead: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """``[t, b, *shape]`` views of flat part buffers."""
+    return {name: _view(flat[name], (*lead, *parts[name][0])) for name in parts}
 
 
 def _view(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -71,16 +112,18 @@ class _Staging:
         streams: StreamSet,
         num_chunks: int,
         with_x: bool,
+        kv_parts: Parts,
+        x_parts: Parts,
+        encoded: bool,
     ) -> None:
         kv = shape.max_len * shape.batch_size * shape.num_kv_heads * shape.head_dim
         self.k = torch.empty(kv, dtype=shape.dtype, device=device)  # flat; [s_max, b, n_kv, d] per lane
         self.v = torch.empty(kv, dtype=shape.dtype, device=device)
-        x_numel = split.cpu * shape.batch_size * shape.hidden_size if with_x else 0
-        self.x = torch.empty(x_numel, dtype=shape.dtype, device=device)  # [c, b, h] per lane
-        disk_kv = split.disk * shape.batch_size * shape.num_kv_heads * shape.head_dim
-        pin = streams.enabled
-        self.disk_k = host_empty((disk_kv,), shape.dtype, pin)  # pinned landing area of disk reads
-        self.disk_v = host_empty((disk_kv,), shape.dtype, pin)
+        b, pin = shape.batch_size, streams.enabled
+        self.x = _flat_parts(x_parts if with_x else {}, split.cpu * b, device, None)  # [c, b, ...] per part
+        self.disk = _flat_parts(kv_parts, split.disk * b, device, pin)  # pinned landing area of disk reads
+        # a codec's parts of the CPU and disk tiers on the device, [c + disk, b, ...], decoded after landing
+        self.enc = _flat_parts(kv_parts if encoded else {}, (split.cpu + split.disk) * b, device, None)
         self.x_ready = [streams.event() for _ in range(num_chunks)]
         self.kv_ready = streams.event()
         self.free = streams.event()  # the unit that used this slot has finished its attention
@@ -176,6 +219,8 @@ class _Lane:
         pin: bool,
         store_inputs: bool,
         directory: Path | None,
+        codec: "KVCodec | None",
+        x_codec: "XCodec | None",
     ) -> None:
         self.rows = rows
         b = rows.stop - rows.start
@@ -184,14 +229,17 @@ class _Lane:
         self.gpu_k = torch.empty(kv_shape, dtype=dtype, device=device) if split.gpu else None  # [L, g, b, n_kv, d]
         self.gpu_v = torch.empty(kv_shape, dtype=dtype, device=device) if split.gpu else None
         host_shape = CacheShape.for_model(cfg, b, split.cpu, dtype)
-        self.host = KVStorage(host_shape, torch.device("cpu"), pin, store_inputs) if split.cpu else None
-        disk_shape = (cfg.num_layers, split.disk, b, cfg.num_kv_heads, cfg.head_dim)
+        self.host = KVStorage(host_shape, torch.device("cpu"), pin, store_inputs, codec, x_codec) if split.cpu else None
+        kv_parts, _x_parts = part_layouts(cfg, dtype, codec, x_codec)
+        self.disk: dict[str, DiskTensor] = {}  # part -> [L, disk, b, *shape]
+        self.token_out: dict[str, torch.Tensor] = {}
         if split.disk:
             assert directory is not None
-            self.disk_k = DiskTensor(directory / f"lane{rows.start}-k.bin", disk_shape, dtype)
-            self.disk_v = DiskTensor(directory / f"lane{rows.start}-v.bin", disk_shape, dtype)
-            # Pinned landing area of each layer's new-token K and V on their way to disk.
-            self.token_out = host_empty((cfg.num_layers, 2, b, cfg.num_kv_heads, cfg.head_dim), dtype, pin)
+            for name, (shape, part_dtype) in kv_parts.items():
+                path = directory / f"lane{rows.start}-{name}.bin"
+                self.disk[name] = DiskTensor(path, (cfg.num_layers, split.disk, b, *shape), part_dtype)
+                # Pinned landing area of each layer's new-token part on its way to disk.
+                self.token_out[name] = host_empty((cfg.num_layers, 1, b, *shape), part_dtype, pin)
         self.rope_new: Rope = None
         self.rope_old: Rope = None
         self.mask: torch.Tensor | None = None
@@ -202,9 +250,8 @@ class _Lane:
 
     def close(self) -> None:
         """Remove the lane's disk files (the other tiers are freed with the lane)."""
-        for file in (getattr(self, "disk_k", None), getattr(self, "disk_v", None)):
-            if file is not None:
-                file.close()
+        for file in self.disk.values():
+            file.close()
 
 
 class ThroughputExecutor:
@@ -227,6 +274,8 @@ class ThroughputExecutor:
         store_inputs: bool,
         num_chunks: int,
         directory: Path | None,
+        codec: "KVCodec | None" = None,
+        x_codec: "XCodec | None" = None,
     ) -> None:
         if batch_size > config.block_size:
             raise ValueError(f"{batch_size} rows exceed the block of {config.block_size}")
@@ -239,6 +288,8 @@ class ThroughputExecutor:
         placement = config.placement
         self.split = placement.cache_split(max_len)
         self.store_inputs = store_inputs and self.split.cpu > 0
+        self.codec, self.x_codec = codec, x_codec
+        self.kv_parts, self.x_parts = part_layouts(model.config, dtype, codec, x_codec)
         pin = self.streams.enabled
         gbs = config.gpu_batch_size
         cfg = model.config
@@ -252,12 +303,25 @@ class ThroughputExecutor:
                 pin,
                 self.store_inputs,
                 directory,
+                codec,
+                x_codec,
             )
             for start in range(0, batch_size, gbs)
         ]
         widest = CacheShape.for_model(cfg, max(lane.size for lane in self.lanes), max_len, dtype)
         self.staging = [
-            _Staging(widest, self.split, device, self.streams, num_chunks, self.store_inputs) for _ in range(2)
+            _Staging(
+                widest,
+                self.split,
+                device,
+                self.streams,
+                num_chunks,
+                self.store_inputs,
+                self.kv_parts,
+                self.x_parts,
+                codec is not None,
+            )  # fmt: skip
+            for _ in range(2)
         ]
         self.disk_queue = DiskQueue()
         self.acts = _Activations(placement.activation_tier, device, directory, self.disk_queue, pin)
@@ -360,30 +424,35 @@ class ThroughputExecutor:
         self._turn ^= 1
         b, g, c, recompute_len = lane.size, self.split.gpu, self.split.cpu, self.recompute_len
         keys, values = self._kv_views(slot, lane)
+        # Where copied K,V land: the K,V staging itself at slot offset g, or a codec's parts at offset 0.
+        if self.codec is None:
+            targets, base = {"k": keys, "v": values}, g
+        else:
+            targets, base = _part_views(slot.enc, self.kv_parts, (c + self.split.disk, b)), 0
         if on_disk:  # the host reads the file now, while the device runs what is queued
             self.disk_queue.wait(("kv", layer, lane_index))
             if slot.disk_copied is not None:
                 slot.disk_copied.synchronize()  # the last copy out of this landing area finished
-            tail = (on_disk, b, *keys.shape[2:])
-            disk_k, disk_v = _view(slot.disk_k, tail), _view(slot.disk_v, tail)
-            lane.disk_k.read_into(layer, 0, disk_k)
-            lane.disk_v.read_into(layer, 0, disk_v)
+            landed = _part_views(slot.disk, self.kv_parts, (on_disk, b))
+            for name, file in lane.disk.items():
+                file.read_into(layer, 0, landed[name])
         self.streams.copy_waits(slot.free)  # the unit two back has finished with this slot
         slot.chunks = chunk_bounds(recompute_len, self.num_chunks)
         with self.streams.on_copy():
             if recompute_len:
-                x_view = _view(slot.x, (c, b, self.model.config.hidden_size))
+                x_views = _part_views(slot.x, self.x_parts, (c, b))
                 for (start, end), ready in zip(slot.chunks, slot.x_ready):
-                    x_view[start:end].copy_(lane.host.x(layer)[start:end], non_blocking=True)  # type: ignore[union-attr]
-                    self.streams.record_on_copy(ready)
+                    for name, x_view in x_views.items():
+                        x_view[start:end].copy_(lane.host.x_part(name, layer)[start:end], non_blocking=True)  # type: ignore[union-attr]
+                    self.streams.record_on_copy(ready)  # chunk [start, end) of X has landed
             if on_cpu > recompute_len:
-                copied = slice(g + recompute_len, g + on_cpu)
-                keys[copied].copy_(lane.host.k(layer)[recompute_len:on_cpu], non_blocking=True)  # type: ignore[union-attr]
-                values[copied].copy_(lane.host.v(layer)[recompute_len:on_cpu], non_blocking=True)  # type: ignore[union-attr]
+                for name, target in targets.items():
+                    source = lane.host.part(name, layer)[recompute_len:on_cpu]  # type: ignore[union-attr]
+                    target[base + recompute_len : base + on_cpu].copy_(source, non_blocking=True)
             if on_disk:
-                keys[g + c : g + c + on_disk].copy_(disk_k, non_blocking=True)
-                values[g + c : g + c + on_disk].copy_(disk_v, non_blocking=True)
-                self.streams.record_on_copy(slot.disk_copied)
+                for name, target in targets.items():
+                    target[base + c : base + c + on_disk].copy_(landed[name], non_blocking=True)
+                self.streams.record_on_copy(slot.disk_copied)  # the landing area may be refilled
             self.streams.record_on_copy(slot.kv_ready)
         return slot
 
@@ -409,7 +478,8 @@ class ThroughputExecutor:
                 keys[:on_gpu] = lane.gpu_k[layer_index][:on_gpu]  # type: ignore[index]
                 values[:on_gpu] = lane.gpu_v[layer_index][:on_gpu]  # type: ignore[index]
             self._recompute(layer_index, lane, slot, keys, values)
-            self.streams.compute_waits(slot.kv_ready)  # copied K,V have landed
+            self.streams.compute_waits(slot.kv_ready)  # copied K,V (or their parts) have landed
+            self._decode_landed(lane, slot, keys, values, context_len)
         keys[context_len] = k_new[:, 0]
         values[context_len] = v_new[:, 0]
         span = slice(0, context_len + 1)
@@ -422,6 +492,27 @@ class ThroughputExecutor:
             )
         self.acts.put(lane_index, layer.finish(hidden, out), self.streams)
 
+    def _decode_landed(
+        self, lane: _Lane, slot: _Staging, keys: torch.Tensor, values: torch.Tensor, context_len: int
+    ) -> None:
+        """A codec's landed parts of the copied tokens, decoded into the K,V staging (compute stream).
+        The copied CPU-tier tokens and the disk tier are one range: disk tokens exist only once the
+        CPU tier is full."""
+        if self.codec is None:
+            return
+        _on_gpu, on_cpu, on_disk = self.split.ranges(context_len)
+        start, end = self.recompute_len, on_cpu + on_disk
+        if start >= end:
+            return
+        parts = _part_views(slot.enc, self.kv_parts, (self.split.cpu + self.split.disk, lane.size))
+        cfg = self.model.config
+        shape = (end - start, lane.size, cfg.num_kv_heads, cfg.head_dim)
+        block = EncodedKV(self.codec.name, shape, {name: part[start:end] for name, part in parts.items()})
+        k, v = self.codec.decode(block, self.dtype)  # [end - start, b, n_kv, d]
+        g = self.split.gpu
+        keys[g + start : g + end] = k
+        values[g + start : g + end] = v
+
     def _recompute(
         self, layer_index: int, lane: _Lane, slot: _Staging, keys: torch.Tensor, values: torch.Tensor
     ) -> None:
@@ -430,11 +521,12 @@ class ThroughputExecutor:
             return
         g = self.split.gpu
         layer = self.layers[layer_index]
-        x_view = _view(slot.x, (self.split.cpu, lane.size, self.model.config.hidden_size))
+        x_views = _part_views(slot.x, self.x_parts, (self.split.cpu, lane.size))
         for (start, end), ready in zip(slot.chunks, slot.x_ready):
             self.streams.compute_waits(ready)
+            x = lane.host.decode_x({name: view[start:end] for name, view in x_views.items()})  # type: ignore[union-attr]
             rope = None if lane.rope_old is None else (lane.rope_old[0][start:end], lane.rope_old[1][start:end])
-            layer.kv_into(x_view[start:end], rope, keys[g + start : g + end], values[g + start : g + end])
+            layer.kv_into(x, rope, keys[g + start : g + end], values[g + start : g + end])
 
     def _store(self, layer: int, lane: _Lane, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
         """Write slots [start, start + t) of one layer to their tiers: k, v [t, b, n_kv, d], x [t, b, h]."""
@@ -445,37 +537,49 @@ class ThroughputExecutor:
             lane.gpu_k[layer][start:stop] = k[: stop - start]  # type: ignore[index]
             lane.gpu_v[layer][start:stop] = v[: stop - start]  # type: ignore[index]
         lo, hi = max(start, g), min(end, g + c)
-        if lo < hi:  # CPU tier: device-to-host on the store stream, after the compute
-            tensors = [(lane.host.k(layer), k), (lane.host.v(layer), v)]  # type: ignore[union-attr]
+        if lo < hi:  # CPU tier: encoded on the compute stream, device-to-host on the store stream after it
+            host = lane.host
+            assert host is not None
+            tensors = [
+                (host.part(name, layer), part) for name, part in self._parts(k, v, lo - start, hi - start).items()
+            ]
             if self.store_inputs:
-                tensors.append((lane.host.x(layer), x))  # type: ignore[union-attr]
+                encoded_x = host.encode_x(x[lo - start : hi - start])
+                tensors += [(host.x_part(name, layer), part) for name, part in encoded_x.items()]
             with self.streams.on_store_after_compute():
-                for host, source in tensors:
-                    part = source[lo - start : hi - start].contiguous()
+                for stored, source in tensors:
+                    part = source.contiguous()
                     self.streams.keep_alive_for_store(part)
-                    host[lo - g : hi - g].copy_(part, non_blocking=True)
+                    stored[lo - g : hi - g].copy_(part, non_blocking=True)
         lo = max(start, g + c)
         if lo < end:  # disk tier: to pinned memory on the store stream, then the disk thread writes
-            self._store_disk(layer, lane, lo - g - c, k[lo - start :], v[lo - start :])
+            self._store_disk(layer, lane, lo - g - c, self._parts(k, v, lo - start, end - start))
 
-    def _store_disk(self, layer: int, lane: _Lane, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _parts(self, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """Tokens [lo, hi) of k, v [t, b, n_kv, d] as the tiers store them: as computed, or encoded."""
+        if self.codec is None:
+            return {"k": k[lo:hi], "v": v[lo:hi]}
+        return dict(self.codec.encode(k[lo:hi], v[lo:hi]).tensors)  # [hi - lo, b, ...] each
+
+    def _store_disk(self, layer: int, lane: _Lane, offset: int, parts: dict[str, torch.Tensor]) -> None:
         key = ("kv", layer, self.lanes.index(lane))
-        if k.shape[0] == 1:  # a decode token: through the lane's pinned landing area for this layer
+        if next(iter(parts.values())).shape[0] == 1:  # a decode token: through the lane's pinned landing area
             self.disk_queue.wait(key)  # its previous write has left the landing area
-            out_k, out_v = lane.token_out[layer, 0:1], lane.token_out[layer, 1:2]
+            out = {name: lane.token_out[name][layer] for name in parts}
             with self.streams.on_store_after_compute():
-                out_k.copy_(k, non_blocking=True)
-                out_v.copy_(v, non_blocking=True)
+                for name, part in parts.items():
+                    self.streams.keep_alive_for_store(part)
+                    out[name].copy_(part, non_blocking=True)
                 done = self.streams.event()
-                self.streams.record_on_store(done)
+                self.streams.record_on_store(done)  # the landing area holds the token's parts
         else:  # the prompt: a blocking copy (once per run)
-            out_k, out_v, done = k.to("cpu").contiguous(), v.to("cpu").contiguous(), None
+            out, done = {name: part.to("cpu").contiguous() for name, part in parts.items()}, None
 
         def write() -> None:
             if done is not None:
                 done.synchronize()
-            lane.disk_k.write(layer, offset, out_k)
-            lane.disk_v.write(layer, offset, out_v)
+            for name, rows in out.items():
+                lane.disk[name].write(layer, offset, rows)
 
         self.disk_queue.submit(key, write)
 

@@ -9,6 +9,14 @@ The streamed tensors of a layer (CPU and disk tiers) are packed into one flat bu
 a layer's load is one host-to-device copy from pinned memory (plus one sequential file read for
 the disk share). Two flat GPU buffers alternate: layer ``i + 1`` loads into one while layer ``i``
 computes from the other; the layer's parameters are pointed at the buffer while it runs.
+
+With ``--compress-weight`` the CPU and disk shares are stored as FlexGen's 4-bit groups
+(:mod:`kvpr.compress.weight_quant`; 1-D tensors in the model dtype): host memory, disk and the
+copy carry the encoded bytes (about 0.28 of fp16). The two alternating GPU buffers then hold
+encoded bytes, and a layer is decoded on the compute stream into one model-dtype buffer when it is
+activated: the copy stream stays pure DMA, and since the next layer's decode is queued behind this
+layer's compute on the same stream, one decoded buffer suffices. GPU-resident tensors stay in the
+model dtype (decoding them every block would cost compute for memory the placement already gave).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvpr.cache.disk import DiskTensor
+from kvpr.compress.weight_quant import WeightLayout
 from kvpr.config import Tier
 from kvpr.device import host_empty
 
@@ -44,8 +53,10 @@ class LayerWeights:
         dtype: torch.dtype,
         pin: bool,
         offload_dir: Path | None,
+        compress: bool = False,
     ) -> None:
         self.device = device
+        self.compress = compress
         self.dtype = dtype
         layers = model.decoder_layers
         self.num_layers = len(layers)
@@ -69,6 +80,18 @@ class LayerWeights:
             if wanted is Tier.CPU:
                 self.cpu_numel = offset
         self.disk_numel = offset - self.cpu_numel
+        # The stored form of the streamed share: elements of ``dtype``, or bytes of the encodings.
+        self._layouts = {name: WeightLayout.of(tuple(shape), dtype) for name, (_o, shape) in self._slots.items()}
+        self._bytes: dict[str, int] = {}  # compressed: byte offset of each encoding in a layer's buffer
+        offset = 0
+        for name in self._slots:  # the same order: CPU share first, then disk share
+            self._bytes[name] = offset
+            offset += self._layouts[name].nbytes
+        self.cpu_bytes = sum(layout.nbytes for name, layout in self._layouts.items() if self.tier[name] is Tier.CPU)
+        self.disk_bytes = offset - self.cpu_bytes
+        self._store_dtype = torch.uint8 if compress else dtype
+        self._cpu_len = self.cpu_bytes if compress else self.cpu_numel  # in _store_dtype units
+        self._disk_len = self.disk_bytes if compress else self.disk_numel
         self.gpu_numel = sum(size for size, tier in zip(sizes, tiers) if tier is Tier.GPU)
         self.element_size = torch.empty((), dtype=dtype).element_size()
         tied = model.tied_parameters()
@@ -82,11 +105,12 @@ class LayerWeights:
 
     def allocate(self) -> None:
         """Create the CPU share's pinned buffers and the disk share's file (after the memory checks)."""
-        if self.cpu_numel:
-            self.host = [host_empty((self.cpu_numel,), self.dtype, self._pin) for _ in range(self.num_layers)]
-        if self.disk_numel:
+        if self._cpu_len:
+            self.host = [host_empty((self._cpu_len,), self._store_dtype, self._pin) for _ in range(self.num_layers)]
+        if self._disk_len:
             assert self._offload_dir is not None, "disk-tier weights need an offload directory"
-            self.disk = DiskTensor(self._offload_dir / "weights.bin", (self.num_layers, self.disk_numel), self.dtype)
+            shape = (self.num_layers, self._disk_len)
+            self.disk = DiskTensor(self._offload_dir / "weights.bin", shape, self._store_dtype)
         self._homes = [{name: self._home(layer, name) for name in self._slots} for layer in range(self.num_layers)]
 
     # -- sizes (for memory checks) ----------------------------------------------------------
@@ -101,13 +125,18 @@ class LayerWeights:
         return bool(self._slots)
 
     def layer_bytes(self, tier: Tier) -> int:
-        """Bytes of one decoder layer's tensors on ``tier``."""
+        """Bytes of one decoder layer's tensors on ``tier`` (encoded on CPU and disk if compressed)."""
+        if self.compress and tier is not Tier.GPU:
+            return self.cpu_bytes if tier is Tier.CPU else self.disk_bytes
         numel = {Tier.GPU: self.gpu_numel, Tier.CPU: self.cpu_numel, Tier.DISK: self.disk_numel}[tier]
         return numel * self.element_size
 
     def buffer_bytes(self) -> int:
-        """GPU memory of the two layer buffers (and host memory of the two disk staging buffers)."""
-        return 2 * (self.cpu_numel + self.disk_numel) * self.element_size if self.streamed else 0
+        """GPU memory of the two layer buffers (compressed: two encoded, one decoded)."""
+        if not self.streamed:
+            return 0
+        decoded = (self.cpu_numel + self.disk_numel) * self.element_size
+        return 2 * (self.cpu_bytes + self.disk_bytes) + decoded if self.compress else 2 * decoded
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -119,12 +148,16 @@ class LayerWeights:
             return tensor.to(device=self.device, dtype=self.dtype)
         index, local = located  # type: ignore[misc]
         offset, _shape = self._slots[local]
-        flat = tensor.to(dtype=self.dtype).reshape(-1)
+        if self.compress:  # the encoding of the tensor in the model dtype, as round_trip makes it
+            flat = self._layouts[local].encode(tensor.to(dtype=self.dtype))
+            offset = self._bytes[local]
+        else:
+            flat = tensor.to(dtype=self.dtype).reshape(-1)
         if tier is Tier.CPU:
             self.host[index][offset : offset + flat.numel()].copy_(flat)
         else:
             assert self.disk is not None
-            self.disk.write(index, offset - self.cpu_numel, flat.cpu().contiguous())
+            self.disk.write(index, offset - self._cpu_len, flat.cpu().contiguous())
         return self._homes[index][local]
 
     # -- streaming ----------------------------------------------------------------------------
@@ -139,15 +172,19 @@ class LayerWeights:
         self._params = [[(layer.get_parameter(name), name) for name in self._slots] for layer in self._layers]
         if not self.streamed or hasattr(self, "_gpu"):
             return
-        numel = self.cpu_numel + self.disk_numel
-        self._gpu = [torch.empty(numel, dtype=self.dtype, device=self.device) for _ in range(2)]
-        self._staging = [host_empty((self.disk_numel,), self.dtype, streams.enabled) for _ in range(2)]
+        numel = self._cpu_len + self._disk_len
+        self._gpu = [torch.empty(numel, dtype=self._store_dtype, device=self.device) for _ in range(2)]
+        self._staging = [host_empty((self._disk_len,), self._store_dtype, streams.enabled) for _ in range(2)]
         self._ready = [streams.event() for _ in range(2)]
         self._free = [streams.event() for _ in range(2)]
         self._staged = [streams.event() for _ in range(2)]  # staging buffer copied: may be refilled
         # Views made here, outside inference mode: a parameter's data may only be swapped for a
         # normal tensor, and views made inside inference mode are inference tensors.
-        self._gpu_views = [{name: self._slice(buffer, name) for name in self._slots} for buffer in self._gpu]
+        if self.compress:  # one decoded buffer, every layer's parameters point at its views
+            decoded = torch.empty(self.cpu_numel + self.disk_numel, dtype=self.dtype, device=self.device)
+            self._gpu_views = [{name: self._slice(decoded, name) for name in self._slots}] * 2
+        else:
+            self._gpu_views = [{name: self._slice(buffer, name) for name in self._slots} for buffer in self._gpu]
 
     def prefetch(self, layer: int) -> None:
         """Queue the load of ``layer``'s streamed tensors on the copy stream (no-op if queued)."""
@@ -165,10 +202,10 @@ class LayerWeights:
             self.disk.read_into(layer, 0, self._staging[slot])  # the host thread reads while the GPU runs
         streams.copy_waits(self._free[slot])  # the layer that used this buffer has finished
         with streams.on_copy():
-            if self.cpu_numel:
-                target[: self.cpu_numel].copy_(self.host[layer], non_blocking=True)
+            if self._cpu_len:
+                target[: self._cpu_len].copy_(self.host[layer], non_blocking=True)
             if self.disk is not None:
-                target[self.cpu_numel :].copy_(self._staging[slot], non_blocking=True)
+                target[self._cpu_len :].copy_(self._staging[slot], non_blocking=True)
                 streams.record_on_copy(self._staged[slot])
             streams.record_on_copy(self._ready[slot])
 
@@ -180,6 +217,11 @@ class LayerWeights:
         slot = self._slot_of[layer]
         self._streams.compute_waits(self._ready[slot])  # type: ignore[union-attr]
         views = self._gpu_views[slot]
+        if self.compress:  # decode on the compute stream, after the wait above (module docstring)
+            encoded = self._gpu[slot]
+            for name, view in views.items():
+                start = self._bytes[name]
+                view.copy_(self._layouts[name].decode(encoded[start : start + self._layouts[name].nbytes]))
         for param, name in self._params[layer]:
             param.data = views[name]
 
@@ -199,6 +241,6 @@ class LayerWeights:
     def _home(self, layer: int, name: str) -> torch.Tensor:
         """What a streamed parameter holds between uses: its host view, or for the disk share a
         one-element stand-in of the right shape (a meta tensor could not be swapped for real data)."""
-        if self.tier[name] is Tier.CPU:
+        if self.tier[name] is Tier.CPU and not self.compress:
             return self._slice(self.host[layer], name)
         return torch.zeros((), dtype=self.dtype).expand(self._slots[name][1])

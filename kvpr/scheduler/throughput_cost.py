@@ -24,6 +24,12 @@ Modelling decisions (the executor must match them for the prediction to hold):
   to the profile's measured ``decode_layer_s``), decode attention from the profile scaled by batch.
   The new token's store is split across tiers like the mean context (it is ~1/s of the load traffic).
   The LM head runs once per step after the last layer, outside the overlapped terms.
+- Compression (``--compress-weight``, ``--kv-codec int8|int4``, ``--x-codec``): the CPU and disk tiers
+  hold, copy and write encoded bytes (``CacheCodecs``; weights at ``encoded_ratio`` of the model
+  dtype), the GPU tier and GPU-resident weights stay in the model dtype. The decode of copied K,V
+  is compute time where the profile measured the codec (``kv_decode``), and recomputation runs at the
+  X codec's measured rate (``x_codec_gemm``, its decode included); the weights' decode has no
+  measured rate yet and is not counted (only their bytes are).
 - Memory: per-tier items in ``ThroughputPlan.memory_items``, the sizes the executor should allocate
   (GPU: embeddings and LM head, GPU shares, two buffers of a layer's offloaded tensors, two cache
   staging buffers of one (layer, GPU batch) for s_max tokens, one GPU batch's prefill working set).
@@ -72,6 +78,33 @@ class MachineLimits:
 
     def capacity(self, tier: Tier) -> float:
         return {Tier.GPU: self.gpu_bytes, Tier.CPU: self.cpu_bytes, Tier.DISK: self.disk_bytes}[tier]
+
+
+@dataclass(frozen=True)
+class CacheCodecs:
+    """How the CPU and disk tiers store K,V and X (``--kv-codec``, ``--x-codec``: none, int8, int4)."""
+
+    kv_codec: str = "none"
+    x_codec: str = "none"
+
+    def kv_token_bytes(self, model: ModelConfig, dtype_bytes: int) -> float:
+        """Stored K,V bytes of one token, layer and sequence."""
+        from kvpr.cache.storage import tier_codec
+
+        codec = tier_codec(self.kv_codec, model.head_dim)
+        raw = 2.0 * model.kv_size * dtype_bytes
+        return raw if codec is None else codec.bytes_per_token(1, model.num_kv_heads, model.head_dim)
+
+    def x_token_bytes(self, model: ModelConfig, dtype_bytes: int) -> float:
+        """Stored X bytes of one token, layer and sequence."""
+        from kvpr.cache.codec import make_x_codec
+
+        codec = make_x_codec(self.x_codec, model.hidden_size)
+        h = model.hidden_size
+        return float(h * dtype_bytes) if codec is None else codec.bytes_per_token(1, h)
+
+
+NO_CODECS = CacheCodecs()  # K,V and X stored as computed
 
 
 @dataclass(frozen=True)
@@ -222,16 +255,22 @@ class BlockCosts:
     stores_x: bool
     layer_bytes: float
     resident_bytes: float
-    kv_token_bytes: float  # K,V of one token, one layer, one sequence
-    x_token_bytes: float
+    kv_token_bytes: float  # K,V of one token, one layer, one sequence, as the CPU and disk tiers store it
+    x_token_bytes: float  # X of one token, as stored
+    gpu_kv_token_bytes: float  # K,V of one token in the model dtype: the GPU tier and the staging buffers
+    stored_layer_bytes: float  # a layer's weights as the CPU and disk tiers store them (4-bit or not)
     act_prefill_bytes: float  # hidden states of the block between layers, [b, s0, h]
     act_decode_bytes: float  # [b, 1, h]
     gpu_working: Mapping[str, float]
+    hidden_bytes: float = 0.0  # one token's hidden state in the model dtype (activations)
     # Times (``block_costs``); a block of sizes only (``block_sizes``) has none.
     rates: Mapping[str, float] = field(default_factory=dict)
     prefill_compute_s: float = 0.0  # per layer: the block's prompt GEMMs and attention
     decode_compute_s: float = 0.0  # per layer and step: decode GEMMs and attention, without recompute
     recompute_all_s: float = 0.0  # per layer and step: recompute K,V of every token of the mean context
+    decode_all_s: float = (
+        0.0  # per layer and step: decode the K,V codec's parts of the mean context (0: no codec or not measured)
+    )
     head_s: float = 0.0  # per step (and once after the prefill): the block's LM head, after the last layer
 
     @property
@@ -243,6 +282,11 @@ class BlockCosts:
         """Stored per token, layer and sequence: K,V, plus X when recomputation may run."""
         return self.kv_token_bytes + (self.x_token_bytes if self.stores_x else 0.0)
 
+    @property
+    def gpu_token_bytes(self) -> float:
+        """Per token on the GPU tier: K,V in the model dtype (and X as counted on every tier)."""
+        return self.gpu_kv_token_bytes + (self.x_token_bytes if self.stores_x else 0.0)
+
 
 def block_sizes(
     model: ModelConfig,
@@ -251,12 +295,19 @@ def block_sizes(
     num_gpu_batches: int,
     stores_x: bool,
     dtype_bytes: int,
+    codecs: CacheCodecs = NO_CODECS,
+    compress_weight: bool = False,
 ) -> BlockCosts:
     """The block's sizes only, no times (no profile needed): all that ``memory_terms`` reads."""
+    from kvpr.compress.weight_quant import encoded_ratio
+
     h, q, kv, e = model.hidden_size, model.q_size, model.kv_size, dtype_bytes
     gbs, s0, s_max = gpu_batch_size, workload.prompt_len, workload.max_len
-    kv_bytes, x_bytes = 2 * kv * e, h * e
-    token_bytes = kv_bytes + (x_bytes if stores_x else 0)
+    kv_bytes, x_bytes = codecs.kv_token_bytes(model, e), codecs.x_token_bytes(model, e)
+    raw_kv = 2 * kv * e
+    staging_bytes = raw_kv + (kv_bytes if kv_bytes != raw_kv else 0) + (x_bytes if stores_x else 0)
+    shapes = [shape for _, shape in layer_weight_tensors(model)]
+    layer_bytes = float(sum(math.prod(shape) for shape in shapes) * e)
     mlp_width = 3 * model.intermediate_size if model.arch is Arch.LLAMA else 2 * model.intermediate_size
     return BlockCosts(
         model=model,
@@ -264,15 +315,18 @@ def block_sizes(
         gpu_batch_size=gbs,
         num_gpu_batches=num_gpu_batches,
         stores_x=stores_x,
-        layer_bytes=float(sum(math.prod(shape) for _, shape in layer_weight_tensors(model)) * e),
+        layer_bytes=layer_bytes,
         resident_bytes=float(resident_weight_elements(model) * e),
         kv_token_bytes=float(kv_bytes),
         x_token_bytes=float(x_bytes),
+        gpu_kv_token_bytes=float(raw_kv),
+        stored_layer_bytes=layer_bytes * encoded_ratio(shapes, e) if compress_weight else layer_bytes,
+        hidden_bytes=float(h * e),
         act_prefill_bytes=float(gbs * num_gpu_batches * s0 * h * e),
         act_decode_bytes=float(gbs * num_gpu_batches * h * e),
         gpu_working={
             # K,V (+X) of one (layer, GPU batch) for s_max tokens, double-buffered
-            "cache staging": 2.0 * gbs * s_max * token_bytes,
+            "cache staging": 2.0 * gbs * s_max * staging_bytes,
             # one GPU batch's prompt: hidden in/out, X, q/k/v, attention out, MLP, and the scores
             "prefill working": gbs * s0 * e * (3 * h + 2 * q + 2 * kv + mlp_width)
             + gbs * model.num_q_heads * s0 * s0 * e,
@@ -290,12 +344,17 @@ def block_costs(
     num_gpu_batches: int,
     stores_x: bool,
     dtype_bytes: int,
+    codecs: CacheCodecs = NO_CODECS,
+    compress_weight: bool = False,
 ) -> BlockCosts:
-    sizes = block_sizes(model, workload, gpu_batch_size, num_gpu_batches, stores_x, dtype_bytes)
+    sizes = block_sizes(
+        model, workload, gpu_batch_size, num_gpu_batches, stores_x, dtype_bytes, codecs, compress_weight
+    )
     h, q, kv = model.hidden_size, model.q_size, model.kv_size  # widths, for the FLOP counts
     gbs, s0, mean = gpu_batch_size, workload.prompt_len, workload.mean_context
     matrices = [math.prod(shape) for _, shape in layer_weight_tensors(model) if len(shape) == 2]
-    kv_bytes, x_bytes, token_bytes = sizes.kv_token_bytes, sizes.x_token_bytes, sizes.token_bytes  # per token
+    kv_bytes, token_bytes = sizes.kv_token_bytes, sizes.token_bytes  # per token, as stored
+    x_bytes = sizes.hidden_bytes  # activations cross in the model dtype
     gemm, h2d, d2h = profile.gemm.rate, profile.h2d.rate, profile.d2h.rate
     flops_per_row = 2.0 * sum(matrices)  # every projection and MLP GEMM, per token
     calibration = 1.0  # scales the decode GEMMs to the measured layer, where the profile has it
@@ -305,6 +364,12 @@ def block_costs(
     prefill_rows = gbs * s0
     prefill = (prefill_rows * flops_per_row + 4.0 * gbs * s0 * s0 * q) / gemm(prefill_rows)  # GEMMs, QK^T and PV
     attention = profile.attention_s(round(mean) + 1) * gbs / profile.batch_size
+    # the X codec's measured recompute rate includes its decode; the K,V codec's decode of one unit
+    x_curve = profile.x_codec_gemm.get(codecs.x_codec) if stores_x else None
+    recompute_gemm = gemm if x_curve is None else x_curve.rate
+    kv_curve = profile.kv_decode.get(codecs.kv_codec)
+    kv_decode = None if kv_curve is None else kv_curve.rate
+    unit_kv = gbs * mean * kv_bytes  # stored bytes of one (layer, GPU batch) at the mean step
     decode = calibration * gbs * flops_per_row / gemm(gbs) + attention
     return replace(
         sizes,
@@ -322,7 +387,8 @@ def block_costs(
         },
         prefill_compute_s=num_gpu_batches * prefill,
         decode_compute_s=num_gpu_batches * decode,
-        recompute_all_s=gbs * num_gpu_batches * mean * 4.0 * h * kv / gemm(gbs * mean),
+        recompute_all_s=gbs * num_gpu_batches * mean * 4.0 * h * kv / recompute_gemm(gbs * mean),
+        decode_all_s=num_gpu_batches * unit_kv / kv_decode(unit_kv) if kv_decode is not None else 0.0,
         head_s=num_gpu_batches * 2.0 * gbs * (model.word_embed_proj_dim or h) * model.vocab_size / gemm(gbs),
     )
 
@@ -337,12 +403,12 @@ def cost_terms(b: BlockCosts, v: Shares) -> CostTerms:
     """The cost model, written once: only sums and scalar products of the shares, so the same code
     evaluates a placement (floats) and builds the LP's rows (coefficient vectors)."""
     r, bs, s0, mean, tok = b.rates, b.block_size, b.workload.prompt_len, b.workload.mean_context, b.token_bytes
-    weights_in = b.layer_bytes * (v.wc + v.wd)  # bytes of a layer crossing PCIe, once per block
+    weights_in = b.stored_layer_bytes * (v.wc + v.wd)  # bytes of a layer crossing PCIe, once per block
     act_pre, act_dec = b.act_prefill_bytes, b.act_decode_bytes
     prefill = {
         "h2d": weights_in / r["weights_h2d"] + act_pre * (v.ac + v.ad) / r["act_prefill_h2d"],
         "d2h": bs * s0 * tok * (v.pc + v.pd) / r["prefill_d2h"] + act_pre * (v.ac + v.ad) / r["act_prefill_d2h"],
-        "disk_read": (b.layer_bytes * v.wd + act_pre * v.ad) / r["disk_read"],
+        "disk_read": (b.stored_layer_bytes * v.wd + act_pre * v.ad) / r["disk_read"],
         "disk_write": (bs * s0 * tok * v.pd + act_pre * v.ad) / r["disk_write"],
         "compute": b.prefill_compute_s * v.one,
     }
@@ -352,9 +418,10 @@ def cost_terms(b: BlockCosts, v: Shares) -> CostTerms:
         + cache_in / r["cache_h2d"]
         + act_dec * (v.ac + v.ad) / r["act_decode_h2d"],
         "d2h": bs * tok * (v.tcx + v.tck + v.td) / r["decode_d2h"] + act_dec * (v.ac + v.ad) / r["act_decode_d2h"],
-        "disk_read": (b.layer_bytes * v.wd + bs * mean * b.kv_token_bytes * v.td + act_dec * v.ad) / r["disk_read"],
+        "disk_read": (b.stored_layer_bytes * v.wd + bs * mean * b.kv_token_bytes * v.td + act_dec * v.ad)
+        / r["disk_read"],
         "disk_write": (bs * tok * v.td + act_dec * v.ad) / r["disk_write"],
-        "compute": b.decode_compute_s * v.one + b.recompute_all_s * v.tcx,
+        "compute": b.decode_compute_s * v.one + b.recompute_all_s * v.tcx + b.decode_all_s * (v.tck + v.td),
     }
     return CostTerms(prefill, decode, memory_terms(b, v))
 
@@ -362,28 +429,31 @@ def cost_terms(b: BlockCosts, v: Shares) -> CostTerms:
 def memory_terms(b: BlockCosts, v: Shares) -> dict[Tier, dict[str, Any]]:
     """Bytes per tier and item (affine in the shares, like the times)."""
     n_layers, s_max, bs, tok = b.model.num_layers, b.workload.max_len, b.block_size, b.token_bytes
-    weights_in, act_pre = b.layer_bytes * (v.wc + v.wd), b.act_prefill_bytes
-    cache = n_layers * bs * s_max * tok  # every slot of every layer, sequence
+    stored_in, act_pre = b.stored_layer_bytes * (v.wc + v.wd), b.act_prefill_bytes
+    cache = n_layers * bs * s_max * tok  # every slot of every layer, sequence, as stored off the GPU
+    # the next layer's offloaded tensors, double-buffered; compressed: two encoded, one decoded
+    compressed = b.stored_layer_bytes != b.layer_bytes
+    buffers = 2 * stored_in + (b.layer_bytes * (v.wc + v.wd) if compressed else 0.0)
     return {
         Tier.GPU: {
             "resident weights": b.resident_bytes * v.one,
             "layer weights": n_layers * b.layer_bytes * v.wg,
-            "kv cache": cache * v.cg,
+            "kv cache": n_layers * bs * s_max * b.gpu_token_bytes * v.cg,
             "activations": act_pre * v.ag,
-            "weight buffers": 2 * weights_in,  # the next layer's offloaded tensors, double-buffered
+            "weight buffers": buffers,
             **{item: size * v.one for item, size in b.gpu_working.items()},
         },
         Tier.CPU: {
-            "layer weights": n_layers * b.layer_bytes * v.wc,
+            "layer weights": n_layers * b.stored_layer_bytes * v.wc,
             "kv cache": cache * v.cc,
             "activations": act_pre * v.ac,
             # pinned staging of disk reads and writes, double-buffered: one layer's disk weights, one
             # (layer, GPU batch)'s disk cache, one GPU batch's activations
-            "disk staging": 2 * (b.layer_bytes * v.wd + cache / n_layers / b.num_gpu_batches * v.cd)
+            "disk staging": 2 * (b.stored_layer_bytes * v.wd + cache / n_layers / b.num_gpu_batches * v.cd)
             + 2 * act_pre / b.num_gpu_batches * v.ad,
         },
         Tier.DISK: {
-            "layer weights": n_layers * b.layer_bytes * v.wd,
+            "layer weights": n_layers * b.stored_layer_bytes * v.wd,
             "kv cache": cache * v.cd,
             "activations": act_pre * v.ad,
         },
@@ -427,14 +497,16 @@ def estimate(
     config: ThroughputConfig,
     recompute_fraction: float,
     dtype_bytes: int = 2,
+    codecs: CacheCodecs = NO_CODECS,
 ) -> ThroughputPlan:
-    """Predicted cost of one fixed policy; raises KvprError naming the tier that overflows."""
+    """Predicted cost of one fixed policy (weights compressed as ``config`` says, the cache tiers
+    under ``codecs``); raises KvprError naming the tier that overflows."""
     r = recompute_fraction
     if not 0.0 <= r <= 1.0:
         raise KvprError(f"recompute fraction {r}: must lie in [0, 1]")
     check_workload(model, workload)
     gbs, ngb = config.gpu_batch_size, config.num_gpu_batches
-    block = block_costs(model, profile, limits, workload, gbs, ngb, r > 0, dtype_bytes)
+    block = block_costs(model, profile, limits, workload, gbs, ngb, r > 0, dtype_bytes, codecs, config.compress_weight)
     terms = cost_terms(block, realised_shares(model, config.placement, workload, r))
     for tier, items in terms.memory.items():
         need, have = sum(items.values()), limits.capacity(tier)

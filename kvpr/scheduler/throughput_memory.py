@@ -13,7 +13,15 @@ from collections.abc import Mapping
 
 from kvpr.config import ModelConfig, ThroughputConfig, Tier
 from kvpr.errors import KvprError
-from kvpr.scheduler.throughput_cost import GIB, ThroughputWorkload, block_sizes, memory_terms, realised_shares
+from kvpr.scheduler.throughput_cost import (
+    GIB,
+    NO_CODECS,
+    CacheCodecs,
+    ThroughputWorkload,
+    block_sizes,
+    memory_terms,
+    realised_shares,
+)
 
 # What a run allocates and keeps (checked before allocating); the prompt's working set, activations
 # and logits are transient and sized by the prompt length, which only the plan knows: it counts them too.
@@ -27,14 +35,21 @@ _BUFFER_ITEMS = ("weight buffers",)  # held once the first block has run
 
 
 def block_memory(
-    model: ModelConfig, config: ThroughputConfig, batch_size: int, max_len: int, stores_x: bool, dtype_bytes: int
+    model: ModelConfig,
+    config: ThroughputConfig,
+    batch_size: int,
+    max_len: int,
+    stores_x: bool,
+    dtype_bytes: int,
+    codecs: CacheCodecs = NO_CODECS,
 ) -> dict[Tier, dict[str, float]]:
     """Bytes per tier and item of a run of ``batch_size`` rows and ``max_len`` slots under ``config``:
     ``memory_terms`` at the realised placement, as ``estimate`` counts the plan. A partial block is
     ``ceil(batch_size / gbs)`` GPU batches; only the slots matter to ``RUN_ITEMS``, not the prompt's share."""
     gbs = min(batch_size, config.gpu_batch_size)
     workload = ThroughputWorkload(max(max_len - 1, 1), 1)
-    block = block_sizes(model, workload, gbs, -(-batch_size // gbs), stores_x, dtype_bytes)
+    num_gpu_batches = -(-batch_size // gbs)
+    block = block_sizes(model, workload, gbs, num_gpu_batches, stores_x, dtype_bytes, codecs, config.compress_weight)
     return memory_terms(block, realised_shares(model, config.placement, workload, 0.0))
 
 

@@ -22,7 +22,9 @@ from kvpr.config import ModelConfig, Placement, ThroughputConfig, Tier
 from kvpr.errors import KvprError
 from kvpr.scheduler.throughput_cost import (
     GIB,
+    NO_CODECS,
     BlockCosts,
+    CacheCodecs,
     MachineLimits,
     Shares,
     ThroughputPlan,
@@ -133,6 +135,8 @@ def _finalise(
     allow_disk: bool,
     offload_dir: str | None,
     dtype_bytes: int,
+    codecs: CacheCodecs,
+    compress_weight: bool,
 ) -> ThroughputPlan | None:
     """Snap weights to whole tensors and activations to one tier, re-solve the cache shares, round them to
     integer percentages, and return the best rounded policy that ``estimate`` accepts."""
@@ -160,11 +164,15 @@ def _finalise(
                     for c in (c for c in seconds if c >= g):
                         placement = Placement(cut1, cut2 - cut1, g, c - g, *act_percent[act])
                         config = ThroughputConfig(
-                            placement, block.gpu_batch_size, block.num_gpu_batches, offload_dir=offload_dir
+                            placement,
+                            block.gpu_batch_size,
+                            block.num_gpu_batches,
+                            offload_dir=offload_dir,
+                            compress_weight=compress_weight,
                         )
                         for fraction in sorted({r, 0.0}, reverse=True):
                             try:
-                                plan = estimate(model, profile, limits, workload, config, fraction, dtype_bytes)
+                                plan = estimate(model, profile, limits, workload, config, fraction, dtype_bytes, codecs)
                             except KvprError:
                                 continue
                             if best is None or _better(plan, best):
@@ -202,10 +210,13 @@ def search_policy(
     num_gpu_batches: Sequence[int] = DEFAULT_NUM_GPU_BATCHES,
     dtype_bytes: int = 2,
     offload_dir: str | None = None,
+    codecs: CacheCodecs = NO_CODECS,
+    compress_weight: bool = False,
 ) -> ThroughputPlan:
     """The fastest policy: an LP per block shape and per choice of storing X, then rounding (``_finalise``).
 
-    The disk tier is used only with an ``offload_dir`` and ``limits.disk_bytes > 0``.
+    The disk tier is used only with an ``offload_dir`` and ``limits.disk_bytes > 0``. ``codecs`` and
+    ``compress_weight``: what the CPU and disk tiers store, counted in encoded bytes.
     """
     if not gpu_batch_sizes or not num_gpu_batches or min(*gpu_batch_sizes, *num_gpu_batches) < 1:
         raise KvprError("search_policy: give at least one GPU batch size and one number of GPU batches, all >= 1")
@@ -215,7 +226,9 @@ def search_policy(
     for stores_x in (False, True) if allow_recompute else (False,):
         for gbs in sorted(gpu_batch_sizes):
             for ngb in sorted(num_gpu_batches):
-                block = block_costs(model, profile, limits, workload, gbs, ngb, stores_x, dtype_bytes)
+                block = block_costs(
+                    model, profile, limits, workload, gbs, ngb, stores_x, dtype_bytes, codecs, compress_weight
+                )
                 solution = _solve(block, limits, allow_disk, {})
                 if solution is None:
                     break  # more GPU batches need more memory on every tier
@@ -230,7 +243,9 @@ def search_policy(
         for solution in ranked[:_MAX_ROUNDED]:
             if best is not None and solution.bound_tokens_per_s <= best.tokens_per_s:
                 break
-            plan = _finalise(solution, model, profile, limits, allow_disk, offload_dir, dtype_bytes)
+            plan = _finalise(
+                solution, model, profile, limits, allow_disk, offload_dir, dtype_bytes, codecs, compress_weight
+            )
             if plan is not None and (best is None or _better(plan, best)):
                 best = plan
     if best is None:
@@ -248,6 +263,8 @@ def flexgen_policy(
     num_gpu_batches: Sequence[int] = DEFAULT_NUM_GPU_BATCHES,
     dtype_bytes: int = 2,
     offload_dir: str | None = None,
+    codecs: CacheCodecs = NO_CODECS,
+    compress_weight: bool = False,
 ) -> ThroughputPlan:
     """FlexGen's search: the same LP without recomputation (r = 0, no X stored)."""
     return search_policy(
@@ -260,6 +277,8 @@ def flexgen_policy(
         num_gpu_batches=num_gpu_batches,
         dtype_bytes=dtype_bytes,
         offload_dir=offload_dir,
+        codecs=codecs,
+        compress_weight=compress_weight,
     )
 
 
@@ -315,7 +334,12 @@ def format_plans(plans: Sequence[tuple[str, ThroughputPlan]]) -> str:
 
 
 def recompute_fraction_policy(
-    model: ModelConfig, profile: HardwareProfile, config: ThroughputConfig, dtype_bytes: int = 2, steps: int = 20
+    model: ModelConfig,
+    profile: HardwareProfile,
+    config: ThroughputConfig,
+    dtype_bytes: int = 2,
+    steps: int = 20,
+    codecs: CacheCodecs = NO_CODECS,
 ) -> Callable[[int], float]:
     """``--recompute auto`` for a fixed throughput policy: at each decode step (``s`` cached tokens),
     the fraction of the CPU tier's tokens to recompute that minimises the predicted step, on a grid
@@ -328,7 +352,7 @@ def recompute_fraction_policy(
         workload = ThroughputWorkload(prompt_len, 2)  # one decode step, at context prompt_len
 
         def step_s(r: float) -> float:
-            return estimate(model, profile, room, workload, config, r, dtype_bytes).decode_s
+            return estimate(model, profile, room, workload, config, r, dtype_bytes, codecs).decode_s
 
         return min((i / steps for i in range(steps + 1)), key=step_s)
 
