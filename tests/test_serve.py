@@ -29,7 +29,8 @@ from conftest import cli_error_line, cpu_llm, make_llm, token_prompts
 from kvpr.cli import main
 from kvpr.config import SamplingParams
 from kvpr.device import host_empty
-from kvpr.runtime.generation import RowBatch, cuda_copy_2d, row_runs
+from kvpr.runtime.host_rows import cuda_copy_2d, row_runs
+from kvpr.runtime.row_batch import RowBatch
 from kvpr.scheduler.policy import round_fraction
 from kvpr.serve.app import create_app
 from kvpr.serve.batcher import Batcher, Sequence, ServeConfig

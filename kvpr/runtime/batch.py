@@ -39,7 +39,7 @@ class BatchState:
         mask |= key_slots.unsqueeze(0) == query_slots.unsqueeze(1)
         return positions, mask.unsqueeze(1)
 
-    # -- rows filled and freed between decode steps (continuous batching: generation.RowBatch) --------
+    # -- rows filled and freed between decode steps (continuous batching: row_batch.RowBatch) --------
 
     def place(self, rows: torch.Tensor, valid_rows: torch.Tensor) -> None:
         """Rows ``rows`` [k] now hold new prompts, left-padded in the last ``q`` slots: valid_rows [k, q].

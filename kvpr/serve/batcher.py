@@ -55,7 +55,7 @@ import torch
 
 from kvpr.config import SamplingParams
 from kvpr.errors import KvprError
-from kvpr.runtime.generation import FixedBatch, RowBatch, supports_row_joins
+from kvpr.runtime.row_batch import FixedBatch, RowBatch, supports_row_joins
 from kvpr.runtime.sampling import make_generator, sample_next, sample_rows
 from kvpr.runtime.streams import TokenMailbox
 
