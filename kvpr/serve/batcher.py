@@ -1,33 +1,4 @@
-"""Decides which requests decode together, and runs the token loop in its own thread.
-
-Policy for dense caches stored exactly (``--offload none|cpu|auto``, any ``--recompute``, no lossy
-``--kv-codec``/``--x-codec``):
-one batch of ``max_rows`` rows and ``max_model_len`` token slots, allocated once at startup; every
-row shares one token count ``S``, and a decode step reads (offloaded: copies) all rows' ``S``
-slots, so ``S`` is what a join may cost the others. Slots beyond one request's prompt + answer buy
-later joins at the price of every step reading them: an offloaded step's link bytes grow with
-``S``, so the server's ``--max-model-len`` is best the longest request, not more.
-
-1. An empty batch gathers an arrival wave: it starts once its rows are full, or once no request
-   arrived for ``batch_wait_ms`` (at most ``GATHER_SPAN x batch_wait_ms`` after the oldest came),
-   with the waiting requests in arrival order whose tokens fit together (longest prompt + longest
-   answer within the slots), all in one prefill at ``S = 0``. Clients that send their next
-   request as soon as the last one ended (a closed loop) arrive spread over the time the server
-   takes to parse them; waiting for a quiet gap, not a fixed time after the first, starts them
-   together instead of starting a few and joining the rest one by one.
-2. Between two decode steps waiting requests take free rows of the running batch (continuous
-   batching), all of them in one prefill on their own rows, written right-aligned into the ``S``
-   tokens the batch already has: so only prompts of at most ``S`` tokens can join. A request may
-   join if it ends no later than the batch would (backfill), or, while at most half the rows are
-   live, if it is at the head of the queue and its answer fits the slots left. Others wait for the
-   batch to finish: backfill never moves the batch's end, so a busy batch always drains. While a
-   wave is still arriving (the newest request came less than ``JOIN_QUIET x batch_wait_ms`` ago,
-   the oldest less than ``batch_wait_ms``, and fewer wait than rows are free) the join waits one
-   step, if all waiting could still join then: one prefill instead of several.
-3. A finished or cancelled request frees its row at the next step boundary; a batch with no live
-   row starts again at ``S = 0``. Free rows keep decoding (their output is dropped). Requests never
-   join a batch whose every live row ends with the step already queued: they start the next batch
-   together at ``S = 0`` instead of joining at a long ``S``.
+"""Runs the token loop in its own thread; which requests decode together is ``admission.py``'s.
 
 On CUDA the loop queues decode step ``n + 1`` (its input: step ``n``'s tokens, chosen on the
 device) before the host waits for step ``n``'s tokens, as ``generate_tokens`` does offline, so the
@@ -44,20 +15,18 @@ from __future__ import annotations
 
 import collections
 import logging
-import secrets
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvpr.config import SamplingParams
 from kvpr.errors import KvprError
 from kvpr.runtime.row_batch import FixedBatch, RowBatch, supports_row_joins
 from kvpr.runtime.sampling import make_generator, sample_next, sample_rows
 from kvpr.runtime.streams import TokenMailbox
+from kvpr.serve.admission import Admission
+from kvpr.serve.requests import Deliver, QueuedStep, QueueFull, Sequence, ServeConfig
 
 if TYPE_CHECKING:
     from kvpr.api import LLM
@@ -65,71 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvpr.serve")
 
-GATHER_SPAN = 4  # an empty batch waits at most this many batch_wait_ms after its oldest request
-JOIN_QUIET = 0.25  # a join waits a step while the newest arrival is this share of batch_wait_ms old
 
-Deliver = Callable[[list[tuple["Sequence", str, Any]]], None]  # (sequence, kind, value) events of one step
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Limits of a server: rows decoded together, tokens per row, requests held beyond the rows."""
-
-    max_rows: int = 8
-    max_model_len: int = 2048  # a request's prompt + max_tokens, and the batch's token slots
-    max_waiting: int = 32  # requests beyond max_rows held in the queue; more get HTTP 429
-    batch_wait_ms: float = 20.0  # an empty batch starts after this long without a new arrival
-
-    def __post_init__(self) -> None:
-        for name in ("max_rows", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise KvprError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.max_waiting < 0:
-            raise KvprError(f"--max-waiting {self.max_waiting}: must be >= 0")
-        if not self.batch_wait_ms >= 0:
-            raise KvprError(f"--batch-wait-ms {self.batch_wait_ms}: must be >= 0")
-
-
-class QueueFull(Exception):
-    """The server holds as many requests as its limits allow (HTTP 429)."""
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One choice being generated: its prompt, sampling, and where it stands."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    tag: Any  # the caller's handle for its events (a choice index)
-    deliver: Deliver
-    arrival: float = field(default_factory=time.perf_counter)
-    row: int = -1
-    generated: int = 0
-    last_token: int = 0
-    cancelled: bool = False
-    done: bool = False
-    generator: torch.Generator | None = None
-
-    @property
-    def remaining(self) -> int:
-        """Decode steps still needed: each step appends one token to every row."""
-        return self.params.max_new_tokens - self.generated
-
-
-@dataclass(eq=False)
-class QueuedStep:
-    """A decode step queued on the device whose tokens the host has not read yet."""
-
-    rows: list[tuple[int, Sequence]]  # (row, sequence) of the live rows it decodes
-    slot: int  # its tokens' mailbox slot
-    queued: float  # perf_counter when it was queued
-    members: set[int] = field(default_factory=set)  # id() of its sequences
-
-    def __post_init__(self) -> None:
-        self.members = {id(sequence) for _, sequence in self.rows}
-
-
-class Batcher:
+class Batcher(Admission):
     """Owns the engine: a thread runs the token loop; ``submit`` and ``cancel`` are thread-safe.
 
     Events reach each sequence's ``deliver`` from the engine thread, batched per step:
@@ -270,16 +176,6 @@ class Batcher:
             self.metrics.running_rows.set(len(self.live))
         return mark
 
-    def _gather_left(self) -> float:
-        """Seconds an empty batch still waits for more requests before it starts (under the lock):
-        until its rows are full, or ``batch_wait_ms`` passed without an arrival (at most
-        ``GATHER_SPAN`` times that after the oldest waiting request arrived)."""
-        if self.live or not self.waiting or len(self.waiting) >= self.config.max_rows:
-            return 0.0
-        wait = self.config.batch_wait_ms / 1e3
-        quiet_at = self.waiting[-1].arrival + wait
-        return min(quiet_at, self.waiting[0].arrival + GATHER_SPAN * wait) - time.perf_counter()
-
     def _free_cancelled(self) -> None:
         events: list[tuple[Sequence, str, Any]] = []
         for row, sequence in list(self.live.items()):
@@ -289,122 +185,6 @@ class Batcher:
                 if self.metrics is not None:
                     self.metrics.cancelled.inc()
         self._send(events)
-
-    def _take_waiting(self, admissible: Callable[[Sequence, bool], bool], limit: int) -> list[Sequence]:
-        """Pop up to ``limit`` waiting sequences that ``admissible(sequence, is_head)`` accepts, in
-        queue order; cancelled ones are dropped on the way."""
-        taken: list[Sequence] = []
-        dropped: list[Sequence] = []
-        with self.lock:
-            kept: collections.deque[Sequence] = collections.deque()
-            head = True
-            while self.waiting:
-                sequence = self.waiting.popleft()
-                if sequence.cancelled:
-                    dropped.append(sequence)
-                elif len(taken) < limit and admissible(sequence, head):
-                    taken.append(sequence)
-                else:
-                    kept.append(sequence)
-                    head = False
-            self.waiting = kept
-        for sequence in dropped:
-            self._finish(sequence, [], "done", "cancelled")
-        self._gauge_queue()
-        self.admitting = taken
-        return taken
-
-    def _steps_left(self, sequence: Sequence) -> int:
-        """Decode steps ``sequence`` still needs beyond the step queued ahead, if any."""
-        queued = self.queued
-        return sequence.remaining - (1 if queued is not None and id(sequence) in queued.members else 0)
-
-    def _admit(self) -> str | None:
-        """Start a batch, or let waiting requests join the running one (see the module docstring).
-        Returns the phase it ran: "start", "join" or None."""
-        if not self.waiting:
-            return None
-        if not self.live:
-            return "start" if self._start_batch() else None
-        batch = self.batch
-        if batch is None or not batch.joins_running:
-            return None
-        free = [row for row in range(batch.width) if row not in self.live]
-        if not free:
-            return None
-        steps_left = max(self._steps_left(sequence) for sequence in self.live.values())
-        if steps_left == 0:  # the batch ends with the step queued ahead: start the next one at S = 0
-            return None
-        length, capacity = batch.length, batch.capacity  # type: ignore[union-attr]
-        underused = 2 * len(self.live) <= batch.width
-
-        def admissible_at(s: int) -> Callable[[Sequence, bool], bool]:
-            def admissible(sequence: Sequence, head: bool) -> bool:
-                end = s + sequence.params.max_new_tokens - 1  # S once its last token is in
-                limit = capacity if underused and head else min(capacity, length + steps_left)
-                return 0 < len(sequence.prompt_ids) <= s and batch.joins_running and end <= limit
-
-            return admissible
-
-        if self._wave_arriving(len(free), admissible_at(length + 1)):
-            return None
-        joining = self._take_waiting(admissible_at(length), len(free))
-        if not joining:
-            return None
-        rows = free[: len(joining)]  # ascending: the rows form as few contiguous runs as possible
-        logits = batch.join(rows, [sequence.prompt_ids for sequence in joining], self.pad_id)
-        self._first_tokens(logits, rows, joining, joined=True)
-        return "join"
-
-    def _wave_arriving(self, free: int, admissible_next_step: Callable[[Sequence, bool], bool]) -> bool:
-        """Whether a join had better wait one step for more of an arrival wave: requests are still
-        arriving, fewer wait than rows are free, every waiting one could join after the step, and
-        none has waited ``batch_wait_ms`` yet (so no request waits more than one step for this)."""
-        wait = self.config.batch_wait_ms / 1e3
-        with self.lock:
-            waiting = list(self.waiting)
-        now = time.perf_counter()
-        if not waiting or len(waiting) >= free or now - waiting[0].arrival >= wait:
-            return False
-        if now - waiting[-1].arrival >= JOIN_QUIET * wait:
-            return False
-        return all(admissible_next_step(sequence, index == 0) for index, sequence in enumerate(waiting))
-
-    def _start_batch(self) -> bool:
-        """A new batch from the head of the queue: as many as fit its rows and slots together."""
-        rows_batch = self.rows_batch
-        width = self.config.max_rows if rows_batch is None else rows_batch.width
-        capacity = self.config.max_model_len
-        longest = [0, 0]  # the group's longest prompt and longest answer
-
-        def admissible(sequence: Sequence, head: bool) -> bool:
-            prompt_len, answer = len(sequence.prompt_ids), sequence.params.max_new_tokens - 1
-            fits = max(longest[0], prompt_len) + max(longest[1], answer) <= capacity
-            if fits:
-                longest[0], longest[1] = max(longest[0], prompt_len), max(longest[1], answer)
-            return fits
-
-        starting = self._take_waiting(admissible, width)
-        if not starting:
-            return False
-        self.queued = None  # a step queued ahead for rows that all ended: its tokens are not read
-        prompts = [sequence.prompt_ids for sequence in starting]
-        rows = list(range(len(starting)))
-        if rows_batch is not None:
-            rows_batch.reset()
-            self.batch = rows_batch
-        else:
-            self.batch = None  # the last batch's cache is freed before the next is allocated
-            executor = self.llm.make_executor(len(starting), longest[0] + longest[1] + 1)
-            self.batch = FixedBatch(executor, len(starting))
-        if self.mailbox is None or self.mailbox.slots[0].shape[0] != self.batch.width:
-            self.mailbox = TokenMailbox(self.batch.width, self.llm.device)
-        self.next_ids = torch.full((self.batch.width,), self.pad_id, dtype=torch.long, device=self.llm.device)
-        logits = self.batch.start(rows, prompts, self.pad_id)
-        if self.metrics is not None:
-            self.metrics.batches.inc()
-        self._first_tokens(logits, rows, starting, joined=False)
-        return True
 
     def _first_tokens(self, logits: torch.Tensor, rows: list[int], sequences: list[Sequence], joined: bool) -> None:
         """Each new sequence's first token, from its prompt's logits [k, V]; also the next step's
@@ -521,9 +301,3 @@ class Batcher:
                 self.rows_batch.reset()
             except Exception:  # the next batch's start will fail the same way and say so
                 log.exception("resetting the batch failed")
-
-
-def request_seed(seed: int | None, choice: int) -> int:
-    """Choice ``choice``'s sampling seed: ``seed + choice`` when the client gave one (so a seeded
-    request repeats), else fresh randomness."""
-    return secrets.randbits(63) if seed is None else (seed + choice) % 2**63

@@ -114,7 +114,7 @@ def run_serve(args: argparse.Namespace, build_engine_config: Callable[[argparse.
 
     from kvpr.api import LLM
     from kvpr.serve.app import create_app
-    from kvpr.serve.batcher import ServeConfig
+    from kvpr.serve.requests import ServeConfig
 
     config = build_engine_config(args)
     _rows_flag(args.max_num_seqs)  # a bad value fails before the weights load
