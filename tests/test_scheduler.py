@@ -538,3 +538,17 @@ def test_attention_of_every_tier_is_compute_stream_work() -> None:
     gpu_only = LayerShape(16, 0, 4096, 4096, 2, 2, resident_len=3016)
     assert solve_split(gpu_only, H100, Schedule.CHUNKED, 8).predicted_s == pytest.approx(attend)
     assert attention_s(shape, PAPER_H100) == 0.0  # not timed: not counted
+
+
+def test_streamed_copy_probe_times_slot_sized_copies_back_to_back() -> None:
+    """The ring's copy pattern, timed as one: whole slots only (two at least), every repetition kept."""
+    from kvpr.runtime.latency import SLOT_BYTES
+    from kvpr.scheduler.profiler_timing import timer
+
+    clock = timer(torch.device("cpu"), 0.0)
+    host = torch.ones(3 * SLOT_BYTES + 5, dtype=torch.uint8)
+    dev = torch.zeros(3 * SLOT_BYTES + 5, dtype=torch.uint8)
+    samples = profiler._streamed_h2d(host, dev, clock)
+    assert len(samples) == profiler.COPY_REPEATS and all(n == 3 * SLOT_BYTES and r > 0 for n, r in samples)
+    assert bool(dev[: 3 * SLOT_BYTES].all()) and not bool(dev[3 * SLOT_BYTES :].any())  # whole slots only
+    assert profiler._streamed_h2d(host[:SLOT_BYTES], dev, clock) == []  # one slot is no stream
