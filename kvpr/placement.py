@@ -54,7 +54,8 @@ from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec
-    from kvpr.scheduler.throughput_cost import CacheCodecs, ThroughputPlan
+    from kvpr.scheduler.throughput_bytes import CacheCodecs
+    from kvpr.scheduler.throughput_cost import ThroughputPlan
 
 
 def make_codec(cache: CacheConfig, model: ModelConfig) -> KVCodec | CacheMethod | None:
@@ -206,7 +207,7 @@ def check_block_fits(
 
 def cache_codecs(cache: CacheConfig) -> CacheCodecs:
     """The codecs of throughput mode's CPU and disk tiers, as the cost model counts them."""
-    from kvpr.scheduler.throughput_cost import CacheCodecs
+    from kvpr.scheduler.throughput_bytes import CacheCodecs
 
     return CacheCodecs(cache.kv_codec, cache.x_codec)
 
@@ -338,7 +339,8 @@ def plan_throughput(
     from kvpr.cache.disk import measure_disk_bps
     from kvpr.scheduler.profile import HardwareProfile
     from kvpr.scheduler.profiler import load_or_measure
-    from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputWorkload
+    from kvpr.scheduler.throughput_bytes import ThroughputWorkload
+    from kvpr.scheduler.throughput_cost import MachineLimits
     from kvpr.scheduler.throughput_policy import search_policy
 
     model = resolve_source(config.model, dummy_weights=True).config

@@ -24,7 +24,8 @@ from kvpr.models.registry import builtin_config
 from kvpr.placement import plan_throughput, with_throughput_plan
 from kvpr.runtime.weights import LayerWeights
 from kvpr.scheduler.profile import HardwareProfile
-from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputPlan, ThroughputWorkload
+from kvpr.scheduler.throughput_bytes import ThroughputWorkload
+from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputPlan
 from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run_needs
 from kvpr.scheduler.throughput_policy import search_policy
 

@@ -200,7 +200,7 @@ def test_bad_codec_combinations_fail_in_one_line(flags: list[str], message: str,
 def test_block_memory_counts_encoded_bytes() -> None:
     from kvpr.config import Tier
     from kvpr.models.registry import builtin_config
-    from kvpr.scheduler.throughput_cost import CacheCodecs
+    from kvpr.scheduler.throughput_bytes import CacheCodecs
     from kvpr.scheduler.throughput_memory import block_memory
 
     model = builtin_config("opt-30b")  # h 7168, 56 heads of 128, 48 layers
@@ -222,7 +222,8 @@ def test_compressed_run_admits_a_larger_block() -> None:
     from test_throughput_policy import profile_for
 
     from kvpr.models.registry import builtin_config
-    from kvpr.scheduler.throughput_cost import CacheCodecs, MachineLimits, ThroughputWorkload
+    from kvpr.scheduler.throughput_bytes import CacheCodecs, ThroughputWorkload
+    from kvpr.scheduler.throughput_cost import MachineLimits
     from kvpr.scheduler.throughput_policy import search_policy
 
     model = builtin_config("opt-30b")
@@ -254,7 +255,8 @@ def test_estimate_adds_the_measured_kv_decode() -> None:
 
     from kvpr.models.registry import builtin_config
     from kvpr.scheduler.cost_model import RateCurve
-    from kvpr.scheduler.throughput_cost import CacheCodecs, MachineLimits, ThroughputWorkload, estimate
+    from kvpr.scheduler.throughput_bytes import CacheCodecs, ThroughputWorkload
+    from kvpr.scheduler.throughput_cost import MachineLimits, estimate
 
     model = builtin_config("opt-6.7b")
     limits = MachineLimits(40 * 2**30, 200 * 2**30, 0.0, 1e9, 1e9)

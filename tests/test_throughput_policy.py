@@ -18,18 +18,20 @@ from kvpr.models.registry import builtin_config, model_class
 from kvpr.scheduler import throughput_policy as policy_internals
 from kvpr.scheduler.cost_model import RateCurve
 from kvpr.scheduler.profile import HardwareProfile
-from kvpr.scheduler.throughput_cost import (
-    MachineLimits,
+from kvpr.scheduler.throughput_bytes import (
     Shares,
-    ThroughputPlan,
     ThroughputWorkload,
-    block_costs,
     cache_slot_ranges,
-    cost_terms,
-    estimate,
     layer_weight_tensors,
     resident_weight_elements,
     weight_shares,
+)
+from kvpr.scheduler.throughput_cost import (
+    MachineLimits,
+    ThroughputPlan,
+    block_costs,
+    cost_terms,
+    estimate,
 )
 from kvpr.scheduler.throughput_policy import flexgen_policy, format_plans, search_policy
 

@@ -9,7 +9,8 @@ layer's streamed weights (:class:`~kvpr.runtime.weights.LayerWeights`) are loade
     store stream   |   new K,V,X of (i, 0) | (i, 1) | ...   (after their compute)
     disk thread    | writes of disk-tier tokens, in order; reads run on the host before a load
 
-Each lane's cache is split by token slots, the oldest first (``Placement`` docstring)::
+Each lane's cache is split by token slots, the oldest first (``Placement`` docstring; the buffers are
+``throughput_lanes``'s)::
 
     [0, g)          GPU tier: attended in place (copied into the staging buffer on the device)
     [g, g + c)      CPU tier (pinned): the first l of the cached ones recomputed from X (copied in
@@ -24,8 +25,8 @@ same way and each X chunk decoded just before its K,V are recomputed.
 
 ``l = round(F * c_s)`` of the ``c_s`` cached CPU-tier tokens, with ``F`` fixed (``--recompute F``) or
 chosen each step by the throughput cost model (``auto``: ``recompute_fraction_policy``).
-Activations (the residual stream between layers) live on the tier holding the placement's 50th
-percentile. Embeddings, final norm and LM head run on the GPU for the whole block at once.
+Activations (the residual stream between layers, ``throughput_activations``) live on the tier holding
+the placement's 50th percentile. Embeddings, final norm and LM head run on the GPU for the whole block at once.
 
 On a CPU-only machine the streams are no-ops and copies run inline, so every placement (disk in a
 temporary directory) is tested against the latency-mode executors without a GPU.
@@ -40,218 +41,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvpr.cache.codec import EncodedKV
-from kvpr.cache.disk import DiskQueue, DiskTensor
-from kvpr.cache.storage import CacheShape, KVStorage, input_layout, token_layout
-from kvpr.config import CacheSplit, Tier
-from kvpr.device import host_empty
+from kvpr.cache.disk import DiskQueue
+from kvpr.cache.storage import CacheShape
 from kvpr.models.common import attend
-from kvpr.runtime.batch import BatchState
 from kvpr.runtime.latency import chunk_bounds
 from kvpr.runtime.streams import StreamSet
+from kvpr.runtime.throughput_activations import Activations
+from kvpr.runtime.throughput_lanes import Lane, Staging, flat_view, part_layouts, part_views
 from kvpr.scheduler.policy import round_fraction
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec
-    from kvpr.config import ModelConfig, ThroughputConfig
+    from kvpr.config import ThroughputConfig
     from kvpr.models.base import DecoderModel
     from kvpr.runtime.weights import LayerWeights
-
-Rope = tuple[torch.Tensor, torch.Tensor] | None
-Parts = dict[str, tuple[tuple[int, ...], torch.dtype]]  # stored part -> (shape of one token and row, dtype)
-
-
-def part_layouts(
-    cfg: "ModelConfig", dtype: torch.dtype, codec: "KVCodec | None", x_codec: "XCodec | None"
-) -> tuple[Parts, Parts]:
-    """The parts one token of one row stores, for K,V (``k``, ``v`` as computed, or the codec's) and
-    for X (``x``, or the X codec's): each part of a tier is ``[L, slots, b, *shape]``."""
-    one = CacheShape.for_model(cfg, 1, 1, dtype)
-    kv = {"k": ((cfg.num_kv_heads, cfg.head_dim), dtype), "v": ((cfg.num_kv_heads, cfg.head_dim), dtype)}
-    if codec is not None:
-        kv = {name: (shape[1:], part_dtype) for name, (shape, part_dtype) in token_layout(codec, one).items()}
-    x = {name: (shape[1:], part_dtype) for name, (shape, part_dtype) in input_layout(x_codec, one).items()}
-    return kv, x
-
-
-def _flat_parts(parts: Parts, rows: int, device: torch.device, pin: bool | None) -> dict[str, torch.Tensor]:
-    """One flat buffer per part for ``rows`` (tokens x batch rows); pinned host memory if ``pin`` is not None."""
-    out = {}
-    for name, (shape, part_dtype) in parts.items():
-        numel = rows
-        for size in shape:
-            numel *= size
-        if pin is None:
-            out[name] = torch.empty(numel, dtype=part_dtype, device=device)
-        else:
-            out[name] = host_empty((numel,), part_dtype, pin)
-    return out
-
-
-def _part_views(flat: dict[str, torch.Tensor], parts: Parts, lead: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """``[t, b, *shape]`` views of flat part buffers."""
-    return {name: _view(flat[name], (*lead, *parts[name][0])) for name in parts}
-
-
-def _view(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A contiguous tensor of ``shape`` at the start of a flat buffer (one buffer serves lanes of
-    any size, and token ranges stay contiguous)."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    return flat[:numel].view(shape)
-
-
-class _Staging:
-    """One of two device staging slots for a (layer, lane) unit, with the events ordering it."""
-
-    def __init__(
-        self,
-        shape: CacheShape,
-        split: CacheSplit,
-        device: torch.device,
-        streams: StreamSet,
-        num_chunks: int,
-        with_x: bool,
-        kv_parts: Parts,
-        x_parts: Parts,
-        encoded: bool,
-    ) -> None:
-        kv = shape.max_len * shape.batch_size * shape.num_kv_heads * shape.head_dim
-        self.k = torch.empty(kv, dtype=shape.dtype, device=device)  # flat; [s_max, b, n_kv, d] per lane
-        self.v = torch.empty(kv, dtype=shape.dtype, device=device)
-        b, pin = shape.batch_size, streams.enabled
-        self.x = _flat_parts(x_parts if with_x else {}, split.cpu * b, device, None)  # [c, b, ...] per part
-        self.disk = _flat_parts(kv_parts, split.disk * b, device, pin)  # pinned landing area of disk reads
-        # a codec's parts of the CPU and disk tiers on the device, [c + disk, b, ...], decoded after landing
-        self.enc = _flat_parts(kv_parts if encoded else {}, (split.cpu + split.disk) * b, device, None)
-        self.x_ready = [streams.event() for _ in range(num_chunks)]
-        self.kv_ready = streams.event()
-        self.free = streams.event()  # the unit that used this slot has finished its attention
-        self.disk_copied = streams.event()  # disk_k/v copied to the device: may be refilled
-        self.chunks: list[tuple[int, int]] = []  # X chunks (offsets in the CPU tier) of the queued load
-
-
-class _Activations:
-    """The residual stream of each lane between layers, kept on the activation tier.
-
-    GPU: held as is. CPU: written to a pinned buffer on the store stream after the layer, and
-    loaded back on the copy stream with the unit's cache (``load``), so neither direction holds up
-    the compute stream behind a large copy. Disk: the same buffer, written to a file by the disk
-    thread and read back by the host before the load is queued.
-    """
-
-    def __init__(self, tier: Tier, device: torch.device, directory: Path | None, queue: DiskQueue, pin: bool) -> None:
-        self.tier, self.device, self.directory, self.queue, self.pin = tier, device, directory, queue, pin
-        self._held: dict[int, torch.Tensor] = {}  # lane -> on the device (GPU tier, or loaded)
-        self._ready: dict[int, object] = {}  # lane -> event of its load
-        self._host: dict[int, torch.Tensor] = {}  # lane -> flat pinned buffer
-        self._stored: dict[int, object] = {}  # lane -> event of a put not yet loaded back
-        self._shape: dict[int, tuple[int, ...]] = {}
-        self._files: dict[int, DiskTensor] = {}
-
-    def put(self, lane: int, hidden: torch.Tensor, streams: StreamSet) -> None:
-        """Keep ``hidden`` [b, q, h] (on the compute device) until the lane's next layer."""
-        if self.tier is Tier.GPU:
-            self._held[lane] = hidden
-            return
-        host = self._host.get(lane)
-        if host is None or host.numel() < hidden.numel():  # sized by the prefill, the largest put
-            host = self._host[lane] = host_empty((hidden.numel(),), hidden.dtype, self.pin)
-        self._shape[lane] = tuple(hidden.shape)
-        staged = _view(host, self._shape[lane])
-        stored = streams.event()
-        with streams.on_store_after_compute():
-            streams.keep_alive_for_store(hidden)
-            staged.copy_(hidden, non_blocking=True)
-            streams.record_on_store(stored)
-        self._stored[lane] = stored
-        if self.tier is Tier.DISK:
-            if lane not in self._files or self._files[lane].shape[1] < hidden.numel():
-                assert self.directory is not None
-                self._files[lane] = DiskTensor(self.directory / f"act-{lane}.bin", (1, hidden.numel()), hidden.dtype)
-            file = self._files[lane]
-
-            def write() -> None:
-                if stored is not None:
-                    stored.synchronize()  # type: ignore[attr-defined]
-                file.write(0, 0, staged.reshape(1, -1))
-
-            self.queue.submit(("act", lane), write)
-
-    def load(self, lane: int, streams: StreamSet) -> None:
-        """Queue the lane's residual stream back to the device on the copy stream (CPU, disk)."""
-        if self.tier is Tier.GPU or lane not in self._stored:
-            return  # on the device already, or queued (the lane's next put has not happened yet)
-        staged = _view(self._host[lane], self._shape[lane])
-        if self.tier is Tier.DISK:  # the host reads the file now, while the device runs
-            self.queue.wait(("act", lane))
-            self._files[lane].read_into(0, 0, staged.reshape(1, -1))
-        loaded = torch.empty(self._shape[lane], dtype=staged.dtype, device=self.device)
-        ready = streams.event()
-        streams.copy_waits(self._stored.pop(lane))  # type: ignore[arg-type]
-        with streams.on_copy():
-            loaded.copy_(staged, non_blocking=True)
-            streams.record_on_copy(ready)  # type: ignore[arg-type]
-        self._held[lane], self._ready[lane] = loaded, ready
-
-    def get(self, lane: int, streams: StreamSet) -> torch.Tensor:
-        """The lane's residual stream [b, q, h] on the compute device."""
-        self.load(lane, streams)
-        if self.tier is not Tier.GPU:
-            streams.compute_waits(self._ready.pop(lane))  # type: ignore[arg-type]
-        return self._held.pop(lane)
-
-    def close(self) -> None:
-        for file in self._files.values():
-            file.close()
-
-
-class _Lane:
-    """One GPU batch of the block: its rows, batch state and the three tiers of its cache."""
-
-    def __init__(
-        self,
-        rows: slice,
-        cfg: "ModelConfig",
-        split: CacheSplit,
-        device: torch.device,
-        dtype: torch.dtype,
-        pin: bool,
-        store_inputs: bool,
-        directory: Path | None,
-        codec: "KVCodec | None",
-        x_codec: "XCodec | None",
-    ) -> None:
-        self.rows = rows
-        b = rows.stop - rows.start
-        self.batch = BatchState(b, split.max_len, device)
-        kv_shape = (cfg.num_layers, split.gpu, b, cfg.num_kv_heads, cfg.head_dim)
-        self.gpu_k = torch.empty(kv_shape, dtype=dtype, device=device) if split.gpu else None  # [L, g, b, n_kv, d]
-        self.gpu_v = torch.empty(kv_shape, dtype=dtype, device=device) if split.gpu else None
-        host_shape = CacheShape.for_model(cfg, b, split.cpu, dtype)
-        self.host = KVStorage(host_shape, torch.device("cpu"), pin, store_inputs, codec, x_codec) if split.cpu else None
-        kv_parts, _x_parts = part_layouts(cfg, dtype, codec, x_codec)
-        self.disk: dict[str, DiskTensor] = {}  # part -> [L, disk, b, *shape]
-        self.token_out: dict[str, torch.Tensor] = {}
-        if split.disk:
-            assert directory is not None
-            for name, (shape, part_dtype) in kv_parts.items():
-                path = directory / f"lane{rows.start}-{name}.bin"
-                self.disk[name] = DiskTensor(path, (cfg.num_layers, split.disk, b, *shape), part_dtype)
-                # Pinned landing area of each layer's new-token part on its way to disk.
-                self.token_out[name] = host_empty((cfg.num_layers, 1, b, *shape), part_dtype, pin)
-        self.rope_new: Rope = None
-        self.rope_old: Rope = None
-        self.mask: torch.Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return self.rows.stop - self.rows.start
-
-    def close(self) -> None:
-        """Remove the lane's disk files (the other tiers are freed with the lane)."""
-        for file in self.disk.values():
-            file.close()
 
 
 class ThroughputExecutor:
@@ -294,7 +97,7 @@ class ThroughputExecutor:
         gbs = config.gpu_batch_size
         cfg = model.config
         self.lanes = [
-            _Lane(
+            Lane(
                 slice(start, min(start + gbs, batch_size)),
                 cfg,
                 self.split,
@@ -310,7 +113,7 @@ class ThroughputExecutor:
         ]
         widest = CacheShape.for_model(cfg, max(lane.size for lane in self.lanes), max_len, dtype)
         self.staging = [
-            _Staging(
+            Staging(
                 widest,
                 self.split,
                 device,
@@ -324,7 +127,7 @@ class ThroughputExecutor:
             for _ in range(2)
         ]
         self.disk_queue = DiskQueue()
-        self.acts = _Activations(placement.activation_tier, device, directory, self.disk_queue, pin)
+        self.acts = Activations(placement.activation_tier, device, directory, self.disk_queue, pin)
         self.length = 0
         self.recompute_len = 0
         self.recompute_lens: list[int] = []
@@ -404,7 +207,7 @@ class ThroughputExecutor:
             if lane == len(self.lanes) - 1:
                 self.weights.release(layer)
 
-    def _prefill_unit(self, layer_index: int, lane_index: int, _slot: _Staging | None) -> None:
+    def _prefill_unit(self, layer_index: int, lane_index: int, _slot: Staging | None) -> None:
         layer, lane = self.layers[layer_index], self.lanes[lane_index]
         hidden = self.acts.get(lane_index, self.streams)  # [b, q, h]
         x = layer.attn_input(hidden)
@@ -413,7 +216,7 @@ class ThroughputExecutor:
         self._store(layer_index, lane, 0, k.transpose(0, 1), v.transpose(0, 1), x.transpose(0, 1))
         self.acts.put(lane_index, layer.finish(hidden, out), self.streams)
 
-    def _issue_loads(self, layer: int, lane_index: int) -> _Staging | None:
+    def _issue_loads(self, layer: int, lane_index: int) -> Staging | None:
         """Queue the loads of one unit (X chunks, CPU-tier K,V, disk-tier K,V); None: nothing to load."""
         lane = self.lanes[lane_index]
         context_len = self.length - 1
@@ -428,19 +231,19 @@ class ThroughputExecutor:
         if self.codec is None:
             targets, base = {"k": keys, "v": values}, g
         else:
-            targets, base = _part_views(slot.enc, self.kv_parts, (c + self.split.disk, b)), 0
+            targets, base = part_views(slot.enc, self.kv_parts, (c + self.split.disk, b)), 0
         if on_disk:  # the host reads the file now, while the device runs what is queued
             self.disk_queue.wait(("kv", layer, lane_index))
             if slot.disk_copied is not None:
                 slot.disk_copied.synchronize()  # the last copy out of this landing area finished
-            landed = _part_views(slot.disk, self.kv_parts, (on_disk, b))
+            landed = part_views(slot.disk, self.kv_parts, (on_disk, b))
             for name, file in lane.disk.items():
                 file.read_into(layer, 0, landed[name])
         self.streams.copy_waits(slot.free)  # the unit two back has finished with this slot
         slot.chunks = chunk_bounds(recompute_len, self.num_chunks)
         with self.streams.on_copy():
             if recompute_len:
-                x_views = _part_views(slot.x, self.x_parts, (c, b))
+                x_views = part_views(slot.x, self.x_parts, (c, b))
                 for (start, end), ready in zip(slot.chunks, slot.x_ready):
                     for name, x_view in x_views.items():
                         x_view[start:end].copy_(lane.host.x_part(name, layer)[start:end], non_blocking=True)  # type: ignore[union-attr]
@@ -456,12 +259,12 @@ class ThroughputExecutor:
             self.streams.record_on_copy(slot.kv_ready)
         return slot
 
-    def _kv_views(self, slot: _Staging, lane: _Lane) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kv_views(self, slot: Staging, lane: Lane) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.model.config
         shape = (self.split.max_len, lane.size, cfg.num_kv_heads, cfg.head_dim)
-        return _view(slot.k, shape), _view(slot.v, shape)  # [s_max, b, n_kv, d]
+        return flat_view(slot.k, shape), flat_view(slot.v, shape)  # [s_max, b, n_kv, d]
 
-    def _decode_unit(self, layer_index: int, lane_index: int, slot: _Staging | None) -> None:
+    def _decode_unit(self, layer_index: int, lane_index: int, slot: Staging | None) -> None:
         layer, lane = self.layers[layer_index], self.lanes[lane_index]
         context_len = self.length - 1  # the new token's slot
         on_gpu, _on_cpu, _on_disk = self.split.ranges(context_len)
@@ -493,7 +296,7 @@ class ThroughputExecutor:
         self.acts.put(lane_index, layer.finish(hidden, out), self.streams)
 
     def _decode_landed(
-        self, lane: _Lane, slot: _Staging, keys: torch.Tensor, values: torch.Tensor, context_len: int
+        self, lane: Lane, slot: Staging, keys: torch.Tensor, values: torch.Tensor, context_len: int
     ) -> None:
         """A codec's landed parts of the copied tokens, decoded into the K,V staging (compute stream).
         The copied CPU-tier tokens and the disk tier are one range: disk tokens exist only once the
@@ -504,7 +307,7 @@ class ThroughputExecutor:
         start, end = self.recompute_len, on_cpu + on_disk
         if start >= end:
             return
-        parts = _part_views(slot.enc, self.kv_parts, (self.split.cpu + self.split.disk, lane.size))
+        parts = part_views(slot.enc, self.kv_parts, (self.split.cpu + self.split.disk, lane.size))
         cfg = self.model.config
         shape = (end - start, lane.size, cfg.num_kv_heads, cfg.head_dim)
         block = EncodedKV(self.codec.name, shape, {name: part[start:end] for name, part in parts.items()})
@@ -513,22 +316,20 @@ class ThroughputExecutor:
         keys[g + start : g + end] = k
         values[g + start : g + end] = v
 
-    def _recompute(
-        self, layer_index: int, lane: _Lane, slot: _Staging, keys: torch.Tensor, values: torch.Tensor
-    ) -> None:
+    def _recompute(self, layer_index: int, lane: Lane, slot: Staging, keys: torch.Tensor, values: torch.Tensor) -> None:
         """K,V of the first ``l`` CPU-tier tokens from their X, each chunk as soon as it lands."""
         if not self.recompute_len:
             return
         g = self.split.gpu
         layer = self.layers[layer_index]
-        x_views = _part_views(slot.x, self.x_parts, (self.split.cpu, lane.size))
+        x_views = part_views(slot.x, self.x_parts, (self.split.cpu, lane.size))
         for (start, end), ready in zip(slot.chunks, slot.x_ready):
             self.streams.compute_waits(ready)
             x = lane.host.decode_x({name: view[start:end] for name, view in x_views.items()})  # type: ignore[union-attr]
             rope = None if lane.rope_old is None else (lane.rope_old[0][start:end], lane.rope_old[1][start:end])
             layer.kv_into(x, rope, keys[g + start : g + end], values[g + start : g + end])
 
-    def _store(self, layer: int, lane: _Lane, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+    def _store(self, layer: int, lane: Lane, start: int, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
         """Write slots [start, start + t) of one layer to their tiers: k, v [t, b, n_kv, d], x [t, b, h]."""
         end = start + k.shape[0]
         g, c = self.split.gpu, self.split.cpu
@@ -561,7 +362,7 @@ class ThroughputExecutor:
             return {"k": k[lo:hi], "v": v[lo:hi]}
         return dict(self.codec.encode(k[lo:hi], v[lo:hi]).tensors)  # [hi - lo, b, ...] each
 
-    def _store_disk(self, layer: int, lane: _Lane, offset: int, parts: dict[str, torch.Tensor]) -> None:
+    def _store_disk(self, layer: int, lane: Lane, offset: int, parts: dict[str, torch.Tensor]) -> None:
         key = ("kv", layer, self.lanes.index(lane))
         if next(iter(parts.values())).shape[0] == 1:  # a decode token: through the lane's pinned landing area
             self.disk_queue.wait(key)  # its previous write has left the landing area

@@ -1,6 +1,6 @@
 """Throughput mode's memory as a run checks it before allocating: the same formula the plan used.
 
-``memory_terms`` (``throughput_cost``) is the one formula: the search's LP rows, ``estimate``'s check of
+``memory_terms`` (``throughput_bytes``) is the one formula: the search's LP rows, ``estimate``'s check of
 a rounded policy, and here, at the placement a run realises, the check ``LLM`` makes before it loads
 the weights and before each block. The plan counts every item of the run's check and more (the
 prompt's working set), against the same usable share of the same free memory, so a plan the search
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from kvpr.config import ModelConfig, ThroughputConfig, Tier
 from kvpr.errors import KvprError
-from kvpr.scheduler.throughput_cost import (
+from kvpr.scheduler.throughput_bytes import (
     GIB,
     NO_CODECS,
     CacheCodecs,

@@ -20,22 +20,24 @@ from scipy.optimize import linprog
 
 from kvpr.config import ModelConfig, Placement, ThroughputConfig, Tier
 from kvpr.errors import KvprError
-from kvpr.scheduler.throughput_cost import (
+from kvpr.scheduler.throughput_bytes import (
     GIB,
     NO_CODECS,
     BlockCosts,
     CacheCodecs,
-    MachineLimits,
     Shares,
-    ThroughputPlan,
     ThroughputWorkload,
+    layer_weight_tensors,
+    resident_weight_elements,
+    weight_shares,
+)
+from kvpr.scheduler.throughput_cost import (
+    MachineLimits,
+    ThroughputPlan,
     block_costs,
     check_workload,
     cost_terms,
     estimate,
-    layer_weight_tensors,
-    resident_weight_elements,
-    weight_shares,
 )
 
 if TYPE_CHECKING:
