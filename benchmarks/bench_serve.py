@@ -46,7 +46,7 @@ from provenance import add_provenance_args, header_or_exit  # noqa: E402
 from spread import aggregate  # noqa: E402
 
 from kvpr.api import LLM  # noqa: E402
-from kvpr.cli import _add_engine_flags, build_engine_config  # noqa: E402
+from kvpr.cli_engine import add_engine_flags, build_engine_config  # noqa: E402
 from kvpr.config import SamplingParams  # noqa: E402
 from kvpr.serve.metrics import ENGINE_PHASES  # noqa: E402
 
@@ -261,7 +261,7 @@ def main() -> None:
     add_provenance_args(parser)
     args, engine_args = parser.parse_known_args()
     engine_parser = argparse.ArgumentParser(prog="bench_serve.py (engine flags)")
-    _add_engine_flags(engine_parser)
+    add_engine_flags(engine_parser)
     config = build_engine_config(engine_parser.parse_args(engine_args))
     if min(args.requests, args.prompt_len, args.max_tokens, args.repeats) < 1:
         parser.error("--requests, --prompt-len, --max-tokens and --repeats must be >= 1")
