@@ -16,6 +16,7 @@ Tensor layouts of one encoded block of ``C`` chunks (``A = chunk - 1`` non-ancho
 | k_anchor_scale  | [C, b, n_kv, d/G] fp16 (and _zero)      | per token, per 32 channels       |
 | k_diff_codes    | [C, b, n_kv, A, d/G * k_keep*2/8]       | kept differences only, 2-bit     |
 | k_diff_scale    | [C, b, n_kv, A, d/G] fp16 (and _zero)   | per token, per 32 channels       |
+|  (axis channel) | [nG, b, n_kv, d] fp16 (and _zero)       | per channel, per V group         |
 | k_keep          | [C, b, n_kv, A, d/8]                    | keep mask, 1 bit per channel     |
 | v_anchor_codes  | [nG, b, n_kv, P, d*4/8]                 | anchor V, 4-bit                  |
 | v_codes         | [nG, b, n_kv, v_keep-P, d*2/8]          | kept non-anchor V only, 2-bit    |
@@ -24,6 +25,23 @@ Tensor layouts of one encoded block of ``C`` chunks (``A = chunk - 1`` non-ancho
 | rk_codes        | [r, b, n_kv, d]                         | recent form (``r`` tokens): K    |
 | rk_scale        | [r, b, n_kv, d/G] fp16 (and rk_zero)    | int8 per token, per 32 channels  |
 | rv              | [r, b, n_kv, d] fp16                    | recent form: V as is             |
+
+Two knobs beyond the paper (defaults off, i.e. the paper's codec):
+
+- ``k_diff_axis="channel"``: the 2-bit differences get one scale and zero per channel over the
+  ``P * A`` non-anchor tokens of a V group (KIVI's axis, 28 tokens at the paper's sizes) instead of
+  one per token per 32 channels. It fits the chunk structure because a selected chunk already
+  fetches its V group's row: ``k_diff_scale``/``k_diff_zero`` become [nG, b, n_kv, d] fp16 and
+  ride in that row (``group_names``), so a step reads no extra row. Per-chunk scales (over 7
+  tokens) would cost ``4 d / 7`` bytes a token, several times the per-token ones; per group they
+  cost ``d / 8`` against ``7 d / 64``. Pruning is unchanged (``k_keep`` per token and group).
+- ``rotate`` (none, k, v, kv): K and/or V are multiplied by the normalized Hadamard matrix ``H``
+  over the head dimension (``kvpr.compress.rotation``) before anything is quantised, recent window
+  included; nothing extra is stored. ``H`` is orthogonal and symmetric, so ``q . k = (H q) . (H k)``
+  and ``sum p_i v_i = H sum p_i (H v_i)``: the runtime scores anchors and attends with ``H q`` and
+  un-rotates only the output (one ``d``-vector per query head a step), instead of un-rotating every
+  anchor, selected key and value (``C + m * chunk + r`` vectors per KV head a step).
+  :class:`KVOCodec` and the reference ``kvo_state`` un-rotate their decoded K,V (the codec contract).
 
 The codec keeps a trailing partial window (``t % window`` tokens) in the recent form, as the
 decode-time cache keeps its recent window. Slot ``j`` of chunk ``c`` holds original token
@@ -49,11 +67,16 @@ from kvpr.compress.packing import (
     unpack_mask,
 )
 from kvpr.compress.quant import dequantize, dequantize_groups, fit_range, quantize, quantize_groups
+from kvpr.compress.rotation import check_rotation, hadamard
 from kvpr.errors import KvprError
 
 Tensors = dict[str, torch.Tensor]
 TensorMap = Mapping[str, torch.Tensor]
 RECENT_NAMES: tuple[str, ...] = ("rk_codes", "rk_scale", "rk_zero", "rv")
+V_NAMES: tuple[str, ...] = ("v_anchor_codes", "v_codes", "v_keep", "v_scale", "v_zero")
+K_DIFF_RANGE: tuple[str, ...] = ("k_diff_scale", "k_diff_zero")
+K_DIFF_AXES: tuple[str, ...] = ("token", "channel")
+_TEXT_FIELDS = ("gqa_reduce", "k_diff_axis", "rotate")
 
 
 @dataclass(frozen=True)
@@ -73,11 +96,13 @@ class KVOConfig:
     uncompressed_layers: int = 2  # the first layers stay fp16
     gqa_reduce: str = "max"  # combine the query heads of a KV head when scoring chunks: max|sum
     prefill_queries: int = 128  # a prompt token's score: attention from the next this-many queries
+    k_diff_axis: str = "token"  # K differences' scales: per token (paper) | per channel over a V group
+    rotate: str = "none"  # Hadamard-rotate none|k|v|kv over the head dimension before quantising
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name != "gqa_reduce" and (not isinstance(value, int) or value < 0):
+            if f.name not in _TEXT_FIELDS and (not isinstance(value, int) or value < 0):
                 raise KvprError(f"KVO {f.name} must be a non-negative int, not {value!r}")
         for name in ("k_anchor_bits", "k_diff_bits", "v_bits", "v_anchor_bits"):
             if getattr(self, name) not in PACK_BITS:
@@ -99,6 +124,9 @@ class KVOConfig:
             raise KvprError("KVO v_anchor_bits must be >= v_bits (anchors use a finer grid)")
         if self.gqa_reduce not in ("max", "sum"):
             raise KvprError(f"KVO gqa_reduce='{self.gqa_reduce}': use 'max' or 'sum'")
+        if self.k_diff_axis not in K_DIFF_AXES:
+            raise KvprError(f"KVO k_diff_axis='{self.k_diff_axis}': use one of {', '.join(K_DIFF_AXES)}")
+        check_rotation(self.rotate)
 
     @classmethod
     def from_params(cls, **params: object) -> KVOConfig:
@@ -119,6 +147,23 @@ class KVOConfig:
         widths that divide a byte, as KVO's layout was measured with)."""
         return next(bits for bits in PACK_BITS if 8 % bits == 0 and (1 << bits) >= self.chunk)
 
+    @property
+    def rotates_k(self) -> bool:
+        return "k" in self.rotate
+
+    @property
+    def rotates_v(self) -> bool:
+        return "v" in self.rotate
+
+    @property
+    def per_channel(self) -> bool:
+        """The K differences are quantised per channel (their scales live with the V group)."""
+        return self.k_diff_axis == "channel"
+
+    def group_names(self) -> tuple[str, ...]:
+        """Encoded tensors indexed by V group (leading dim ``C / P``) rather than by chunk."""
+        return V_NAMES + K_DIFF_RANGE if self.per_channel else V_NAMES
+
     def compresses_layer(self, layer: int) -> bool:
         """Layers before ``uncompressed_layers`` stay fp16 (dense, unpruned)."""
         return layer >= self.uncompressed_layers
@@ -128,7 +173,8 @@ class KVOConfig:
         cfg, n_chunks = self, self.window // self.chunk
         non_anchors, groups = cfg.chunk - 1, d // cfg.group
         k_anchor = packed_len(d, cfg.k_anchor_bits) + 4 * groups
-        k_other = groups * packed_len(cfg.k_keep, cfg.k_diff_bits) + 4 * groups + packed_len(d, 1)
+        k_range = 0 if cfg.per_channel else 4 * groups  # per channel: 4 * d per V group, below
+        k_other = groups * packed_len(cfg.k_keep, cfg.k_diff_bits) + k_range + packed_len(d, 1)
         order = packed_len(cfg.chunk, cfg.order_bits)
         anchors = cfg.anchors_per_group
         v_group = (
@@ -136,6 +182,7 @@ class KVOConfig:
             + (cfg.v_keep - anchors) * packed_len(d, cfg.v_bits)
             + (cfg.group - anchors) * packed_len(d, 1)
             + 4 * d
+            + (4 * d if cfg.per_channel else 0)
         )
         per_head = n_chunks * (k_anchor + non_anchors * k_other + order)
         per_head += (cfg.window // cfg.group) * v_group
@@ -145,6 +192,13 @@ class KVOConfig:
 def check_head_dim(d: int, cfg: KVOConfig) -> None:
     if d % cfg.group or d % 8:
         raise KvprError(f"KVO needs head_dim {d} to be a multiple of group {cfg.group} and of 8")
+    check_rotation(cfg.rotate, d)
+
+
+def rotate_kv(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V in the basis they are stored in: ``x @ H`` (float32) for the parts ``cfg.rotate``
+    names, the others as given. ``H`` is its own inverse, so this also un-rotates decoded parts."""
+    return (hadamard(k) if cfg.rotates_k else k), (hadamard(v) if cfg.rotates_v else v)
 
 
 def largest(x: torch.Tensor, count: int, dim: int, by_sort: bool | None = None) -> torch.Tensor:
@@ -196,9 +250,21 @@ def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: K
     ka_hat = dequantize_groups(ka_codes, ka_scale, ka_zero, cfg.k_anchor_bits, d)  # [C, b, n, d]
     diff = (kr[..., 1:, :] - ka_hat.unsqueeze(-2)).reshape(C, b, n, A, groups, G)
     levels = (1 << cfg.k_diff_bits) - 1
-    kd_scale, kd_zero = fit_range(diff, -1, levels)  # [C, b, n, A, d/G, 1]
     kept = largest(diff.abs(), cfg.k_keep, dim=-1)  # [C, b, n, A, d/G, k_keep]
-    kd_codes = quantize(diff.gather(-1, kept), kd_scale, kd_zero, levels)  # the kept ones only
+    if cfg.per_channel:  # one range per channel over the group's P*A differences
+        by_group = diff.reshape(nG, P, b, n, A, d).permute(0, 2, 3, 1, 4, 5).reshape(nG, b, n, P * A, d)
+        kd_scale, kd_zero = fit_range(by_group, 3, levels)  # [nG, b, n, 1, d]
+        # each chunk's channels, at its kept places: [C, b, n, A, d/G, k_keep]
+        at_kept = [
+            x.repeat_interleave(P, dim=0).reshape(C, b, n, 1, groups, G).expand_as(diff).gather(-1, kept)
+            for x in (kd_scale, kd_zero)
+        ]
+        kd_codes = quantize(diff.gather(-1, kept), *at_kept, levels)
+        kd_scale, kd_zero = kd_scale.squeeze(3), kd_zero.squeeze(3)  # [nG, b, n, d]
+    else:
+        kd_scale, kd_zero = fit_range(diff, -1, levels)  # [C, b, n, A, d/G, 1]
+        kd_codes = quantize(diff.gather(-1, kept), kd_scale, kd_zero, levels)  # the kept ones only
+        kd_scale, kd_zero = kd_scale.squeeze(-1), kd_zero.squeeze(-1)  # [C, b, n, A, d/G]
     k_keep = torch.zeros_like(diff, dtype=torch.bool).scatter_(-1, kept, True)
 
     levels, a_levels = (1 << cfg.v_bits) - 1, (1 << cfg.v_anchor_bits) - 1
@@ -214,8 +280,8 @@ def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: K
         "k_anchor_scale": ka_scale,
         "k_anchor_zero": ka_zero,
         "k_diff_codes": pack_bits(kd_codes, cfg.k_diff_bits).flatten(-2),
-        "k_diff_scale": kd_scale.squeeze(-1),
-        "k_diff_zero": kd_zero.squeeze(-1),
+        "k_diff_scale": kd_scale,
+        "k_diff_zero": kd_zero,
         "k_keep": pack_mask(k_keep.flatten(-2)),
         "v_anchor_codes": pack_bits(va_codes, cfg.v_anchor_bits),
         "v_codes": pack_bits(vo_codes, cfg.v_bits),
@@ -232,7 +298,9 @@ def decode_anchor_keys(ts: TensorMap, cfg: KVOConfig, d: int) -> torch.Tensor:
 
 
 def decode_k_chunks(ts: TensorMap, cfg: KVOConfig, d: int) -> torch.Tensor:
-    """K of whole chunks in stored order, float32 [..., chunk, d], from chunk-indexed tensors."""
+    """K of whole chunks in stored order, float32 [..., chunk, d], from chunk-indexed tensors (with
+    ``k_diff_axis="channel"`` the chunk's group's ``k_diff_scale``/``k_diff_zero``, [..., d]), in
+    the stored basis (rotated if ``cfg.rotate`` rotates K)."""
     groups, A, G = d // cfg.group, cfg.chunk - 1, cfg.group
     anchor = decode_anchor_keys(ts, cfg, d)  # [..., d]
     lead = anchor.shape[:-1]
@@ -242,7 +310,11 @@ def decode_k_chunks(ts: TensorMap, cfg: KVOConfig, d: int) -> torch.Tensor:
     # kept channel -> its place in ``compact``; counts <= k_keep fit uint8 (group <= 255)
     slot = keep.cumsum(-1, dtype=torch.uint8).long().sub_(1).clamp_(min=0)
     codes = compact.gather(-1, slot)  # [..., A, d/G, G]
-    diff = dequantize(codes, ts["k_diff_scale"].unsqueeze(-1), ts["k_diff_zero"].unsqueeze(-1))
+    if cfg.per_channel:
+        scale, zero = (ts[name].reshape(*lead, 1, groups, G) for name in K_DIFF_RANGE)  # [..., 1, d/G, G]
+    else:
+        scale, zero = (ts[name].unsqueeze(-1) for name in K_DIFF_RANGE)  # [..., A, d/G, 1]
+    diff = dequantize(codes, scale, zero)
     diff = torch.where(keep.bool(), diff, torch.zeros_like(diff)).reshape(*lead, A, d)
     return torch.cat([anchor.unsqueeze(-2), anchor.unsqueeze(-2) + diff], dim=-2)
 
@@ -303,7 +375,8 @@ def decode_recent_k(ts: TensorMap, d: int) -> torch.Tensor:
 class KVOCodec:
     """KVO as a block codec: whole windows compressed, a trailing partial window in recent form.
 
-    ``decode`` returns tokens in their original order (the stored ``order`` is applied back).
+    ``decode`` returns tokens in their original order (the stored ``order`` is applied back), in
+    the model's basis (un-rotated).
     """
 
     tokenwise = False  # token groups / windows: not sliceable per token
@@ -324,6 +397,7 @@ class KVOCodec:
         if scores.shape != (t, b, n):
             raise KvprError(f"KVO scores {tuple(scores.shape)} must be [t, b, n_kv] = {(t, b, n)}")
         full = t - t % cfg.window
+        k, v = rotate_kv(k, v, cfg)
         tensors = encode_chunks(k[:full], v[:full], scores[:full], cfg)
         tensors |= encode_recent(k[full:], v[full:], cfg)
         return EncodedKV(self.name, (t, b, n, d), tensors)
@@ -334,6 +408,8 @@ class KVOCodec:
         t, b, n, d = enc.shape
         S = cfg.chunk
         C = ts["order"].shape[0]
+        if cfg.per_channel:  # each chunk its group's range
+            ts = dict(ts) | {name: ts[name].repeat_interleave(cfg.anchors_per_group, dim=0) for name in K_DIFF_RANGE}
         kr = decode_k_chunks(ts, cfg, d)  # [C, b, n, S, d]
         vr = decode_v_groups(ts, cfg, d)  # [nG, b, n, P, S, d]
         vr = vr.permute(0, 3, 1, 2, 4, 5).reshape(C, b, n, S, d)
@@ -343,9 +419,8 @@ class KVOCodec:
         v = torch.empty_like(vr).scatter_(3, index, vr)
         k = k.permute(0, 3, 1, 2, 4).reshape(C * S, b, n, d)
         v = v.permute(0, 3, 1, 2, 4).reshape(C * S, b, n, d)
-        k = torch.cat([k, decode_recent_k(ts, d)]).to(dtype)
-        v = torch.cat([v, ts["rv"].float()]).to(dtype)
-        return k, v  # [t, b, n_kv, d]
+        k, v = rotate_kv(torch.cat([k, decode_recent_k(ts, d)]), torch.cat([v, ts["rv"].float()]), cfg)
+        return k.to(dtype), v.to(dtype)  # [t, b, n_kv, d]
 
     def nbytes(self, enc: EncodedKV) -> int:
         return enc.nbytes

@@ -5,6 +5,10 @@ Each decode step the runtime appends the new token, scores every chunk by ``q . 
 (:meth:`KVOLayerState.gather`) and feeds the attention back (:meth:`accumulate_scores`) so the
 recent tokens are reordered by the attention they received when their window is finalised.
 Nothing is evicted: unselected chunks are simply not read.
+
+With ``config.rotate`` the tokens are stored rotated (``kvo.rotate_kv``) and this reference
+un-rotates what it decodes (anchors for the scores, the gathered K,V), the plain formulation the
+runtime's rotated-query one (``runtime/kvo_cache.py``) is tested against.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvpr.compress.kvo import (
+    K_DIFF_RANGE,
     RECENT_NAMES,
     KVOConfig,
     Tensors,
@@ -22,7 +27,9 @@ from kvpr.compress.kvo import (
     decode_v_chunks,
     encode_chunks,
     encode_recent,
+    rotate_kv,
 )
+from kvpr.compress.rotation import hadamard
 from kvpr.errors import KvprError
 
 _K_NAMES = (
@@ -34,7 +41,6 @@ _K_NAMES = (
     "k_diff_zero",
     "k_keep",
 )
-_V_NAMES = ("v_anchor_codes", "v_codes", "v_keep", "v_scale", "v_zero")
 
 
 class KVOLayerState:
@@ -111,7 +117,7 @@ class KVOLayerState:
             raise KvprError(f"scores must be {shape[:3]} and valid {shape[:2]} for {t} tokens")
         valid = valid.to(self.device, torch.bool)
         v = torch.where(valid[:, :, None, None], v, torch.zeros_like(v))
-        new = encode_recent(k, v, self.config)
+        new = encode_recent(*rotate_kv(k, v, self.config), self.config)
         self.recent = {name: torch.cat([self.recent[name], new[name]]) for name in RECENT_NAMES}
         self.recent_scores = torch.cat([self.recent_scores, scores.to(self.device).float()])
         self.recent_valid = torch.cat([self.recent_valid, valid])
@@ -151,8 +157,10 @@ class KVOLayerState:
         self.recent_scores = self.recent_scores + probs.permute(2, 0, 1).to(self.device)
 
     def anchor_keys(self) -> torch.Tensor:
-        """Dequantised anchor keys of every chunk, float32 [b, n_kv, C, d]."""
+        """Dequantised anchor keys of every chunk in the model's basis, float32 [b, n_kv, C, d]."""
         anchors = decode_anchor_keys(self.windows, self.config, self.head_dim)  # [C, b, n, d]
+        if self.config.rotates_k:
+            anchors = hadamard(anchors)  # un-rotated: H is its own inverse
         return anchors.permute(1, 2, 0, 3)
 
     def select_chunks(self, q: torch.Tensor, top_chunks: int | None = None) -> torch.Tensor:
@@ -185,8 +193,8 @@ class KVOLayerState:
             selected: int64 [b, n_kv, m] chunk indices (from :meth:`select_chunks`); None: all.
         Returns:
             k, v in ``dtype`` [b, n_kv, m * chunk + r, d] and a bool mask [b, n_kv, m * chunk + r]
-            (False: padding). Chunk tokens come in stored order (anchor first), then the recent
-            window in arrival order; attention does not depend on the order.
+            (False: padding), in the model's basis. Chunk tokens come in stored order (anchor
+            first), then the recent window in arrival order; attention does not depend on the order.
         """
         b, n, d, cfg = self.batch_size, self.num_kv_heads, self.head_dim, self.config
         if selected is None:
@@ -197,10 +205,13 @@ class KVOLayerState:
         selected = selected.to(self.device)
         bi = torch.arange(b, device=self.device)[:, None, None]  # [b, 1, 1]
         hi = torch.arange(n, device=self.device)[None, :, None]  # [1, n_kv, 1]
-        k_part = {name: self.windows[name][selected, bi, hi] for name in _K_NAMES}  # [b, n, m, *]
-        k_sel = decode_k_chunks(k_part, cfg, d)  # [b, n, m, S, d]
         group = torch.div(selected, P, rounding_mode="floor")
-        v_part = {name: self.windows[name][group, bi, hi] for name in _V_NAMES}
+        by_group = cfg.group_names()
+        k_part = {  # [b, n, m, *]; the group's range where the differences are quantised per channel
+            name: self.windows[name][group if name in by_group else selected, bi, hi] for name in _K_NAMES
+        }
+        k_sel = decode_k_chunks(k_part, cfg, d)  # [b, n, m, S, d]
+        v_part = {name: self.windows[name][group, bi, hi] for name in by_group if name not in K_DIFF_RANGE}
         v_sel = decode_v_chunks(v_part, selected % P, cfg, d)  # [b, n, m, S, d]
         count = self.chunk_valid[selected, bi]  # [b, n, m]
         sel_mask = torch.arange(S, device=self.device) < count.unsqueeze(-1)  # [b, n, m, S]
@@ -209,8 +220,12 @@ class KVOLayerState:
         k_recent = decode_recent_k(self.recent, d).permute(1, 2, 0, 3)  # [b, n, r, d]
         v_recent = self.recent["rv"].permute(1, 2, 0, 3)
         recent_mask = self.recent_valid.T[:, None, :].expand(b, n, r)  # [b, n, r]
-        k = torch.cat([k_sel.reshape(b, n, m * S, d), k_recent], dim=2).to(self.dtype)
-        v = torch.cat([v_sel.reshape(b, n, m * S, d).to(self.dtype), v_recent.to(self.dtype)], dim=2)
+        k, v = rotate_kv(
+            torch.cat([k_sel.reshape(b, n, m * S, d), k_recent], dim=2),
+            torch.cat([v_sel.reshape(b, n, m * S, d), v_recent.float()], dim=2),
+            cfg,
+        )  # back in the model's basis
+        k, v = k.to(self.dtype), v.to(self.dtype)
         mask = torch.cat([sel_mask.reshape(b, n, m * S), recent_mask], dim=2)
         return k, v, mask
 
@@ -232,7 +247,7 @@ class KVOLayerState:
         assert r < 2 * cfg.window, r
         assert C % (cfg.window // cfg.chunk) == 0, C
         for name, x in self.windows.items():
-            lead = C // cfg.anchors_per_group if name.startswith("v_") else C
+            lead = C // cfg.anchors_per_group if name in cfg.group_names() else C
             assert x.shape[0] == lead and x.shape[1:3] == (self.batch_size, self.num_kv_heads), name
         for name, x in self.recent.items():
             assert x.shape[:3] == (r, self.batch_size, self.num_kv_heads), name

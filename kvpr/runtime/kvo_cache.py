@@ -12,6 +12,13 @@ out for the runtime: preallocated, and split by what a decode step needs::
                            V rows: one per (32-token group, seq, head) the groups of the selected chunks
                            order rows (the in-chunk permutation)       never (attention is order-free)
 
+With ``config.rotate`` every token is stored rotated (``kvo.rotate_kv``, once, when appended) and
+the step works in that basis: the chunks are scored and attended with the rotated query ``H q``
+(``q . k = Hq . Hk``) and, where V is rotated, only the output is un-rotated. That is one transform
+per query head a step, against un-rotating every anchor and gathered key and value (what the
+reference ``KVOLayerState`` does, and what the tests compare against). With
+``k_diff_axis="channel"`` the K differences' scales are per V group and ride in the V rows.
+
 With the tier in pinned host memory on a CUDA device a kernel reads only the selected rows, in
 place over PCIe, with no host wait in the step; elsewhere the step moves the selection's indices
 to the host, gathers the selected rows into staging and copies only those bytes (``kvpr.cache.rows``).
@@ -28,6 +35,7 @@ from torch.profiler import record_function
 from kvpr.cache.rows import GatherStaging, RowLayout, RowTier
 from kvpr.cache.storage import CacheShape
 from kvpr.compress.kvo import (
+    K_DIFF_RANGE,
     RECENT_NAMES,
     KVOConfig,
     Tensors,
@@ -38,7 +46,9 @@ from kvpr.compress.kvo import (
     decode_v_chunks,
     encode_chunks,
     encode_recent,
+    rotate_kv,
 )
+from kvpr.compress.rotation import hadamard
 from kvpr.runtime.layer_caches import decode_attention
 
 ANCHOR_NAMES = ("k_anchor_codes", "k_anchor_scale", "k_anchor_zero")
@@ -46,11 +56,20 @@ K_ROW_NAMES = ("k_diff_codes", "k_diff_scale", "k_diff_zero", "k_keep")
 V_ROW_NAMES = ("v_anchor_codes", "v_codes", "v_keep", "v_scale", "v_zero")
 
 
+def row_names(config: KVOConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The parts of a K row (one per chunk) and of a V row (one per V group): per-channel K
+    difference ranges belong to the group, so they join its V row."""
+    if config.per_channel:
+        return tuple(n for n in K_ROW_NAMES if n not in K_DIFF_RANGE), V_ROW_NAMES + K_DIFF_RANGE
+    return K_ROW_NAMES, V_ROW_NAMES
+
+
 def kvo_layouts(config: KVOConfig, d: int) -> tuple[Tensors, RowLayout, RowLayout]:
     """Per-head parts of one V group of chunks (a probe encoding), and the K and V row layouts."""
     probe = torch.zeros(config.group, 1, 1, d)
     parts = encode_chunks(probe, probe, probe[..., 0], config)
-    return parts, RowLayout.of(parts, K_ROW_NAMES, lead=3), RowLayout.of(parts, V_ROW_NAMES, lead=3)
+    k_names, v_names = row_names(config)
+    return parts, RowLayout.of(parts, k_names, lead=3), RowLayout.of(parts, v_names, lead=3)
 
 
 def kvo_split(config: KVOConfig, context_len: int) -> tuple[int, int]:
@@ -168,7 +187,7 @@ class KVOCache:
         if valid is None:
             valid = torch.ones(k.shape[:2], dtype=torch.bool, device=self.device)
         v = v.masked_fill(~valid[:, :, None, None], 0.0)  # padding V never widens a range
-        new = encode_recent(k, v, self.config)
+        new = encode_recent(*rotate_kv(k, v, self.config), self.config)  # stored rotated, if at all
         r, total = self.recent_len, self.recent_len + t
         if total < 2 * w:
             for name in RECENT_NAMES:
@@ -207,10 +226,18 @@ class KVOCache:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def stored_query(self, q: torch.Tensor) -> torch.Tensor:
+        """``q`` [b, n_q, d] in the basis K is stored in: ``H q`` where K is rotated (q . k kept)."""
+        return hadamard(q).to(q.dtype) if self.config.rotates_k else q
+
     def select(self, q: torch.Tensor) -> torch.Tensor | None:
         """Chunks to attend, int64 [b, n_kv, m] (best first), scored by ``q . K_anchor`` with the
         query heads of each KV head combined by ``gqa_reduce``; all of them (in order, unscored)
         when ``top_chunks`` covers every chunk; None when nothing is finalised yet."""
+        return self._select(self.stored_query(q))
+
+    def _select(self, q: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`select` for a query already in the stored basis (:meth:`stored_query`)."""
         C, cfg = self.num_chunks, self.config
         if C == 0:
             return None
@@ -226,7 +253,8 @@ class KVOCache:
 
     def gather(self, selected: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The selected chunks and the recent window, decoded: k, v [b, n_kv, m*chunk + r, d] in the
-        model dtype and a bool mask [b, n_kv, m*chunk + r] (False: padding)."""
+        model dtype and the stored basis (rotated where ``config.rotate`` says) and a bool mask
+        [b, n_kv, m*chunk + r] (False: padding)."""
         b, n, d, cfg = self.b, self.n, self.d, self.config
         r = self.recent_len
         self.link_bytes = 0
@@ -246,9 +274,12 @@ class KVOCache:
         with record_function("kvo.decode"):
             k_parts = {name: self.anchors[name][selected, bi, hi] for name in ANCHOR_NAMES}  # [b, n_kv, m, *]
             k_parts |= self.k_layout.unpack(k_rows)
+            v_parts = self.v_layout.unpack(v_rows)
+            if cfg.per_channel:  # the K differences' ranges come with the group's V row
+                k_parts |= {name: v_parts[name] for name in K_DIFF_RANGE}
             position, count = selected % cfg.anchors_per_group, self.chunk_valid[selected, bi]  # [b, n_kv, m]
             k_sel, v_sel, mask = self._decode_selected(
-                k_parts, self.v_layout.unpack(v_rows), position, count, cfg, d, self.dtype
+                k_parts, v_parts, position, count, cfg, d, self.dtype
             )  # [b, n_kv, m*chunk, d] twice, [b, n_kv, m*chunk]
         anchor_bytes = sum(x[: self.num_chunks].numel() * x.element_size() for x in self.anchors.values())
         self._read_fixed += k_rows.numel() + anchor_bytes
@@ -281,13 +312,17 @@ class KVOCache:
         return k_rows.view(b, n, m, -1), v_rows.view(b, n, m, -1)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Append the token, select, gather, attend, and feed the recent tokens' attention back."""
+        """Append the token, select, gather, attend, and feed the recent tokens' attention back
+        (all in the stored basis: the query rotated in, the output rotated back, where configured)."""
         self.append(k[None], v[None])
+        q = self.stored_query(q)  # [b, n_q, d]
         with record_function("kvo.select"):
-            selected = self.select(q)
+            selected = self._select(q)
         keys, values, mask = self.gather(selected)
         with record_function("kvo.attend"):
-            out, probs = decode_attention(q, keys, values, mask, need_probs=True)
+            out, probs = decode_attention(q, keys, values, mask, need_probs=True)  # out [b, n_q * d]
+            if self.config.rotates_v:  # sum p_i (H v_i) = H (sum p_i v_i): un-rotate the output only
+                out = hadamard(out.view(*q.shape)).to(out.dtype).view(out.shape)
             assert probs is not None
             r = self.recent_len
             received = probs[..., probs.shape[-1] - r :].sum(dim=2)  # [b, n_kv, r]: GQA heads summed
