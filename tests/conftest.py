@@ -252,3 +252,57 @@ def synthetic_profile(
 
 # The DESIGN section 1 figures of the H100 host, written out here as test data.
 H100 = synthetic_profile([(MIB, 28e9), (8 * MIB, 49e9), (256 * MIB, 55e9)], [(256, 355e12), (4096, 720e12)])
+
+
+def kvo_keys_values(t: int, b: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys with outlier channels, plain values, [t, b, n, d] float32 (KVO's tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(t, b, n, d, generator=gen) * (1 + 4 * torch.rand(d, generator=gen)) + 0.5
+    return k, torch.randn(t, b, n, d, generator=gen)
+
+
+def kvo_shape(max_len: int, b: int = 2, n: int = 2, d: int = 64) -> Any:
+    """One layer's float32 cache shape for KVO's tests."""
+    from kvpr.cache.storage import CacheShape
+
+    return CacheShape(1, max_len, b, n, d, n * d, torch.float32)
+
+
+def assert_kvo_cache_follows_reference(
+    cfg: Any, scores: torch.Tensor, on_host: bool, atol: float, scores_atol: float | None
+) -> None:
+    """The runtime's KVOCache against the tested ``KVOLayerState`` over 200 prompt tokens and 60
+    decode steps (2 rows, the second left-padded by 64, GQA with 3 query heads per KV head): the
+    same chunks selected at every step, outputs within ``atol``, the recent tokens' fed-back scores
+    equal (``scores_atol`` None) or within ``scores_atol``, and the same chunk and recent counts."""
+    from kvpr.cache.rows import GatherStaging
+    from kvpr.compress.kvo_state import KVOLayerState
+    from kvpr.runtime.kvo_cache import KVOCache
+    from kvpr.runtime.layer_caches import decode_attention
+
+    k, v = kvo_keys_values(260, 2, 2, 64, seed=3)
+    valid = torch.ones(260, 2, dtype=torch.bool)
+    valid[:64, 1] = False
+    reference = KVOLayerState(cfg, 2, 2, 64, dtype=torch.float32)
+    cache = KVOCache(cfg, kvo_shape(300), torch.device("cpu"), on_host, staging=GatherStaging(False))
+    reference.append(k[:200], v[:200], scores[:200], valid[:200])
+    cache.prefill(k[:200], v[:200], valid[:200], scores[:200])
+    reference.check_integrity()
+    gen = torch.Generator().manual_seed(4)
+    for step in range(200, 260):
+        q = torch.randn(2, 6, 64, generator=gen)  # 3 query heads per KV head
+        out = cache.decode(q, k[step], v[step])
+        reference.append(k[step : step + 1], v[step : step + 1])
+        selected = reference.select_chunks(q)
+        assert torch.equal(cache.select(q), selected)
+        keys, values, mask = reference.gather(selected)
+        expected, probs = decode_attention(q, keys.float(), values.float(), mask, need_probs=True)
+        reference.accumulate_scores(probs[..., -reference.recent_len :].reshape(2, 6, -1))
+        torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+        recent = cache.recent_scores[: cache.recent_len]
+        if scores_atol is None:
+            assert torch.equal(recent, reference.recent_scores)
+        else:
+            torch.testing.assert_close(recent, reference.recent_scores, rtol=0, atol=scores_atol)
+    assert cache.num_chunks == reference.num_chunks and cache.recent_len == reference.recent_len
+    reference.check_integrity()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_kvo_cache_follows_reference, teacher_forced, token_prompts
+from conftest import kvo_keys_values as kv
+from conftest import kvo_shape as shape
 from conftest import method_llm as engine
-from conftest import teacher_forced, token_prompts
 from kvpr.cache.rows import GatherStaging
-from kvpr.cache.storage import CacheShape
 from kvpr.cli import _parser as build_parser
 from kvpr.compress.kvo import KVOCodec, KVOConfig, decode_k_chunks, rotate_kv
 from kvpr.compress.kvo_state import KVOLayerState
@@ -32,19 +33,8 @@ KNOBS = [
 ]
 
 
-def kv(t: int, b: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys with outlier channels, plain values, [t, b, n, d] float32."""
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(t, b, n, d, generator=gen) * (1 + 4 * torch.rand(d, generator=gen)) + 0.5
-    return k, torch.randn(t, b, n, d, generator=gen)
-
-
 def rand(*size: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(*size, generator=torch.Generator().manual_seed(seed))
-
-
-def shape(max_len: int, b: int = 2, n: int = 2, d: int = 64) -> CacheShape:
-    return CacheShape(1, max_len, b, n, d, n * d, torch.float32)
 
 
 def test_rotate_kv_is_the_hadamard_matrix_and_its_own_inverse() -> None:
@@ -63,30 +53,7 @@ def test_runtime_cache_equals_reference_state_with_knobs(knobs: dict, on_host: b
     """The runtime's rotated-query formulation (scores and attention in the stored basis, only the
     output un-rotated) selects and attends as the reference that un-rotates every decoded key and
     value, within float32 rounding; per-channel ranges ride in the V rows and decode the same."""
-    cfg = KVOConfig(top_chunks=5, **knobs)
-    k, v = kv(260, 2, 2, 64, seed=3)
-    scores = rand(260, 2, 2, seed=13)
-    valid = torch.ones(260, 2, dtype=torch.bool)
-    valid[:64, 1] = False
-    reference = KVOLayerState(cfg, 2, 2, 64, dtype=torch.float32)
-    cache = KVOCache(cfg, shape(300), torch.device("cpu"), on_host, staging=GatherStaging(False))
-    reference.append(k[:200], v[:200], scores[:200], valid[:200])
-    cache.prefill(k[:200], v[:200], valid[:200], scores[:200])
-    reference.check_integrity()
-    gen = torch.Generator().manual_seed(4)
-    for step in range(200, 260):
-        q = torch.randn(2, 6, 64, generator=gen)  # 3 query heads per KV head
-        out = cache.decode(q, k[step], v[step])
-        reference.append(k[step : step + 1], v[step : step + 1])
-        selected = reference.select_chunks(q)
-        assert torch.equal(cache.select(q), selected)
-        keys, values, mask = reference.gather(selected)
-        expected, probs = decode_attention(q, keys.float(), values.float(), mask, need_probs=True)
-        reference.accumulate_scores(probs[..., -reference.recent_len :].reshape(2, 6, -1))
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
-        torch.testing.assert_close(cache.recent_scores[: cache.recent_len], reference.recent_scores, rtol=0, atol=1e-5)
-    assert cache.num_chunks == reference.num_chunks and cache.recent_len == reference.recent_len
-    reference.check_integrity()
+    assert_kvo_cache_follows_reference(KVOConfig(top_chunks=5, **knobs), rand(260, 2, 2, seed=13), on_host, 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("rotate", ["k", "v", "kv"])

@@ -9,20 +9,21 @@ import json
 import pytest
 import torch
 
+from conftest import assert_kvo_cache_follows_reference, teacher_forced, token_prompts
+from conftest import kvo_keys_values as kv
+from conftest import kvo_shape as shape
 from conftest import method_llm as engine
-from conftest import teacher_forced, token_prompts
 from kvpr.cache.rows import GatherStaging, RowLayout
 from kvpr.cache.storage import CacheShape
 from kvpr.cli import main
 from kvpr.compress.kvo import KVOConfig, decode_anchor_keys
-from kvpr.compress.kvo_state import KVOLayerState
 from kvpr.compress.methods import KiviConfig, method_config, parse_codec_spec
 from kvpr.config import CacheConfig, Offload, RuntimeConfig, SamplingParams
 from kvpr.errors import KvprError
 from kvpr.models.loader import resolve_source
 from kvpr.runtime.compressed import CacheMethod
 from kvpr.runtime.kvo_cache import KVOCache, kvo_split
-from kvpr.runtime.layer_caches import KiviCache, decode_attention
+from kvpr.runtime.layer_caches import KiviCache
 
 D32 = "llama-d32"  # head_dim 32: KVO's and KIVI's channel groups fit
 # 8 bits everywhere, nothing pruned, nothing left unselected: KVO must then decode like fp16.
@@ -36,16 +37,6 @@ EIGHT_BIT = (
 )
 # kvo: selection active at these lengths; kivi3, kivi4: the other widths, with rotated parts
 PARAMS = {"kvo": (("top_chunks", 4),), "kivi2": (), "kivi3": (("rotate", "v"),), "kivi4": (("rotate", "kv"),)}
-
-
-def kv(t: int, b: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(t, b, n, d, generator=gen) * (1 + 4 * torch.rand(d, generator=gen)) + 0.5
-    return k, torch.randn(t, b, n, d, generator=gen)
-
-
-def shape(max_len: int, b: int = 2, n: int = 2, d: int = 64) -> CacheShape:
-    return CacheShape(1, max_len, b, n, d, n * d, torch.float32)
 
 
 # -------------------------------------------------------------------------- the default model
@@ -104,28 +95,7 @@ def test_batched_equals_one_by_one(tiny_checkpoint, codec: str) -> None:
 @pytest.mark.parametrize("on_host", [False, True])
 def test_kvo_cache_equals_reference_state(on_host: bool) -> None:
     """The runtime cache selects, gathers and feeds back exactly as the tested KVOLayerState."""
-    cfg = KVOConfig(top_chunks=5)
-    k, v = kv(260, 2, 2, 64, seed=3)
-    scores = torch.rand(260, 2, 2)
-    valid = torch.ones(260, 2, dtype=torch.bool)
-    valid[:64, 1] = False
-    reference = KVOLayerState(cfg, 2, 2, 64, dtype=torch.float32)
-    cache = KVOCache(cfg, shape(300), torch.device("cpu"), on_host, staging=GatherStaging(False))
-    reference.append(k[:200], v[:200], scores[:200], valid[:200])
-    cache.prefill(k[:200], v[:200], valid[:200], scores[:200])
-    gen = torch.Generator().manual_seed(4)
-    for step in range(200, 260):
-        q = torch.randn(2, 6, 64, generator=gen)  # 3 query heads per KV head
-        out = cache.decode(q, k[step], v[step])
-        reference.append(k[step : step + 1], v[step : step + 1])
-        selected = reference.select_chunks(q)
-        assert torch.equal(cache.select(q), selected)
-        keys, values, mask = reference.gather(selected)
-        expected, probs = decode_attention(q, keys.float(), values.float(), mask, need_probs=True)
-        reference.accumulate_scores(probs[..., -reference.recent_len :].reshape(2, 6, -1))
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-        assert torch.equal(cache.recent_scores[: cache.recent_len], reference.recent_scores)
-    assert cache.num_chunks == reference.num_chunks and cache.recent_len == reference.recent_len
+    assert_kvo_cache_follows_reference(KVOConfig(top_chunks=5), torch.rand(260, 2, 2), on_host, 1e-6, None)
 
 
 def test_anchors_and_recent_tokens_are_never_pruned() -> None:
