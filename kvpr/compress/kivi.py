@@ -27,13 +27,13 @@ from kvpr.compress.quant import (
     quantize,
     quantize_groups,
 )
-from kvpr.compress.rotation import check_rotation, hadamard
+from kvpr.compress.rotation import Rotated, check_rotation, hadamard
 from kvpr.errors import KvprError
 
 KIVI_BITS: tuple[int, ...] = (2, 3, 4, 8)
 
 
-class KiviCodec:
+class KiviCodec(Rotated):
     """K per channel (groups of ``token_group`` tokens), V per token (groups of ``group_size``),
     ``bits`` each; ``rotate`` in none, k, v, kv (which parts are Hadamard-rotated before quantising).
 
@@ -55,14 +55,6 @@ class KiviCodec:
         self.token_group = token_group
         self.rotate = check_rotation(rotate)
         self.name = f"kivi{bits}"
-
-    @property
-    def rotates_k(self) -> bool:
-        return "k" in self.rotate
-
-    @property
-    def rotates_v(self) -> bool:
-        return "v" in self.rotate
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> EncodedKV:
         t, b, n_kv, d = check_kv(k, v)

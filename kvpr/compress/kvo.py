@@ -67,7 +67,7 @@ from kvpr.compress.packing import (
     unpack_mask,
 )
 from kvpr.compress.quant import dequantize, dequantize_groups, fit_range, quantize, quantize_groups
-from kvpr.compress.rotation import check_rotation, hadamard
+from kvpr.compress.rotation import Rotated, check_rotation, hadamard
 from kvpr.errors import KvprError
 
 Tensors = dict[str, torch.Tensor]
@@ -80,7 +80,7 @@ _TEXT_FIELDS = ("gqa_reduce", "k_diff_axis", "rotate")
 
 
 @dataclass(frozen=True)
-class KVOConfig:
+class KVOConfig(Rotated):
     """KVO knobs; the defaults are the authors' released configuration."""
 
     window: int = 64  # tokens finalised at a time; the recent window holds window..2*window-1
@@ -146,14 +146,6 @@ class KVOConfig:
         """Bits per stored in-chunk index (3 bits of information for chunk 8, packed as 4: the
         widths that divide a byte, as KVO's layout was measured with)."""
         return next(bits for bits in PACK_BITS if 8 % bits == 0 and (1 << bits) >= self.chunk)
-
-    @property
-    def rotates_k(self) -> bool:
-        return "k" in self.rotate
-
-    @property
-    def rotates_v(self) -> bool:
-        return "v" in self.rotate
 
     @property
     def per_channel(self) -> bool:

@@ -26,6 +26,20 @@ def check_rotation(rotate: str, d: int | None = None) -> str:
     return rotate
 
 
+class Rotated:
+    """What a codec setting's ``rotate`` (one of ``ROTATIONS``) says it rotates: K, V or both."""
+
+    rotate: str
+
+    @property
+    def rotates_k(self) -> bool:
+        return "k" in self.rotate
+
+    @property
+    def rotates_v(self) -> bool:
+        return "v" in self.rotate
+
+
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """``x @ H`` over the last dim (fast transform: ``log2(d)`` butterfly passes), in float32.
 
