@@ -47,7 +47,7 @@ from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig  # noq
 from kvpr.device import element_size  # noqa: E402
 from kvpr.models.loader import build_model  # noqa: E402
 from kvpr.models.registry import builtin_config  # noqa: E402
-from kvpr.placement import DEVICE_FILL, GIB, Target, cache_bytes, ring_bytes  # noqa: E402
+from kvpr.placement import DEVICE_FILL, GIB, Target, cache_bytes, usable_bytes_for_tokens  # noqa: E402
 from kvpr.scheduler.profile import profile_shape  # noqa: E402
 from kvpr.scheduler.profiler import load_or_measure  # noqa: E402
 
@@ -68,11 +68,8 @@ def budget_for_tokens(llm: LLM, case: Case, tokens: int) -> float:
     """The ``--gpu-memory-gib`` under which ``--offload auto`` keeps ``tokens`` of the batch's tokens'
     K,V on the GPU: ``kvpr.placement.gpu_token_capacity`` solved for its budget (what kvpr holds
     now, the weights, plus the tier, the rings and the workspace reserve it keeps)."""
-    cfg, max_len = llm.model_config, case.prompt_len + case.gen_len
-    shape = CacheShape.for_model(cfg, case.batch_size, max_len, llm.dtype)
-    per_token = case.batch_size * cfg.num_layers * 2 * cfg.kv_size * element_size(llm.dtype)
-    # capacity = (usable - ring - usable // 10 - GIB) // per_token  with  usable = FILL * (budget - held)
-    usable = (tokens * per_token + ring_bytes(shape) + GIB) / 0.9 + per_token / 2
+    shape = CacheShape.for_model(llm.model_config, case.batch_size, case.prompt_len + case.gen_len, llm.dtype)
+    usable = usable_bytes_for_tokens(shape, tokens)  # usable = FILL * (budget - held)
     held = torch.cuda.memory_allocated(llm.device) if llm.device.type == "cuda" else 0
     return (usable / DEVICE_FILL + held) / GIB
 

@@ -262,9 +262,22 @@ def gpu_token_capacity(target: Target, shape: CacheShape, pending_bytes: int = 0
     if target.device.type != "cuda":
         return 0  # no device memory apart from the host tier
     usable = usable_device_bytes(target, pending_bytes)
-    # Rings and recompute scratch, activations of a prefill and allocator slack.
-    reserve = ring_bytes(shape) + usable // 10 + GIB
+    reserve = tier_reserve_bytes(shape, usable)
     return resident_tokens(target.model, shape.batch_size, shape.max_len, usable, element_size(target.dtype), reserve)
+
+
+def tier_reserve_bytes(shape: CacheShape, usable: int) -> int:
+    """What an offloaded batch keeps free beyond its GPU tier out of ``usable`` device bytes: rings
+    and recompute scratch, activations of a prefill and allocator slack."""
+    return ring_bytes(shape) + usable // 10 + GIB
+
+
+def usable_bytes_for_tokens(shape: CacheShape, tokens: int) -> float:
+    """The usable device bytes under which ``gpu_token_capacity`` keeps ``tokens`` of ``shape``'s
+    tokens on the GPU (its inverse: benchmarks emulate a GPU holding a given share of the cache).
+    Half a token's bytes above the threshold, so the floor of the division lands on ``tokens``."""
+    per_token = shape.kv_bytes() / shape.max_len  # K,V of one token: every layer, the whole batch
+    return (tokens * per_token + ring_bytes(shape) + GIB) / 0.9 + per_token / 2
 
 
 def tier_plan(target: Target, shape: CacheShape, pending_bytes: int = 0) -> TierPlan | None:

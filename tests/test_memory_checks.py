@@ -273,3 +273,25 @@ def test_offload_auto_never_plans_beyond_the_gpu_budget(budget: float, batch: in
             if shape.kv_bytes() > usable:
                 with pytest.raises(KvprError, match="--gpu-memory-gib"):
                     check_cache_fits(too_many, shape, weight_bytes=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 700, 2047])
+def test_usable_bytes_for_tokens_inverts_the_gpu_token_capacity(tokens: int) -> None:
+    """What bench_tiered budgets from: the usable bytes ``usable_bytes_for_tokens`` names give back
+    exactly that many resident tokens under ``--offload auto`` (the inverse sits beside the formula)."""
+    import unittest.mock as mock
+
+    from kvpr.cache.storage import CacheShape
+    from kvpr.config import CacheConfig, Offload
+    from kvpr.placement import Target, gpu_token_capacity, usable_bytes_for_tokens
+
+    model = builtin_config("opt-125m")
+    shape = CacheShape.for_model(model, 16, 2048, torch.float16)
+    budget = usable_bytes_for_tokens(shape, tokens) / DEVICE_FILL / GIB
+    cache = CacheConfig(offload=Offload.AUTO, gpu_resident="auto")
+    target = Target(model, "opt-125m", torch.device("cuda"), torch.float16, cache, None, None, None, budget)
+    with (
+        mock.patch("kvpr.placement.free_device_bytes", return_value=140 * GIB),
+        mock.patch("torch.cuda.memory_allocated", return_value=0),
+    ):
+        assert gpu_token_capacity(target, shape) == tokens
