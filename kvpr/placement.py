@@ -46,7 +46,7 @@ from kvpr.device import (
 from kvpr.errors import KvprError
 from kvpr.models.loader import resolve_source
 from kvpr.runtime.compressed import CacheMethod, make_method
-from kvpr.runtime.latency import RING_SLOTS, SLOT_BYTES
+from kvpr.runtime.latency import RING_SLOTS, slot_tokens_for, x_slot_tokens_for
 from kvpr.runtime.tiers import DEFAULT_FLUSH_BLOCK, TierPlan
 from kvpr.scheduler.policy import recompute_may_run
 from kvpr.scheduler.solver import resident_tokens
@@ -300,9 +300,9 @@ def ring_bytes(shape: CacheShape, stores_x: bool = True) -> int:
     of ``RING_SLOTS`` slots of up to ``SLOT_BYTES`` of K,V, an X ring of slots of up to
     ``SLOT_BYTES`` of X, and scratch for one slot's K,V (recomputed from X or decoded)."""
     per_token = 2 * shape.batch_size * shape.num_kv_heads * shape.head_dim * shape.element_size
-    tokens = max(1, min(shape.max_len, SLOT_BYTES // per_token))
+    tokens = slot_tokens_for(shape, shape.max_len)
     x_per_token = shape.batch_size * shape.hidden_size * shape.element_size
-    x_tokens = max(1, min(shape.max_len, SLOT_BYTES // x_per_token)) if stores_x else 0
+    x_tokens = x_slot_tokens_for(shape, shape.max_len) if stores_x else 0
     return RING_SLOTS * (tokens * per_token + x_tokens * x_per_token) + max(tokens, x_tokens) * per_token
 
 

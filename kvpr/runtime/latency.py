@@ -32,7 +32,7 @@ from kvpr.runtime.tiers import TierPlan
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import EncodedKV, KVCodec
-    from kvpr.cache.storage import KVStorage
+    from kvpr.cache.storage import CacheShape, KVStorage
     from kvpr.models.base import DecoderModel
 
 RING_SLOTS = 4  # chunks in flight per ring: enough that the copy stream never waits on compute
@@ -46,19 +46,17 @@ def chunk_bounds(length: int, num_chunks: int) -> list[tuple[int, int]]:
     return [(a, c) for a, c in zip(edges, edges[1:]) if c > a]
 
 
-def slot_tokens_for(storage: "KVStorage", host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
+def slot_tokens_for(shape: "CacheShape", host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
     """Tokens per K,V ring slot: ``slot_bytes`` of uncompressed K,V, within [1, host_slots]."""
-    s = storage.shape
-    per_token = 2 * s.batch_size * s.num_kv_heads * s.head_dim * s.element_size
+    per_token = 2 * shape.batch_size * shape.num_kv_heads * shape.head_dim * shape.element_size
     return max(1, min(host_slots, slot_bytes // per_token))
 
 
-def x_slot_tokens_for(storage: "KVStorage", host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
+def x_slot_tokens_for(shape: "CacheShape", host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
     """Tokens per X ring slot: ``slot_bytes`` of uncompressed X, within [1, host_slots]. Sized by
     X's own bytes (half of K,V's per token in an MHA model), so a recomputed range takes fewer
     chunks, and each chunk costs the host a recompute and a piece to issue."""
-    s = storage.shape
-    return max(1, min(host_slots, slot_bytes // (s.batch_size * s.hidden_size * s.element_size)))
+    return max(1, min(host_slots, slot_bytes // (shape.batch_size * shape.hidden_size * shape.element_size)))
 
 
 def decode_kv_into(
@@ -168,8 +166,8 @@ class OverlappedExecutor(Executor):
         self.partials = Partials()  # one layer's partial outputs, buffers reused layer after layer
         self.slot_tokens = self.x_slot_tokens = 0
         if offloaded and self.plan.offloads:
-            self.slot_tokens = slot_tokens or slot_tokens_for(storage, self.plan.host_slots)
-            self.x_slot_tokens = slot_tokens or x_slot_tokens_for(storage, self.plan.host_slots)
+            self.slot_tokens = slot_tokens or slot_tokens_for(storage.shape, self.plan.host_slots)
+            self.x_slot_tokens = slot_tokens or x_slot_tokens_for(storage.shape, self.plan.host_slots)
             host_kv = {n: storage.part(n, 0) for n in storage.part_names}
             self.kv_ring = _Ring(host_kv, self.slot_tokens, device, self.streams)
             host_x = {n: storage.x_part(n, 0) for n in storage.x_part_names}

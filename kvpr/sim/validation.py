@@ -205,11 +205,15 @@ def tiered_issue(run: TieredRun, gpu: GpuMachine, root: Path) -> TieredIssue:
 
 def _tiered_ms(row: dict[str, Any], gpu: GpuMachine, model: Any, run: TieredRun, issue: TieredIssue) -> float:
     """The tiered executor on a row: each step's recorded host tokens and ``l``, the policy's ``c``."""
-    from kvpr.runtime.latency import SLOT_BYTES
+    import torch
+
+    from kvpr.cache.storage import CacheShape
+    from kvpr.runtime.latency import slot_tokens_for, x_slot_tokens_for
 
     b, prompt = row["batch_size"], row["prompt_len"]
-    kv_slot = max(1, SLOT_BYTES // (2 * b * model.kv_size * 2))  # slot_tokens_for on fp16 K,V
-    x_slot = max(1, SLOT_BYTES // (b * model.hidden_size * 2)) if run.x_slots_by_x else kv_slot  # x_slot_tokens_for
+    shape = CacheShape.for_model(model, b, prompt + row["gen_len"], torch.float16)  # the run's fp16 cache
+    kv_slot = slot_tokens_for(shape, shape.max_len)
+    x_slot = x_slot_tokens_for(shape, shape.max_len) if run.x_slots_by_x else kv_slot
     steps = [
         (h, n, _chunks(gpu, model, b, h, "none", "none", row["gpu_slots"]) if n else 1)
         for h, n in zip(row["host_lens"], row["recompute_lens"], strict=True)
