@@ -176,7 +176,7 @@ def floor_with_demonstrated_h2d(rows: list[dict[str, Any]]) -> None:
     """Re-floor every row of a run whose link rate the run itself beat (``demonstrated_h2d``): the
     floor's PCIe term divides by the better rate (``floor_h2d_source`` names the row; the profile's
     floor stays in ``floor_ms_profile_h2d``). The floor is recomputed from the row's mean bytes per
-    step, max(link / h2d, device / hbm + flops / rate): never above the per-step floor it replaces."""
+    step (``StepWork.floor_s``): never above the per-step floor it replaces."""
     best = demonstrated_h2d(rows)
     if best is None:
         return
@@ -185,13 +185,15 @@ def floor_with_demonstrated_h2d(rows: list[dict[str, Any]]) -> None:
         rates = row.get("floor_rates")
         if not rates or rate <= rates["h2d_bytes_per_s"] or row.get("floor_ms") is None:
             continue
-        copy_s = row["floor_link_bytes_per_step"] / rate
-        compute_s = row["floor_device_bytes_per_step"] / rates["hbm_bytes_per_s"]
-        if row.get("floor_recompute_flops_per_step"):
-            compute_s += row["floor_recompute_flops_per_step"] / rates["recompute_flop_per_s"]
+        better = FloorRates(**{**rates, "h2d_bytes_per_s": rate})
+        mean_step = StepWork(
+            row["floor_link_bytes_per_step"],
+            row["floor_device_bytes_per_step"],
+            row.get("floor_recompute_flops_per_step") or 0.0,
+        )
         row.setdefault("floor_ms_profile_h2d", row["floor_ms"])  # the first re-floor keeps the profile's
-        row["floor_ms"] = 1e3 * max(copy_s, compute_s)
-        row["floor_rates"] = {**rates, "h2d_bytes_per_s": rate}
+        row["floor_ms"] = floor_ms([mean_step], better)
+        row["floor_rates"] = asdict(better)
         row["floor_h2d_source"] = f"demonstrated by {source}"
 
 
