@@ -590,7 +590,8 @@ def test_serve_command_starts_and_stops(tiny_checkpoint) -> None:
     """``kvpr serve --port 0`` prints where it listens, answers, and stops on Ctrl-C (exit 130)."""
     command = [sys.executable, "-m", "kvpr", "serve", "--model", str(tiny_checkpoint("opt")), "--device", "cpu"]
     command += ["--port", "0", "--max-model-len", "64", "--max-num-seqs", "2"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    inherited = os.environ.get("PYTHONPATH")  # keeps a --target install of the server's stack importable
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), inherited]))}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         line = process.stderr.readline()  # type: ignore[union-attr]
