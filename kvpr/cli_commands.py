@@ -9,7 +9,8 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from kvpr.cli_checks import check_output_path, format_rate
-from kvpr.config import EngineConfig, RuntimeConfig, ThroughputConfig, parse_num_chunks
+from kvpr.config import EngineConfig, RuntimeConfig, parse_num_chunks
+from kvpr.throughput_config import ThroughputConfig
 
 if TYPE_CHECKING:
     from kvpr.scheduler.cost_model import RateCurve

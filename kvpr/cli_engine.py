@@ -14,15 +14,14 @@ from kvpr.config import (
     CacheConfig,
     EngineConfig,
     Offload,
-    Placement,
     RuntimeConfig,
-    ThroughputConfig,
     check_codec_names,
     parse_num_chunks,
     parse_recompute,
     parse_resident,
 )
 from kvpr.errors import KvprError
+from kvpr.throughput_config import Placement, ThroughputConfig
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:

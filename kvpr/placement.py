@@ -22,16 +22,7 @@ import torch
 
 from kvpr.cache.disk import check_offload_dir
 from kvpr.cache.storage import CacheShape, tier_codec
-from kvpr.config import (
-    CACHE_METHODS,
-    RECOMPUTE_AUTO,
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    Offload,
-    ThroughputConfig,
-    Tier,
-)
+from kvpr.config import CACHE_METHODS, RECOMPUTE_AUTO, CacheConfig, EngineConfig, ModelConfig, Offload
 from kvpr.device import (
     DEVICE_FILL,
     GIB,
@@ -51,6 +42,7 @@ from kvpr.runtime.tiers import DEFAULT_FLUSH_BLOCK, TierPlan
 from kvpr.scheduler.policy import recompute_may_run
 from kvpr.scheduler.solver import resident_tokens
 from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run_needs
+from kvpr.throughput_config import ThroughputConfig, Tier
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec

@@ -138,7 +138,8 @@ def test_throughput_mode_matches_latency_mode(tiny_checkpoint, tmp_path, family:
     """The block schedule on CUDA streams (weights streamed per layer, cache on three tiers, X
     chunks recomputed as they land) gives the tokens of the GPU-resident latency run."""
     from kvpr.api import LLM
-    from kvpr.config import CacheConfig, EngineConfig, Offload, Placement, RuntimeConfig, ThroughputConfig
+    from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig
+    from kvpr.throughput_config import Placement, ThroughputConfig
 
     params = SamplingParams(max_new_tokens=16, stop_on_eos=False)
     reference = [c.token_ids for c in gpu_llm(tiny_checkpoint(family)).generate(PROMPTS, params)]

@@ -17,7 +17,7 @@ import kvpr.api
 import kvpr.device
 from kvpr.api import LLM
 from kvpr.cli import main
-from kvpr.config import EngineConfig, ModelConfig, RuntimeConfig, ThroughputConfig, Tier
+from kvpr.config import EngineConfig, ModelConfig, RuntimeConfig
 from kvpr.device import DEVICE_FILL, GIB, check_device_memory, reusable_device_bytes
 from kvpr.errors import KvprError
 from kvpr.models.registry import builtin_config
@@ -28,6 +28,7 @@ from kvpr.scheduler.throughput_bytes import ThroughputWorkload
 from kvpr.scheduler.throughput_cost import MachineLimits, ThroughputPlan
 from kvpr.scheduler.throughput_memory import block_memory, check_run_memory, run_needs
 from kvpr.scheduler.throughput_policy import search_policy
+from kvpr.throughput_config import ThroughputConfig, Tier
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 H200_OPT = RESULTS / "profile-opt-h4096-kv8192-float16-NVIDIA_H200-20261202.json"

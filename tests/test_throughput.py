@@ -13,19 +13,9 @@ from hypothesis import strategies as st
 from conftest import cpu_llm
 from kvpr.api import LLM
 from kvpr.cache.disk import DiskQueue, DiskTensor
-from kvpr.config import (
-    CacheConfig,
-    CacheSplit,
-    EngineConfig,
-    Offload,
-    Placement,
-    RuntimeConfig,
-    SamplingParams,
-    ThroughputConfig,
-    Tier,
-    tier_at,
-)
+from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams
 from kvpr.errors import KvprError
+from kvpr.throughput_config import CacheSplit, Placement, ThroughputConfig, Tier, tier_at
 
 PROMPTS = [[5, 17, 33, 2, 90, 11], [7, 7, 61], [100, 3, 44, 21, 9, 8, 71, 12, 4], [1, 2, 3], [9, 9]]
 

@@ -12,7 +12,8 @@ from conftest import cpu_llm
 from kvpr.api import LLM
 from kvpr.compress.quant import dequantize_groups, quantize_groups
 from kvpr.compress.weight_quant import WeightLayout, round_trip
-from kvpr.config import CacheConfig, EngineConfig, Offload, Placement, RuntimeConfig, SamplingParams, ThroughputConfig
+from kvpr.config import CacheConfig, EngineConfig, Offload, RuntimeConfig, SamplingParams
+from kvpr.throughput_config import Placement, ThroughputConfig
 
 PROMPTS = [[5, 17, 33, 2, 90, 11], [7, 7, 61], [100, 3, 44, 21, 9, 8, 71, 12, 4], [1, 2, 3], [9, 9]]
 PARAMS = SamplingParams(max_new_tokens=9, stop_on_eos=False)
@@ -97,7 +98,7 @@ def test_compressed_weights_match_round_tripped_model(tiny_checkpoint, tmp_path,
 
 
 def test_compressed_weights_store_fewer_bytes(tiny_checkpoint, tmp_path) -> None:
-    from kvpr.config import Tier
+    from kvpr.throughput_config import Tier
 
     directory = tiny_checkpoint("opt")
     plain = throughput_llm(directory, "0 100 0 100 0 100", tmp_path).layer_weights
@@ -198,10 +199,10 @@ def test_bad_codec_combinations_fail_in_one_line(flags: list[str], message: str,
 
 
 def test_block_memory_counts_encoded_bytes() -> None:
-    from kvpr.config import Tier
     from kvpr.models.registry import builtin_config
     from kvpr.scheduler.throughput_bytes import CacheCodecs
     from kvpr.scheduler.throughput_memory import block_memory
+    from kvpr.throughput_config import Tier
 
     model = builtin_config("opt-30b")  # h 7168, 56 heads of 128, 48 layers
     plain_config = ThroughputConfig(Placement.parse("0 100 0 100 0 100".split()), 32, 2)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvpr.config import ModelConfig, Placement, ThroughputConfig, Tier
+from kvpr.config import ModelConfig
 from kvpr.errors import KvprError
 from kvpr.models.registry import builtin_config, model_class
 from kvpr.scheduler import throughput_policy as policy_internals
@@ -34,6 +34,7 @@ from kvpr.scheduler.throughput_cost import (
     estimate,
 )
 from kvpr.scheduler.throughput_policy import flexgen_policy, format_plans, search_policy
+from kvpr.throughput_config import Placement, ThroughputConfig, Tier
 
 GIB = 1 << 30
 MIB = 1 << 20

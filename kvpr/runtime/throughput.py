@@ -52,9 +52,9 @@ from kvpr.scheduler.policy import round_fraction
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec
-    from kvpr.config import ThroughputConfig
     from kvpr.models.base import DecoderModel
     from kvpr.runtime.weights import LayerWeights
+    from kvpr.throughput_config import ThroughputConfig
 
 
 class ThroughputExecutor:

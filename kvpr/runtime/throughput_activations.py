@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from kvpr.cache.disk import DiskQueue, DiskTensor
-from kvpr.config import Tier
 from kvpr.device import host_empty
 from kvpr.runtime.streams import StreamSet
 from kvpr.runtime.throughput_lanes import flat_view
+from kvpr.throughput_config import Tier
 
 
 class Activations:

@@ -16,10 +16,10 @@ import torch
 
 from kvpr.cache.disk import DiskTensor
 from kvpr.cache.storage import CacheShape, KVStorage, input_layout, token_layout
-from kvpr.config import CacheSplit
 from kvpr.device import host_empty
 from kvpr.runtime.batch import BatchState
 from kvpr.runtime.streams import StreamSet
+from kvpr.throughput_config import CacheSplit
 
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec

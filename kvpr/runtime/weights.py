@@ -28,13 +28,13 @@ import torch
 
 from kvpr.cache.disk import DiskTensor
 from kvpr.compress.weight_quant import WeightLayout
-from kvpr.config import Tier
 from kvpr.device import host_empty
+from kvpr.throughput_config import Tier
 
 if TYPE_CHECKING:
-    from kvpr.config import Placement
     from kvpr.models.base import DecoderModel
     from kvpr.runtime.streams import StreamSet
+    from kvpr.throughput_config import Placement
 
 
 class LayerWeights:

@@ -24,8 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpr.config import Arch, ModelConfig, Placement, Tier
+from kvpr.config import Arch, ModelConfig
 from kvpr.errors import KvprError
+from kvpr.throughput_config import Placement, Tier
 
 GIB = float(1 << 30)
 

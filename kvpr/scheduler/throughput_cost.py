@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from kvpr.config import ModelConfig, ThroughputConfig, Tier
+from kvpr.config import ModelConfig
 from kvpr.errors import KvprError
 from kvpr.scheduler.throughput_bytes import (
     GIB,
@@ -54,6 +54,7 @@ from kvpr.scheduler.throughput_bytes import (
     memory_terms,
     realised_shares,
 )
+from kvpr.throughput_config import ThroughputConfig, Tier
 
 if TYPE_CHECKING:
     from kvpr.scheduler.profile import HardwareProfile

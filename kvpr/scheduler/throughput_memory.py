@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kvpr.config import ModelConfig, ThroughputConfig, Tier
+from kvpr.config import ModelConfig
 from kvpr.errors import KvprError
 from kvpr.scheduler.throughput_bytes import (
     GIB,
@@ -22,6 +22,7 @@ from kvpr.scheduler.throughput_bytes import (
     memory_terms,
     realised_shares,
 )
+from kvpr.throughput_config import ThroughputConfig, Tier
 
 # What a run allocates and keeps (checked before allocating); the prompt's working set, activations
 # and logits are transient and sized by the prompt length, which only the plan knows: it counts them too.

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.optimize import linprog
 
-from kvpr.config import ModelConfig, Placement, ThroughputConfig, Tier
+from kvpr.config import ModelConfig
 from kvpr.errors import KvprError
 from kvpr.scheduler.throughput_bytes import (
     GIB,
@@ -39,6 +39,7 @@ from kvpr.scheduler.throughput_cost import (
     cost_terms,
     estimate,
 )
+from kvpr.throughput_config import Placement, ThroughputConfig, Tier
 
 if TYPE_CHECKING:
     from kvpr.scheduler.profile import HardwareProfile
