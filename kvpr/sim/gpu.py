@@ -9,20 +9,21 @@ A layer of kvpr's overlapped executor (runtime/latency.py) is three queues, each
                                                           a K,V codec's decode at its measured rate,
                                                           every projection max(FLOPs / GEMM peak,
                                                           fp16 weights / HBM), attention's fp16 K,V / HBM
-    host            h_layer + c * h_chunk + h_kv          measured issue times; h_kv: a K,V codec's
-                                                          encode and decode, derived from the X codec's
-    layer = max(copy, compute, host);  step = layers + LM head
+    host            ops issued x seconds per op          host.py, the ops counted by host_ops.py
+    step = max(host over the step, sum of layers' max(copy, compute) + LM head)   (host.py overlapped_s)
 
 ``offloaded_layer`` is the executor the latency rows were measured on (commit 12ec21af: every host
-token's K,V copied into an ``s_max`` staging buffer in one range per layer, decoded there in one call);
+token's K,V copied into an ``s_max`` staging buffer in one range per layer, decoded there in one call;
+its ops cannot be counted on this checkout, so its layer and X chunk issue are the times its profile
+measured, and only a K,V codec's and the step's own ops are counted);
 ``tiered_layer`` is the tiered one (docs/structure.md "One decode step, offloaded": the GPU tier attended
 in place, host chunks through rings of slots, one piece each) in either version the tiered rows ran on:
 a266ad4 (X slots hold a K,V slot's tokens) and 72448d7 (X slots of 32 MiB of X, ``x_slot_tokens_for``),
-its host issue by part (``TieredIssue``).
+its host issue the ops of each part (``TieredOps``).
 
 KVO's layers (runtime/kvo_cache.py, zero-copy gather): the selected rows cross PCIe inside a kernel on
 the compute stream, then select/decode/attend read the workload's bytes (anchors, rows, recent window,
-and each eager intermediate written and read back) from HBM; the host issue is the dense layer's.
+and each eager intermediate written and read back) from HBM; the host issues the KVO layer's counted ops.
 transformers' offloaded cache copies each layer's K,V to the host and back on the compute stream.
 """
 

@@ -2,11 +2,12 @@
 
 A decode step's host time is the number of host-side ops its executor path issues (host_ops.py
 counts them on kvpr's own code) times one per-op cost of the machine and software stack, taken
-from the host issue times ``kvpr profile`` measured (``host_layer_s``, ``host_chunk_s``) over the op
-counts of the very paths it timed. The step's time is then how the runtime overlaps host and
-device: without a host wait the token loop queues a step ahead, so host issue and device work run
-side by side (``overlapped_s``: their max); a host wait inside every layer (KVO's selection read
-back) serialises each layer's host and device work (``serialised_s``: their sum).
+from the host issue times ``kvpr profile`` measured on that machine (``host_layer_s``,
+``host_chunk_s``) over the op counts of the very paths it timed. Machines of one kind differ: the
+H200 sessions' probes give 24 and 43 us a launch with the same torch. The step's time is then how
+the runtime overlaps host and device: without a host wait the token loop queues a step ahead, so
+host issue and device work run side by side (``overlapped_s``: their max; no modelled path waits
+for the device inside a step: KVO reads its selected rows in place, without the host).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ class Probe:
     seconds: float
     ops: int
     source: str  # "<profile file>: <field>"
+    session: str = ""  # the results file measured on the same machine, in the same session
 
 
 @dataclass(frozen=True)
 class HostCost:
     """Seconds per host op on one machine and software stack: the median over ``probes`` of time
-    per op (one constant for every row; the median, as the probes scatter with the host's load)."""
+    per op (one constant for every row measured there; the median, as the probes scatter)."""
 
     op_s: float
     probes: tuple[Probe, ...]
@@ -45,8 +47,3 @@ class HostCost:
 def overlapped_s(host_s: float, device_s: float) -> float:
     """A step whose host never waits for the device: issue and execution overlap."""
     return max(host_s, device_s)
-
-
-def serialised_s(host_s: float, device_s: float) -> float:
-    """Work separated by a host wait: the host issues, then waits for the device to drain."""
-    return host_s + device_s

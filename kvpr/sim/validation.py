@@ -7,8 +7,10 @@ on the latency rows it gives the recorded ``l`` of every step at the measured co
 row is modelled on the executor version it ran on (``TieredRun``: its X slot rule).
 
 The host's share is the host-issue model (host.py): the ops of each path counted on this checkout's
-executors (host_ops.py) times one per-op cost, the median over the profiles whose probes ran the
-tiered executor (``CALIBRATION``). The latency rows ran the executor before the tiers (12ec21af),
+executors (host_ops.py) times the per-op cost of the machine the row ran on: the median over the
+probes of the profiles measured in the same session, where they ran the tiered executor
+(``CALIBRATION``), else over all of those probes (one pooled constant: the latency files). The
+latency rows ran the executor before the tiers (12ec21af),
 whose ops this checkout cannot count: their layer and X chunk issue are the times their profile
 measured on that executor, and only what it did not time (a K,V codec, the step outside the layers)
 is counted.
@@ -32,6 +34,7 @@ from kvpr.sim.host_ops import TieredOps, hf_layer_ops, kv_codec_ops, kvo_layer_o
 TOLERANCE = 0.15
 RESULTS = Path("benchmarks/results")
 SWEEP_72448D7 = "tiered-sweep-opt-NVIDIA_H200-20261203-72448d7.json"
+TIERED_A266AD4 = "tiered-NVIDIA_H200-20261203.json"
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ H200_SOURCES = (
 )
 H200_SOURCES += (
     Source(
-        "tiered-NVIDIA_H200-20261203.json",
+        TIERED_A266AD4,
         {  # bench_tiered measures one profile per model, at its first case's batch (32 for opt-6.7b)
             ("opt", 32): ("profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json", None),
             ("opt", 16): ("profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json", None),
@@ -93,18 +96,19 @@ NOTES = {  # system -> what a row outside the tolerance leaves out, and why it i
     ),
     "kvpr-int4": (
         "host-bound: the layer's issue as this profile timed it on the measured executor, plus the int4 codec's "
-        "counted ops (94 a layer: the new token's K,V encoded and copied part by part, a landed range decoded) at "
-        "the per-op cost; the row's repeats span 85-96 ms"
+        "counted launches (the new token's K,V encoded and copied part by part, a landed range decoded) at the "
+        "pooled per-op cost; the row's repeats span 85-96 ms"
     ),
     "kvpr-kvo-compile": (
-        "host-bound, over-predicted: 228 host ops a KVO layer (the compiled chunk decode counted as one, the rest "
-        "eager, many of them views and indexing) at one per-op cost calibrated on layers of launches; one constant "
-        "does not separate a view from a launch (the row's own profiler pass: 27 ms device, 78 ms host a step)"
+        "host-bound in the model: 85 launches a KVO layer (the compiled chunk decode counted as one) at the pooled "
+        "per-op cost (32.2 us), as this session profiled only the executor before the tiers, whose ops this "
+        "checkout cannot count; the machine's own cost is unknown, and the sessions' probes span 23.4-46.0 us a "
+        "launch (the row's own profiler pass: 27 ms device, 78 ms host a step)"
     ),
     "hf-gpu": (
-        "host-bound, under-predicted: transformers' 28 aten ops a layer at the per-op cost; its module calls, hooks "
-        "and argument handling are Python that dispatches no aten op and is not counted; measured before 66e7a23, "
-        "without a warm-up at the timed shape"
+        "host-bound: transformers' counted launches at the per-op cost; its module calls, hooks and argument "
+        "handling are Python that launches nothing and is not counted; measured before 66e7a23, without a warm-up "
+        "at the timed shape"
     ),
     "hf-offloaded": (
         "measured before 66e7a23, without a warm-up at the timed shape; the same workload measured after it "
@@ -112,23 +116,27 @@ NOTES = {  # system -> what a row outside the tolerance leaves out, and why it i
         "streams do not run on the CPU)"
     ),
     "kvpr-gpu": (
-        "host-bound: 33 ops a layer (opt-6.7b; 63 llama-3-8b) at the per-op cost; this run's rows imply about "
-        "9-10 us an op where the batch-1 probes of the calibration give 11.5-17.9 us, and the same opt-6.7b "
-        "workload measured 14.2 ms here and 22.4 ms in the 72448d7 sweep: the per-op cost varies between runs"
+        "host-bound in the model: a step of 24 + 32 x 15 launches (opt-6.7b) or 30 + 32 x 37 (llama-3-8b) at this "
+        "machine's 24.4 us (its probes: 25.3 us opt-6.7b, 23.4 us llama-3-8b); the run issued faster than its own "
+        "probes: 10.1-10.5 ms at opt-6.7b 32 x 256 is at most 20.1 us a launch, 20.1 ms at llama-3-8b 8 x 8184 at "
+        "most 16.6 us, while the same opt-6.7b launches at 16 x 2016 took 14.1-14.2 ms in the same run (within): "
+        "one per-op cost cannot fit both"
     ),
     "kvpr-tiered": (
-        "host-bound, over-predicted: c is the policy's pick with this run's profile, whose host_chunk_s is 0 "
-        "(chunks look free: c = 8 at GPU 0.75), and the run does not record it; each X chunk is 27 ops counted on "
-        "this checkout (22 on a266ad4's executor, counted at that commit) and the implied host issue (2.6-3.7 ms "
-        "a layer) exceeds what the run took (2.3 ms at GPU 0.75): the probes' per-op cost does not carry to this run"
+        "host-bound in the model: each X chunk is 10 launches (counted on this checkout and, the same, on a266ad4's "
+        "executor) and c is the policy's pick with this run's profile (c = 8 at GPU 0.75; the run does not record c)"
     ),
 }
 NOTES["kvpr-tiered-gpu"] = NOTES["kvpr-gpu"]  # kvpr-tiered with every token in the GPU tier
 RUN_NOTES = {  # (results file, system) -> a note that replaces NOTES[system] on that file's rows
     (SWEEP_72448D7, "kvpr-gpu"): (
-        "two runs disagree: the same workload and executor path measured 22.4 ms here (repeats 18.0-23.1), 14.6 ms "
-        "as kvpr-tiered with every token in the GPU tier in this same run, and 14.2 ms at a266ad4; no model fits "
-        "both (the prediction, 15.6 ms, is host-bound: 33 ops a layer)"
+        "two runs disagree: this row measured 22.4 ms where kvpr-tiered with every token in the GPU tier, the same "
+        "workload and executor path in the same run, measured 14.6 ms; no model fits both"
+    ),
+    (SWEEP_72448D7, "kvpr-tiered-gpu"): (
+        "two runs disagree: this row measured 14.6 ms (repeats 13.8-20.6) where kvpr-gpu, the same workload and "
+        "executor path in the same run, measured 22.4 ms (within: the model is host-bound at 24 + 32 x 15 launches "
+        "of this machine's 42.5 us, its probes 39.0 and 46.0 us); no model fits both"
     ),
 }
 SYSTEM_CODECS = {  # system -> (x codec, K,V codec) of kvpr's tokenwise host tier
@@ -155,10 +163,11 @@ def _chunks(gpu: GpuMachine, model: Any, b: int, s: int, x_codec: str, kv_codec:
 
 @dataclass(frozen=True)
 class HostModel:
-    """The host-issue model of the H200 rows: one per-op cost, and the op counts of every path
-    (host_ops.py, counted on this checkout's executors with tiny models of each family)."""
+    """The host-issue model of the H200 rows: the per-op cost of each machine, and the op counts of
+    every path (host_ops.py, counted on this checkout's executors with tiny models of each family)."""
 
-    cost: HostCost
+    sessions: dict[str, HostCost]  # results file -> the per-op cost of the machine it ran on
+    pooled: HostCost  # every probe: for a results file whose session profiled no countable executor
     tiered: dict[str, TieredOps]  # model family -> the tiered executor's ops
     kv_codec: dict[tuple[str, str], int]  # (family, K,V codec) -> a layer's codec ops
     kvo: dict[str, tuple[int, int, int]]  # family -> (KVO layer, dense layer, step) ops
@@ -170,36 +179,50 @@ class HostModel:
 
         models = {"opt": builtin_config("opt-6.7b"), "llama": builtin_config("llama-3-8b")}
         tiered = {family: tiered_ops(model) for family, model in models.items()}
-        codecs = {(family, "int4"): kv_codec_ops(model, "int4") for family, model in models.items()}
+        probes = calibration_probes(root, tiered)
+        sessions = {results: HostCost.from_probes([p for p in probes if p.session == results]) for results in
+                    sorted({p.session for p in probes})}  # fmt: skip
         return cls(
-            HostCost.from_probes(calibration_probes(root, tiered)), tiered, codecs,
+            sessions, HostCost.from_probes(probes), tiered,
+            {(family, "int4"): kv_codec_ops(model, "int4") for family, model in models.items()},
             {"opt": kvo_layer_ops(models["opt"])}, {"opt": hf_layer_ops(models["opt"], offloaded=False)},
         )  # fmt: skip
 
+    def cost(self, results: str) -> HostCost:
+        """The per-op cost of the machine ``results`` was measured on."""
+        return self.sessions.get(results, self.pooled)
 
-CALIBRATION = (  # (profile, field, family, what its probe issued: "gpu" layer | "host" layer | "x" chunk)
-    ("profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json", "host_layer_s", "opt", "gpu"),
-    ("profile-llama-h4096-kv2048-float16-b8-NVIDIA_H200-20261203-tiered.json", "host_layer_s", "llama", "gpu"),
-    ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", "host_layer_s", "opt", "host"),
-    ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", "host_chunk_s", "opt", "x"),
-)
+
+CALIBRATION = (  # (profile, field, family, the path its probe issued, the results measured in its session)
+    ("profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json", "host_layer_s", "opt", "gpu",
+     TIERED_A266AD4),
+    ("profile-llama-h4096-kv2048-float16-b8-NVIDIA_H200-20261203-tiered.json", "host_layer_s", "llama", "gpu",
+     TIERED_A266AD4),
+    ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", "host_layer_s", "opt", "host",
+     SWEEP_72448D7),
+    ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", "host_chunk_s", "opt", "x",
+     SWEEP_72448D7),
+)  # fmt: skip
 
 
 def calibration_probes(root: Path, tiered: dict[str, TieredOps]) -> list[Probe]:
     """The profiles whose host probes ran the tiered executor (a266ad4: the 16-token prompt stayed
     in the GPU tier, one attention; 72448d7, format 5: the prompt on the host tier, one K,V chunk
-    at ``l = 0``, and X chunks of it), each with the op count of the path it timed. The earlier
-    profiles timed the executor before the tiers, whose ops this checkout cannot count."""
+    at ``l = 0``, and X chunks of it), each with the op count of the path it timed and the results
+    file measured on the same machine in the same session (bench_tiered profiles before its rows).
+    The earlier profiles timed the executor before the tiers, whose ops this checkout cannot count."""
     probes = []
-    for name, field, family, path in CALIBRATION:
+    for name, field, family, path, session in CALIBRATION:
         seconds = getattr(HardwareProfile.load(root / RESULTS / name), field)["none"]
         ops = tiered[family]
         count = {"gpu": ops.gpu_layer, "host": ops.host_layer + ops.kv_chunk, "x": ops.x_chunk}[path]
-        probes.append(Probe(seconds, count, f"benchmarks/results/{name}: {field}"))
+        probes.append(Probe(seconds, count, f"benchmarks/results/{name}: {field}", session))
     return probes
 
 
-def _tiered_ms(row: dict[str, Any], gpu: GpuMachine, model: Any, run: TieredRun, host: HostModel) -> float:
+def _tiered_ms(
+    row: dict[str, Any], gpu: GpuMachine, model: Any, run: TieredRun, host: HostModel, cost: HostCost
+) -> float:
     """The tiered executor on a row: each step's recorded host tokens and ``l``, the policy's ``c``."""
     import torch
 
@@ -215,7 +238,7 @@ def _tiered_ms(row: dict[str, Any], gpu: GpuMachine, model: Any, run: TieredRun,
         for h, n in zip(row["host_lens"], row["recompute_lens"], strict=True)
     ]
     ops = host.tiered[_family(row["model"])]
-    return kvpr_tiered_ms(gpu, model, b, prompt, steps, kv_slot, x_slot, ops, host.cost)
+    return kvpr_tiered_ms(gpu, model, b, prompt, steps, kv_slot, x_slot, ops, cost)
 
 
 def _family(name: str) -> str:
@@ -223,15 +246,15 @@ def _family(name: str) -> str:
 
 
 def predict_row(
-    row: dict[str, Any], gpu: GpuMachine, host: HostModel, tiered: TieredRun | None = None
+    row: dict[str, Any], gpu: GpuMachine, host: HostModel, cost: HostCost, tiered: TieredRun | None = None
 ) -> tuple[float, str] | None:
     """(predicted ms, the model used) for a measured row, or None for a system the model does not cover;
-    a tiered row needs its executor (``tiered``)."""
+    ``cost``: the per-op cost of the machine it ran on; a tiered row needs its executor (``tiered``)."""
     from kvpr.models.registry import builtin_config
 
     model = builtin_config(row["model"])
     b, prompt, gen, system = row["batch_size"], row["prompt_len"], row["gen_len"], row["system"]
-    steps, family, cost = gen - 1, _family(row["model"]), host.cost
+    steps, family = gen - 1, _family(row["model"])
     step_host = cost.seconds(host.tiered[family].gpu_step)
     if system in SYSTEM_CODECS:
         x_codec, kv_codec = SYSTEM_CODECS[system]
@@ -245,7 +268,7 @@ def predict_row(
         return ms, "kvpr KVO rows in host memory, zero-copy gather: max(host issue, device)"
     if system in TIERED_SYSTEMS and tiered is not None:
         how = f"kvpr tiered at {tiered.commit}: max(host issue, device), device per layer max(copy, compute)"
-        return _tiered_ms(row, gpu, model, tiered, host), how
+        return _tiered_ms(row, gpu, model, tiered, host, cost), how
     if system in ("hf-offloaded", "hf-gpu"):
         offloaded = system == "hf-offloaded"
         ops = None if offloaded else host.hf[family]
@@ -257,8 +280,11 @@ def predict_row(
 def host_summary(host: HostModel) -> dict[str, Any]:
     """The host model's constant, its probes and op counts, for the results file."""
     return {
-        "op_s": host.cost.op_s,
-        "probes": [{"source": p.source, "seconds": p.seconds, "ops": p.ops} for p in host.cost.probes],
+        "op_s_by_session": {results: cost.op_s for results, cost in host.sessions.items()},
+        "op_s_pooled": host.pooled.op_s,
+        "probes": [
+            {"source": p.source, "seconds": p.seconds, "ops": p.ops, "session": p.session} for p in host.pooled.probes
+        ],  # fmt: skip
         "tiered_ops": {family: vars(ops) for family, ops in host.tiered.items()},
         "kv_codec_ops": {f"{family} {codec}": n for (family, codec), n in host.kv_codec.items()},
         "kvo_ops": {family: dict(zip(("kvo_layer", "dense_layer", "step"), n)) for family, n in host.kvo.items()},
@@ -269,8 +295,9 @@ def host_summary(host: HostModel) -> dict[str, Any]:
 def validation_rows(root: Path, host: HostModel | None = None) -> list[dict[str, Any]]:
     """Every modelled row of the H200 sources, predicted (``host``: counted once by the caller)."""
     rows, host = [], host or HostModel.count(root)
-    calibration = sorted({probe.source.split(":")[0] for probe in host.cost.probes})
     for source in H200_SOURCES:
+        cost = host.cost(source.results)
+        calibration = sorted({probe.source.split(":")[0] for probe in cost.probes})
         measured = json.loads((root / RESULTS / source.results).read_text())
         for row in measured["rows"]:
             if row.get("timed") is False or row["system"] == "floor" or not row.get("decode_ms_per_token"):
@@ -282,7 +309,7 @@ def validation_rows(root: Path, host: HostModel | None = None) -> list[dict[str,
             gpu = GpuMachine.load(root / RESULTS / paths[0], None if paths[1] is None else root / RESULTS / paths[1])
             profiles = [f"benchmarks/results/{name}" for name in gpu.sources]
             profiles += [name for name in calibration if name not in profiles]
-            predicted = predict_row(row, gpu, host, source.tiered)
+            predicted = predict_row(row, gpu, host, cost, source.tiered)
             if predicted is None:
                 continue
             ms, how = predicted
