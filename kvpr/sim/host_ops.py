@@ -5,8 +5,8 @@ model) run on the CPU with a tiny model of the same family: the op counts of the
 Every aten op the step dispatches that is not a view is counted once (``TorchDispatchMode``): the
 host pays Python, dispatch and a kernel launch per op, whatever the tensor sizes; a view (an op that
 only makes new metadata over its input: ``view``, ``slice``, ``select``, ``t``...) launches nothing
-and is not counted (counting views as well was tried: the validation then had 21 rows within 15%,
-against 24 without). The CPU run differs from the CUDA one in these places, each accounted for
+and is not counted (counting views as well was tried: the validation then has 24 rows within 15%,
+against 27 without). The CPU run differs from the CUDA one in these places, each accounted for
 here, explicitly:
 
 - the split-K attention of a piece and the merge of the partials are one Triton launch each on CUDA
