@@ -84,9 +84,10 @@ def run_sim(args: argparse.Namespace) -> int:
     )
     validation = None
     if args.validate or args.results:
-        from kvpr.sim.validation import TOLERANCE, validation_rows
+        from kvpr.sim.validation import TOLERANCE, HostModel, host_summary, validation_rows
 
-        validation = validation_rows(REPO)
+        host = HostModel.count(REPO)
+        validation = validation_rows(REPO, host)
     if args.json:
         print(json.dumps({"report": report, "validation": validation}, indent=1))
     else:
@@ -102,7 +103,8 @@ def run_sim(args: argparse.Namespace) -> int:
         base.with_suffix(".json").write_text(json.dumps({**header, **report}, indent=1) + "\n")
         plot(report, base.with_suffix(".png"))
         within = sum(row["within_tolerance"] for row in validation)
-        summary = {"tolerance": TOLERANCE, "within_tolerance": within, "rows_total": len(validation)}
+        summary = {"tolerance": TOLERANCE, "within_tolerance": within, "rows_total": len(validation),
+                   "host_model": host_summary(host)}  # fmt: skip
         path = results / f"sim-validation-NVIDIA_H200-{header['date']}.json"
         path.write_text(json.dumps({**header, **summary, "rows": validation}, indent=1) + "\n")
         print(f"wrote {base.with_suffix('.json').name}, {base.with_suffix('.png').name}, {path.name}")

@@ -4,8 +4,16 @@ Each row names the results file it was measured in, the profile files whose rate
 used, and ``error = predicted / measured - 1``. Splits ``(l, c)`` are the row's recorded recompute
 lengths with the chunk count the run's policy picks for them (kvpr's own solver on the same profile;
 on the latency rows it gives the recorded ``l`` of every step at the measured commit too). A tiered
-row is modelled on the executor version it ran on (``TieredRun``: its X slot rule and which profile
-times each part of its host issue).
+row is modelled on the executor version it ran on (``TieredRun``: its X slot rule).
+
+The host's share is the host-issue model (host.py): the ops of each path counted on this checkout's
+executors (host_ops.py) times the per-op cost of the machine the row ran on: the median over the
+probes of the profiles measured in the same session, where they ran the tiered executor
+(``CALIBRATION``), else over all of those probes (one pooled constant: the latency files). The
+latency rows ran the executor before the tiers (12ec21af),
+whose ops this checkout cannot count: their layer and X chunk issue are the times their profile
+measured on that executor, and only what it did not time (a K,V codec, the step outside the layers)
+is counted.
 
 A row the model does not reach within the tolerance carries a ``note`` saying what it leaves out and
 why that is not modelled (no measured rate for it): no row is fitted.
@@ -19,33 +27,22 @@ from pathlib import Path
 from typing import Any
 
 from kvpr.scheduler.profile import HardwareProfile
-from kvpr.sim.gpu import (
-    GpuMachine,
-    TieredIssue,
-    hf_ms,
-    host_tier_issue,
-    kvpr_kvo_ms,
-    kvpr_offloaded_ms,
-    kvpr_tiered_ms,
-)
+from kvpr.sim.gpu import GpuMachine, hf_ms, kvpr_kvo_ms, kvpr_offloaded_ms, kvpr_tiered_ms
+from kvpr.sim.host import HostCost, Probe
+from kvpr.sim.host_ops import TieredOps, hf_layer_ops, kv_codec_ops, kvo_layer_ops, tiered_ops
 
 TOLERANCE = 0.15
 RESULTS = Path("benchmarks/results")
 SWEEP_72448D7 = "tiered-sweep-opt-NVIDIA_H200-20261203-72448d7.json"
+TIERED_A266AD4 = "tiered-NVIDIA_H200-20261203.json"
 
 
 @dataclass(frozen=True)
 class TieredRun:
-    """The tiered executor a results file was measured on, and where its host issue comes from."""
+    """The tiered executor a results file was measured on."""
 
     commit: str
     x_slots_by_x: bool  # X slots of 32 MiB of X (72448d7's x_slot_tokens_for); before, a K,V slot's tokens
-    # a profile of the same device and shape (file name), or None for the row's own
-    chunk_profile: str | None  # whose host_chunk_s["none"] is a chunk's issue
-    gpu_layer_profile: str | None  # whose host_layer_s["none"] is a layer with no host tier
-    host_tier_probe: bool  # the chunk profile is format 5 (host_tier_issue); else every part costs its figures
-    note: str  # what is borrowed or assumed, on every row with host tokens
-    gpu_note: str | None = None  # the same, on rows without
 
 
 @dataclass(frozen=True)
@@ -76,45 +73,18 @@ H200_SOURCES = (
 )
 H200_SOURCES += (
     Source(
-        "tiered-NVIDIA_H200-20261203.json",
+        TIERED_A266AD4,
         {  # bench_tiered measures one profile per model, at its first case's batch (32 for opt-6.7b)
             ("opt", 32): ("profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json", None),
             ("opt", 16): ("profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json", None),
             ("llama", 8): ("profile-llama-h4096-kv2048-float16-b8-NVIDIA_H200-20261203-tiered.json", None),
         },
-        tiered=TieredRun(
-            commit="a266ad4",
-            x_slots_by_x=False,
-            chunk_profile="profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203.json",
-            gpu_layer_profile=None,
-            host_tier_probe=False,
-            note=(
-                "host chunk issue: the tiered profiles time the layer on the a266ad4 executor with a 16-token prompt, "
-                "which stays in the GPU tier, so their host_chunk_s is 0 (no chunk issued); each X or K,V chunk is "
-                "costed at host_chunk_s['none'] of the same device and shape timed on the earlier executor"
-            ),
-        ),
+        tiered=TieredRun(commit="a266ad4", x_slots_by_x=False),
     ),
     Source(
         SWEEP_72448D7,
         {("opt", 16): ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", None)},
-        tiered=TieredRun(
-            commit="72448d7",
-            x_slots_by_x=True,
-            chunk_profile=None,
-            gpu_layer_profile="profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json",
-            host_tier_probe=True,
-            note=(
-                "host issue from this run's format-5 profile (prompt on the host tier, batch 1): host_layer_s is a "
-                "layer with one K,V chunk, host_chunk_s one X chunk more; no probe times a K,V chunk alone, so each "
-                "is costed as an X chunk (and one is taken out of the layer)"
-            ),
-            gpu_note=(
-                "the format-5 profile times no layer without a host tier; the GPU-tier-only layer's host issue is "
-                "host_layer_s of the a266ad4 tiered profile (same device and shape, batch 1), whose single-attention "
-                "path 72448d7 did not change"
-            ),
-        ),
+        tiered=TieredRun(commit="72448d7", x_slots_by_x=True),
     ),
 )
 TIERED_SYSTEMS = ("kvpr-gpu", "kvpr-tiered", "kvpr-off-tiered")
@@ -125,47 +95,48 @@ NOTES = {  # system -> what a row outside the tolerance leaves out, and why it i
         "d6c5468 with l = 1143, and this row's repeats span 74-102 ms)"
     ),
     "kvpr-int4": (
-        "host-bound: the K,V codec's encode and decode launches are derived from the X codec's measured issue "
-        "times (kv_codec_host_s); the step's own host work outside the layers (embedding, logits, sampling) is "
-        "not timed by kvpr profile"
+        "host-bound: the layer's issue as this profile timed it on the measured executor, plus the int4 codec's "
+        "counted launches (the new token's K,V encoded and copied part by part, a landed range decoded) at the "
+        "pooled per-op cost; the row's repeats span 85-96 ms"
     ),
     "kvpr-kvo-compile": (
-        "host-bound: every KVO layer moves its chunk selection to the host (.cpu() in runtime/kvo_cache.py, a "
-        "sync), gathers rows there and issues select/fetch/decode/attend; kvpr profile times no KVO host issue, "
-        "so only the device side is modelled (the row's own torch-profiler pass puts the KVO phases at 27 ms of "
-        "device time and 78 ms of host time a step)"
+        "host-bound in the model: 85 launches a KVO layer (the compiled chunk decode counted as one) at the pooled "
+        "per-op cost (32.2 us), as this session profiled only the executor before the tiers, whose ops this "
+        "checkout cannot count; the machine's own cost is unknown, and the sessions' probes span 23.4-46.0 us a "
+        "launch (the row's own profiler pass: 27 ms device, 78 ms host a step)"
     ),
     "hf-gpu": (
-        "host-bound: transformers' per-layer Python and launches (about 0.6 ms a layer here) are not timed by "
-        "kvpr profile; measured before 66e7a23, without a warm-up at the timed shape"
+        "host-bound: transformers' counted launches at the per-op cost; its module calls, hooks and argument "
+        "handling are Python that launches nothing and is not counted; measured before 66e7a23, without a warm-up "
+        "at the timed shape"
     ),
     "hf-offloaded": (
         "measured before 66e7a23, without a warm-up at the timed shape; the same workload measured after it "
-        "(latency-NVIDIA_H200-20261203.json) is 152.6 ms"
+        "(latency-NVIDIA_H200-20261203.json) is 152.6 ms; the offloaded cache's ops are not counted (its CUDA "
+        "streams do not run on the CPU)"
     ),
     "kvpr-gpu": (
-        "host-bound (GPU floor 4-7 ms): the layer's host issue is the tiered profile's host_layer_s, one "
-        "measurement at batch 1 whose median varies by model (0.38 ms opt-6.7b, 0.87 ms llama-3-8b a layer); "
-        "the step's host work outside the layers is not timed"
+        "host-bound in the model: a step of 24 + 32 x 15 launches (opt-6.7b) or 30 + 32 x 37 (llama-3-8b) at this "
+        "machine's 24.4 us (its probes: 25.3 us opt-6.7b, 23.4 us llama-3-8b); the run issued faster than its own "
+        "probes: 10.1-10.5 ms at opt-6.7b 32 x 256 is at most 20.1 us a launch, 20.1 ms at llama-3-8b 8 x 8184 at "
+        "most 16.6 us, while the same opt-6.7b launches at 16 x 2016 took 14.1-14.2 ms in the same run (within): "
+        "one per-op cost cannot fit both"
     ),
     "kvpr-tiered": (
-        "the model puts copy and compute at 1.4 ms a layer each (X of 556 host tokens, their recompute); the run "
-        "took 1.6x that, with repeats spanning 69-112 ms, and no measured rate accounts for it"
+        "host-bound in the model: each X chunk is 10 launches (counted on this checkout and, the same, on a266ad4's "
+        "executor) and c is the policy's pick with this run's profile (c = 8 at GPU 0.75; the run does not record c)"
     ),
 }
 NOTES["kvpr-tiered-gpu"] = NOTES["kvpr-gpu"]  # kvpr-tiered with every token in the GPU tier
 RUN_NOTES = {  # (results file, system) -> a note that replaces NOTES[system] on that file's rows
     (SWEEP_72448D7, "kvpr-gpu"): (
-        "host-bound: the model puts the host at 0.38 ms a layer against 0.22 ms of device work (12.2 ms a step); "
-        "this run measured 22.4 ms (repeats 18.0-23.1), where kvpr-tiered with every token in the GPU tier, the "
-        "same executor and attention path in the same run, measured 14.6 ms (13.8-20.6) and kvpr-gpu measured "
-        "14.2 ms at a266ad4: no measured rate separates them; the step's host work outside the layers "
-        "(embedding, logits, sampling) is not timed by kvpr profile"
+        "two runs disagree: this row measured 22.4 ms where kvpr-tiered with every token in the GPU tier, the same "
+        "workload and executor path in the same run, measured 14.6 ms; no model fits both"
     ),
     (SWEEP_72448D7, "kvpr-tiered-gpu"): (
-        "host-bound: the model puts the host at 0.38 ms a layer against 0.22 ms of device work (12.2 ms a step); "
-        "the run's 14.6 ms (repeats 13.8-20.6) is 0.46 ms a layer; the step's host work outside the layers "
-        "(embedding, logits, sampling) is not timed by kvpr profile"
+        "two runs disagree: this row measured 14.6 ms (repeats 13.8-20.6) where kvpr-gpu, the same workload and "
+        "executor path in the same run, measured 22.4 ms (within: the model is host-bound at 24 + 32 x 15 launches "
+        "of this machine's 42.5 us, its probes 39.0 and 46.0 us); no model fits both"
     ),
 }
 SYSTEM_CODECS = {  # system -> (x codec, K,V codec) of kvpr's tokenwise host tier
@@ -190,20 +161,68 @@ def _chunks(gpu: GpuMachine, model: Any, b: int, s: int, x_codec: str, kv_codec:
     return auto_policy(model, b, gpu.profile, x_bytes, kv_bytes, None, x_codec, kv_codec, gpu_tokens)(s).num_chunks
 
 
-def tiered_issue(run: TieredRun, gpu: GpuMachine, root: Path) -> TieredIssue:
-    """The host issue of ``run``'s executor from its profiles (``gpu``'s own where ``run`` names none)."""
+@dataclass(frozen=True)
+class HostModel:
+    """The host-issue model of the H200 rows: the per-op cost of each machine, and the op counts of
+    every path (host_ops.py, counted on this checkout's executors with tiny models of each family)."""
 
-    def profile(name: str | None) -> HardwareProfile:
-        return gpu.profile if name is None else HardwareProfile.load(root / RESULTS / name)
+    sessions: dict[str, HostCost]  # results file -> the per-op cost of the machine it ran on
+    pooled: HostCost  # every probe: for a results file whose session profiled no countable executor
+    tiered: dict[str, TieredOps]  # model family -> the tiered executor's ops
+    kv_codec: dict[tuple[str, str], int]  # (family, K,V codec) -> a layer's codec ops
+    kvo: dict[str, tuple[int, int, int]]  # family -> (KVO layer, dense layer, step) ops
+    hf: dict[str, tuple[int, int]]  # family -> transformers' (layer, step) ops
 
-    chunks, gpu_layer = profile(run.chunk_profile), profile(run.gpu_layer_profile).host_layer_s["none"]
-    if run.host_tier_probe:
-        return host_tier_issue(chunks, gpu_layer)
-    chunk = chunks.host_chunk_s["none"]
-    return TieredIssue(gpu_layer, gpu.profile.host_layer_s["none"], chunk, chunk)
+    @classmethod
+    def count(cls, root: Path) -> HostModel:
+        from kvpr.models.registry import builtin_config
+
+        models = {"opt": builtin_config("opt-6.7b"), "llama": builtin_config("llama-3-8b")}
+        tiered = {family: tiered_ops(model) for family, model in models.items()}
+        probes = calibration_probes(root, tiered)
+        sessions = {results: HostCost.from_probes([p for p in probes if p.session == results]) for results in
+                    sorted({p.session for p in probes})}  # fmt: skip
+        return cls(
+            sessions, HostCost.from_probes(probes), tiered,
+            {(family, "int4"): kv_codec_ops(model, "int4") for family, model in models.items()},
+            {"opt": kvo_layer_ops(models["opt"])}, {"opt": hf_layer_ops(models["opt"], offloaded=False)},
+        )  # fmt: skip
+
+    def cost(self, results: str) -> HostCost:
+        """The per-op cost of the machine ``results`` was measured on."""
+        return self.sessions.get(results, self.pooled)
 
 
-def _tiered_ms(row: dict[str, Any], gpu: GpuMachine, model: Any, run: TieredRun, issue: TieredIssue) -> float:
+CALIBRATION = (  # (profile, field, family, the path its probe issued, the results measured in its session)
+    ("profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json", "host_layer_s", "opt", "gpu",
+     TIERED_A266AD4),
+    ("profile-llama-h4096-kv2048-float16-b8-NVIDIA_H200-20261203-tiered.json", "host_layer_s", "llama", "gpu",
+     TIERED_A266AD4),
+    ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", "host_layer_s", "opt", "host",
+     SWEEP_72448D7),
+    ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", "host_chunk_s", "opt", "x",
+     SWEEP_72448D7),
+)  # fmt: skip
+
+
+def calibration_probes(root: Path, tiered: dict[str, TieredOps]) -> list[Probe]:
+    """The profiles whose host probes ran the tiered executor (a266ad4: the 16-token prompt stayed
+    in the GPU tier, one attention; 72448d7, format 5: the prompt on the host tier, one K,V chunk
+    at ``l = 0``, and X chunks of it), each with the op count of the path it timed and the results
+    file measured on the same machine in the same session (bench_tiered profiles before its rows).
+    The earlier profiles timed the executor before the tiers, whose ops this checkout cannot count."""
+    probes = []
+    for name, field, family, path, session in CALIBRATION:
+        seconds = getattr(HardwareProfile.load(root / RESULTS / name), field)["none"]
+        ops = tiered[family]
+        count = {"gpu": ops.gpu_layer, "host": ops.host_layer + ops.kv_chunk, "x": ops.x_chunk}[path]
+        probes.append(Probe(seconds, count, f"benchmarks/results/{name}: {field}", session))
+    return probes
+
+
+def _tiered_ms(
+    row: dict[str, Any], gpu: GpuMachine, model: Any, run: TieredRun, host: HostModel, cost: HostCost
+) -> float:
     """The tiered executor on a row: each step's recorded host tokens and ``l``, the policy's ``c``."""
     import torch
 
@@ -218,59 +237,79 @@ def _tiered_ms(row: dict[str, Any], gpu: GpuMachine, model: Any, run: TieredRun,
         (h, n, _chunks(gpu, model, b, h, "none", "none", row["gpu_slots"]) if n else 1)
         for h, n in zip(row["host_lens"], row["recompute_lens"], strict=True)
     ]
-    return kvpr_tiered_ms(gpu, model, b, prompt, steps, kv_slot, x_slot, issue)
+    ops = host.tiered[_family(row["model"])]
+    return kvpr_tiered_ms(gpu, model, b, prompt, steps, kv_slot, x_slot, ops, cost)
+
+
+def _family(name: str) -> str:
+    return "llama" if name.startswith("llama") else "opt"
 
 
 def predict_row(
-    row: dict[str, Any], gpu: GpuMachine, tiered: tuple[TieredRun, TieredIssue] | None = None
+    row: dict[str, Any], gpu: GpuMachine, host: HostModel, cost: HostCost, tiered: TieredRun | None = None
 ) -> tuple[float, str] | None:
     """(predicted ms, the model used) for a measured row, or None for a system the model does not cover;
-    a tiered row needs its executor and host issue (``tiered``)."""
+    ``cost``: the per-op cost of the machine it ran on; a tiered row needs its executor (``tiered``)."""
     from kvpr.models.registry import builtin_config
 
     model = builtin_config(row["model"])
     b, prompt, gen, system = row["batch_size"], row["prompt_len"], row["gen_len"], row["system"]
-    steps = gen - 1
+    steps, family = gen - 1, _family(row["model"])
+    step_host = cost.seconds(host.tiered[family].gpu_step)
     if system in SYSTEM_CODECS:
         x_codec, kv_codec = SYSTEM_CODECS[system]
         lens = row.get("recompute_lens") or [0] * steps
         splits = [(n, _chunks(gpu, model, b, prompt + k, x_codec, kv_codec) if n else 1) for k, n in enumerate(lens)]
-        return kvpr_offloaded_ms(
-            gpu, model, b, prompt, splits, x_codec, kv_codec
-        ), "kvpr offloaded, per layer max(copy, compute, host)"
+        codec_host = cost.seconds(host.kv_codec.get((family, kv_codec), 0))
+        ms = kvpr_offloaded_ms(gpu, model, b, prompt, splits, x_codec, kv_codec, codec_host, step_host)
+        return ms, "kvpr offloaded: max(host issue, device), device per layer max(copy, compute)"
     if system == "kvpr-kvo-compile":
-        return kvpr_kvo_ms(gpu, model, b, prompt, steps), "kvpr KVO rows in host memory, zero-copy gather"
+        ms = kvpr_kvo_ms(gpu, model, b, prompt, steps, host.kvo[family], cost)
+        return ms, "kvpr KVO rows in host memory, zero-copy gather: max(host issue, device)"
     if system in TIERED_SYSTEMS and tiered is not None:
-        run, issue = tiered
-        how = f"kvpr tiered at {run.commit}, per layer max(copy, compute, host)"
-        return _tiered_ms(row, gpu, model, run, issue), how
+        how = f"kvpr tiered at {tiered.commit}: max(host issue, device), device per layer max(copy, compute)"
+        return _tiered_ms(row, gpu, model, tiered, host, cost), how
     if system in ("hf-offloaded", "hf-gpu"):
-        return hf_ms(
-            gpu, model, b, prompt, steps, system == "hf-offloaded"
-        ), "transformers' cache (device and link only)"
+        offloaded = system == "hf-offloaded"
+        ops = None if offloaded else host.hf[family]
+        how = "transformers' cache (device and link only)" if offloaded else "transformers: max(host issue, device)"
+        return hf_ms(gpu, model, b, prompt, steps, offloaded, ops, cost), how
     return None
 
 
-def validation_rows(root: Path) -> list[dict[str, Any]]:
-    """Every modelled row of the H200 sources, predicted."""
-    rows = []
+def host_summary(host: HostModel) -> dict[str, Any]:
+    """The host model's constant, its probes and op counts, for the results file."""
+    return {
+        "op_s_by_session": {results: cost.op_s for results, cost in host.sessions.items()},
+        "op_s_pooled": host.pooled.op_s,
+        "probes": [
+            {"source": p.source, "seconds": p.seconds, "ops": p.ops, "session": p.session} for p in host.pooled.probes
+        ],  # fmt: skip
+        "tiered_ops": {family: vars(ops) for family, ops in host.tiered.items()},
+        "kv_codec_ops": {f"{family} {codec}": n for (family, codec), n in host.kv_codec.items()},
+        "kvo_ops": {family: dict(zip(("kvo_layer", "dense_layer", "step"), n)) for family, n in host.kvo.items()},
+        "hf_ops": {family: dict(zip(("layer", "step"), n)) for family, n in host.hf.items()},
+    }
+
+
+def validation_rows(root: Path, host: HostModel | None = None) -> list[dict[str, Any]]:
+    """Every modelled row of the H200 sources, predicted (``host``: counted once by the caller)."""
+    rows, host = [], host or HostModel.count(root)
     for source in H200_SOURCES:
+        cost = host.cost(source.results)
+        calibration = sorted({probe.source.split(":")[0] for probe in cost.probes})
         measured = json.loads((root / RESULTS / source.results).read_text())
         for row in measured["rows"]:
             if row.get("timed") is False or row["system"] == "floor" or not row.get("decode_ms_per_token"):
                 continue
-            family = "llama" if row["model"].startswith("llama") else "opt"
+            family = _family(row["model"])
             paths = source.profiles.get((family, row["batch_size"]))
             if paths is None:
                 continue
             gpu = GpuMachine.load(root / RESULTS / paths[0], None if paths[1] is None else root / RESULTS / paths[1])
-            names, tiered = list(gpu.sources), None
-            if source.tiered is not None:
-                run = source.tiered
-                tiered = run, tiered_issue(run, gpu, root)
-                names += [n for n in (run.chunk_profile, run.gpu_layer_profile) if n and n not in names]
-            profiles = [f"benchmarks/results/{name}" for name in names]
-            predicted = predict_row(row, gpu, tiered)
+            profiles = [f"benchmarks/results/{name}" for name in gpu.sources]
+            profiles += [name for name in calibration if name not in profiles]
+            predicted = predict_row(row, gpu, host, cost, source.tiered)
             if predicted is None:
                 continue
             ms, how = predicted
@@ -280,11 +319,6 @@ def validation_rows(root: Path) -> list[dict[str, Any]]:
             name = system if fraction is None else f"{system} GPU {fraction:.2f}"
             key = "kvpr-tiered-gpu" if system == "kvpr-tiered" and not any(row["host_lens"]) else system
             note = None if within else RUN_NOTES.get((source.results, key), NOTES.get(key))
-            if source.tiered is not None:
-                run = source.tiered
-                borrowed = run.note if any(row.get("host_lens") or ()) else run.gpu_note
-                if borrowed is not None:
-                    note = borrowed if note is None else f"{note}; {borrowed}"
             rows.append({
                 "workload": f"{row['model']} {b} x {row['prompt_len']} + {row['gen_len']}, {name}",
                 "predicted_ms": round(ms, 3),
