@@ -36,7 +36,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -46,7 +46,7 @@ from kvpr.serve.requests import QueuedStep, Sequence, ServeConfig
 
 if TYPE_CHECKING:
     from kvpr.api import LLM
-    from kvpr.serve.metrics import ServeMetrics
+    from kvpr.serve.metrics import EngineMetrics
 
 GATHER_SPAN = 4  # an empty batch waits at most this many batch_wait_ms after its oldest request
 JOIN_QUIET = 0.25  # a join waits a step while the newest arrival is this share of batch_wait_ms old
@@ -58,7 +58,7 @@ class Admission:
 
     llm: LLM
     config: ServeConfig
-    metrics: ServeMetrics | None
+    metrics: EngineMetrics | None
     pad_id: int
     lock: threading.Condition
     waiting: collections.deque[Sequence]
@@ -70,7 +70,7 @@ class Admission:
     next_ids: torch.Tensor | None
     queued: QueuedStep | None
 
-    def _finish(self, sequence: Sequence, events: list[tuple[Sequence, str, Any]], kind: str, value: Any) -> None:
+    def _finish(self, sequence: Sequence, kind: str, value: str) -> None:
         raise NotImplementedError
 
     def _gauge_queue(self) -> None:
@@ -108,7 +108,7 @@ class Admission:
                     head = False
             self.waiting = kept
         for sequence in dropped:
-            self._finish(sequence, [], "done", "cancelled")
+            self._finish(sequence, "done", "cancelled")
         self._gauge_queue()
         self.admitting = taken
         return taken
