@@ -42,9 +42,10 @@ class Batcher(Admission):
     """Owns the engine: ``run`` is the token loop (``start`` runs it in a thread of its own);
     ``submit``, ``cancel`` and ``request_stop`` are thread-safe.
 
-    Events leave the loop through ``outlet``, called on the loop's thread once per pass (and once
-    more after a prefill's first tokens): ``("token", id)`` as each token is chosen, then
-    ``("done", "eos" | "length" | "cancelled")``, or ``("error", message)`` if the engine failed.
+    Events leave the loop through ``outlet``, called on the loop's thread with a prefill's first
+    tokens, with a decode step's tokens, and with what else a pass ended: ``("token", id)`` as each
+    token is chosen, then ``("done", "eos" | "length" | "cancelled")``, or ``("error", message)`` if
+    the engine failed.
     The default outlet calls each sequence's ``deliver`` with its own events, cancelled ones dropped.
     """
 
@@ -67,7 +68,7 @@ class Batcher(Admission):
         self.in_flight = 0  # submitted and not finished, waiting or live
         self.lock = threading.Condition()
         self.stopping = False
-        self.live: dict[int, Sequence] = {}  # row -> sequence (engine thread only)
+        self.live: dict[int, Sequence] = {}  # row -> sequence (the loop's thread only)
         self.admitting: list[Sequence] = []  # taken from the queue, not live yet (failed with a failing prefill)
         self.batch: RowBatch | FixedBatch | None = None
         self.rows_batch = self._make_row_batch()
@@ -267,6 +268,7 @@ class Batcher(Admission):
             self.metrics.generation_tokens.inc(len(sequences))
         if self.metrics is not None:
             self.metrics.observe_step(self.batch, took, sequences)
+        self._flush()  # the step's events leave now, counted as delivery
         return self._spent("deliver", now)
 
     def _take_token(self, sequence: Sequence, token: int) -> None:
