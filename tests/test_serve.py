@@ -665,16 +665,19 @@ def test_killed_engine_process_fails_requests_with_503(tiny_checkpoint) -> None:
 # -- the command line ----------------------------------------------------------------------------------
 
 
-def test_serve_command_starts_and_stops(tiny_checkpoint) -> None:
-    """``kvpr serve --port 0`` prints where it listens, answers, and stops on Ctrl-C (exit 130)."""
+@pytest.mark.parametrize(("flags", "where"), [([], "engine process "), (["--engine-thread"], "engine thread)")])
+def test_serve_command_starts_and_stops(tiny_checkpoint, flags: list[str], where: str) -> None:
+    """``kvpr serve --port 0`` prints where it listens and where its engine runs, answers, and stops
+    on Ctrl-C (exit 130)."""
     command = [sys.executable, "-m", "kvpr", "serve", "--model", str(tiny_checkpoint("opt")), "--device", "cpu"]
-    command += ["--port", "0", "--max-model-len", "64", "--max-num-seqs", "2"]
+    command += ["--port", "0", "--max-model-len", "64", "--max-num-seqs", "2", *flags]
     inherited = os.environ.get("PYTHONPATH")  # keeps a --target install of the server's stack importable
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), inherited]))}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         line = process.stderr.readline()  # type: ignore[union-attr]
         assert line.startswith("kvpr serve: ") and "2 rows x 64 tokens, continuous batching" in line, line
+        assert where in line, line
         url = line.split(" on ")[1].split()[0]
         httpx_client = httpx.Client(base_url=url.removesuffix("/v1"), timeout=60)
         for _ in range(100):  # uvicorn accepts once its startup (the engine thread) is done
