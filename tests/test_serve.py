@@ -34,6 +34,7 @@ from kvpr.device import host_empty
 from kvpr.runtime.host_rows import cuda_copy_2d, row_runs
 from kvpr.runtime.row_batch import RowBatch
 from kvpr.scheduler.policy import round_fraction
+from kvpr.serve.admission import JOIN_SLACK
 from kvpr.serve.app import create_app, create_engine_app
 from kvpr.serve.batcher import Batcher
 from kvpr.serve.engine_process import ProcessEngine
@@ -444,6 +445,26 @@ def test_join_waits_a_step_for_an_arrival_wave(tiny_checkpoint) -> None:
     assert metrics.registry.get_sample_value("kvpr_rows_joined_total") == 1 and not batcher.waiting
     _cycles(batcher)
     assert _tokens(batcher) == {0: alone[0], 1: alone[1]}
+
+
+def test_a_wave_straggler_backfills_within_the_slack(tiny_checkpoint) -> None:
+    """A request arriving a step after its wave's batch started joins it, though it ends a step after
+    the batch would (within JOIN_SLACK of the end the batch started with), with the tokens it gets
+    alone; one that would end further out waits for the next batch."""
+    llm = make_llm(tiny_checkpoint("llama-gqa"), "cpu", 1.0)
+    prompts = token_prompts([6, 6, 6, 5])
+    params = SamplingParams(max_new_tokens=8, stop_on_eos=False)
+    alone = [llm.generate([prompt], params)[0].token_ids for prompt in prompts]
+    for steps_before, joins in ((1, 1), (1 + JOIN_SLACK + 1, 0)):
+        batcher, metrics, submit = _engine(llm, 0.0)
+        for tag in range(3):  # 3 of 4 rows: not underused, so only backfill joins
+            submit(tag, prompts[tag], 8)
+        _cycles(batcher, steps_before)  # started at S = 6, planned to end at S = 6 + 8 - 1
+        submit(3, prompts[3], 8)  # ends at S + 7, one step past the batch's end per step waited
+        _cycles(batcher, 1)
+        assert metrics.registry.get_sample_value("kvpr_rows_joined_total") == joins
+        _cycles(batcher)
+        assert _tokens(batcher) == dict(enumerate(alone))
 
 
 def test_empty_batch_gathers_until_arrivals_pause(tiny_checkpoint) -> None:

@@ -76,6 +76,7 @@ class Batcher(Admission):
         self.mailbox: TokenMailbox | None = None  # the batch's sampled ids on their way to the host
         self.next_ids: torch.Tensor | None = None  # [b] on the device: the next step's input tokens
         self.queued: QueuedStep | None = None
+        self.planned_end = 0  # S at which the running batch's rows end, as it started
         self.last_read = 0.0  # perf_counter when the last step's tokens reached the host
         self.thread = threading.Thread(target=self.run, name="kvpr-engine", daemon=True)
 
