@@ -10,8 +10,11 @@ pass. Its tokens/s is every streamed token over the wall time of the run. Timed 
 medians of ``--repeats`` runs with their range (one warm-up run first); each run also keeps time to
 first token (median, p90), request latency and what the server's ``/metrics`` said (joins, batches
 started, live rows per step, step time, slot utilisation, PCIe bytes per step, the split ``l``, and
-``engine_s``: the engine thread's seconds by phase, idle, gather, start, join, step, deliver, other,
-which add up to the run's wall time give or take the moments between runs).
+``engine_s``: the engine loop's seconds by phase, idle, gather, start, join, step, deliver, other,
+which add up to the run's wall time give or take the moments between runs). ``--engine-modes
+process thread`` serves the same load twice, the engine in its own process (``kvpr serve``'s
+default) and in a thread of the HTTP process (``--engine-thread``): ``serve`` is the first mode's
+row, ``serve_by_mode`` every mode's.
 Writes ``<tag>-<device>-<yyyymmdd>.json`` under ``--out`` with the provenance header.
 
     python benchmarks/bench_serve.py --device cpu --clients 4 --prompt-len 32 --max-tokens 8 --allow-dirty
@@ -51,6 +54,7 @@ from kvpr.config import SamplingParams  # noqa: E402
 from kvpr.serve.metrics import ENGINE_PHASES  # noqa: E402
 
 SERVED_NAME = "bench"
+ENGINE_MODES = {"process": [], "thread": ["--engine-thread"]}  # mode -> kvpr serve flags
 OFFLINE_TIMED = ("decode_tokens_per_s", "generation_tokens_per_s", "prefill_s", "decode_ms_per_token")
 SERVER_TIMED = ("tokens_per_s", "ttft_s", "ttft_p90_s", "request_s", "wall_s", "step_ms", "live_rows_per_step")
 
@@ -219,7 +223,7 @@ def _server_figures(before: dict[str, float], after: dict[str, float]) -> dict[s
 
 
 def serve(engine_args: list[str], args: argparse.Namespace, vocab: int) -> tuple[dict[str, Any], str]:
-    server = Server(engine_args, args)
+    server = Server(engine_args, args)  # engine_args: with --engine-thread for the thread mode
     try:
         deadline = time.perf_counter() + args.max_seconds
         warm = [seeded_prompts(1, args.prompt_len, vocab, seed=1000 + c) for c in range(args.clients)]
@@ -258,6 +262,13 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=150.0, help="no request starts after this (load phase)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="serve")
+    parser.add_argument(
+        "--engine-modes",
+        nargs="+",
+        choices=ENGINE_MODES,
+        default=["process"],
+        help="where the server runs its token loop, each mode a server of its own on the same load",
+    )
     add_provenance_args(parser)
     args, engine_args = parser.parse_known_args()
     engine_parser = argparse.ArgumentParser(prog="bench_serve.py (engine flags)")
@@ -279,7 +290,10 @@ def main() -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    server_row, banner = serve(engine_args, args, vocab)
+    by_mode = {}
+    for mode in dict.fromkeys(args.engine_modes):
+        by_mode[mode] = serve(engine_args + ENGINE_MODES[mode], args, vocab)
+    server_row, banner = by_mode[args.engine_modes[0]]
     ratio = (server_row["tokens_per_s"] or 0.0) / offline_row["decode_tokens_per_s"]
     result = {
         **header,
@@ -296,18 +310,28 @@ def main() -> None:
         "serve": server_row,
         "ratio_to_offline_decode": ratio,
         "ratio_to_offline_generation": (server_row["tokens_per_s"] or 0.0) / offline_row["generation_tokens_per_s"],
+        "engine_mode": args.engine_modes[0],
     }
+    if len(by_mode) > 1:
+        result["serve_by_mode"] = {mode: row for mode, (row, _) in by_mode.items()}
+        result["ratio_to_offline_decode_by_mode"] = {
+            mode: (row["tokens_per_s"] or 0.0) / offline_row["decode_tokens_per_s"]
+            for mode, (row, _) in by_mode.items()
+        }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.tag}-{header['device'].replace(' ', '_')}-{header['date']}.json"
     path.write_text(json.dumps(result, indent=1))
-    print(
-        f"{name} {args.clients} clients x {args.requests} requests, {args.prompt_len} + {args.max_tokens} tokens: "
-        f"server {server_row['tokens_per_s']:.1f} tokens/s [{server_row['tokens_per_s_min']:.1f}-"
-        f"{server_row['tokens_per_s_max']:.1f}], offline batch decode {offline_row['decode_tokens_per_s']:.1f} "
-        f"(generation {offline_row['generation_tokens_per_s']:.1f}): {ratio:.0%} of offline decode; "
-        f"TTFT median {server_row['ttft_s']:.3f} s; {path}"
-    )
+    for mode, (row, _) in by_mode.items():
+        print(
+            f"{name} {args.clients} clients x {args.requests} requests, {args.prompt_len} + {args.max_tokens} tokens, "
+            f"engine {mode}: server {row['tokens_per_s']:.1f} tokens/s [{row['tokens_per_s_min']:.1f}-"
+            f"{row['tokens_per_s_max']:.1f}], offline batch decode {offline_row['decode_tokens_per_s']:.1f} "
+            f"(generation {offline_row['generation_tokens_per_s']:.1f}): "
+            f"{(row['tokens_per_s'] or 0.0) / offline_row['decode_tokens_per_s']:.0%} of offline decode; "
+            f"TTFT median {row['ttft_s']:.3f} s"
+        )
+    print(path)
 
 
 if __name__ == "__main__":

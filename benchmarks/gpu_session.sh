@@ -4,7 +4,8 @@
 # part never eats the next one's. Logs and JSON go to $OUT; a short table is printed last.
 # Usage (repo root; the device's copy has no usable .git, so name the commit; carry .whl-serve):
 #   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo]
-# Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (170), KVO_S (110), TESTS_K (a -k filter).
+# Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (320), KVO_S (110), TESTS_K (a -k filter),
+# SERVE_MODES ("process thread": the engine in its own process, then in a thread, on the same load).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results}"; mkdir -p "$OUT"
@@ -24,9 +25,9 @@ for part in "${parts[@]}"; do
         tests/test_kvo_prefill.py -q -p no:cacheprovider -rfE ${TESTS_K:+-k "$TESTS_K"} >> "$log" 2>&1
       echo "pytest rc $?" >> "$log"; tail -6 "$log" ;;
     serve)
-      timeout -s INT -k 10 "${SERVE_S:-170}" python3 benchmarks/bench_serve.py --model opt-6.7b --dummy-weights \
+      timeout -s INT -k 10 "${SERVE_S:-320}" python3 benchmarks/bench_serve.py --model opt-6.7b --dummy-weights \
         --offload cpu --recompute 1.0 --clients 32 --requests 3 --prompt-len 256 --max-tokens 32 --out "$OUT" \
-        2>&1 | grep -v "it/s\]\|s/it\]" | tail -4 ;;
+        --engine-modes ${SERVE_MODES:-process thread} 2>&1 | grep -v "it/s\]\|s/it\]" | tail -6 ;;
     kvo)
       timeout -s INT -k 10 "${KVO_S:-110}" python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b --batch-size 16 \
         --prompt-len 2016 --device cuda --dtype float16 --repeats 3 --out "$OUT" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -12 ;;
@@ -39,10 +40,11 @@ import json, sys
 from pathlib import Path
 for path in sorted(Path(sys.argv[1]).glob("serve-*.json")):
     r = json.loads(path.read_text())
-    s, o = r["serve"], r["offline"]
-    print(f"{path.name}: serve {s['tokens_per_s']:.0f} tok/s [{s['tokens_per_s_min']:.0f}-{s['tokens_per_s_max']:.0f}] "
-          f"vs offline decode {o['decode_tokens_per_s']:.0f} = {s['tokens_per_s'] / o['decode_tokens_per_s']:.0%}; "
-          f"step {s.get('step_ms', 0):.1f} ms vs {o['decode_ms_per_token']:.1f}; joins {s.get('joins')}, ttft {s['ttft_s']:.2f} s")
+    o = r["offline"]
+    for mode, s in r.get("serve_by_mode", {r.get("engine_mode", "thread"): r["serve"]}).items():
+        print(f"{path.name} ({mode}): serve {s['tokens_per_s']:.0f} tok/s [{s['tokens_per_s_min']:.0f}-{s['tokens_per_s_max']:.0f}] "
+              f"vs offline decode {o['decode_tokens_per_s']:.0f} = {s['tokens_per_s'] / o['decode_tokens_per_s']:.0%}; "
+              f"step {s.get('step_ms', 0):.1f} ms vs {o['decode_ms_per_token']:.1f}; joins {s.get('joins')}, ttft {s['ttft_s']:.2f} s")
 for path in sorted(Path(sys.argv[1]).glob("kvo-prefill-*.json")):
     r = json.loads(path.read_text())
     phases = ", ".join(f"{name} {t:.2f}" for name, t in r.get("phases_s", {}).items())

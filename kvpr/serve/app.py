@@ -2,10 +2,11 @@
 ``/health`` and ``/metrics``, on FastAPI.
 
 Handlers run on the event loop: they validate, tokenize (the tokenizer is only ever used from this
-thread), queue the choices with the ``Batcher`` and turn the engine thread's token events into text,
-streamed as server-sent events or answered whole. A bad request is a 400 with one line, a full
-server a 429; neither disturbs the requests being decoded. A client that goes away cancels its
-choices, which frees their rows at the next step.
+thread), queue the choices with the engine (``engine.py``: its own process under ``kvpr serve``, a
+thread of this one through ``create_app``) and turn its token events into text, streamed as
+server-sent events or answered whole. A bad request is a 400 with one line, a full server a 429, a
+server whose engine process died a 503; none disturbs the requests being decoded. A client that
+goes away cancels its choices, which frees their rows at the next step.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kvpr.api import tokenize
 from kvpr.config import SamplingParams
 from kvpr.errors import KvprError
-from kvpr.serve.batcher import Batcher
+from kvpr.serve.engine import Engine, ThreadEngine
 from kvpr.serve.metrics import ServeMetrics
 from kvpr.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, validation_message
-from kvpr.serve.requests import QueueFull, Sequence, ServeConfig, request_seed
+from kvpr.serve.requests import EngineUnavailable, Event, QueueFull, Sequence, ServeConfig, request_seed
 from kvpr.serve.text import TextStream
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 class EngineFailed(Exception):
-    """The engine thread ended a choice with an error (its message is one line)."""
+    """The engine ended a choice with an error (its message is one line)."""
 
 
 class ClientGone(Exception):
@@ -49,35 +51,44 @@ class ClientGone(Exception):
 
 
 class _Server:
-    """What the handlers share: the engine, its limits and the served name."""
+    """What the handlers share: the engine, its limits, the tokenizer and the served name."""
 
-    def __init__(self, llm: LLM, config: ServeConfig, name: str) -> None:
-        self.llm = llm
-        self.config = config
-        self.name = name
-        self.batcher = Batcher(llm, config)  # allocates the batch's cache: fails here, not later
-        self.metrics = ServeMetrics(name, "continuous" if self.batcher.continuous else "whole-batch")
-        self.batcher.metrics = self.metrics
+    def __init__(self, engine: Engine, name: str | None) -> None:
+        info = engine.info
+        self.engine = engine
+        self.config: ServeConfig = info.limits
+        self.model_name = info.model_name
+        self.name = name or info.model_name
+        self.vocab_size = info.vocab_size
+        self.tokenizer = engine.tokenizer
+        policy = "continuous" if info.continuous else "whole-batch"
+        self.metrics = ServeMetrics(self.name, policy, engine.metrics, info.mode, info.pid)
         self.created = int(time.time())
 
     def check_model(self, model: str) -> None:
-        if model not in (self.name, self.llm.name):
+        if model not in (self.name, self.model_name):
             message = f"model '{model}' is not served here: use '{self.name}' (GET /v1/models)"
             raise ApiError(404, message, kind="not_found_error", param="model")
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                message = (
+                    f"model {self.model_name} has no tokenizer: pass token ids, or a model directory with tokenizer "
+                    "files"
+                )
+                raise ApiError(400, message, param="prompt")
             try:
-                return self.llm.encode(prompt)[0]
+                return tokenize(self.tokenizer, prompt)
             except KvprError as err:
                 raise ApiError(400, str(err), param="prompt") from None
-        vocab = self.llm.model_config.vocab_size
+        vocab = self.vocab_size
         if any(not 0 <= token < vocab for token in prompt):
             raise ApiError(400, f"a prompt token id lies outside the vocabulary [0, {vocab})", param="prompt")
         return list(prompt)
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        tokenizer = self.llm.tokenizer
+        tokenizer = self.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, f"model {self.name} has no chat template: use /v1/completions", param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -126,31 +137,26 @@ class _Run:
 
     def __init__(self, server: _Server, prompts: list[list[int]], body: _Sampling, max_tokens: int | None) -> None:
         self.server = server
-        self.queue: asyncio.Queue[list[tuple[Sequence, str, Any]] | None] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def deliver(events: list[tuple[Sequence, str, Any]]) -> None:  # called on the engine thread
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, events)
-            except RuntimeError:  # the event loop has closed: nobody is listening
-                pass
-
-        self.sequences = server.sequences(prompts, body, max_tokens, deliver)
-        self.texts = [TextStream(server.llm.tokenizer, body.stops()) for _ in self.sequences]
+        self.queue: asyncio.Queue[list[Event] | None] = asyncio.Queue()
+        # the engine delivers on the event loop
+        self.sequences = server.sequences(prompts, body, max_tokens, self.queue.put_nowait)
+        self.texts = [TextStream(server.tokenizer, body.stops()) for _ in self.sequences]
         self.finished: dict[int, str] = {}  # choice -> finish reason
         self.prompt_tokens = sum(len(ids) for ids in prompts)
 
     def submit(self) -> None:
         try:
-            self.server.batcher.submit(self.sequences)
+            self.server.engine.submit(self.sequences)
         except QueueFull as full:
             raise ApiError(429, str(full), kind="rate_limit_error") from None
+        except EngineUnavailable as gone:
+            raise ApiError(503, str(gone), kind="server_error") from None
 
     def cancel(self) -> None:
         """Free the rows of every choice still running (the client is gone)."""
         unfinished = [s for s in self.sequences if s.tag not in self.finished]
         if unfinished:
-            self.server.batcher.cancel(unfinished)
+            self.server.engine.cancel(unfinished)
 
     def client_gone(self) -> None:
         self.cancel()
@@ -171,11 +177,13 @@ class _Run:
                 if kind == "error":
                     self.cancel()
                     raise EngineFailed(value)
+                if kind == "unavailable":
+                    raise EngineUnavailable(value)
                 if kind == "token":
                     text.push(value)
                     if text.stopped:
                         self.finished[index] = "stop"
-                        self.server.batcher.cancel([sequence])
+                        self.server.engine.cancel([sequence])
                 else:
                     text.finish()
                     self.finished[index] = "stop" if text.stopped else FINISH_REASONS[value]
@@ -216,6 +224,8 @@ async def _answer(server: _Server, request: Request, run: _Run, chat: bool, stre
         return Response(status_code=499)  # nobody reads it
     except EngineFailed as err:
         raise ApiError(500, str(err), kind="server_error") from None
+    except EngineUnavailable as gone:
+        raise ApiError(503, str(gone), kind="server_error") from None
     finally:
         watcher.cancel()
     choices = []
@@ -256,8 +266,9 @@ async def _stream(run: _Run, run_id: str, created: int, model: str, chat: bool, 
                         yield _chunk(kind, run_id, created, model, [choice(index, text, None)])
                     if finish is not None:
                         yield _chunk(kind, run_id, created, model, [choice(index, "", finish)])
-        except EngineFailed as err:
-            error = ApiError(500, str(err), kind="server_error").body()
+        except (EngineFailed, EngineUnavailable) as err:
+            status = 503 if isinstance(err, EngineUnavailable) else 500
+            error = ApiError(status, str(err), kind="server_error").body()
             yield f"data: {json.dumps(error)}\n\n"
         if usage:
             yield _chunk(kind, run_id, created, model, [], usage=run.usage())
@@ -301,17 +312,24 @@ class _CountRequests:
 
 
 def create_app(llm: LLM, config: ServeConfig, name: str | None = None) -> FastAPI:
-    """The server's ASGI app. Builds the batcher (and its cache) now; the engine thread runs
-    while the app is up (its lifespan)."""
-    server = _Server(llm, config, name or llm.name)
+    """The server's ASGI app over ``llm`` in this process. Builds the batcher (and its cache) now;
+    its loop runs in a thread while the app is up."""
+    return create_engine_app(ThreadEngine(llm, config), name)
+
+
+def create_engine_app(engine: Engine, name: str | None = None) -> FastAPI:
+    """The server's ASGI app over a built engine; its loop is started and stopped with the app
+    (its lifespan)."""
+    server = _Server(engine, name)
+    config = server.config
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.batcher.start()
+        engine.start(asyncio.get_running_loop())
         try:
             yield
         finally:
-            server.batcher.stop()
+            engine.stop()
 
     app = FastAPI(title="kvpr", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
@@ -336,11 +354,14 @@ def create_app(llm: LLM, config: ServeConfig, name: str | None = None) -> FastAP
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = server.batcher.thread.is_alive()
-        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+        why = engine.down()
+        if why is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "engine stopped", "reason": why}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        await engine.refresh_metrics()
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

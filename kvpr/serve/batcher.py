@@ -1,4 +1,6 @@
-"""Runs the token loop in its own thread; which requests decode together is ``admission.py``'s.
+"""The token loop: admission, joins, decode steps queued ahead, sampling, events to the callers.
+Which requests decode together is ``admission.py``'s; where the loop runs, ``engine.py``'s (a
+thread of the HTTP process) or ``engine_main.py``'s (the main thread of an engine process).
 
 On CUDA the loop queues decode step ``n + 1`` (its input: step ``n``'s tokens, chosen on the
 device) before the host waits for step ``n``'s tokens, as ``generate_tokens`` does offline, so the
@@ -17,7 +19,8 @@ import collections
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,27 +29,38 @@ from kvpr.runtime.row_batch import FixedBatch, RowBatch, supports_row_joins
 from kvpr.runtime.sampling import make_generator, sample_next, sample_rows
 from kvpr.runtime.streams import TokenMailbox
 from kvpr.serve.admission import Admission
-from kvpr.serve.requests import Deliver, QueuedStep, QueueFull, Sequence, ServeConfig
+from kvpr.serve.requests import Event, QueuedStep, QueueFull, Sequence, ServeConfig, check_room, deliver_events
 
 if TYPE_CHECKING:
     from kvpr.api import LLM
-    from kvpr.serve.metrics import ServeMetrics
+    from kvpr.serve.metrics import EngineMetrics
 
 log = logging.getLogger("kvpr.serve")
 
 
 class Batcher(Admission):
-    """Owns the engine: a thread runs the token loop; ``submit`` and ``cancel`` are thread-safe.
+    """Owns the engine: ``run`` is the token loop (``start`` runs it in a thread of its own);
+    ``submit``, ``cancel`` and ``request_stop`` are thread-safe.
 
-    Events reach each sequence's ``deliver`` from the engine thread, batched per step:
-    ``("token", id)`` as each token is chosen, then ``("done", "eos" | "length")``, or
-    ``("error", message)`` if the engine failed.
+    Events leave the loop through ``outlet``, called on the loop's thread with a prefill's first
+    tokens, with a decode step's tokens, and with what else a pass ended: ``("token", id)`` as each
+    token is chosen, then ``("done", "eos" | "length" | "cancelled")``, or ``("error", message)`` if
+    the engine failed.
+    The default outlet calls each sequence's ``deliver`` with its own events, cancelled ones dropped.
     """
 
-    def __init__(self, llm: LLM, config: ServeConfig, metrics: ServeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        llm: LLM,
+        config: ServeConfig,
+        metrics: EngineMetrics | None = None,
+        outlet: Callable[[list[Event]], None] = deliver_events,
+    ) -> None:
         self.llm = llm
         self.config = config
         self.metrics = metrics
+        self.outlet = outlet
+        self.outbox: list[Event] = []  # events of this pass, not handed out yet (loop thread only)
         pad = llm.model_config.pad_token_id
         self.pad_id = pad if pad is not None and 0 <= pad < llm.model_config.vocab_size else 0
         self.eos_ids = set(llm.model_config.eos_token_ids)
@@ -54,7 +68,7 @@ class Batcher(Admission):
         self.in_flight = 0  # submitted and not finished, waiting or live
         self.lock = threading.Condition()
         self.stopping = False
-        self.live: dict[int, Sequence] = {}  # row -> sequence (engine thread only)
+        self.live: dict[int, Sequence] = {}  # row -> sequence (the loop's thread only)
         self.admitting: list[Sequence] = []  # taken from the queue, not live yet (failed with a failing prefill)
         self.batch: RowBatch | FixedBatch | None = None
         self.rows_batch = self._make_row_batch()
@@ -62,8 +76,9 @@ class Batcher(Admission):
         self.mailbox: TokenMailbox | None = None  # the batch's sampled ids on their way to the host
         self.next_ids: torch.Tensor | None = None  # [b] on the device: the next step's input tokens
         self.queued: QueuedStep | None = None
+        self.planned_end = 0  # S at which the running batch's rows end, as it started
         self.last_read = 0.0  # perf_counter when the last step's tokens reached the host
-        self.thread = threading.Thread(target=self._run, name="kvpr-engine", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="kvpr-engine", daemon=True)
 
     @property
     def continuous(self) -> bool:
@@ -86,25 +101,26 @@ class Batcher(Admission):
     # -- the caller's side (any thread) -------------------------------------------------------------
 
     def start(self) -> None:
+        """Run the loop in a thread of this process."""
         self.thread.start()
 
     def stop(self) -> None:
+        self.request_stop()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+
+    def request_stop(self) -> None:
+        """End the loop at its next pass: live and waiting requests get a shutting-down error."""
         with self.lock:
             self.stopping = True
             self.lock.notify_all()
-        self.thread.join(timeout=30)
 
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue the sequences of one request, all or none. Raises QueueFull over the limits."""
-        limit = self.config.max_rows + self.config.max_waiting
         with self.lock:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            if self.in_flight + len(sequences) > limit:
-                raise QueueFull(
-                    f"the server holds {self.in_flight} requests ({self.config.max_rows} rows decoding, "
-                    f"{self.config.max_waiting} waiting at most): retry later"
-                )
+            check_room(self.config, self.in_flight, len(sequences))
             self.in_flight += len(sequences)
             self.waiting.extend(sequences)
             self.lock.notify_all()
@@ -122,7 +138,7 @@ class Batcher(Admission):
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self.waiting))
 
-    # -- the engine thread --------------------------------------------------------------------------
+    # -- the loop's thread ---------------------------------------------------------------------------
 
     def _spent(self, phase: str, since: float) -> float:
         """Count the engine's time since ``since`` under ``phase``; returns now."""
@@ -131,7 +147,8 @@ class Batcher(Admission):
             self.metrics.spent(phase, now - since)
         return now
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The token loop, until ``request_stop``."""
         mark = time.perf_counter()
         while True:
             with self.lock:
@@ -153,9 +170,10 @@ class Batcher(Admission):
         with self.lock:
             waiting, self.waiting = list(self.waiting), collections.deque()
         self._fail(waiting, "the server is shutting down")
+        self._flush()
 
     def run_once(self, mark: float) -> float:
-        """One pass of the engine loop, on the engine thread (tests drive it directly): cancelled
+        """One pass of the engine loop, on the loop's thread (tests drive it directly): cancelled
         rows freed, a batch started or requests joined, a decode step queued and one read.
         ``mark``: when the engine's time was last counted; returns the new mark."""
         try:
@@ -174,17 +192,16 @@ class Batcher(Admission):
         self.admitting = []
         if self.metrics is not None:
             self.metrics.running_rows.set(len(self.live))
+        self._flush()
         return mark
 
     def _free_cancelled(self) -> None:
-        events: list[tuple[Sequence, str, Any]] = []
         for row, sequence in list(self.live.items()):
             if sequence.cancelled:
                 del self.live[row]
-                self._finish(sequence, events, "done", "cancelled")
+                self._finish(sequence, "done", "cancelled")
                 if self.metrics is not None:
                     self.metrics.cancelled.inc()
-        self._send(events)
 
     def _first_tokens(self, logits: torch.Tensor, rows: list[int], sequences: list[Sequence], joined: bool) -> None:
         """Each new sequence's first token, from its prompt's logits [k, V]; also the next step's
@@ -198,7 +215,6 @@ class Batcher(Admission):
         assert self.next_ids is not None
         self.next_ids[torch.tensor(rows, device=device)] = torch.tensor(chosen, device=device)
         now = time.perf_counter()
-        events: list[tuple[Sequence, str, Any]] = []
         for row, sequence, token in zip(rows, sequences, chosen):
             sequence.row = row
             self.live[row] = sequence
@@ -207,10 +223,10 @@ class Batcher(Admission):
                 self.metrics.prompt_tokens.inc(len(sequence.prompt_ids))
                 if joined:
                     self.metrics.joins.inc()
-            self._take_token(sequence, token, events)
+            self._take_token(sequence, token)
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(len(sequences))
-        self._send(events)
+        self._flush()  # first tokens out now, not after the next decode step is queued
 
     def _advance(self, mark: float) -> float:
         """Queue the next decode step unless every row ends with the one queued ahead; then read
@@ -246,27 +262,26 @@ class Batcher(Admission):
         now = self._spent("step", mark)
         took = now - max(queued.queued, self.last_read)  # the device's time per token when pipelined
         self.last_read = now
-        events: list[tuple[Sequence, str, Any]] = []
         sequences = [sequence for _, sequence in queued.rows if not sequence.done]  # not ended since
         for sequence in sequences:
-            self._take_token(sequence, tokens[sequence.row], events)
+            self._take_token(sequence, tokens[sequence.row])
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(len(sequences))
         if self.metrics is not None:
             self.metrics.observe_step(self.batch, took, sequences)
-        self._send(events)
+        self._flush()  # the step's events leave now, counted as delivery
         return self._spent("deliver", now)
 
-    def _take_token(self, sequence: Sequence, token: int, events: list[tuple[Sequence, str, Any]]) -> None:
+    def _take_token(self, sequence: Sequence, token: int) -> None:
         sequence.generated += 1
         sequence.last_token = token
-        events.append((sequence, "token", token))
+        self.outbox.append((sequence, "token", token))
         by_eos = token in self.eos_ids and sequence.params.stop_on_eos
         if by_eos or sequence.remaining <= 0:
             del self.live[sequence.row]
-            self._finish(sequence, events, "done", "eos" if by_eos else "length")
+            self._finish(sequence, "done", "eos" if by_eos else "length")
 
-    def _finish(self, sequence: Sequence, events: list[tuple[Sequence, str, Any]], kind: str, value: Any) -> None:
+    def _finish(self, sequence: Sequence, kind: str, value: str) -> None:
         if sequence.done:
             return
         sequence.done = True
@@ -274,23 +289,17 @@ class Batcher(Admission):
             self.in_flight -= 1
         if self.metrics is not None:
             self.metrics.latency.observe(time.perf_counter() - sequence.arrival)
-        if kind != "done" or value != "cancelled":  # a cancelled sequence's caller stopped listening
-            events.append((sequence, kind, value))
+        self.outbox.append((sequence, kind, value))
 
-    def _send(self, events: list[tuple[Sequence, str, Any]]) -> None:
-        """Hand a step's events to their callers, one call per caller."""
-        by_caller: dict[int, tuple[Deliver, list[tuple[Sequence, str, Any]]]] = {}
-        for event in events:
-            deliver = event[0].deliver
-            by_caller.setdefault(id(deliver), (deliver, []))[1].append(event)
-        for deliver, caller_events in by_caller.values():
-            deliver(caller_events)
+    def _flush(self) -> None:
+        """Hand the events gathered so far to the outlet, in one call."""
+        if self.outbox:
+            events, self.outbox = self.outbox, []
+            self.outlet(events)
 
     def _fail(self, sequences: list[Sequence], message: str) -> None:
-        events: list[tuple[Sequence, str, Any]] = []
         for sequence in sequences:
-            self._finish(sequence, events, "error", message)
-        self._send(events)
+            self._finish(sequence, "error", message)
 
     def _fail_live(self, message: str) -> None:
         live, self.live = list(self.live.values()), {}

@@ -1,4 +1,5 @@
-"""``kvpr serve``: its flags, the limits resolved against the placement's memory check, and uvicorn.
+"""``kvpr serve``: its flags, the limits resolved against the placement's memory check (in the engine
+process, which loads the model), and uvicorn.
 
 Kept out of cli.py, which only registers the subcommand; FastAPI and uvicorn are imported when the
 server runs, so the other subcommands start as fast as before.
@@ -18,6 +19,8 @@ from kvpr.errors import KvprError
 
 if TYPE_CHECKING:
     from kvpr.api import LLM
+    from kvpr.serve.engine import Engine
+    from kvpr.serve.wire import EngineSpec
 
 DEFAULT_CONTEXT = 2048  # --max-model-len when not given (at most the model's own)
 DEFAULT_ROWS = {"cuda": 32, "cpu": 8}  # --max-num-seqs auto: the most rows tried, halved until they fit
@@ -55,6 +58,12 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model's)")
     server.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="uvicorn's log level")
+    server.add_argument(
+        "--engine-thread",
+        action="store_true",
+        help="run the token loop in a thread of the HTTP process instead of a process of its own (the "
+        "default, whose kernel launches never wait for the HTTP side's GIL); to compare the two",
+    )
 
 
 def non_negative_float(text: str) -> float:
@@ -109,29 +118,51 @@ def resolve_limits(
 
 
 def run_serve(args: argparse.Namespace, build_engine_config: Callable[[argparse.Namespace], EngineConfig]) -> int:
-    """Load the model, size the batch, and serve until interrupted."""
+    """Start the engine (load the model, size the batch), and serve until interrupted."""
     import uvicorn
 
-    from kvpr.api import LLM
-    from kvpr.serve.app import create_app
-    from kvpr.serve.requests import ServeConfig
+    from kvpr.serve.app import create_engine_app
+    from kvpr.serve.wire import EngineSpec
 
-    config = build_engine_config(args)
+    spec = EngineSpec(
+        build_engine_config(args), args.max_num_seqs, args.max_model_len, args.max_waiting, args.batch_wait_ms
+    )
     _rows_flag(args.max_num_seqs)  # a bad value fails before the weights load
     listener = _listen(args.host, args.port)
-    llm = LLM(config, batch_size=1, max_len=2)  # the batch is sized (and checked) once the context is known
-    rows, length, waiting = resolve_limits(llm, args.max_num_seqs, args.max_model_len, args.max_waiting)
-    app = create_app(llm, ServeConfig(rows, length, waiting, args.batch_wait_ms), args.served_model_name)
-    server = app.state.server
-    host, port = listener.getsockname()[:2]
-    policy = "continuous batching" if server.batcher.continuous else "whole batches (the cache takes no row mid-run)"
-    print(
-        f"kvpr serve: {server.name} on http://{host}:{port}/v1 ({rows} rows x {length} tokens, {policy})",
-        file=sys.stderr,
-        flush=True,
-    )
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False)).run(sockets=[listener])
+    engine = _thread_engine(spec) if args.engine_thread else _process_engine(spec)
+    try:
+        app = create_engine_app(engine, args.served_model_name)
+        server, info = app.state.server, engine.info
+        limits = info.limits
+        host, port = listener.getsockname()[:2]
+        policy = "continuous batching" if info.continuous else "whole batches (the cache takes no row mid-run)"
+        where = "engine thread" if info.mode == "thread" else f"engine process {info.pid}"
+        print(
+            f"kvpr serve: {server.name} on http://{host}:{port}/v1 ({limits.max_rows} rows x {limits.max_model_len} "
+            f"tokens, {policy}; {where})",
+            file=sys.stderr,
+            flush=True,
+        )
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False)).run(sockets=[listener])
+    finally:
+        engine.stop()  # stopped already by the app's lifespan, unless uvicorn never started
     return 0
+
+
+def _process_engine(spec: EngineSpec) -> Engine:
+    from kvpr.serve.engine_process import ProcessEngine
+
+    return ProcessEngine(spec)
+
+
+def _thread_engine(spec: EngineSpec) -> Engine:
+    from kvpr.api import LLM
+    from kvpr.serve.engine import ThreadEngine
+    from kvpr.serve.requests import ServeConfig
+
+    llm = LLM(spec.config, batch_size=1, max_len=2)  # the batch is sized (and checked) once the context is known
+    rows, length, waiting = resolve_limits(llm, spec.rows, spec.max_model_len, spec.max_waiting)
+    return ThreadEngine(llm, ServeConfig(rows, length, waiting, spec.batch_wait_ms))
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -1,13 +1,20 @@
-"""``GET /metrics``: the server's figures in Prometheus' text format, in a registry of its own
-(never prometheus_client's global one, so several servers in one process stay apart)."""
+"""``GET /metrics``: the server's figures in Prometheus' text format, in registries of their own
+(never prometheus_client's global one, so several servers in one process stay apart).
+
+The engine's figures (``EngineMetrics``) are recorded where the token loop runs; in an engine
+process they reach the HTTP process as a snapshot of their families (``EngineSnapshot``), taken
+when ``/metrics`` is read, so the loop pays nothing per step for them.
+"""
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 if TYPE_CHECKING:
     from kvpr.runtime.row_batch import FixedBatch, RowBatch
@@ -27,18 +34,53 @@ ENGINE_PHASES = (
 )
 
 
-class ServeMetrics:
-    """Every figure ``kvpr serve`` exports; the batcher and the HTTP handlers update them."""
+class Collector(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
 
-    def __init__(self, model: str, policy: str) -> None:
+
+class ServeMetrics:
+    """What ``/metrics`` renders: the HTTP side's figures (updated by the handlers) and the
+    engine's (``engine``: its registry, or the last snapshot from its process)."""
+
+    def __init__(self, model: str, policy: str, engine: Collector, engine_mode: str, engine_pid: int) -> None:
+        self.registry = CollectorRegistry()
+        info = Gauge(
+            "kvpr_server_info", "the served model and batching policy", ["model", "policy"], registry=self.registry
+        )
+        info.labels(model, policy).set(1)
+        where = Gauge("kvpr_engine_info", "where the token loop runs", ["mode", "pid"], registry=self.registry)
+        where.labels(engine_mode, str(engine_pid)).set(1)
+        self.requests = Counter(
+            "kvpr_requests",
+            "HTTP requests answered by endpoint, status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.registry.register(engine)  # type: ignore[arg-type]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineSnapshot:
+    """The engine process's metric families as last read (a prometheus_client collector)."""
+
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+class EngineMetrics:
+    """The token loop's figures; the batcher updates them."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         counter = partial(Counter, registry=self.registry)
         gauge = partial(Gauge, registry=self.registry)
         histogram = partial(Histogram, registry=self.registry)
-        info = gauge("kvpr_server_info", "the served model and batching policy", ["model", "policy"])
-        info.labels(model, policy).set(1)
         # requests and tokens
-        self.requests = counter("kvpr_requests", "HTTP requests answered by endpoint, status", ["endpoint", "status"])
         self.prompt_tokens = counter("kvpr_prompt_tokens", "prompt tokens prefilled")
         self.generation_tokens = counter("kvpr_generation_tokens", "tokens generated")
         self.cancelled = counter("kvpr_requests_cancelled", "choices whose client went away before the end")
@@ -62,17 +104,21 @@ class ServeMetrics:
         self.host_tokens = gauge("kvpr_host_tokens", "tokens read from the host tier in the last step")
         self.link_bytes_step = gauge("kvpr_pcie_bytes_per_step", "host link bytes of the last step", ["direction"])
         self.link_bytes = counter("kvpr_pcie_bytes", "host link bytes of all decode steps", ["direction"])
-        # the engine thread's wall time, by what it did: where a run's seconds go
-        self.engine_seconds = counter("kvpr_engine_seconds", "engine thread wall time by phase", ["phase"])
+        # the engine loop's wall time, by what it did: where a run's seconds go
+        self.engine_seconds = counter("kvpr_engine_seconds", "engine loop wall time by phase", ["phase"])
         self.engine_phases = {phase: self.engine_seconds.labels(phase) for phase in ENGINE_PHASES}
         self.step_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)  # (s, live rows)
 
-    def spent(self, phase: str, seconds: float) -> None:
-        """Count ``seconds`` of the engine thread's wall time under ``phase`` (one of ENGINE_PHASES)."""
-        self.engine_phases[phase].inc(seconds)
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.registry.collect())
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def snapshot(self) -> list[Metric]:
+        """The families as they stand, to ship to the HTTP process (plain picklable objects)."""
+        return list(self.registry.collect())
+
+    def spent(self, phase: str, seconds: float) -> None:
+        """Count ``seconds`` of the engine loop's wall time under ``phase`` (one of ENGINE_PHASES)."""
+        self.engine_phases[phase].inc(seconds)
 
     def observe_step(self, batch: RowBatch | FixedBatch, took: float, sequences: list[Sequence]) -> None:
         """A decode step's figures: it took ``took`` seconds and decoded ``sequences``' rows."""

@@ -13,7 +13,8 @@ import torch
 from kvpr.config import SamplingParams
 from kvpr.errors import KvprError
 
-Deliver = Callable[[list[tuple["Sequence", str, Any]]], None]  # (sequence, kind, value) events of one step
+Event = tuple["Sequence", str, Any]  # (sequence, kind, value): ("token", id), ("done", reason), ("error", message)
+Deliver = Callable[[list[Event]], None]  # a caller's events of one engine step
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,41 @@ class QueueFull(Exception):
     """The server holds as many requests as its limits allow (HTTP 429)."""
 
 
+class EngineUnavailable(Exception):
+    """The engine is gone (its process exited): nothing can be served until a restart (HTTP 503)."""
+
+
+def check_room(config: ServeConfig, in_flight: int, arriving: int) -> None:
+    """Raise QueueFull unless ``arriving`` more sequences fit beside the ``in_flight`` ones."""
+    if in_flight + arriving > config.max_rows + config.max_waiting:
+        raise QueueFull(
+            f"the server holds {in_flight} requests ({config.max_rows} rows decoding, "
+            f"{config.max_waiting} waiting at most): retry later"
+        )
+
+
+def deliver_events(events: list[Event]) -> None:
+    """Hand a step's events to their callers, one call per caller. A cancelled sequence's
+    ``("done", "cancelled")`` is dropped: its caller stopped listening."""
+    by_caller: dict[int, tuple[Deliver, list[Event]]] = {}
+    for event in events:
+        sequence, kind, value = event
+        if (kind, value) == ("done", "cancelled"):
+            continue
+        assert sequence.deliver is not None
+        by_caller.setdefault(id(sequence.deliver), (sequence.deliver, []))[1].append(event)
+    for deliver, caller_events in by_caller.values():
+        deliver(caller_events)
+
+
 @dataclass(eq=False)
 class Sequence:
     """One choice being generated: its prompt, sampling, and where it stands."""
 
     prompt_ids: list[int]
     params: SamplingParams
-    tag: Any  # the caller's handle for its events (a choice index)
-    deliver: Deliver
+    tag: Any  # the caller's handle for its events (a choice index; the request key in an engine process)
+    deliver: Deliver | None  # None where the engine's outlet routes events itself (an engine process)
     arrival: float = field(default_factory=time.perf_counter)
     row: int = -1
     generated: int = 0
