@@ -12,9 +12,9 @@ first token (median, p90), request latency and what the server's ``/metrics`` sa
 started, live rows per step, step time, slot utilisation, PCIe bytes per step, the split ``l``, and
 ``engine_s``: the engine loop's seconds by phase, idle, gather, start, join, step, deliver, other,
 which add up to the run's wall time give or take the moments between runs). ``--engine-modes
-process thread`` serves the same load twice, the engine in its own process (``kvpr serve``'s
-default) and in a thread of the HTTP process (``--engine-thread``): ``serve`` is the first mode's
-row, ``serve_by_mode`` every mode's.
+thread process`` serves the same load twice, the engine in a thread of the HTTP process (``kvpr
+serve``'s default) and in a process of its own (``--engine process``): ``serve`` is the first
+mode's row, ``serve_by_mode`` every mode's.
 Writes ``<tag>-<device>-<yyyymmdd>.json`` under ``--out`` with the provenance header.
 
     python benchmarks/bench_serve.py --device cpu --clients 4 --prompt-len 32 --max-tokens 8 --allow-dirty
@@ -54,7 +54,7 @@ from kvpr.config import SamplingParams  # noqa: E402
 from kvpr.serve.metrics import ENGINE_PHASES  # noqa: E402
 
 SERVED_NAME = "bench"
-ENGINE_MODES = {"process": [], "thread": ["--engine-thread"]}  # mode -> kvpr serve flags
+ENGINE_MODES = {mode: ["--engine", mode] for mode in ("thread", "process")}  # mode -> kvpr serve flags
 OFFLINE_TIMED = ("decode_tokens_per_s", "generation_tokens_per_s", "prefill_s", "decode_ms_per_token")
 SERVER_TIMED = ("tokens_per_s", "ttft_s", "ttft_p90_s", "request_s", "wall_s", "step_ms", "live_rows_per_step")
 
@@ -223,7 +223,7 @@ def _server_figures(before: dict[str, float], after: dict[str, float]) -> dict[s
 
 
 def serve(engine_args: list[str], args: argparse.Namespace, vocab: int) -> tuple[dict[str, Any], str]:
-    server = Server(engine_args, args)  # engine_args: with --engine-thread for the thread mode
+    server = Server(engine_args, args)  # engine_args: with --engine MODE
     try:
         deadline = time.perf_counter() + args.max_seconds
         warm = [seeded_prompts(1, args.prompt_len, vocab, seed=1000 + c) for c in range(args.clients)]
@@ -266,7 +266,7 @@ def main() -> None:
         "--engine-modes",
         nargs="+",
         choices=ENGINE_MODES,
-        default=["process"],
+        default=["thread"],
         help="where the server runs its token loop, each mode a server of its own on the same load",
     )
     add_provenance_args(parser)

@@ -5,7 +5,7 @@
 # Usage (repo root; the device's copy has no usable .git, so name the commit; carry .whl-serve):
 #   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo]
 # Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (320), KVO_S (110), TESTS_K (a -k filter),
-# SERVE_MODES ("process thread": the engine in its own process, then in a thread, on the same load).
+# SERVE_MODES ("thread process": the engine in a thread, then in its own process, on the same load).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results}"; mkdir -p "$OUT"
@@ -27,7 +27,7 @@ for part in "${parts[@]}"; do
     serve)
       timeout -s INT -k 10 "${SERVE_S:-320}" python3 benchmarks/bench_serve.py --model opt-6.7b --dummy-weights \
         --offload cpu --recompute 1.0 --clients 32 --requests 3 --prompt-len 256 --max-tokens 32 --out "$OUT" \
-        --engine-modes ${SERVE_MODES:-process thread} 2>&1 | grep -v "it/s\]\|s/it\]" | tail -6 ;;
+        --engine-modes ${SERVE_MODES:-thread process} 2>&1 | grep -v "it/s\]\|s/it\]" | tail -6 ;;
     kvo)
       timeout -s INT -k 10 "${KVO_S:-110}" python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b --batch-size 16 \
         --prompt-len 2016 --device cuda --dtype float16 --repeats 3 --out "$OUT" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -12 ;;

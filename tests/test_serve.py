@@ -686,7 +686,7 @@ def test_killed_engine_process_fails_requests_with_503(tiny_checkpoint) -> None:
 # -- the command line ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flags", "where"), [([], "engine process "), (["--engine-thread"], "engine thread)")])
+@pytest.mark.parametrize(("flags", "where"), [([], "engine thread)"), (["--engine", "process"], "engine process ")])
 def test_serve_command_starts_and_stops(tiny_checkpoint, flags: list[str], where: str) -> None:
     """``kvpr serve --port 0`` prints where it listens and where its engine runs, answers, and stops
     on Ctrl-C (exit 130)."""

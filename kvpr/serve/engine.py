@@ -1,7 +1,7 @@
 """Where the token loop runs, as the HTTP side sees it: ``Engine`` is what the handlers call;
-``ThreadEngine`` runs the ``Batcher`` in a thread of this process (the Python API,
-``kvpr serve --engine-thread``, the tests that reach into the batch); ``engine_process.py`` runs it
-in a process of its own, so the loop's kernel launches never wait on the HTTP side's GIL.
+``ThreadEngine`` runs the ``Batcher`` in a thread of this process (the Python API, ``kvpr serve``'s
+default, the tests that reach into the batch); ``engine_process.py`` runs it in a process of its own
+(``--engine process``), isolated from the HTTP side: its death fails requests, not the server.
 
 Either way a sequence's ``deliver`` is called on the event loop, with its events of one step.
 """
