@@ -93,6 +93,13 @@ SUITES: dict[str, list[Case]] = {
     "b64": [Case("opt-6.7b", 64, 1024, 16)],
     # KVO composed with offload (issue 5's target: kvpr-kvo at least 3x faster than kvpr-off here)
     "kvo": [Case("opt-6.7b", 16, 2016, 16)],
+    # issue 14 item 3: GQA models at 8K, 16K and 32K, the cache offloaded, 64K tokens a batch
+    # (llama-3.1-8b: Llama 3's shapes with 128K positions); run with kvpr-off,kvpr-kivi4,kvpr-kvo-compile
+    "gqa-long": [
+        Case(model, batch, context - 8, 8)
+        for model in ("llama-3.1-8b", "mistral-7b", "qwen2-7b")
+        for batch, context in ((8, 8192), (4, 16384), (2, 32768))
+    ],
     "long-other": [
         Case("llama-3-8b", 16, 2048, 16),
         Case("llama-3-8b", 8, 8184, 8),

@@ -67,6 +67,7 @@ SYSTEMS: dict[str, System] = {
     "kvpr-kvo": System("kvpr", _LINK, recompute="off", kv_codec="kvo"),  # packed chunks, only the selected read
     "kvpr-kvo-compile": System("kvpr", _LINK, recompute="off", kv_codec="kvo", compile=True),
     "kvpr-kivi2": System("kvpr", _LINK, recompute="off", kv_codec="kivi2"),
+    "kvpr-kivi4": System("kvpr", _LINK, recompute="off", kv_codec="kivi4"),  # the near-lossless 4-bit setting
     "floor": System("floor", FloorKind.PREDICTED),
 }
 DEFAULT_SYSTEMS = ("hf-gpu", "hf-offloaded", "kvpr-off", "kvpr-auto", "floor")

@@ -98,3 +98,26 @@ def test_checkpoint_mismatch_is_reported(tiny_checkpoint, tmp_path: Path) -> Non
     (broken / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
     with pytest.raises(KvprError, match="1 missing|missing"):
         cpu_llm(broken)
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b", "llama-3.1-8b", "mistral-7b", "qwen2-7b"])
+def test_builtin_rope_frequencies_match_transformers(name: str) -> None:
+    """A built-in configuration's RoPE (theta, and Llama 3.1's llama3 scaling to 128K positions) gives the
+    inverse frequencies transformers computes from the same config.json."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from kvpr.models.common import rope_inv_freq
+    from kvpr.models.registry import BUILTIN_CONFIGS, builtin_config
+
+    fields = dict(BUILTIN_CONFIGS[name])
+    hf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    model = builtin_config(name)
+    if params.get("rope_type", "default") == "default":  # transformers 5 keeps no init function for it
+        theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
+        expected = 1.0 / theta ** (torch.arange(0, model.head_dim, 2, dtype=torch.float64) / model.head_dim)
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf, "cpu")
+    torch.testing.assert_close(rope_inv_freq(model.rope, model.head_dim).float(), expected.float(), rtol=1e-6, atol=0)
+    assert model.max_position == fields["max_position_embeddings"]
