@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpr.cache.codec import EncodedKV, check_codec, check_kv, owned
+from kvpr.compress import kvo_triton
 from kvpr.compress.packing import (
     PACK_BITS,
     pack_bits,
@@ -216,16 +217,28 @@ def largest(x: torch.Tensor, count: int, dim: int, by_sort: bool | None = None) 
     return top.sort(dim=-1).values.movedim(-1, dim)
 
 
-def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig) -> Tensors:
+def encode_chunks(
+    k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig, fused: bool | None = None
+) -> Tensors:
     """Reorder, quantise and prune ``t`` tokens (``t % group == 0``) into KVO tensors.
 
-    Every window, chunk, sequence and head at once: a handful of whole-tensor passes per part.
-
     Args:
-        k, v: [t, b, n_kv, d]. scores: [t, b, n_kv], higher = more attended (ties keep order).
+        k, v: [t, b, n_kv, d]. scores: [t, b, n_kv], higher = more attended (ties keep order; no NaN).
+        fused: the Triton encoder (``kvo_triton``, bit-identical); None: where it runs (CUDA, or the
+            Triton interpreter) and supports ``cfg``, else :func:`encode_chunks_torch`.
     Returns:
         the named tensors of the module docstring's table.
     """
+    if fused is None:
+        fused = k.shape[0] > 0 and kvo_triton.runs_here(k) and kvo_triton.supports(cfg, k.shape[3])
+    if fused:
+        return kvo_triton.encode_chunks_fused(k, v, scores, cfg)
+    return encode_chunks_torch(k, v, scores, cfg)
+
+
+def encode_chunks_torch(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig) -> Tensors:
+    """:func:`encode_chunks` in torch (the reference, and the path on CPU): every window, chunk,
+    sequence and head at once, a handful of whole-tensor passes per part."""
     t, b, n, d = k.shape
     S, G, A, P = cfg.chunk, cfg.group, cfg.chunk - 1, cfg.anchors_per_group
     C, nG, groups = t // S, t // G, d // G

@@ -1,0 +1,219 @@
+"""The Triton kernels of the fused KVO encoder (``kvo_triton.py`` launches them; see its docstring).
+
+Imported on first use only: ``triton.jit`` reads ``TRITON_INTERPRET`` when this module is imported,
+so the CPU interpreter (tests) must be asked for before that.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_order(scores, chunk, row, BN, S: tl.constexpr):
+    """[P, S] int32: slot ``j`` of chunk ``p`` holds its token ``order[p, j]`` (stable, descending)."""
+    ss = tl.arange(0, S)
+    score = tl.load(scores + (chunk[:, None] * S + ss[None, :]) * BN + row).to(tl.float32)  # [P, S]
+    mine, other = score[:, :, None], score[:, None, :]  # token i on axis 1, token j on axis 2
+    ahead = (other > mine) | ((other == mine) & (ss[None, None, :] < ss[None, :, None]))
+    rank = tl.sum(ahead.to(tl.int32), axis=2)  # [P, S]: the slot of token i
+    return tl.sum(tl.where(rank[:, None, :] == ss[None, :, None], ss[None, None, :], 0), axis=2)
+
+
+@triton.jit
+def fit_range(lo, hi, LEVELS: tl.constexpr):
+    """``quant.fit_range`` from a range's ends: (scale, zero), fp16."""
+    zero = (lo - tl.abs(lo) * 0.0009765625).to(tl.float16)  # quant._OUTWARD = 2**-10
+    step = (hi - zero.to(tl.float32)) * (1.0 / LEVELS)
+    return (step * 1.0009765625).to(tl.float16), zero  # 1 + 2**-10
+
+
+@triton.jit
+def quantize(x, step, zero, LEVELS: tl.constexpr):
+    """``quant.quantize`` with float32 ``step`` and ``zero``: int32 codes in [0, LEVELS]."""
+    step = tl.where(step > 0, step, 1.0)
+    y = tl.math.div_rn(x - zero, step)
+    y = tl.minimum(tl.maximum(y, -1.0), LEVELS + 1.0)  # the final clamp's result is unchanged
+    below = tl.floor(y)
+    frac = y - below  # exact: |y| is small
+    odd = below - 2.0 * tl.floor(below * 0.5)
+    y = tl.where(frac > 0.5, below + 1.0, tl.where(frac < 0.5, below, below + odd))  # half to even
+    return tl.minimum(tl.maximum(y, 0.0), LEVELS).to(tl.int32)
+
+
+@triton.jit
+def keep_largest(mag, index, COUNT: tl.constexpr, AXIS: tl.constexpr):
+    """The ``COUNT`` largest of ``mag >= 0`` along ``AXIS`` (``index``: the positions along it,
+    broadcastable to ``mag``), the lower index winning a tie: an entry is kept when fewer than
+    ``COUNT`` entries rank ahead of it, which is where a stable descending sort would put it."""
+    ahead = tl.zeros(mag.shape, dtype=tl.int32)
+    for other in range(mag.shape[AXIS]):
+        rival = tl.sum(tl.where(index == other, mag, 0.0), axis=AXIS, keep_dims=True)  # exact: one term
+        ahead += ((rival > mag) | ((rival == mag) & (other < index))).to(tl.int32)
+    return ahead < COUNT
+
+
+@triton.jit
+def pack(codes, BITS: tl.constexpr):
+    """[R, N] int32 codes packed along N little end first (``packing.pack_bits``): [R, N * BITS / 8]."""
+    PER: tl.constexpr = 8 // BITS
+    R: tl.constexpr = codes.shape[0]
+    N: tl.constexpr = codes.shape[1]
+    shifted = codes << ((tl.arange(0, N) % PER) * BITS)[None, :]
+    if PER == 1:
+        packed = shifted
+    else:
+        packed = tl.sum(tl.reshape(shifted, [R, N // PER, PER]), axis=2)  # fields never overlap: sum = or
+    return packed
+
+
+@triton.jit
+def encode_k(
+    k,  # [t, b, n_kv, D] any float dtype
+    scores,  # [t, b, n_kv]
+    order_out,  # uint8 [C, b, n_kv, S * ORDER_BITS / 8]
+    a_codes,  # uint8 [C, b, n_kv, D * A_BITS / 8]
+    a_scale,  # fp16 [C, b, n_kv, D / G] (and a_zero)
+    a_zero,
+    d_codes,  # uint8 [C, b, n_kv, S - 1, D / G * KB]
+    d_scale,  # fp16 [C, b, n_kv, S - 1, D / G] or, per channel, [nG, b, n_kv, D] (and d_zero)
+    d_zero,
+    keep_out,  # uint8 [C, b, n_kv, S - 1, D / 8]
+    BN,  # b * n_kv: rows per token
+    S: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    A_BITS: tl.constexpr,
+    D_BITS: tl.constexpr,
+    K_KEEP: tl.constexpr,
+    KB: tl.constexpr,  # bytes of one group's kept codes
+    KB_TILE: tl.constexpr,  # KB rounded up to a power of two
+    ORDER_BITS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    g, row = pid // BN, pid % BN
+    GROUPS: tl.constexpr = D // G
+    A: tl.constexpr = S - 1
+    A_LEVELS: tl.constexpr = (1 << A_BITS) - 1
+    D_LEVELS: tl.constexpr = (1 << D_BITS) - 1
+    pp, ss, dd = tl.arange(0, P), tl.arange(0, S), tl.arange(0, D)
+    chunk = g * P + pp  # [P]
+    order = chunk_order(scores, chunk, row, BN, S)  # [P, S]
+    OB: tl.constexpr = S * ORDER_BITS // 8
+    tl.store(
+        order_out + (chunk * BN + row)[:, None] * OB + tl.arange(0, OB)[None, :],
+        pack(order, ORDER_BITS).to(tl.uint8),
+    )
+    token = chunk[:, None] * S + order  # [P, S] in slot order
+    x = tl.load(k + ((token * BN + row) * D)[:, :, None] + dd[None, None, :]).to(tl.float32)  # [P, S, D]
+    first = tl.sum(tl.where(ss[None, :] == 0, order, 0), axis=1)  # [P]: the anchors' tokens
+    anchor = tl.load(k + ((chunk * S + first) * BN + row)[:, None] * D + dd[None, :]).to(tl.float32)
+    anchor = tl.reshape(anchor, [P, GROUPS, G])
+    scale, zero = fit_range(tl.min(anchor, axis=2), tl.max(anchor, axis=2), A_LEVELS)  # [P, GROUPS]
+    head = chunk * BN + row  # [P]: the (chunk, sequence, head) row of chunk-indexed outputs
+    at = head[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+    tl.store(a_scale + at, scale)
+    tl.store(a_zero + at, zero)
+    codes = quantize(anchor, scale.to(tl.float32)[:, :, None], zero.to(tl.float32)[:, :, None], A_LEVELS)
+    AB: tl.constexpr = D * A_BITS // 8
+    packed = pack(tl.reshape(codes, [P, D]), A_BITS).to(tl.uint8)
+    tl.store(a_codes + head[:, None] * AB + tl.arange(0, AB)[None, :], packed)
+    # dequantised anchor (two roundings, as torch's multiply then add), differences from it
+    anchor = codes.to(tl.float32) * scale.to(tl.float32)[:, :, None] + zero.to(tl.float32)[:, :, None]
+    diff = x - tl.reshape(anchor, [P, D])[:, None, :]  # [P, S, D]; slot 0 (the anchor) unused
+    other = (ss >= 1)[None, :]  # [1, S]: the non-anchor slots
+    slot_row = head[:, None] * A + ss[None, :] - 1  # [P, S]: row of [C, b, n_kv, A, *] outputs
+    grouped = tl.reshape(diff, [P, S, GROUPS, G])
+    if PER_CHANNEL:  # one range per channel over the group's non-anchors
+        live = other[:, :, None]
+        lo = tl.min(tl.min(tl.where(live, diff, float("inf")), axis=1), axis=0)  # [D]
+        hi = tl.max(tl.max(tl.where(live, diff, float("-inf")), axis=1), axis=0)
+        scale, zero = fit_range(lo, hi, D_LEVELS)
+        tl.store(d_scale + (g * BN + row) * D + dd, scale)
+        tl.store(d_zero + (g * BN + row) * D + dd, zero)
+        step = tl.reshape(scale.to(tl.float32), [1, 1, GROUPS, G])
+        base = tl.reshape(zero.to(tl.float32), [1, 1, GROUPS, G])
+    else:  # one per token and channel group
+        scale, zero = fit_range(tl.min(grouped, axis=3), tl.max(grouped, axis=3), D_LEVELS)  # [P, S, GROUPS]
+        at = slot_row[:, :, None] * GROUPS + tl.arange(0, GROUPS)[None, None, :]
+        tl.store(d_scale + at, scale, mask=other[:, :, None])
+        tl.store(d_zero + at, zero, mask=other[:, :, None])
+        step, base = scale.to(tl.float32)[:, :, :, None], zero.to(tl.float32)[:, :, :, None]
+    codes = quantize(grouped, step, base, D_LEVELS)  # [P, S, GROUPS, G]
+    kept = keep_largest(tl.abs(grouped), tl.arange(0, G)[None, None, None, :], K_KEEP, 3)
+    kept_int = kept.to(tl.int32)
+    place = tl.cumsum(kept_int, axis=3) - kept_int  # a kept code's place among its group's
+    PER: tl.constexpr = 8 // D_BITS
+    byte = tl.arange(0, KB_TILE)[None, None, None, :]
+    compact = tl.zeros([P, S, GROUPS, KB_TILE], dtype=tl.int32)
+    for place_index in tl.static_range(K_KEEP):
+        picked = tl.sum(tl.where(kept & (place == place_index), codes, 0), axis=3)  # [P, S, GROUPS]
+        shifted = picked[:, :, :, None] << ((place_index % PER) * D_BITS)
+        compact += tl.where(byte == place_index // PER, shifted, 0)
+    at = (slot_row[:, :, None] * GROUPS + tl.arange(0, GROUPS)[None, None, :])[:, :, :, None] * KB + byte
+    tl.store(d_codes + at, compact.to(tl.uint8), mask=other[:, :, None, None] & (byte < KB))
+    mask = tl.reshape(pack(tl.reshape(kept_int, [P * S, D]), 1), [P, S, D // 8]).to(tl.uint8)
+    at = slot_row[:, :, None] * (D // 8) + tl.arange(0, D // 8)[None, None, :]
+    tl.store(keep_out + at, mask, mask=other[:, :, None])
+
+
+@triton.jit
+def encode_v(
+    v,  # [t, b, n_kv, D] any float dtype
+    scores,  # [t, b, n_kv]
+    a_codes,  # uint8 [nG, b, n_kv, P, D * VA_BITS / 8]
+    codes_out,  # uint8 [nG, b, n_kv, V_KEEP - P, D * V_BITS / 8]
+    keep_out,  # uint8 [nG, b, n_kv, G - P, D / 8]
+    scale_out,  # fp16 [nG, b, n_kv, D] (and zero_out)
+    zero_out,
+    BN,
+    S: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    V_BITS: tl.constexpr,
+    VA_BITS: tl.constexpr,
+    V_KEEP: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    g, row = pid // BN, pid % BN
+    T: tl.constexpr = P * S  # the group's tokens
+    A: tl.constexpr = S - 1
+    KEPT: tl.constexpr = V_KEEP - P  # kept non-anchors
+    LEVELS: tl.constexpr = (1 << V_BITS) - 1
+    A_LEVELS: tl.constexpr = (1 << VA_BITS) - 1
+    pp, ss, dd, tt = tl.arange(0, P), tl.arange(0, S), tl.arange(0, D), tl.arange(0, T)
+    head = g * BN + row
+    chunk = g * P + pp
+    order = chunk_order(scores, chunk, row, BN, S)  # [P, S]
+    token = tl.reshape(chunk[:, None] * S + order, [T])  # [T] in slot order, chunk by chunk
+    x = tl.load(v + ((token * BN + row) * D)[:, None] + dd[None, :]).to(tl.float32)  # [T, D]
+    scale, zero = fit_range(tl.min(x, axis=0), tl.max(x, axis=0), LEVELS)  # [D]
+    tl.store(scale_out + head * D + dd, scale)
+    tl.store(zero_out + head * D + dd, zero)
+    step, base = scale.to(tl.float32)[None, :], zero.to(tl.float32)[None, :]
+    first = tl.sum(tl.where(ss[None, :] == 0, order, 0), axis=1)  # [P]
+    anchor = tl.load(v + ((chunk * S + first) * BN + row)[:, None] * D + dd[None, :]).to(tl.float32)
+    codes = quantize(anchor, step * (LEVELS / A_LEVELS), base, A_LEVELS)  # [P, D]: a finer grid
+    AB: tl.constexpr = D * VA_BITS // 8
+    tl.store(a_codes + (head * P + pp)[:, None] * AB + tl.arange(0, AB)[None, :], pack(codes, VA_BITS).to(tl.uint8))
+    is_anchor = (tt % S == 0)[:, None]  # [T, 1]
+    other_row = head * (T - P) + (tt // S) * A + tt % S - 1  # [T]: row of the non-anchor outputs
+    if KEPT > 0:
+        mag = tl.where(is_anchor, -1.0, tl.abs(x))  # anchors are stored apart, never picked here
+        kept = keep_largest(mag, tt[:, None], KEPT, 0)  # [T, D]
+    else:
+        kept = tl.zeros([T, D], dtype=tl.int1)
+    kept_int = kept.to(tl.int32)
+    place = tl.cumsum(kept_int, axis=0) - kept_int
+    codes = quantize(x, step, base, LEVELS)  # [T, D]
+    CB: tl.constexpr = D * V_BITS // 8
+    for place_index in tl.static_range(KEPT):
+        picked = tl.sum(tl.where(kept & (place == place_index), codes, 0), axis=0)  # [D]
+        tl.store(
+            codes_out + (head * KEPT + place_index) * CB + tl.arange(0, CB),
+            tl.reshape(pack(picked[None, :], V_BITS), [CB]).to(tl.uint8),
+        )
+    mask = pack(kept_int, 1).to(tl.uint8)  # [T, D / 8]
+    at = other_row[:, None] * (D // 8) + tl.arange(0, D // 8)[None, :]
+    tl.store(keep_out + at, mask, mask=~is_anchor)

@@ -1,0 +1,191 @@
+"""The fused Triton KVO encoder against the torch reference: every tensor equal, bit for bit.
+
+On CUDA the kernels are compiled; elsewhere they run in Triton's CPU interpreter (TRITON_INTERPRET=1,
+set before their module is first imported), one program at a time in Python, so the shapes stay
+small. No tolerance anywhere: the kernels repeat the reference's float32 operations in its order,
+so codes, scales, zeros, masks and order are ``torch.equal`` to ``encode_chunks_torch``'s, and so
+are their decodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import token_prompts
+from kvpr.compress import kvo_triton
+from kvpr.compress.kvo import (
+    K_DIFF_RANGE,
+    KVOConfig,
+    decode_k_chunks,
+    decode_v_groups,
+    encode_chunks,
+    encode_chunks_torch,
+    rotate_kv,
+)
+from kvpr.errors import KvprError
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+CONFIGS = {
+    "paper": KVOConfig(),
+    "per_channel": KVOConfig(k_diff_axis="channel"),
+    # chunk 4 (8 anchors a group, 2-bit order), k_keep not a power of two, 4-bit differences, 1-bit V
+    "narrow": KVOConfig(chunk=4, k_keep=6, v_keep=20, k_diff_bits=4, v_bits=1),
+    # every difference kept, one non-anchor V kept, 4-bit anchors, 16-token groups with channel ranges
+    "extremes": KVOConfig(window=64, chunk=8, group=16, k_keep=16, v_keep=3, k_anchor_bits=4, k_diff_axis="channel"),
+    # no non-anchor V kept (decode_v_groups cannot gather from the empty v_codes: encodings only)
+    "anchors_only": KVOConfig(v_keep=4),
+}
+
+
+@pytest.fixture(autouse=True)
+def triton_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's interpreter where there is no GPU (the fused path then runs on CPU tensors)."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _ties(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Coarse values: many equal magnitudes and zeros, so every tie rule is exercised."""
+    return torch.where(torch.rand(x.shape, generator=gen) < 0.3, torch.zeros_like(x), x).mul(2).round().div(2)
+
+
+def _inputs(t: int, b: int, n: int, d: int, dtype: torch.dtype, ties: bool, seed: int = 0):
+    """K (outlier channels), V, scores [t, b, n_kv] on the device; with ``ties``: coarse values, tied
+    scores, a constant chunk (zero scales) and a chunk of padding (-inf scores)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(t, b, n, d, generator=gen) * (1 + 4 * torch.rand(d, generator=gen)) + 0.5
+    v = torch.randn(t, b, n, d, generator=gen)
+    scores = torch.rand(t, b, n, generator=gen)
+    if ties:
+        k, v, scores = _ties(k, gen), _ties(v, gen), scores.mul(4).round()
+        k[:8] = 1.0
+        scores[16:24] = float("-inf")
+    return k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE), scores.to(DEVICE)
+
+
+def _decoded(ts: dict[str, torch.Tensor], cfg: KVOConfig, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both parts decoded in stored order: K [C, b, n_kv, S, d], V [nG, b, n_kv, P, S, d]."""
+    if cfg.per_channel:  # each chunk its group's range, as KVOCodec.decode
+        ts = ts | {name: ts[name].repeat_interleave(cfg.anchors_per_group, dim=0) for name in K_DIFF_RANGE}
+    return decode_k_chunks(ts, cfg, d), decode_v_groups(ts, cfg, d)
+
+
+def assert_same_encoding(
+    k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig, decode: bool = True
+) -> None:
+    got = encode_chunks(k, v, scores, cfg, fused=True)
+    want = encode_chunks_torch(k, v, scores, cfg)
+    assert got.keys() == want.keys()
+    for name, expected in want.items():
+        assert got[name].dtype == expected.dtype and got[name].shape == expected.shape, name
+        assert torch.equal(got[name], expected), name
+    if not decode:
+        return
+    for fused_part, torch_part in zip(_decoded(got, cfg, k.shape[3]), _decoded(want, cfg, k.shape[3])):
+        assert torch.equal(fused_part, torch_part)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize(
+    ("t", "b", "n", "d", "dtype"),
+    [(64, 2, 2, 64, torch.float32), (32, 1, 3, 128, torch.float16), (96, 3, 1, 64, torch.bfloat16)],
+)
+def test_fused_encoder_equals_the_torch_encoder(t, b, n, d, dtype, ties) -> None:
+    """Several shapes (b > 1, odd head counts, d 64 and 128) and input dtypes, the paper's codec."""
+    assert_same_encoding(*_inputs(t, b, n, d, dtype, ties, seed=t + d), CONFIGS["paper"])
+
+
+@pytest.mark.parametrize("name", ["per_channel", "narrow", "extremes", "anchors_only"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_encoder_equals_the_torch_encoder_for_other_knobs(name: str, ties: bool) -> None:
+    k, v, scores = _inputs(64, 2, 1, 64, torch.float32, ties, seed=1)
+    assert_same_encoding(k, v, scores, CONFIGS[name], decode=name != "anchors_only")
+
+
+@pytest.mark.parametrize("rotate", ["k", "kv"])
+def test_fused_encoder_takes_rotated_parts(rotate: str) -> None:
+    """``rotate`` happens before the encoder (``rotate_kv``): its float32 output encodes alike."""
+    cfg = dataclasses.replace(CONFIGS["per_channel"], rotate=rotate)
+    k, v, scores = _inputs(32, 2, 2, 64, torch.float16, ties=False, seed=2)
+    assert_same_encoding(*rotate_kv(k, v, cfg), scores, cfg)
+
+
+def test_no_tokens_give_empty_tensors_of_the_same_shapes() -> None:
+    k, v, scores = _inputs(0, 2, 2, 64, torch.float32, ties=False)
+    got, want = (
+        kvo_triton.encode_chunks_fused(k, v, scores, KVOConfig()),
+        encode_chunks_torch(k, v, scores, KVOConfig()),
+    )
+    assert {name: x.shape for name, x in got.items()} == {name: x.shape for name, x in want.items()}
+
+
+def test_dispatch_takes_the_fused_path_where_it_runs_and_supports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Auto: fused on CUDA (or under the interpreter) for supported knobs; 3-bit codes (which
+    straddle bytes) take the torch path; asking the fused path for them is one clear error."""
+    calls: list[KVOConfig] = []
+    fused = kvo_triton.encode_chunks_fused
+
+    def spy(k, v, scores, cfg):
+        calls.append(cfg)
+        return fused(k, v, scores, cfg)
+
+    monkeypatch.setattr(kvo_triton, "encode_chunks_fused", spy)
+    k, v, scores = _inputs(32, 1, 1, 64, torch.float32, ties=False)
+    encode_chunks(k, v, scores, KVOConfig())
+    three_bit = KVOConfig(v_bits=3)
+    assert not kvo_triton.supports(three_bit, 64) and not kvo_triton.supports(KVOConfig(group=24, window=48), 64)
+    assert torch.equal(
+        encode_chunks(k, v, scores, three_bit)["v_codes"], encode_chunks_torch(k, v, scores, three_bit)["v_codes"]
+    )
+    assert calls == [KVOConfig()]
+    with pytest.raises(KvprError, match="fused=False"):
+        kvo_triton.encode_chunks_fused(k, v, scores, three_bit)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kvo_triton.runs_here(k) == CUDA  # a CPU tensor needs the interpreter
+
+
+# ----------------------------------------------------------------------------- whole prefill
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("params", [(), (("k_diff_axis", "channel"), ("rotate", "kv"))])
+def test_kvo_prefill_with_the_fused_encoder_caches_what_the_torch_encoder_does(
+    tiny_checkpoint, monkeypatch: pytest.MonkeyPatch, params
+) -> None:
+    """An fp16 KVO prefill on CUDA (two rows, one left-padded, GQA): every layer's anchors, packed
+    K/V/order rows and recent window are equal with either encoder, and so are the logits after it
+    and after a few decode steps."""
+    import kvpr.runtime.kvo_cache as kvo_cache
+    from kvpr.api import LLM
+    from kvpr.config import CacheConfig, EngineConfig, RuntimeConfig
+    from kvpr.runtime.kvo_cache import KVOCache
+
+    cache = CacheConfig(kv_codec="kvo", kv_codec_params=params)
+    runtime = RuntimeConfig(device="cuda", dtype="float16")
+    llm = LLM(EngineConfig(model=str(tiny_checkpoint("llama-d32")), cache=cache, runtime=runtime), 2, 350)
+    ids = torch.tensor(token_prompts([340, 340], seed=5), device="cuda")
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :100] = False
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        executor = llm.make_executor(2, 350)
+        logits = [executor.prefill(ids, valid)]
+        logits += [executor.decode(ids[:, step]) for step in range(4)]
+        caches = [c for c in executor.caches if isinstance(c, KVOCache)]
+        assert caches and all(c.num_chunks > 0 for c in caches)
+        state = []
+        for c in caches:
+            state += [*c.anchors.values(), c.k_rows.rows, c.v_rows.rows, c.orders.rows, *c.recent.values()]
+        return logits, state
+
+    fused_logits, fused_state = run()
+    monkeypatch.setattr(kvo_cache, "encode_chunks", functools.partial(encode_chunks, fused=False))
+    torch_logits, torch_state = run()
+    assert all(torch.equal(a, b) for a, b in zip(fused_state, torch_state))
+    assert all(torch.equal(a, b) for a, b in zip(fused_logits, torch_logits))
