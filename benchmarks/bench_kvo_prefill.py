@@ -14,12 +14,16 @@ Writes ``kvo-prefill-<model>-<device>-<yyyymmdd>.json`` into ``--out`` and print
     # H200: the issue's size
     $(python3 benchmarks/provenance.py) python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b \
         --batch-size 16 --prompt-len 2016 --device cuda --dtype float16 --repeats 5 --out benchmarks/results
+
+``--encoder torch`` keeps ``encode_chunks`` on its torch path (the fused Triton encoder is the
+default where it runs), so one device call can time both: the result's file name then says which.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import statistics
@@ -57,6 +61,18 @@ PHASES: tuple[tuple[str, Any, str], ...] = (
     ("rows.write", RowTier, "write"),  # rows into their tier
 )
 NESTED = ("encode_recent", "decode_recent_k", "encode_chunks", "rows.pack", "rows.write")
+
+
+@contextlib.contextmanager
+def encoder_choice(encoder: str) -> Iterator[None]:
+    """``encode_chunks`` as the KVO cache calls it: auto (fused where it runs), or forced."""
+    saved = kvo_cache.encode_chunks
+    if encoder != "auto":
+        kvo_cache.encode_chunks = functools.partial(saved, fused=encoder == "fused")
+    try:
+        yield
+    finally:
+        kvo_cache.encode_chunks = saved
 
 
 def sync(device: torch.device) -> None:
@@ -157,6 +173,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_s": kvo_s - dense_s,
         "ratio": kvo_s / dense_s,
         "runs": runs,
+        "encoder": args.encoder,
         "phases_s": phases,
         "phased_run_s": timed_total,
     }
@@ -165,7 +182,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"KVO prefill, {result['model']} ({result['layers']} layers), batch {result['batch_size']} x "
-        f"{result['prompt_len']} tokens, {result['device']} {result['dtype']}, median of {result['repeats']}",
+        f"{result['prompt_len']} tokens, {result['device']} {result['dtype']}, median of {result['repeats']}, "
+        f"encoder {result['encoder']}",
         f"{'dense prefill':<24}{result['dense_s']:>10.3f} s",
         f"{'kvo prefill':<24}{result['kvo_s']:>10.3f} s",
         f"{'kvo overhead':<24}{result['overhead_s']:>10.3f} s   (kvo / dense = {result['ratio']:.2f}x)",
@@ -187,6 +205,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
+    parser.add_argument("--encoder", default="auto", choices=("auto", "torch", "fused"), help="encode_chunks' path")
     add_provenance_args(parser)
     args = parser.parse_args()
     if args.layers is None and args.device == "cpu" and args.model == "opt-125m" and args.prompt_len <= 512:
@@ -194,13 +213,14 @@ def main() -> int:
     header = header_or_exit(args.allow_dirty)
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # a shared CPU: fewer threads than cores time more steadily
-    result = measure(args)
+    with encoder_choice(args.encoder):
+        result = measure(args)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         device = header["device"].replace(" ", "_")
-        path = (
-            args.out / f"kvo-prefill-{args.model}-b{args.batch_size}-s{args.prompt_len}-{device}-{header['date']}.json"
-        )
+        encoder = "" if args.encoder == "auto" else f"-{args.encoder}"
+        stem = f"kvo-prefill-{args.model}-b{args.batch_size}-s{args.prompt_len}-{device}-{header['date']}{encoder}"
+        path = args.out / f"{stem}.json"
         path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
         print(f"wrote {path}")
     print(table(result))

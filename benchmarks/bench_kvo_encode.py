@@ -1,0 +1,149 @@
+"""KVO's ``encode_chunks`` alone: the torch path against the fused Triton encoder, one layer's shape.
+
+Seeded inputs of the prefill's kinds (K float32, as ``decode_recent_k`` hands it over; V in the
+model dtype; float32 scores), both encoders on the same inputs, every output checked equal first.
+Each figure is the median of ``--repeats`` synchronised calls after a warm-up (the fused kernels
+compile there); the fused encoder is timed at each ``--num-warps``. Reports milliseconds per layer,
+the speed-up, and the fused encoder's achieved bandwidth over the bytes it must move (K and V read
+once, the encoded tensors written once). Writes ``kvo-encode-<device>-<yyyymmdd>.json`` into ``--out``.
+
+    # H200: opt-6.7b's layer at batch 16 x 2016 (1920 tokens finalised at prefill)
+    $(python3 benchmarks/provenance.py) python3 benchmarks/bench_kvo_encode.py --device cuda \
+        --tokens 1920 --batch-size 16 --heads 32 --head-dim 128 --out benchmarks/results
+    # CPU smoke run (Triton's interpreter: tiny shapes only)
+    TRITON_INTERPRET=1 python3 benchmarks/bench_kvo_encode.py --tokens 64 --batch-size 2 --heads 2 \
+        --head-dim 64 --repeats 1 --allow-dirty
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import add_provenance_args, header_or_exit  # noqa: E402
+
+from kvpr.compress import kvo_triton  # noqa: E402
+from kvpr.compress.kvo import KVOConfig, encode_chunks_torch  # noqa: E402
+
+CONFIGS = {"paper": KVOConfig(), "per_channel": KVOConfig(k_diff_axis="channel")}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: compiles the kernels, fills the allocator's cache
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def inputs(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K float32 with outlier channels, V in ``--dtype``, scores [t, b, n_kv] float32, seeded."""
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    shape = (args.tokens, args.batch_size, args.heads, args.head_dim)
+    k = torch.randn(shape, generator=gen, device=device)
+    k = k * (1 + 4 * torch.rand(args.head_dim, generator=gen, device=device))
+    v = torch.randn(shape, generator=gen, device=device).to(getattr(torch, args.dtype))
+    return k, v, torch.rand(shape[:3], generator=gen, device=device)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    cfg = CONFIGS[args.config]
+    k, v, scores = inputs(args, device)
+    want = encode_chunks_torch(k, v, scores, cfg)
+    got = kvo_triton.encode_chunks_fused(k, v, scores, cfg)
+    unequal = [name for name in want if not torch.equal(got[name], want[name])]
+    torch_s = median_seconds(lambda: encode_chunks_torch(k, v, scores, cfg), device, args.repeats)
+    fused_s = {
+        warps: median_seconds(
+            functools.partial(kvo_triton.encode_chunks_fused, k, v, scores, cfg, warps), device, args.repeats
+        )
+        for warps in args.num_warps
+    }
+    best = min(fused_s, key=fused_s.__getitem__)
+    moved = k.numel() * k.element_size() + v.numel() * v.element_size() + scores.numel() * 4
+    moved += sum(x.numel() * x.element_size() for x in got.values())
+    return {
+        "config": args.config,
+        "tokens": args.tokens,
+        "batch_size": args.batch_size,
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "k_dtype": "float32",
+        "v_dtype": args.dtype,
+        "repeats": args.repeats,
+        "equal": not unequal,
+        "unequal": unequal,
+        "torch_ms": 1e3 * torch_s,
+        "fused_ms": {str(warps): 1e3 * s for warps, s in fused_s.items()},
+        "best_num_warps": best,
+        "speedup": torch_s / fused_s[best],
+        "fused_bytes": moved,
+        "fused_gb_per_s": moved / fused_s[best] / 1e9,
+    }
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [
+        f"KVO encode_chunks ({r['config']}), {r['tokens']} tokens x batch {r['batch_size']} x {r['heads']} heads "
+        f"x d {r['head_dim']}, K float32, V {r['v_dtype']}, median of {r['repeats']}",
+        f"outputs equal: {r['equal']}" + (f" (differ: {', '.join(r['unequal'])})" if r["unequal"] else ""),
+        f"{'torch':<20}{r['torch_ms']:>10.3f} ms",
+    ]
+    lines += [f"{'fused, ' + warps + ' warps':<20}{ms:>10.3f} ms" for warps, ms in r["fused_ms"].items()]
+    lines.append(
+        f"speed-up {r['speedup']:.1f}x; fused moves {r['fused_bytes'] / 1e9:.3f} GB at {r['fused_gb_per_s']:.0f} GB/s"
+    )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=1920, help="finalised tokens (a multiple of the group)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=32, help="KV heads")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="float16", help="V's dtype (the model's)")
+    parser.add_argument("--config", default="paper", choices=sorted(CONFIGS))
+    parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
+    add_provenance_args(parser)
+    args = parser.parse_args()
+    header = header_or_exit(args.allow_dirty)
+    result = measure(args)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        device = header["device"].replace(" ", "_")
+        path = args.out / f"kvo-encode-{args.config}-{device}-{header['date']}.json"
+        path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
+        print(f"wrote {path}")
+    print(table(result))
+    return 0 if result["equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
