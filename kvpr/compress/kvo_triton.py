@@ -9,8 +9,9 @@ fits one range per channel over the group's non-anchors, and V's ranges are per 
 Bit-identical to the torch path (the tests hold every tensor ``torch.equal``): the float32
 operations are the same, in the same order (the launch turns fp fusion off, so no multiply-add is
 contracted; IEEE division; round half to even from ``floor``); ranges are min/max, which no order
-changes; a chunk's order and the kept entries are ranks counted by comparison, the lower index
-winning a tie, which is what the stable sorts of ``encode_chunks_torch`` and ``kvo.largest`` pick.
+changes; a chunk's order is a rank counted by comparison, and the kept entries are those above the
+``count``-th largest value plus the first of those equal to it, the lower index winning a tie: what
+the stable sorts of ``encode_chunks_torch`` and ``kvo.largest`` pick.
 Supported: power-of-two chunk, group and head_dim, code widths that divide a byte (1, 2, 4, 8 bits),
 chunks whose order fills whole bytes; anything else takes the torch path (``supports``).
 ``rotate`` needs nothing here: K and V arrive rotated. The kernels are in ``kvo_triton_kernels``,
@@ -108,7 +109,7 @@ def encode_chunks_fused(
         k, scores, out["order"], out["k_anchor_codes"], out["k_anchor_scale"], out["k_anchor_zero"],
         out["k_diff_codes"], out["k_diff_scale"], out["k_diff_zero"], out["k_keep"], b * n,
         S=S, P=P, D=d, G=G, A_BITS=cfg.k_anchor_bits, D_BITS=cfg.k_diff_bits, K_KEEP=cfg.k_keep,
-        KB=kb, KB_TILE=1 << (kb - 1).bit_length(), ORDER_BITS=cfg.order_bits, PER_CHANNEL=cfg.per_channel,
+        KB=kb, ORDER_BITS=cfg.order_bits, PER_CHANNEL=cfg.per_channel,
         num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     encode_v[grid](

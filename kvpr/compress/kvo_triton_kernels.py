@@ -41,15 +41,21 @@ def quantize(x, step, zero, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def keep_largest(mag, index, COUNT: tl.constexpr, AXIS: tl.constexpr):
-    """The ``COUNT`` largest of ``mag >= 0`` along ``AXIS`` (``index``: the positions along it,
-    broadcastable to ``mag``), the lower index winning a tie: an entry is kept when fewer than
-    ``COUNT`` entries rank ahead of it, which is where a stable descending sort would put it."""
-    ahead = tl.zeros(mag.shape, dtype=tl.int32)
-    for other in range(mag.shape[AXIS]):
-        rival = tl.sum(tl.where(index == other, mag, 0.0), axis=AXIS, keep_dims=True)  # exact: one term
-        ahead += ((rival > mag) | ((rival == mag) & (other < index))).to(tl.int32)
-    return ahead < COUNT
+def keep_largest(mag, COUNT: tl.constexpr, AXIS: tl.constexpr):
+    """The ``COUNT`` largest of ``mag >= 0`` along ``AXIS``, the lower index winning a tie (what a
+    stable descending sort puts first): the ``COUNT``-th largest value is found by stepping down the
+    distinct values from the top (at most ``COUNT - 1`` steps, each a max and a count), then the
+    entries above it are kept and, of those equal to it, the first ``room``."""
+    level = tl.max(mag, axis=AXIS, keep_dims=True)
+    room = tl.zeros(level.shape, dtype=tl.int32) + COUNT  # COUNT - #entries above ``level``
+    for _ in range(COUNT - 1):
+        ties = tl.sum((mag == level).to(tl.int32), axis=AXIS, keep_dims=True)
+        below = tl.max(tl.where(mag < level, mag, -2.0), axis=AXIS, keep_dims=True)
+        deeper = ties < room  # every entry equal to ``level`` is kept: the threshold is lower
+        room = tl.where(deeper, room - ties, room)
+        level = tl.where(deeper, below, level)
+    equal = (mag == level).to(tl.int32)
+    return (mag > level) | ((equal == 1) & (tl.cumsum(equal, axis=AXIS) - equal < room))
 
 
 @triton.jit
@@ -87,7 +93,6 @@ def encode_k(
     D_BITS: tl.constexpr,
     K_KEEP: tl.constexpr,
     KB: tl.constexpr,  # bytes of one group's kept codes
-    KB_TILE: tl.constexpr,  # KB rounded up to a power of two
     ORDER_BITS: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
 ):
@@ -141,18 +146,15 @@ def encode_k(
         tl.store(d_zero + at, zero, mask=other[:, :, None])
         step, base = scale.to(tl.float32)[:, :, :, None], zero.to(tl.float32)[:, :, :, None]
     codes = quantize(grouped, step, base, D_LEVELS)  # [P, S, GROUPS, G]
-    kept = keep_largest(tl.abs(grouped), tl.arange(0, G)[None, None, None, :], K_KEEP, 3)
+    kept = keep_largest(tl.abs(grouped), K_KEEP, 3)
     kept_int = kept.to(tl.int32)
     place = tl.cumsum(kept_int, axis=3) - kept_int  # a kept code's place among its group's
     PER: tl.constexpr = 8 // D_BITS
-    byte = tl.arange(0, KB_TILE)[None, None, None, :]
-    compact = tl.zeros([P, S, GROUPS, KB_TILE], dtype=tl.int32)
-    for place_index in tl.static_range(K_KEEP):
-        picked = tl.sum(tl.where(kept & (place == place_index), codes, 0), axis=3)  # [P, S, GROUPS]
-        shifted = picked[:, :, :, None] << ((place_index % PER) * D_BITS)
-        compact += tl.where(byte == place_index // PER, shifted, 0)
-    at = (slot_row[:, :, None] * GROUPS + tl.arange(0, GROUPS)[None, None, :])[:, :, :, None] * KB + byte
-    tl.store(d_codes + at, compact.to(tl.uint8), mask=other[:, :, None, None] & (byte < KB))
+    shifted = codes << ((place % PER) * D_BITS)  # a kept code's bits in its byte of the compact row
+    at = (slot_row[:, :, None] * GROUPS + tl.arange(0, GROUPS)[None, None, :]) * KB  # [P, S, GROUPS]
+    for byte_index in tl.static_range(KB):
+        byte = tl.sum(tl.where(kept & (place // PER == byte_index), shifted, 0), axis=3)  # disjoint bits
+        tl.store(d_codes + at + byte_index, byte.to(tl.uint8), mask=other[:, :, None])
     mask = tl.reshape(pack(tl.reshape(kept_int, [P * S, D]), 1), [P, S, D // 8]).to(tl.uint8)
     at = slot_row[:, :, None] * (D // 8) + tl.arange(0, D // 8)[None, None, :]
     tl.store(keep_out + at, mask, mask=other[:, :, None])
@@ -201,7 +203,7 @@ def encode_v(
     other_row = head * (T - P) + (tt // S) * A + tt % S - 1  # [T]: row of the non-anchor outputs
     if KEPT > 0:
         mag = tl.where(is_anchor, -1.0, tl.abs(x))  # anchors are stored apart, never picked here
-        kept = keep_largest(mag, tt[:, None], KEPT, 0)  # [T, D]
+        kept = keep_largest(mag, KEPT, 0)  # [T, D]
     else:
         kept = tl.zeros([T, D], dtype=tl.int1)
     kept_int = kept.to(tl.int32)
