@@ -5,7 +5,8 @@ model dtype; float32 scores), both encoders on the same inputs, every output che
 Each figure is the median of ``--repeats`` synchronised calls after a warm-up (the fused kernels
 compile there); the fused encoder is timed at each ``--num-warps``. Reports milliseconds per layer,
 the speed-up, and the fused encoder's achieved bandwidth over the bytes it must move (K and V read
-once, the encoded tensors written once). Writes ``kvo-encode-<device>-<yyyymmdd>.json`` into ``--out``.
+once, the encoded tensors written once); and the recent window's int8 K (``kvo.encode_recent``,
+every prompt token at prefill) both ways. Writes ``kvo-encode-<device>-<yyyymmdd>.json`` into ``--out``.
 
     # H200: opt-6.7b's layer at batch 16 x 2016 (1920 tokens finalised at prefill)
     $(python3 benchmarks/provenance.py) python3 benchmarks/bench_kvo_encode.py --device cuda \
@@ -36,6 +37,7 @@ from provenance import add_provenance_args, header_or_exit  # noqa: E402
 
 from kvpr.compress import kvo_triton  # noqa: E402
 from kvpr.compress.kvo import KVOConfig, encode_chunks_torch  # noqa: E402
+from kvpr.compress.quant import quantize_groups  # noqa: E402
 
 CONFIGS = {"paper": KVOConfig(), "per_channel": KVOConfig(k_diff_axis="channel")}
 
@@ -82,6 +84,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for warps in args.num_warps
     }
     best = min(fused_s, key=fused_s.__getitem__)
+    # the recent window's K, as the prefill first stores every prompt token: model dtype, int8 groups
+    recent = torch.cat([k, k[: args.recent_extra]]).to(v.dtype)  # [tokens + extra, b, n_kv, d]
+    recent_equal = all(
+        torch.equal(a, b)
+        for a, b in zip(kvo_triton.quantize_recent_k(recent, cfg.group), quantize_groups(recent.float(), 8, cfg.group))
+    )
+    recent_torch_s = median_seconds(lambda: quantize_groups(recent.float(), 8, cfg.group), device, args.repeats)
+    recent_fused_s = median_seconds(lambda: kvo_triton.quantize_recent_k(recent, cfg.group), device, args.repeats)
     moved = k.numel() * k.element_size() + v.numel() * v.element_size() + scores.numel() * 4
     moved += sum(x.numel() * x.element_size() for x in got.values())
     return {
@@ -101,6 +111,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "speedup": torch_s / fused_s[best],
         "fused_bytes": moved,
         "fused_gb_per_s": moved / fused_s[best] / 1e9,
+        "recent_tokens": recent.shape[0],
+        "recent_equal": recent_equal,
+        "recent_torch_ms": 1e3 * recent_torch_s,
+        "recent_fused_ms": 1e3 * recent_fused_s,
     }
 
 
@@ -114,6 +128,10 @@ def table(r: dict[str, Any]) -> str:
     lines += [f"{'fused, ' + warps + ' warps':<20}{ms:>10.3f} ms" for warps, ms in r["fused_ms"].items()]
     lines.append(
         f"speed-up {r['speedup']:.1f}x; fused moves {r['fused_bytes'] / 1e9:.3f} GB at {r['fused_gb_per_s']:.0f} GB/s"
+    )
+    lines.append(
+        f"recent-window K ({r['recent_tokens']} tokens, int8): torch {r['recent_torch_ms']:.3f} ms, "
+        f"fused {r['recent_fused_ms']:.3f} ms, equal: {r['recent_equal']}"
     )
     return "\n".join(lines)
 
@@ -129,6 +147,7 @@ def main() -> int:
     parser.add_argument("--config", default="paper", choices=sorted(CONFIGS))
     parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--recent-extra", type=int, default=96, help="recent-window tokens beyond --tokens (2016)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
     add_provenance_args(parser)
@@ -142,7 +161,7 @@ def main() -> int:
         path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
         print(f"wrote {path}")
     print(table(result))
-    return 0 if result["equal"] else 1
+    return 0 if result["equal"] and result["recent_equal"] else 1
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ from kvpr.compress.kvo import (
     decode_v_groups,
     encode_chunks,
     encode_chunks_torch,
+    encode_recent,
     rotate_kv,
 )
+from kvpr.compress.quant import quantize_groups
 from kvpr.errors import KvprError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -150,8 +152,36 @@ def test_dispatch_takes_the_fused_path_where_it_runs_and_supports(monkeypatch: p
     assert calls == [KVOConfig()]
     with pytest.raises(KvprError, match="fused=False"):
         kvo_triton.encode_chunks_fused(k, v, scores, three_bit)
+    recent: list[int] = []
+    quantize_recent_k = kvo_triton.quantize_recent_k
+    monkeypatch.setattr(
+        kvo_triton, "quantize_recent_k", lambda k, group: recent.append(group) or quantize_recent_k(k, group)
+    )
+    encode_recent(k, v, KVOConfig())
+    encode_recent(k[:0], v[:0], KVOConfig())  # no tokens: the torch path's empty tensors
+    assert recent == [32] and not kvo_triton.recent_supports(24, 96)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert kvo_triton.runs_here(k) == CUDA  # a CPU tensor needs the interpreter
+
+
+@pytest.mark.parametrize(
+    ("t", "b", "n", "d", "group", "dtype", "ties"),
+    [
+        (37, 2, 3, 64, 32, torch.float16, False),
+        (20, 1, 2, 128, 32, torch.float32, True),
+        (9, 3, 1, 64, 16, torch.bfloat16, True),
+    ],
+)
+def test_fused_recent_quantiser_equals_the_torch_one(t, b, n, d, group, dtype, ties) -> None:
+    """The recent window's K (int8 per token in channel groups): rows not a multiple of the tile."""
+    k, v, _ = _inputs(t, b, n, d, dtype, ties, seed=t)
+    got = encode_recent(k, v, KVOConfig(group=group, window=64))
+    codes, scale, zero = quantize_groups(k.float(), 8, group)
+    assert torch.equal(got["rk_codes"], codes) and got["rk_codes"].dtype == torch.uint8
+    assert torch.equal(got["rk_scale"], scale) and torch.equal(got["rk_zero"], zero)
+    assert torch.equal(got["rv"], v.to(torch.float16))
+    fused = kvo_triton.quantize_recent_k(k, group)
+    assert all(torch.equal(a, b) for a, b in zip(fused, (codes, scale, zero)))
 
 
 # ----------------------------------------------------------------------------- whole prefill

@@ -367,8 +367,12 @@ def decode_v_chunks(ts: TensorMap, position: torch.Tensor, cfg: KVOConfig, d: in
 
 
 def encode_recent(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig) -> Tensors:
-    """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16."""
-    codes, scale, zero = quantize_groups(k.float(), 8, cfg.group)  # widened once, not by each pass inside
+    """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16
+    (K in one Triton launch where it runs, bit-identical to the torch quantiser)."""
+    if k.numel() and kvo_triton.runs_here(k) and kvo_triton.recent_supports(cfg.group, k.shape[-1]):
+        codes, scale, zero = kvo_triton.quantize_recent_k(k, cfg.group)
+    else:
+        codes, scale, zero = quantize_groups(k.float(), 8, cfg.group)  # widened once, not by each pass inside
     return {"rk_codes": codes, "rk_scale": scale, "rk_zero": zero, "rv": owned(v, torch.float16)}
 
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 BYTE_WIDTHS = (1, 2, 4, 8)  # code widths whose codes never straddle a byte
 NUM_WARPS = 8  # a program holds a few [group, d] float32 tiles: 8 warps keep them in registers
+RECENT_ELEMENTS = 4096  # values per program of the recent-window quantiser
 
 
 def runs_here(x: torch.Tensor) -> bool:
@@ -61,11 +62,11 @@ def supports(cfg: KVOConfig, d: int) -> bool:
     )
 
 
-def _kernels() -> tuple[Any, Any]:
-    """The K and V kernels (their module imports Triton, so only here)."""
+def _kernels() -> Any:
+    """The kernels' module (it imports Triton, so only here)."""
     from kvpr.compress import kvo_triton_kernels
 
-    return kvo_triton_kernels.encode_k, kvo_triton_kernels.encode_v
+    return kvo_triton_kernels
 
 
 def encode_chunks_fused(
@@ -102,19 +103,43 @@ def encode_chunks_fused(
     }
     if nG == 0:
         return out
-    encode_k, encode_v = _kernels()
+    kernels = _kernels()
     k, v, scores = k.contiguous(), v.contiguous(), scores.contiguous()
     grid = (nG * b * n,)  # one program per (V group, sequence, head); neighbours share tokens
-    encode_k[grid](
+    kernels.encode_k[grid](
         k, scores, out["order"], out["k_anchor_codes"], out["k_anchor_scale"], out["k_anchor_zero"],
         out["k_diff_codes"], out["k_diff_scale"], out["k_diff_zero"], out["k_keep"], b * n,
         S=S, P=P, D=d, G=G, A_BITS=cfg.k_anchor_bits, D_BITS=cfg.k_diff_bits, K_KEEP=cfg.k_keep,
         KB=kb, ORDER_BITS=cfg.order_bits, PER_CHANNEL=cfg.per_channel,
         num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
-    encode_v[grid](
+    kernels.encode_v[grid](
         v, scores, out["v_anchor_codes"], out["v_codes"], out["v_keep"], out["v_scale"], out["v_zero"], b * n,
         S=S, P=P, D=d, V_BITS=cfg.v_bits, VA_BITS=cfg.v_anchor_bits, V_KEEP=cfg.v_keep,
         num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out
+
+
+def recent_supports(group: int, d: int) -> bool:
+    """The recent form's kernel tiles [rows, d] in groups of ``group`` channels: powers of two."""
+    return _power_of_two(group) and _power_of_two(d) and group <= d
+
+
+def quantize_recent_k(k: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quant.quantize_groups(k.float(), 8, group)`` in one launch (``kvo.encode_recent``'s K),
+    bit-identical: codes uint8 [..., d], scale and zero fp16 [..., d / group]."""
+    d = k.shape[-1]
+    if not recent_supports(group, d):
+        raise KvprError(f"the fused recent-window quantiser does not take d={d}, group={group}: use the torch path")
+    x = k.contiguous()
+    codes = torch.empty(k.shape, dtype=torch.uint8, device=k.device)
+    scale = torch.empty(*k.shape[:-1], d // group, dtype=torch.float16, device=k.device)
+    zero = torch.empty_like(scale)
+    num_rows = x.numel() // d
+    if num_rows:
+        block_rows = max(1, RECENT_ELEMENTS // d)  # a [rows, d] tile of about RECENT_ELEMENTS values
+        _kernels().quantize_rows[(-(-num_rows // block_rows),)](
+            x, codes, scale, zero, num_rows, D=d, G=group, BLOCK_ROWS=block_rows, enable_fp_fusion=False
+        )
+    return codes, scale, zero

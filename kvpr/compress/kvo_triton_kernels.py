@@ -219,3 +219,29 @@ def encode_v(
     mask = pack(kept_int, 1).to(tl.uint8)  # [T, D / 8]
     at = other_row[:, None] * (D // 8) + tl.arange(0, D // 8)[None, :]
     tl.store(keep_out + at, mask, mask=~is_anchor)
+
+
+@triton.jit
+def quantize_rows(
+    x,  # [rows, D] any float dtype
+    codes,  # uint8 [rows, D] (8-bit codes: packing is the identity)
+    scale,  # fp16 [rows, D / G] (and zero)
+    zero,
+    num_rows,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """``quant.quantize_groups(x.float(), 8, G)`` of ``BLOCK_ROWS`` rows: the recent window's K."""
+    GROUPS: tl.constexpr = D // G
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
+    live = (rows < num_rows)[:, None]  # [R, 1]
+    values = tl.load(x + rows[:, None] * D + tl.arange(0, D)[None, :], mask=live, other=0).to(tl.float32)
+    grouped = tl.reshape(values, [BLOCK_ROWS, GROUPS, G])
+    step, base = fit_range(tl.min(grouped, axis=2), tl.max(grouped, axis=2), 255)  # [R, GROUPS]
+    at = rows[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+    tl.store(scale + at, step, mask=live)
+    tl.store(zero + at, base, mask=live)
+    quantized = quantize(grouped, step.to(tl.float32)[:, :, None], base.to(tl.float32)[:, :, None], 255)
+    out = tl.reshape(quantized, [BLOCK_ROWS, D]).to(tl.uint8)
+    tl.store(codes + rows[:, None] * D + tl.arange(0, D)[None, :], out, mask=live)
