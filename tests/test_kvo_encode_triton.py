@@ -185,23 +185,22 @@ def test_fused_recent_quantiser_equals_the_torch_one(t, b, n, d, group, dtype, t
 
 
 # ----------------------------------------------------------------------------- whole prefill
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("params", [(), (("k_diff_axis", "channel"), ("rotate", "kv"))])
 def test_kvo_prefill_with_the_fused_encoder_caches_what_the_torch_encoder_does(
     tiny_checkpoint, monkeypatch: pytest.MonkeyPatch, params
 ) -> None:
-    """An fp16 KVO prefill on CUDA (two rows, one left-padded, GQA): every layer's anchors, packed
-    K/V/order rows and recent window are equal with either encoder, and so are the logits after it
-    and after a few decode steps."""
+    """A KVO prefill (fp16 on CUDA, float32 in the interpreter; two rows, one left-padded, GQA): every
+    layer's anchors, packed K/V/order rows and recent window are equal with either encoder, and so
+    are the logits after it and after a few decode steps."""
     import kvpr.runtime.kvo_cache as kvo_cache
     from kvpr.api import LLM
     from kvpr.config import CacheConfig, EngineConfig, RuntimeConfig
     from kvpr.runtime.kvo_cache import KVOCache
 
     cache = CacheConfig(kv_codec="kvo", kv_codec_params=params)
-    runtime = RuntimeConfig(device="cuda", dtype="float16")
+    runtime = RuntimeConfig(device=DEVICE.type, dtype="float16" if CUDA else "float32")
     llm = LLM(EngineConfig(model=str(tiny_checkpoint("llama-d32")), cache=cache, runtime=runtime), 2, 350)
-    ids = torch.tensor(token_prompts([340, 340], seed=5), device="cuda")
+    ids = torch.tensor(token_prompts([340, 340], seed=5), device=DEVICE)
     valid = torch.ones_like(ids, dtype=torch.bool)
     valid[1, :100] = False
 
@@ -213,11 +212,17 @@ def test_kvo_prefill_with_the_fused_encoder_caches_what_the_torch_encoder_does(
         assert caches and all(c.num_chunks > 0 for c in caches)
         state = []
         for c in caches:
-            state += [*c.anchors.values(), c.k_rows.rows, c.v_rows.rows, c.orders.rows, *c.recent.values()]
+            tiers = (c.k_rows, c.v_rows, c.orders)  # rows past ``length`` were never written
+            state += [*c.anchors.values(), *(tier.rows[: tier.length] for tier in tiers), *c.recent.values()]
         return logits, state
 
+    launches: list[int] = []  # tokens of each fused encode (layout probes included)
+    fused = kvo_triton.encode_chunks_fused
+    monkeypatch.setattr(kvo_triton, "encode_chunks_fused", lambda k, *args: launches.append(len(k)) or fused(k, *args))
     fused_logits, fused_state = run()
+    assert launches.count(256) == 2  # both compressed layers' prompts (4 finalised windows) went through it
     monkeypatch.setattr(kvo_cache, "encode_chunks", functools.partial(encode_chunks, fused=False))
     torch_logits, torch_state = run()
+    assert launches.count(256) == 2
     assert all(torch.equal(a, b) for a, b in zip(fused_state, torch_state))
     assert all(torch.equal(a, b) for a, b in zip(fused_logits, torch_logits))
