@@ -24,6 +24,7 @@ against the torch path's tens of passes over float32 copies of both.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import TYPE_CHECKING, Any
@@ -43,9 +44,13 @@ RECENT_ELEMENTS = 4096  # values per program of the recent-window quantiser
 
 def runs_here(x: torch.Tensor) -> bool:
     """Triton can encode ``x``: a CUDA tensor, or any tensor under Triton's CPU interpreter."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Looked up once: every decode step asks (``encode_recent``)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _power_of_two(n: int) -> bool:
