@@ -3,10 +3,12 @@
 Seeded inputs of the prefill's kinds (K float32, as ``decode_recent_k`` hands it over; V in the
 model dtype; float32 scores), both encoders on the same inputs, every output checked equal first.
 Each figure is the median of ``--repeats`` synchronised calls after a warm-up (the fused kernels
-compile there); the fused encoder is timed at each ``--num-warps``. Reports milliseconds per layer,
+compile there); the fused encoder is timed at each ``--k-tiles`` choice, then each ``--v-tiles``
+with the best K (``kvo_triton.Tiles``: channels and warps per program). Reports milliseconds per layer,
 the speed-up, and the fused encoder's achieved bandwidth over the bytes it must move (K and V read
 once, the encoded tensors written once); and the recent window's int8 K (``kvo.encode_recent``,
-every prompt token at prefill) both ways. Writes ``kvo-encode-<device>-<yyyymmdd>.json`` into ``--out``.
+every prompt token at prefill) both ways. Writes ``kvo-encode-<config>-<device>-<yyyymmdd>.json``
+into ``--out``; exits 1 if any output differs from the torch path's.
 
     # H200: opt-6.7b's layer at batch 16 x 2016 (1920 tokens finalised at prefill)
     $(python3 benchmarks/provenance.py) python3 benchmarks/bench_kvo_encode.py --device cuda \
@@ -19,6 +21,7 @@ every prompt token at prefill) both ways. Writes ``kvo-encode-<device>-<yyyymmdd
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -40,6 +43,12 @@ from kvpr.compress.kvo import KVOConfig, encode_chunks_torch  # noqa: E402
 from kvpr.compress.quant import quantize_groups  # noqa: E402
 
 CONFIGS = {"paper": KVOConfig(), "per_channel": KVOConfig(k_diff_axis="channel")}
+
+
+def parse_pair(text: str) -> tuple[int, int]:
+    """``CHANNELS:WARPS`` -> (channels, warps)."""
+    channels, warps = (int(x) for x in text.split(":"))
+    return channels, warps
 
 
 def sync(device: torch.device) -> None:
@@ -77,13 +86,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     got = kvo_triton.encode_chunks_fused(k, v, scores, cfg)
     unequal = [name for name in want if not torch.equal(got[name], want[name])]
     torch_s = median_seconds(lambda: encode_chunks_torch(k, v, scores, cfg), device, args.repeats)
-    fused_s = {
-        warps: median_seconds(
-            functools.partial(kvo_triton.encode_chunks_fused, k, v, scores, cfg, warps), device, args.repeats
+
+    def fused_seconds(tiles: kvo_triton.Tiles) -> float:
+        out = kvo_triton.encode_chunks_fused(k, v, scores, cfg, tiles)  # every choice checked, too
+        unequal.extend(f"{name} ({tiles})" for name in want if not torch.equal(out[name], want[name]))
+        return median_seconds(
+            functools.partial(kvo_triton.encode_chunks_fused, k, v, scores, cfg, tiles), device, args.repeats
         )
-        for warps in args.num_warps
-    }
-    best = min(fused_s, key=fused_s.__getitem__)
+
+    # K's tiles with V's default, then V's with the best K's (each choice compiles once, in its warm-up)
+    v_default = (kvo_triton.Tiles().v_channels, kvo_triton.Tiles().v_warps)
+    k_s = {pair: fused_seconds(kvo_triton.Tiles(*pair, *v_default)) for pair in args.k_tiles}
+    k_best = min(k_s, key=k_s.__getitem__)
+    v_s = {pair: fused_seconds(kvo_triton.Tiles(*k_best, *pair)) for pair in args.v_tiles}
+    best = kvo_triton.Tiles(*k_best, *min(v_s, key=v_s.__getitem__))
+    best_s = min(v_s.values())
     # the recent window's K, as the prefill first stores every prompt token: model dtype, int8 groups
     recent = torch.cat([k, k[: args.recent_extra]]).to(v.dtype)  # [tokens + extra, b, n_kv, d]
     recent_equal = all(
@@ -106,11 +123,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "equal": not unequal,
         "unequal": unequal,
         "torch_ms": 1e3 * torch_s,
-        "fused_ms": {str(warps): 1e3 * s for warps, s in fused_s.items()},
-        "best_num_warps": best,
-        "speedup": torch_s / fused_s[best],
+        "fused_ms_by_k_tiles": {f"K {c}ch x{w}w, V default": 1e3 * s for (c, w), s in k_s.items()},
+        "fused_ms_by_v_tiles": {f"best K, V {c}ch x{w}w": 1e3 * s for (c, w), s in v_s.items()},
+        "best_tiles": dataclasses.asdict(best),
+        "fused_ms": 1e3 * best_s,
+        "speedup": torch_s / best_s,
         "fused_bytes": moved,
-        "fused_gb_per_s": moved / fused_s[best] / 1e9,
+        "fused_gb_per_s": moved / best_s / 1e9,
         "recent_tokens": recent.shape[0],
         "recent_equal": recent_equal,
         "recent_torch_ms": 1e3 * recent_torch_s,
@@ -123,9 +142,11 @@ def table(r: dict[str, Any]) -> str:
         f"KVO encode_chunks ({r['config']}), {r['tokens']} tokens x batch {r['batch_size']} x {r['heads']} heads "
         f"x d {r['head_dim']}, K float32, V {r['v_dtype']}, median of {r['repeats']}",
         f"outputs equal: {r['equal']}" + (f" (differ: {', '.join(r['unequal'])})" if r["unequal"] else ""),
-        f"{'torch':<20}{r['torch_ms']:>10.3f} ms",
+        f"{'torch':<32}{r['torch_ms']:>10.3f} ms",
     ]
-    lines += [f"{'fused, ' + warps + ' warps':<20}{ms:>10.3f} ms" for warps, ms in r["fused_ms"].items()]
+    timed = r["fused_ms_by_k_tiles"] | r["fused_ms_by_v_tiles"]
+    lines += [f"{'fused, ' + name:<32}{ms:>10.3f} ms" for name, ms in timed.items()]
+    lines.append(f"best tiles {r['best_tiles']}: {r['fused_ms']:.3f} ms")
     lines.append(
         f"speed-up {r['speedup']:.1f}x; fused moves {r['fused_bytes'] / 1e9:.3f} GB at {r['fused_gb_per_s']:.0f} GB/s"
     )
@@ -145,7 +166,9 @@ def main() -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="float16", help="V's dtype (the model's)")
     parser.add_argument("--config", default="paper", choices=sorted(CONFIGS))
-    parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
+    k_tiles, v_tiles = [(32, 1), (32, 2), (64, 2), (128, 4), (128, 8)], [(16, 1), (32, 1), (32, 2), (128, 4)]
+    parser.add_argument("--k-tiles", type=parse_pair, nargs="+", default=k_tiles, help="K's CHANNELS:WARPS to time")
+    parser.add_argument("--v-tiles", type=parse_pair, nargs="+", default=v_tiles, help="V's, with the best K's")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--recent-extra", type=int, default=96, help="recent-window tokens beyond --tokens (2016)")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,10 +1,13 @@
 """Fused GPU encode of KVO chunks: ``kvo.encode_chunks``'s tensors from one read of K and of V.
 
 The torch path makes tens of whole-tensor passes over float32 copies (argsort, gathers, ranges,
-sorts, scatters, packing); here one program per (V group, sequence, head) reads the group's ``P``
-chunks of K (one kernel) or V (another) once, ranks each chunk's tokens by score, quantises, picks
-the kept entries and writes the packed bytes. The group is the unit because ``k_diff_axis=channel``
-fits one range per channel over the group's non-anchors, and V's ranges are per group anyway.
+sorts, scatters, packing); here each program reads its share of K (one kernel) or V (another) once:
+the tokens of one V group (``P`` chunks) of one sequence and head, in a block of channels (``Tiles``)
+so that its reductions stay inside a warp or two. It ranks each chunk's tokens by score, quantises,
+picks the kept entries and writes the packed bytes. The V group is the unit of tokens because
+``k_diff_axis=channel`` fits one range per channel over the group's non-anchors and V's ranges are
+per group; K's channel blocks hold whole channel groups (its per-token ranges and picks are per
+group), V's any channels (all of its work is per channel).
 
 Bit-identical to the torch path (the tests hold every tensor ``torch.equal``): the float32
 operations are the same, in the same order (the launch turns fp fusion off, so no multiply-add is
@@ -24,9 +27,11 @@ against the torch path's tens of passes over float32 copies of both.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,7 +43,26 @@ if TYPE_CHECKING:
     from kvpr.compress.kvo import KVOConfig
 
 BYTE_WIDTHS = (1, 2, 4, 8)  # code widths whose codes never straddle a byte
-NUM_WARPS = 8  # a program holds a few [group, d] float32 tiles: 8 warps keep them in registers
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """How the encoder's work is cut: a program takes a block of channels of one V group's tokens
+    (K: whole channel groups, whose ranges, picks and bytes stay inside; V: any channels, all of
+    its work is per channel), with so many warps. Results do not depend on it; speed does
+    (benchmarks/bench_kvo_encode.py times the choices: the defaults are untimed guesses that keep
+    a program's reductions inside one or two warps)."""
+
+    k_channels: int = 32  # rounded up to a channel group, down to head_dim
+    k_warps: int = 2
+    v_channels: int = 16  # at least 8 (a byte of keep mask), down to head_dim
+    v_warps: int = 1
+
+    def __post_init__(self) -> None:
+        if not all(_power_of_two(n) for n in dataclasses.astuple(self)):
+            raise KvprError(f"{self}: channels and warps must be powers of two")
+
+
 RECENT_ELEMENTS = 4096  # values per program of the recent-window quantiser
 
 
@@ -75,13 +99,17 @@ def _kernels() -> Any:
 
 
 def encode_chunks_fused(
-    k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig, num_warps: int = NUM_WARPS
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scores: torch.Tensor,
+    cfg: KVOConfig,
+    tiles: Tiles = Tiles(),
 ) -> dict[str, torch.Tensor]:
     """``kvo.encode_chunks`` in two launches (K, V): the same names, dtypes, shapes and values.
 
     Args:
         k, v: [t, b, n_kv, d] with ``t % group == 0`` and ``supports(cfg, d)``. scores: [t, b, n_kv].
-        num_warps: per program (benchmarks/bench_kvo_encode.py times the choices).
+        tiles: the programs' blocks of channels and warps (not the results).
     """
     t, b, n, d = k.shape
     S, G, P = cfg.chunk, cfg.group, cfg.anchors_per_group
@@ -110,18 +138,20 @@ def encode_chunks_fused(
         return out
     kernels = _kernels()
     k, v, scores = k.contiguous(), v.contiguous(), scores.contiguous()
-    grid = (nG * b * n,)  # one program per (V group, sequence, head); neighbours share tokens
-    kernels.encode_k[grid](
+    # a program per (V group, sequence, head) and block of channels; neighbours share tokens
+    k_channels = min(d, -(-tiles.k_channels // G) * G)
+    kernels.encode_k[(nG * b * n * (d // k_channels),)](
         k, scores, out["order"], out["k_anchor_codes"], out["k_anchor_scale"], out["k_anchor_zero"],
         out["k_diff_codes"], out["k_diff_scale"], out["k_diff_zero"], out["k_keep"], b * n,
-        S=S, P=P, D=d, G=G, A_BITS=cfg.k_anchor_bits, D_BITS=cfg.k_diff_bits, K_KEEP=cfg.k_keep,
+        S=S, P=P, D=d, DK=k_channels, G=G, A_BITS=cfg.k_anchor_bits, D_BITS=cfg.k_diff_bits, K_KEEP=cfg.k_keep,
         KB=kb, ORDER_BITS=cfg.order_bits, PER_CHANNEL=cfg.per_channel,
-        num_warps=num_warps, enable_fp_fusion=False,
+        num_warps=tiles.k_warps, enable_fp_fusion=False,
     )  # fmt: skip
-    kernels.encode_v[grid](
+    v_channels = min(d, max(8, tiles.v_channels))
+    kernels.encode_v[(nG * b * n * (d // v_channels),)](
         v, scores, out["v_anchor_codes"], out["v_codes"], out["v_keep"], out["v_scale"], out["v_zero"], b * n,
-        S=S, P=P, D=d, V_BITS=cfg.v_bits, VA_BITS=cfg.v_anchor_bits, V_KEEP=cfg.v_keep,
-        num_warps=num_warps, enable_fp_fusion=False,
+        S=S, P=P, D=d, DB=v_channels, V_BITS=cfg.v_bits, VA_BITS=cfg.v_anchor_bits, V_KEEP=cfg.v_keep,
+        num_warps=tiles.v_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 

@@ -88,6 +88,7 @@ def encode_k(
     S: tl.constexpr,
     P: tl.constexpr,
     D: tl.constexpr,
+    DK: tl.constexpr,  # channels of this program: whole groups (ranges, picks and bytes stay inside)
     G: tl.constexpr,
     A_BITS: tl.constexpr,
     D_BITS: tl.constexpr,
@@ -97,66 +98,70 @@ def encode_k(
     PER_CHANNEL: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    g, row = pid // BN, pid % BN
+    NB: tl.constexpr = D // DK
+    pair, block = pid // NB, pid % NB  # pair: the (V group, sequence, head); block: of channels
+    g, row = pair // BN, pair % BN
     GROUPS: tl.constexpr = D // G
+    GP: tl.constexpr = DK // G  # channel groups of this program
     A: tl.constexpr = S - 1
     A_LEVELS: tl.constexpr = (1 << A_BITS) - 1
     D_LEVELS: tl.constexpr = (1 << D_BITS) - 1
-    pp, ss, dd = tl.arange(0, P), tl.arange(0, S), tl.arange(0, D)
+    pp, ss = tl.arange(0, P), tl.arange(0, S)
+    dd = block * DK + tl.arange(0, DK)  # [DK]: this program's channels
+    gg = block * GP + tl.arange(0, GP)  # [GP]: and their groups
     chunk = g * P + pp  # [P]
     order = chunk_order(scores, chunk, row, BN, S)  # [P, S]
-    OB: tl.constexpr = S * ORDER_BITS // 8
-    tl.store(
-        order_out + (chunk * BN + row)[:, None] * OB + tl.arange(0, OB)[None, :],
-        pack(order, ORDER_BITS).to(tl.uint8),
-    )
+    if block == 0:
+        OB: tl.constexpr = S * ORDER_BITS // 8
+        at = (chunk * BN + row)[:, None] * OB + tl.arange(0, OB)[None, :]
+        tl.store(order_out + at, pack(order, ORDER_BITS).to(tl.uint8))
     token = chunk[:, None] * S + order  # [P, S] in slot order
-    x = tl.load(k + ((token * BN + row) * D)[:, :, None] + dd[None, None, :]).to(tl.float32)  # [P, S, D]
+    x = tl.load(k + ((token * BN + row) * D)[:, :, None] + dd[None, None, :]).to(tl.float32)  # [P, S, DK]
     first = tl.sum(tl.where(ss[None, :] == 0, order, 0), axis=1)  # [P]: the anchors' tokens
     anchor = tl.load(k + ((chunk * S + first) * BN + row)[:, None] * D + dd[None, :]).to(tl.float32)
-    anchor = tl.reshape(anchor, [P, GROUPS, G])
-    scale, zero = fit_range(tl.min(anchor, axis=2), tl.max(anchor, axis=2), A_LEVELS)  # [P, GROUPS]
+    anchor = tl.reshape(anchor, [P, GP, G])
+    scale, zero = fit_range(tl.min(anchor, axis=2), tl.max(anchor, axis=2), A_LEVELS)  # [P, GP]
     head = chunk * BN + row  # [P]: the (chunk, sequence, head) row of chunk-indexed outputs
-    at = head[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+    at = head[:, None] * GROUPS + gg[None, :]
     tl.store(a_scale + at, scale)
     tl.store(a_zero + at, zero)
     codes = quantize(anchor, scale.to(tl.float32)[:, :, None], zero.to(tl.float32)[:, :, None], A_LEVELS)
-    AB: tl.constexpr = D * A_BITS // 8
-    packed = pack(tl.reshape(codes, [P, D]), A_BITS).to(tl.uint8)
-    tl.store(a_codes + head[:, None] * AB + tl.arange(0, AB)[None, :], packed)
+    AB: tl.constexpr = DK * A_BITS // 8  # this program's bytes of a row
+    at = head[:, None] * (D * A_BITS // 8) + block * AB + tl.arange(0, AB)[None, :]
+    tl.store(a_codes + at, pack(tl.reshape(codes, [P, DK]), A_BITS).to(tl.uint8))
     # dequantised anchor (two roundings, as torch's multiply then add), differences from it
     anchor = codes.to(tl.float32) * scale.to(tl.float32)[:, :, None] + zero.to(tl.float32)[:, :, None]
-    diff = x - tl.reshape(anchor, [P, D])[:, None, :]  # [P, S, D]; slot 0 (the anchor) unused
+    diff = x - tl.reshape(anchor, [P, DK])[:, None, :]  # [P, S, DK]; slot 0 (the anchor) unused
     other = (ss >= 1)[None, :]  # [1, S]: the non-anchor slots
     slot_row = head[:, None] * A + ss[None, :] - 1  # [P, S]: row of [C, b, n_kv, A, *] outputs
-    grouped = tl.reshape(diff, [P, S, GROUPS, G])
+    grouped = tl.reshape(diff, [P, S, GP, G])
     if PER_CHANNEL:  # one range per channel over the group's non-anchors
         live = other[:, :, None]
-        lo = tl.min(tl.min(tl.where(live, diff, float("inf")), axis=1), axis=0)  # [D]
+        lo = tl.min(tl.min(tl.where(live, diff, float("inf")), axis=1), axis=0)  # [DK]
         hi = tl.max(tl.max(tl.where(live, diff, float("-inf")), axis=1), axis=0)
         scale, zero = fit_range(lo, hi, D_LEVELS)
-        tl.store(d_scale + (g * BN + row) * D + dd, scale)
-        tl.store(d_zero + (g * BN + row) * D + dd, zero)
-        step = tl.reshape(scale.to(tl.float32), [1, 1, GROUPS, G])
-        base = tl.reshape(zero.to(tl.float32), [1, 1, GROUPS, G])
+        tl.store(d_scale + pair * D + dd, scale)
+        tl.store(d_zero + pair * D + dd, zero)
+        step = tl.reshape(scale.to(tl.float32), [1, 1, GP, G])
+        base = tl.reshape(zero.to(tl.float32), [1, 1, GP, G])
     else:  # one per token and channel group
-        scale, zero = fit_range(tl.min(grouped, axis=3), tl.max(grouped, axis=3), D_LEVELS)  # [P, S, GROUPS]
-        at = slot_row[:, :, None] * GROUPS + tl.arange(0, GROUPS)[None, None, :]
+        scale, zero = fit_range(tl.min(grouped, axis=3), tl.max(grouped, axis=3), D_LEVELS)  # [P, S, GP]
+        at = slot_row[:, :, None] * GROUPS + gg[None, None, :]
         tl.store(d_scale + at, scale, mask=other[:, :, None])
         tl.store(d_zero + at, zero, mask=other[:, :, None])
         step, base = scale.to(tl.float32)[:, :, :, None], zero.to(tl.float32)[:, :, :, None]
-    codes = quantize(grouped, step, base, D_LEVELS)  # [P, S, GROUPS, G]
+    codes = quantize(grouped, step, base, D_LEVELS)  # [P, S, GP, G]
     kept = keep_largest(tl.abs(grouped), K_KEEP, 3)
     kept_int = kept.to(tl.int32)
     place = tl.cumsum(kept_int, axis=3) - kept_int  # a kept code's place among its group's
     PER: tl.constexpr = 8 // D_BITS
     shifted = codes << ((place % PER) * D_BITS)  # a kept code's bits in its byte of the compact row
-    at = (slot_row[:, :, None] * GROUPS + tl.arange(0, GROUPS)[None, None, :]) * KB  # [P, S, GROUPS]
+    at = (slot_row[:, :, None] * GROUPS + gg[None, None, :]) * KB  # [P, S, GP]
     for byte_index in tl.static_range(KB):
         byte = tl.sum(tl.where(kept & (place // PER == byte_index), shifted, 0), axis=3)  # disjoint bits
         tl.store(d_codes + at + byte_index, byte.to(tl.uint8), mask=other[:, :, None])
-    mask = tl.reshape(pack(tl.reshape(kept_int, [P * S, D]), 1), [P, S, D // 8]).to(tl.uint8)
-    at = slot_row[:, :, None] * (D // 8) + tl.arange(0, D // 8)[None, None, :]
+    mask = tl.reshape(pack(tl.reshape(kept_int, [P * S, DK]), 1), [P, S, DK // 8]).to(tl.uint8)
+    at = slot_row[:, :, None] * (D // 8) + block * (DK // 8) + tl.arange(0, DK // 8)[None, None, :]
     tl.store(keep_out + at, mask, mask=other[:, :, None])
 
 
@@ -173,51 +178,53 @@ def encode_v(
     S: tl.constexpr,
     P: tl.constexpr,
     D: tl.constexpr,
+    DB: tl.constexpr,  # channels of this program: V's ranges and picks are per channel
     V_BITS: tl.constexpr,
     VA_BITS: tl.constexpr,
     V_KEEP: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    g, row = pid // BN, pid % BN
+    NB: tl.constexpr = D // DB
+    head, block = pid // NB, pid % NB  # head: the (V group, sequence, head) row of the outputs
+    g, row = head // BN, head % BN
     T: tl.constexpr = P * S  # the group's tokens
     A: tl.constexpr = S - 1
     KEPT: tl.constexpr = V_KEEP - P  # kept non-anchors
     LEVELS: tl.constexpr = (1 << V_BITS) - 1
     A_LEVELS: tl.constexpr = (1 << VA_BITS) - 1
-    pp, ss, dd, tt = tl.arange(0, P), tl.arange(0, S), tl.arange(0, D), tl.arange(0, T)
-    head = g * BN + row
+    pp, ss, tt = tl.arange(0, P), tl.arange(0, S), tl.arange(0, T)
+    dd = block * DB + tl.arange(0, DB)  # [DB]: this program's channels
     chunk = g * P + pp
     order = chunk_order(scores, chunk, row, BN, S)  # [P, S]
     token = tl.reshape(chunk[:, None] * S + order, [T])  # [T] in slot order, chunk by chunk
-    x = tl.load(v + ((token * BN + row) * D)[:, None] + dd[None, :]).to(tl.float32)  # [T, D]
-    scale, zero = fit_range(tl.min(x, axis=0), tl.max(x, axis=0), LEVELS)  # [D]
+    x = tl.load(v + ((token * BN + row) * D)[:, None] + dd[None, :]).to(tl.float32)  # [T, DB]
+    scale, zero = fit_range(tl.min(x, axis=0), tl.max(x, axis=0), LEVELS)  # [DB]
     tl.store(scale_out + head * D + dd, scale)
     tl.store(zero_out + head * D + dd, zero)
     step, base = scale.to(tl.float32)[None, :], zero.to(tl.float32)[None, :]
     first = tl.sum(tl.where(ss[None, :] == 0, order, 0), axis=1)  # [P]
     anchor = tl.load(v + ((chunk * S + first) * BN + row)[:, None] * D + dd[None, :]).to(tl.float32)
-    codes = quantize(anchor, step * (LEVELS / A_LEVELS), base, A_LEVELS)  # [P, D]: a finer grid
-    AB: tl.constexpr = D * VA_BITS // 8
-    tl.store(a_codes + (head * P + pp)[:, None] * AB + tl.arange(0, AB)[None, :], pack(codes, VA_BITS).to(tl.uint8))
+    codes = quantize(anchor, step * (LEVELS / A_LEVELS), base, A_LEVELS)  # [P, DB]: a finer grid
+    AB: tl.constexpr = DB * VA_BITS // 8  # this program's bytes of a row
+    at = (head * P + pp)[:, None] * (D * VA_BITS // 8) + block * AB + tl.arange(0, AB)[None, :]
+    tl.store(a_codes + at, pack(codes, VA_BITS).to(tl.uint8))
     is_anchor = (tt % S == 0)[:, None]  # [T, 1]
     other_row = head * (T - P) + (tt // S) * A + tt % S - 1  # [T]: row of the non-anchor outputs
     if KEPT > 0:
         mag = tl.where(is_anchor, -1.0, tl.abs(x))  # anchors are stored apart, never picked here
-        kept = keep_largest(mag, KEPT, 0)  # [T, D]
+        kept = keep_largest(mag, KEPT, 0)  # [T, DB]
     else:
-        kept = tl.zeros([T, D], dtype=tl.int1)
+        kept = tl.zeros([T, DB], dtype=tl.int1)
     kept_int = kept.to(tl.int32)
     place = tl.cumsum(kept_int, axis=0) - kept_int
-    codes = quantize(x, step, base, LEVELS)  # [T, D]
-    CB: tl.constexpr = D * V_BITS // 8
+    codes = quantize(x, step, base, LEVELS)  # [T, DB]
+    CB: tl.constexpr = DB * V_BITS // 8
     for place_index in tl.static_range(KEPT):
-        picked = tl.sum(tl.where(kept & (place == place_index), codes, 0), axis=0)  # [D]
-        tl.store(
-            codes_out + (head * KEPT + place_index) * CB + tl.arange(0, CB),
-            tl.reshape(pack(picked[None, :], V_BITS), [CB]).to(tl.uint8),
-        )
-    mask = pack(kept_int, 1).to(tl.uint8)  # [T, D / 8]
-    at = other_row[:, None] * (D // 8) + tl.arange(0, D // 8)[None, :]
+        picked = tl.sum(tl.where(kept & (place == place_index), codes, 0), axis=0)  # [DB]
+        at = (head * KEPT + place_index) * (D * V_BITS // 8) + block * CB + tl.arange(0, CB)
+        tl.store(codes_out + at, tl.reshape(pack(picked[None, :], V_BITS), [CB]).to(tl.uint8))
+    mask = pack(kept_int, 1).to(tl.uint8)  # [T, DB / 8]
+    at = other_row[:, None] * (D // 8) + block * (DB // 8) + tl.arange(0, DB // 8)[None, :]
     tl.store(keep_out + at, mask, mask=~is_anchor)
 
 
