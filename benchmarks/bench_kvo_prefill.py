@@ -15,8 +15,9 @@ Writes ``kvo-prefill-<model>-<device>-<yyyymmdd>.json`` into ``--out`` and print
     $(python3 benchmarks/provenance.py) python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b \
         --batch-size 16 --prompt-len 2016 --device cuda --dtype float16 --repeats 5 --out benchmarks/results
 
-``--encoder torch`` keeps ``encode_chunks`` on its torch path (the fused Triton encoder is the
-default where it runs), so one device call can time both: the result's file name then says which.
+``--encoder torch`` keeps ``encode_chunks`` and ``encode_recent`` on their torch paths (the fused
+Triton kernels are the default where they run), so one device call can time both: the result's file
+name then says which.
 """
 
 from __future__ import annotations
@@ -65,14 +66,17 @@ NESTED = ("encode_recent", "decode_recent_k", "encode_chunks", "rows.pack", "row
 
 @contextlib.contextmanager
 def encoder_choice(encoder: str) -> Iterator[None]:
-    """``encode_chunks`` as the KVO cache calls it: auto (fused where it runs), or forced."""
-    saved = kvo_cache.encode_chunks
+    """``encode_chunks`` and ``encode_recent`` as the KVO cache calls them: auto (fused where it
+    runs), or forced."""
+    saved = kvo_cache.encode_chunks, kvo_cache.encode_recent
     if encoder != "auto":
-        kvo_cache.encode_chunks = functools.partial(saved, fused=encoder == "fused")
+        kvo_cache.encode_chunks, kvo_cache.encode_recent = (
+            functools.partial(fn, fused=encoder == "fused") for fn in saved
+        )
     try:
         yield
     finally:
-        kvo_cache.encode_chunks = saved
+        kvo_cache.encode_chunks, kvo_cache.encode_recent = saved
 
 
 def sync(device: torch.device) -> None:

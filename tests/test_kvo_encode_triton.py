@@ -171,6 +171,7 @@ def test_dispatch_takes_the_fused_path_where_it_runs_and_supports(monkeypatch: p
     )
     encode_recent(k, v, KVOConfig())
     encode_recent(k[:0], v[:0], KVOConfig())  # no tokens: the torch path's empty tensors
+    encode_recent(k, v, KVOConfig(), fused=False)  # the reference, asked for
     assert recent == [32] and not kvo_triton.recent_supports(24, 96)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert kvo_triton.runs_here(k) == CUDA  # a CPU tensor needs the interpreter

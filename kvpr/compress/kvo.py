@@ -366,10 +366,12 @@ def decode_v_chunks(ts: TensorMap, position: torch.Tensor, cfg: KVOConfig, d: in
     return torch.cat([anchor, others], dim=-2)
 
 
-def encode_recent(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig) -> Tensors:
-    """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16
-    (K in one Triton launch where it runs, bit-identical to the torch quantiser)."""
-    if k.numel() and kvo_triton.runs_here(k) and kvo_triton.recent_supports(cfg.group, k.shape[-1]):
+def encode_recent(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig, fused: bool | None = None) -> Tensors:
+    """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16.
+    K in one Triton launch (bit-identical) with ``fused``; None: where it runs and tiles ``d``."""
+    if fused is None:
+        fused = k.numel() > 0 and kvo_triton.runs_here(k) and kvo_triton.recent_supports(cfg.group, k.shape[-1])
+    if fused:
         codes, scale, zero = kvo_triton.quantize_recent_k(k, cfg.group)
     else:
         codes, scale, zero = quantize_groups(k.float(), 8, cfg.group)  # widened once, not by each pass inside
