@@ -7,7 +7,8 @@ compile there); the fused encoder is timed at each ``--k-tiles`` choice, then ea
 with the best K (``kvo_triton.Tiles``: channels and warps per program). Reports milliseconds per layer,
 the speed-up, and the fused encoder's achieved bandwidth over the bytes it must move (K and V read
 once, the encoded tensors written once); and the recent window's int8 K (``kvo.encode_recent``,
-every prompt token at prefill) both ways. Writes ``kvo-encode-<config>-<device>-<yyyymmdd>.json``
+every prompt token at prefill) both ways, and ``encode_chunks_from_recent`` (the prefill's path: K
+read in that int8 form) both ways. Writes ``kvo-encode-<config>-<device>-<yyyymmdd>.json``
 into ``--out``; exits 1 if any output differs from the torch path's.
 
     # H200: opt-6.7b's layer at batch 16 x 2016 (1920 tokens finalised at prefill)
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import add_provenance_args, header_or_exit  # noqa: E402
 
 from kvpr.compress import kvo_triton  # noqa: E402
-from kvpr.compress.kvo import KVOConfig, encode_chunks_torch  # noqa: E402
+from kvpr.compress.kvo import KVOConfig, encode_chunks_from_recent, encode_chunks_torch, encode_recent  # noqa: E402
 from kvpr.compress.quant import quantize_groups  # noqa: E402
 
 CONFIGS = {"paper": KVOConfig(), "per_channel": KVOConfig(k_diff_axis="channel")}
@@ -109,6 +110,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     )
     recent_torch_s = median_seconds(lambda: quantize_groups(recent.float(), 8, cfg.group), device, args.repeats)
     recent_fused_s = median_seconds(lambda: kvo_triton.quantize_recent_k(recent, cfg.group), device, args.repeats)
+    # what the prefill runs: K from that int8 form (torch: decode_recent_k, then encode_chunks_torch)
+    form = encode_recent(k, v, cfg, fused=False)
+    from_int8 = {
+        fused: functools.partial(encode_chunks_from_recent, form, v, scores, cfg, fused=fused)
+        for fused in (False, True)
+    }
+    int8_want, int8_got = from_int8[False](), from_int8[True]()
+    unequal.extend(f"{name} (from int8)" for name in int8_want if not torch.equal(int8_got[name], int8_want[name]))
+    int8_s = {fused: median_seconds(fn, device, args.repeats) for fused, fn in from_int8.items()}
     moved = k.numel() * k.element_size() + v.numel() * v.element_size() + scores.numel() * 4
     moved += sum(x.numel() * x.element_size() for x in got.values())
     return {
@@ -134,6 +144,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "recent_equal": recent_equal,
         "recent_torch_ms": 1e3 * recent_torch_s,
         "recent_fused_ms": 1e3 * recent_fused_s,
+        "from_int8_torch_ms": 1e3 * int8_s[False],
+        "from_int8_fused_ms": 1e3 * int8_s[True],
     }
 
 
@@ -153,6 +165,10 @@ def table(r: dict[str, Any]) -> str:
     lines.append(
         f"recent-window K ({r['recent_tokens']} tokens, int8): torch {r['recent_torch_ms']:.3f} ms, "
         f"fused {r['recent_fused_ms']:.3f} ms, equal: {r['recent_equal']}"
+    )
+    lines.append(
+        f"prefill's path, K from the int8 form (default tiles): torch {r['from_int8_torch_ms']:.3f} ms, "
+        f"fused {r['from_int8_fused_ms']:.3f} ms"
     )
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ Writes ``kvo-prefill-<model>-<device>-<yyyymmdd>.json`` into ``--out`` and print
     $(python3 benchmarks/provenance.py) python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b \
         --batch-size 16 --prompt-len 2016 --device cuda --dtype float16 --repeats 5 --out benchmarks/results
 
-``--encoder torch`` keeps ``encode_chunks`` and ``encode_recent`` on their torch paths (the fused
+``--encoder torch`` keeps ``encode_chunks_from_recent`` and ``encode_recent`` on their torch paths (the fused
 Triton kernels are the default where they run), so one device call can time both: the result's file
 name then says which.
 """
@@ -56,8 +56,10 @@ PHASES: tuple[tuple[str, Any, str], ...] = (
     ("scores", compressed, "band_scores"),  # attention each prompt token received: the band, given the lse
     ("cache.prefill", kvo_cache.KVOCache, "prefill"),  # everything the KVO cache does with the prompt
     ("encode_recent", kvo_cache, "encode_recent"),  # K int8 per token (the recent form)
-    ("decode_recent_k", kvo_cache, "decode_recent_k"),  # finalise: K back from int8
-    ("encode_chunks", kvo_cache, "encode_chunks"),  # reorder, quantise, prune, pack
+    ("decode_recent_k", kvo_cache, "decode_recent_k"),  # K back from int8: at decode only, since below
+    # K from its int8 form (the torch path decodes it first, the fused one as it reads), reorder,
+    # quantise, prune, pack
+    ("encode_chunks", kvo_cache, "encode_chunks_from_recent"),
     ("rows.pack", RowLayout, "pack"),  # parts side by side into rows
     ("rows.write", RowTier, "write"),  # rows into their tier
 )
@@ -66,17 +68,17 @@ NESTED = ("encode_recent", "decode_recent_k", "encode_chunks", "rows.pack", "row
 
 @contextlib.contextmanager
 def encoder_choice(encoder: str) -> Iterator[None]:
-    """``encode_chunks`` and ``encode_recent`` as the KVO cache calls them: auto (fused where it
-    runs), or forced."""
-    saved = kvo_cache.encode_chunks, kvo_cache.encode_recent
+    """``encode_chunks_from_recent`` and ``encode_recent`` as the KVO cache calls them: auto (fused
+    where they run), or forced."""
+    saved = kvo_cache.encode_chunks_from_recent, kvo_cache.encode_recent
     if encoder != "auto":
-        kvo_cache.encode_chunks, kvo_cache.encode_recent = (
+        kvo_cache.encode_chunks_from_recent, kvo_cache.encode_recent = (
             functools.partial(fn, fused=encoder == "fused") for fn in saved
         )
     try:
         yield
     finally:
-        kvo_cache.encode_chunks, kvo_cache.encode_recent = saved
+        kvo_cache.encode_chunks_from_recent, kvo_cache.encode_recent = saved
 
 
 def sync(device: torch.device) -> None:

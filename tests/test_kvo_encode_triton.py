@@ -24,6 +24,7 @@ from kvpr.compress.kvo import (
     decode_k_chunks,
     decode_v_groups,
     encode_chunks,
+    encode_chunks_from_recent,
     encode_chunks_torch,
     encode_recent,
     rotate_kv,
@@ -100,7 +101,7 @@ def assert_same_encoding(
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize(
     ("t", "b", "n", "d", "dtype"),
-    [(64, 2, 2, 64, torch.float32), (32, 1, 3, 128, torch.float16), (96, 3, 1, 64, torch.bfloat16)],
+    [(64, 2, 1, 64, torch.float32), (32, 1, 3, 128, torch.float16), (64, 3, 1, 64, torch.bfloat16)],
 )
 def test_fused_encoder_equals_the_torch_encoder(t, b, n, d, dtype, ties) -> None:
     """Several shapes (b > 1, odd head counts, d 64 and 128) and input dtypes, the paper's codec."""
@@ -124,6 +125,20 @@ def test_the_tiles_change_no_result() -> None:
         assert all(torch.equal(got[name], want[name]) for name in want), tiles
     with pytest.raises(KvprError, match="powers of two"):
         kvo_triton.Tiles(k_channels=48)
+
+
+@pytest.mark.parametrize(("name", "d"), [("paper", 128), ("extremes", 64), ("narrow", 64)])
+def test_fused_encoder_reads_k_in_its_recent_int8_form(name: str, d: int) -> None:
+    """The runtime's path: K from ``encode_recent``'s int8 form, dequantised in the kernel, encodes
+    as the torch path's ``decode_recent_k`` then ``encode_chunks``."""
+    cfg = CONFIGS[name]
+    k, v, scores = _inputs(32, 2, 1, d, torch.float16, ties=True, seed=4)
+    recent = encode_recent(k, v, cfg)
+    got = encode_chunks_from_recent(recent, recent["rv"], scores, cfg, fused=True)
+    want = encode_chunks_from_recent(recent, recent["rv"], scores, cfg, fused=False)
+    assert got.keys() == want.keys()
+    assert all(got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]) for n in want)
+    assert all(torch.equal(a, b) for a, b in zip(_decoded(got, cfg, d), _decoded(want, cfg, d)))
 
 
 @pytest.mark.parametrize("rotate", ["k", "kv"])
@@ -203,8 +218,9 @@ def test_kvo_prefill_with_the_fused_encoder_caches_what_the_torch_encoder_does(
     tiny_checkpoint, monkeypatch: pytest.MonkeyPatch, params
 ) -> None:
     """A KVO prefill (fp16 on CUDA, float32 in the interpreter; two rows, one left-padded, GQA): every
-    layer's anchors, packed K/V/order rows and recent window are equal with either encoder, and so
-    are the logits after it and after two decode steps."""
+    layer's anchors, packed K/V/order rows and recent window are equal with the fused kernels (K
+    read in its int8 recent form) and with the torch paths, and so are the logits after it and
+    after two decode steps."""
     import kvpr.runtime.kvo_cache as kvo_cache
     from kvpr.api import LLM
     from kvpr.config import CacheConfig, EngineConfig, RuntimeConfig
@@ -231,10 +247,16 @@ def test_kvo_prefill_with_the_fused_encoder_caches_what_the_torch_encoder_does(
 
     launches: list[int] = []  # tokens of each fused encode (layout probes included)
     fused = kvo_triton.encode_chunks_fused
-    monkeypatch.setattr(kvo_triton, "encode_chunks_fused", lambda k, *args: launches.append(len(k)) or fused(k, *args))
+
+    def spy(k, *args, **kwargs):
+        launches.append(len(k))
+        return fused(k, *args, **kwargs)
+
+    monkeypatch.setattr(kvo_triton, "encode_chunks_fused", spy)
     fused_logits, fused_state = run()
     assert launches.count(128) == 2  # both compressed layers' prompts (2 finalised windows) went through it
-    monkeypatch.setattr(kvo_cache, "encode_chunks", functools.partial(encode_chunks, fused=False))
+    for name in ("encode_chunks_from_recent", "encode_recent"):  # the torch paths, end to end
+        monkeypatch.setattr(kvo_cache, name, functools.partial(getattr(kvo_cache, name), fused=False))
     torch_logits, torch_state = run()
     assert launches.count(128) == 2
     assert all(torch.equal(a, b) for a, b in zip(fused_state, torch_state))

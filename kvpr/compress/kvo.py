@@ -236,6 +236,22 @@ def encode_chunks(
     return encode_chunks_torch(k, v, scores, cfg)
 
 
+def encode_chunks_from_recent(
+    recent: TensorMap, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig, fused: bool | None = None
+) -> Tensors:
+    """:func:`encode_chunks` of K in its recent form (``encode_recent``'s int8 codes, scales, zeros):
+    the fused path dequantises as it reads (int8 in, not a float32 copy), bit-identical to
+    ``encode_chunks(decode_recent_k(recent, d), v, scores, cfg)``, the torch path."""
+    codes = recent["rk_codes"]  # [t, b, n_kv, d]
+    d = codes.shape[-1]
+    if fused is None:
+        fused = codes.shape[0] > 0 and kvo_triton.runs_here(codes) and kvo_triton.supports(cfg, d)
+    if fused:
+        k_int8 = (recent["rk_scale"], recent["rk_zero"])
+        return kvo_triton.encode_chunks_fused(codes, v, scores, cfg, k_int8=k_int8)
+    return encode_chunks_torch(decode_recent_k(recent, d), v, scores, cfg)
+
+
 def encode_chunks_torch(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig) -> Tensors:
     """:func:`encode_chunks` in torch (the reference, and the path on CPU): every window, chunk,
     sequence and head at once, a handful of whole-tensor passes per part."""

@@ -104,12 +104,15 @@ def encode_chunks_fused(
     scores: torch.Tensor,
     cfg: KVOConfig,
     tiles: Tiles = Tiles(),
+    k_int8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``kvo.encode_chunks`` in two launches (K, V): the same names, dtypes, shapes and values.
 
     Args:
         k, v: [t, b, n_kv, d] with ``t % group == 0`` and ``supports(cfg, d)``. scores: [t, b, n_kv].
         tiles: the programs' blocks of channels and warps (not the results).
+        k_int8: K's scale and zero fp16 [t, b, n_kv, d / group] when ``k`` holds the recent form's
+            uint8 codes (``kvo.encode_recent``): dequantised as read, as ``decode_recent_k`` would.
     """
     t, b, n, d = k.shape
     S, G, P = cfg.chunk, cfg.group, cfg.anchors_per_group
@@ -138,13 +141,14 @@ def encode_chunks_fused(
         return out
     kernels = _kernels()
     k, v, scores = k.contiguous(), v.contiguous(), scores.contiguous()
+    k_scale, k_zero = (x.contiguous() for x in k_int8) if k_int8 is not None else (k, k)  # any pointer if unused
     # a program per (V group, sequence, head) and block of channels; neighbours share tokens
     k_channels = min(d, -(-tiles.k_channels // G) * G)
     kernels.encode_k[(nG * b * n * (d // k_channels),)](
-        k, scores, out["order"], out["k_anchor_codes"], out["k_anchor_scale"], out["k_anchor_zero"],
+        k, k_scale, k_zero, scores, out["order"], out["k_anchor_codes"], out["k_anchor_scale"], out["k_anchor_zero"],
         out["k_diff_codes"], out["k_diff_scale"], out["k_diff_zero"], out["k_keep"], b * n,
         S=S, P=P, D=d, DK=k_channels, G=G, A_BITS=cfg.k_anchor_bits, D_BITS=cfg.k_diff_bits, K_KEEP=cfg.k_keep,
-        KB=kb, ORDER_BITS=cfg.order_bits, PER_CHANNEL=cfg.per_channel,
+        KB=kb, ORDER_BITS=cfg.order_bits, PER_CHANNEL=cfg.per_channel, K_INT8=k_int8 is not None,
         num_warps=tiles.k_warps, enable_fp_fusion=False,
     )  # fmt: skip
     v_channels = min(d, max(8, tiles.v_channels))

@@ -73,8 +73,21 @@ def pack(codes, BITS: tl.constexpr):
 
 
 @triton.jit
+def load_k(k, k_scale, k_zero, rows, channels, D: tl.constexpr, G: tl.constexpr, K_INT8: tl.constexpr):
+    """Float32 K of ``rows`` (token * b * n_kv + sequence * n_kv + head, with a trailing unit axis)
+    at ``channels``: as stored, or int8 codes dequantised as ``decode_recent_k`` does (two roundings)."""
+    values = tl.load(k + rows * D + channels).to(tl.float32)
+    if K_INT8:
+        at = rows * (D // G) + channels // G
+        values = values * tl.load(k_scale + at).to(tl.float32) + tl.load(k_zero + at).to(tl.float32)
+    return values
+
+
+@triton.jit
 def encode_k(
-    k,  # [t, b, n_kv, D] any float dtype
+    k,  # [t, b, n_kv, D] any float dtype, or K_INT8: uint8 codes of the recent form
+    k_scale,  # K_INT8: fp16 [t, b, n_kv, D / G] (and k_zero); else unused
+    k_zero,
     scores,  # [t, b, n_kv]
     order_out,  # uint8 [C, b, n_kv, S * ORDER_BITS / 8]
     a_codes,  # uint8 [C, b, n_kv, D * A_BITS / 8]
@@ -96,6 +109,7 @@ def encode_k(
     KB: tl.constexpr,  # bytes of one group's kept codes
     ORDER_BITS: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
+    K_INT8: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     NB: tl.constexpr = D // DK
@@ -116,9 +130,9 @@ def encode_k(
         at = (chunk * BN + row)[:, None] * OB + tl.arange(0, OB)[None, :]
         tl.store(order_out + at, pack(order, ORDER_BITS).to(tl.uint8))
     token = chunk[:, None] * S + order  # [P, S] in slot order
-    x = tl.load(k + ((token * BN + row) * D)[:, :, None] + dd[None, None, :]).to(tl.float32)  # [P, S, DK]
+    x = load_k(k, k_scale, k_zero, (token * BN + row)[:, :, None], dd[None, None, :], D, G, K_INT8)  # [P, S, DK]
     first = tl.sum(tl.where(ss[None, :] == 0, order, 0), axis=1)  # [P]: the anchors' tokens
-    anchor = tl.load(k + ((chunk * S + first) * BN + row)[:, None] * D + dd[None, :]).to(tl.float32)
+    anchor = load_k(k, k_scale, k_zero, ((chunk * S + first) * BN + row)[:, None], dd[None, :], D, G, K_INT8)
     anchor = tl.reshape(anchor, [P, GP, G])
     scale, zero = fit_range(tl.min(anchor, axis=2), tl.max(anchor, axis=2), A_LEVELS)  # [P, GP]
     head = chunk * BN + row  # [P]: the (chunk, sequence, head) row of chunk-indexed outputs
