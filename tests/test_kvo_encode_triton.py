@@ -43,6 +43,8 @@ CONFIGS = {
     "narrow": KVOConfig(chunk=4, k_keep=6, v_keep=20, k_diff_bits=4, v_bits=1),
     # every difference kept, one non-anchor V kept, 4-bit anchors, 16-token groups with channel ranges
     "extremes": KVOConfig(window=64, chunk=8, group=16, k_keep=16, v_keep=3, k_anchor_bits=4, k_diff_axis="channel"),
+    # 8-channel groups of two 4-token chunks
+    "small_groups": KVOConfig(chunk=4, group=8, k_keep=3, v_keep=5),
     # one difference kept per group, all but one non-anchor V kept
     "single": KVOConfig(k_keep=1, v_keep=31),
     # no non-anchor V kept (decode_v_groups cannot gather from the empty v_codes: encodings only)
@@ -108,7 +110,7 @@ def test_fused_encoder_equals_the_torch_encoder(t, b, n, d, dtype, ties) -> None
     assert_same_encoding(*_inputs(t, b, n, d, dtype, ties, seed=t + d), CONFIGS["paper"])
 
 
-@pytest.mark.parametrize("name", ["per_channel", "narrow", "extremes", "single", "anchors_only"])
+@pytest.mark.parametrize("name", ["per_channel", "narrow", "extremes", "small_groups", "single", "anchors_only"])
 @pytest.mark.parametrize("ties", [False, True])
 def test_fused_encoder_equals_the_torch_encoder_for_other_knobs(name: str, ties: bool) -> None:
     k, v, scores = _inputs(64, 2, 1, 64, torch.float32, ties, seed=1)

@@ -53,9 +53,9 @@ class Tiles:
     (benchmarks/bench_kvo_encode.py times the choices: the defaults are untimed guesses that keep
     a program's reductions inside one or two warps)."""
 
-    k_channels: int = 32  # rounded up to a channel group, down to head_dim
+    k_channels: int = 32  # raised to a channel group (and 8), lowered to head_dim
     k_warps: int = 2
-    v_channels: int = 16  # at least 8 (a byte of keep mask), down to head_dim
+    v_channels: int = 16  # raised to 8 (a byte of keep mask), lowered to head_dim
     v_warps: int = 1
 
     def __post_init__(self) -> None:
@@ -119,6 +119,8 @@ def encode_chunks_fused(
     A, C, nG, groups = S - 1, t // S, t // G, d // G
     if t % G or not supports(cfg, d):
         raise KvprError(f"the fused KVO encoder does not take t={t}, d={d} with {cfg}: use fused=False")
+    assert v.shape == k.shape and scores.shape == (t, b, n), (k.shape, v.shape, scores.shape)
+    assert k_int8 is None or all(x.shape == (t, b, n, groups) for x in k_int8), "k_int8: [t, b, n_kv, d / group]"
     dev, u8, f16 = k.device, torch.uint8, torch.float16
     kb = packed_len(cfg.k_keep, cfg.k_diff_bits)
     range_shape = (nG, b, n, d) if cfg.per_channel else (C, b, n, A, groups)
@@ -143,7 +145,7 @@ def encode_chunks_fused(
     k, v, scores = k.contiguous(), v.contiguous(), scores.contiguous()
     k_scale, k_zero = (x.contiguous() for x in k_int8) if k_int8 is not None else (k, k)  # any pointer if unused
     # a program per (V group, sequence, head) and block of channels; neighbours share tokens
-    k_channels = min(d, -(-tiles.k_channels // G) * G)
+    k_channels = min(d, max(8, G, tiles.k_channels))  # powers of two: whole groups, whole mask bytes
     kernels.encode_k[(nG * b * n * (d // k_channels),)](
         k, k_scale, k_zero, scores, out["order"], out["k_anchor_codes"], out["k_anchor_scale"], out["k_anchor_zero"],
         out["k_diff_codes"], out["k_diff_scale"], out["k_diff_zero"], out["k_keep"], b * n,
