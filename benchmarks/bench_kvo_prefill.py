@@ -14,12 +14,17 @@ Writes ``kvo-prefill-<model>-<device>-<yyyymmdd>.json`` into ``--out`` and print
     # H200: the issue's size
     $(python3 benchmarks/provenance.py) python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b \
         --batch-size 16 --prompt-len 2016 --device cuda --dtype float16 --repeats 5 --out benchmarks/results
+
+``--encoder torch`` keeps ``encode_chunks_from_recent`` and ``encode_recent`` on their torch paths (the fused
+Triton kernels are the default where they run), so one device call can time both: the result's file
+name then says which.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import statistics
@@ -51,12 +56,29 @@ PHASES: tuple[tuple[str, Any, str], ...] = (
     ("scores", compressed, "band_scores"),  # attention each prompt token received: the band, given the lse
     ("cache.prefill", kvo_cache.KVOCache, "prefill"),  # everything the KVO cache does with the prompt
     ("encode_recent", kvo_cache, "encode_recent"),  # K int8 per token (the recent form)
-    ("decode_recent_k", kvo_cache, "decode_recent_k"),  # finalise: K back from int8
-    ("encode_chunks", kvo_cache, "encode_chunks"),  # reorder, quantise, prune, pack
+    ("decode_recent_k", kvo_cache, "decode_recent_k"),  # K back from int8: at decode only, since below
+    # K from its int8 form (the torch path decodes it first, the fused one as it reads), reorder,
+    # quantise, prune, pack
+    ("encode_chunks", kvo_cache, "encode_chunks_from_recent"),
     ("rows.pack", RowLayout, "pack"),  # parts side by side into rows
     ("rows.write", RowTier, "write"),  # rows into their tier
 )
 NESTED = ("encode_recent", "decode_recent_k", "encode_chunks", "rows.pack", "rows.write")
+
+
+@contextlib.contextmanager
+def encoder_choice(encoder: str) -> Iterator[None]:
+    """``encode_chunks_from_recent`` and ``encode_recent`` as the KVO cache calls them: auto (fused
+    where they run), or forced."""
+    saved = kvo_cache.encode_chunks_from_recent, kvo_cache.encode_recent
+    if encoder != "auto":
+        kvo_cache.encode_chunks_from_recent, kvo_cache.encode_recent = (
+            functools.partial(fn, fused=encoder == "fused") for fn in saved
+        )
+    try:
+        yield
+    finally:
+        kvo_cache.encode_chunks_from_recent, kvo_cache.encode_recent = saved
 
 
 def sync(device: torch.device) -> None:
@@ -157,6 +179,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_s": kvo_s - dense_s,
         "ratio": kvo_s / dense_s,
         "runs": runs,
+        "encoder": args.encoder,
         "phases_s": phases,
         "phased_run_s": timed_total,
     }
@@ -165,7 +188,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"KVO prefill, {result['model']} ({result['layers']} layers), batch {result['batch_size']} x "
-        f"{result['prompt_len']} tokens, {result['device']} {result['dtype']}, median of {result['repeats']}",
+        f"{result['prompt_len']} tokens, {result['device']} {result['dtype']}, median of {result['repeats']}, "
+        f"encoder {result['encoder']}",
         f"{'dense prefill':<24}{result['dense_s']:>10.3f} s",
         f"{'kvo prefill':<24}{result['kvo_s']:>10.3f} s",
         f"{'kvo overhead':<24}{result['overhead_s']:>10.3f} s   (kvo / dense = {result['ratio']:.2f}x)",
@@ -187,6 +211,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
+    parser.add_argument("--encoder", default="auto", choices=("auto", "torch", "fused"), help="encode_chunks' path")
     add_provenance_args(parser)
     args = parser.parse_args()
     if args.layers is None and args.device == "cpu" and args.model == "opt-125m" and args.prompt_len <= 512:
@@ -194,13 +219,14 @@ def main() -> int:
     header = header_or_exit(args.allow_dirty)
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # a shared CPU: fewer threads than cores time more steadily
-    result = measure(args)
+    with encoder_choice(args.encoder):
+        result = measure(args)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         device = header["device"].replace(" ", "_")
-        path = (
-            args.out / f"kvo-prefill-{args.model}-b{args.batch_size}-s{args.prompt_len}-{device}-{header['date']}.json"
-        )
+        encoder = "" if args.encoder == "auto" else f"-{args.encoder}"
+        stem = f"kvo-prefill-{args.model}-b{args.batch_size}-s{args.prompt_len}-{device}-{header['date']}{encoder}"
+        path = args.out / f"{stem}.json"
         path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
         print(f"wrote {path}")
     print(table(result))

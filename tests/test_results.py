@@ -24,8 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FLOOR_TOLERANCE = 0.02  # a timed median may sit this far below its floor (noise of the peak rates)
-# sim-: kvpr sim --results; tiered-, serve-, kvo-prefill-: bench_tiered, bench_serve, bench_kvo_prefill
-RESULT_PREFIXES = ("latency-", "tiered-", "throughput-", "accuracy-", "sim-", "serve-", "kvo-prefill-")
+# sim-: kvpr sim --results; tiered-, serve-, kvo-prefill-, kvo-encode-: bench_tiered, bench_serve,
+# bench_kvo_prefill, bench_kvo_encode
+RESULT_PREFIXES = ("latency-", "tiered-", "throughput-", "accuracy-", "sim-", "serve-", "kvo-prefill-", "kvo-encode-")
 # Prefixes of results whose commit and dirty state are not checked: none, every results JSON outside
 # history/ is (accuracy reports carry benchmarks/provenance.py's header since issue 12).
 COMMIT_CHECK_EXEMPT: tuple[str, ...] = ()

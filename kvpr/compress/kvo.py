@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpr.cache.codec import EncodedKV, check_codec, check_kv, owned
+from kvpr.compress import kvo_triton
 from kvpr.compress.packing import (
     PACK_BITS,
     pack_bits,
@@ -216,16 +217,44 @@ def largest(x: torch.Tensor, count: int, dim: int, by_sort: bool | None = None) 
     return top.sort(dim=-1).values.movedim(-1, dim)
 
 
-def encode_chunks(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig) -> Tensors:
+def encode_chunks(
+    k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig, fused: bool | None = None
+) -> Tensors:
     """Reorder, quantise and prune ``t`` tokens (``t % group == 0``) into KVO tensors.
 
-    Every window, chunk, sequence and head at once: a handful of whole-tensor passes per part.
-
     Args:
-        k, v: [t, b, n_kv, d]. scores: [t, b, n_kv], higher = more attended (ties keep order).
+        k, v: [t, b, n_kv, d]. scores: [t, b, n_kv], higher = more attended (ties keep order; no NaN).
+        fused: the Triton encoder (``kvo_triton``, bit-identical); None: where it runs (CUDA, or the
+            Triton interpreter) and supports ``cfg``, else :func:`encode_chunks_torch`.
     Returns:
         the named tensors of the module docstring's table.
     """
+    if fused is None:
+        fused = k.shape[0] > 0 and kvo_triton.runs_here(k) and kvo_triton.supports(cfg, k.shape[3])
+    if fused:
+        return kvo_triton.encode_chunks_fused(k, v, scores, cfg)
+    return encode_chunks_torch(k, v, scores, cfg)
+
+
+def encode_chunks_from_recent(
+    recent: TensorMap, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig, fused: bool | None = None
+) -> Tensors:
+    """:func:`encode_chunks` of K in its recent form (``encode_recent``'s int8 codes, scales, zeros):
+    the fused path dequantises as it reads (int8 in, not a float32 copy), bit-identical to
+    ``encode_chunks(decode_recent_k(recent, d), v, scores, cfg)``, the torch path."""
+    codes = recent["rk_codes"]  # [t, b, n_kv, d]
+    d = codes.shape[-1]
+    if fused is None:
+        fused = codes.shape[0] > 0 and kvo_triton.runs_here(codes) and kvo_triton.supports(cfg, d)
+    if fused:
+        k_int8 = (recent["rk_scale"], recent["rk_zero"])
+        return kvo_triton.encode_chunks_fused(codes, v, scores, cfg, k_int8=k_int8)
+    return encode_chunks_torch(decode_recent_k(recent, d), v, scores, cfg)
+
+
+def encode_chunks_torch(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, cfg: KVOConfig) -> Tensors:
+    """:func:`encode_chunks` in torch (the reference, and the path on CPU): every window, chunk,
+    sequence and head at once, a handful of whole-tensor passes per part."""
     t, b, n, d = k.shape
     S, G, A, P = cfg.chunk, cfg.group, cfg.chunk - 1, cfg.anchors_per_group
     C, nG, groups = t // S, t // G, d // G
@@ -353,9 +382,15 @@ def decode_v_chunks(ts: TensorMap, position: torch.Tensor, cfg: KVOConfig, d: in
     return torch.cat([anchor, others], dim=-2)
 
 
-def encode_recent(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig) -> Tensors:
-    """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16."""
-    codes, scale, zero = quantize_groups(k.float(), 8, cfg.group)  # widened once, not by each pass inside
+def encode_recent(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig, fused: bool | None = None) -> Tensors:
+    """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16.
+    K in one Triton launch (bit-identical) with ``fused``; None: where it runs and tiles ``d``."""
+    if fused is None:
+        fused = k.numel() > 0 and kvo_triton.runs_here(k) and kvo_triton.recent_supports(cfg.group, k.shape[-1])
+    if fused:
+        codes, scale, zero = kvo_triton.quantize_recent_k(k, cfg.group)
+    else:
+        codes, scale, zero = quantize_groups(k.float(), 8, cfg.group)  # widened once, not by each pass inside
     return {"rk_codes": codes, "rk_scale": scale, "rk_zero": zero, "rv": owned(v, torch.float16)}
 
 

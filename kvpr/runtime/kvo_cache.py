@@ -45,6 +45,7 @@ from kvpr.compress.kvo import (
     decode_recent_k,
     decode_v_chunks,
     encode_chunks,
+    encode_chunks_from_recent,
     encode_recent,
     rotate_kv,
 )
@@ -213,8 +214,8 @@ class KVOCache:
         """Encode ``count`` recent tokens (whole windows) into chunks: anchors here, rows to the tier."""
         cfg, count = self.config, valid.shape[0]
         scores = scores.masked_fill(~valid[:, :, None], float("-inf"))  # padding is never an anchor
-        # K comes back from its int8 recent form: the original is no longer held.
-        enc = encode_chunks(decode_recent_k(old, self.d), old["rv"], scores, cfg)
+        # K comes from its int8 recent form: the original is no longer held.
+        enc = encode_chunks_from_recent(old, old["rv"], scores, cfg)
         first, last = self.num_chunks, self.num_chunks + count // cfg.chunk
         for name in ANCHOR_NAMES:
             self.anchors[name][first:last] = enc[name]
