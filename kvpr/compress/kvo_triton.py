@@ -66,9 +66,21 @@ class Tiles:
 RECENT_ELEMENTS = 4096  # values per program of the recent-window quantiser
 
 
+# The fused encoder has run in Triton's CPU interpreter (bit-identical to the torch path) and been built
+# for sm_90, but not yet run on a GPU: until tests/test_kvo_encode_triton.py passes on one, CUDA takes it
+# only when asked (``fused=True``, ``bench_kvo_prefill.py --encoder fused``), and the default stays torch.
+FUSED_BY_DEFAULT_ON_CUDA = False
+
+
 def runs_here(x: torch.Tensor) -> bool:
     """Triton can encode ``x``: a CUDA tensor, or any tensor under Triton's CPU interpreter."""
     return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_installed()
+
+
+def chosen_by_default(x: torch.Tensor) -> bool:
+    """``fused=None`` takes the Triton encoder for ``x``: under the interpreter (the tests), and on
+    CUDA once ``FUSED_BY_DEFAULT_ON_CUDA`` says a GPU run has held it equal to the torch path."""
+    return runs_here(x) and (not x.is_cuda or FUSED_BY_DEFAULT_ON_CUDA)
 
 
 @functools.cache
