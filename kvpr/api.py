@@ -303,7 +303,11 @@ class LLM:
             executor = self.make_executor(len(rows), input_ids.shape[1] + num_forced + params.max_new_tokens)
             callback = None if on_token is None else (lambda row, token, first=first: on_token(first + row, token))
             eos = self.model_config.eos_token_ids
-            output = generate_tokens(executor, input_ids, valid, params, eos, callback, forced_ids)
+            try:
+                output = generate_tokens(executor, input_ids, valid, params, eos, callback, forced_ids)
+            finally:
+                if isinstance(executor, ThroughputExecutor):  # its disk tier's files go with the run, not with GC
+                    executor.close()
             block_stats.append(_stats(output, input_ids.shape))
             prompts = [ids + (forced[first + row] if forced else []) for row, ids in enumerate(rows)]
             completions += [

@@ -66,12 +66,18 @@ def test_scores_match_latency_mode(tiny_checkpoint, tmp_path) -> None:
     torch.testing.assert_close(llm.score(sequences, prefix_len=3), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_disk_tier_leaves_no_files(tiny_checkpoint, tmp_path) -> None:
+def test_disk_tier_leaves_no_files(tiny_checkpoint, tmp_path, monkeypatch) -> None:
     llm = throughput_llm(tiny_checkpoint("opt"), "0 0 0 0 0 0", "off", 2, 1, tmp_path)
+    executors = []  # kept alive past the run: its files must go with the run, not with the executor
+    make_executor = LLM.make_executor
+    monkeypatch.setattr(LLM, "make_executor", lambda *args: executors.append(make_executor(*args)) or executors[-1])
     llm.generate(PROMPTS[:2], SamplingParams(max_new_tokens=3, stop_on_eos=False))
+    assert executors
     disk_dir = llm._offload_dir()
     assert disk_dir is not None and disk_dir.parent == tmp_path
     assert [p.name for p in disk_dir.iterdir()] == ["weights.bin"]  # the cache files went with the run
+    monkeypatch.undo()
+    executors.clear()
     del llm
     assert not disk_dir.exists()
 
