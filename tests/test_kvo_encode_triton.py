@@ -1,10 +1,14 @@
 """The fused Triton KVO encoder against the torch reference: every tensor equal, bit for bit.
 
-On CUDA the kernels are compiled; elsewhere they run in Triton's CPU interpreter (TRITON_INTERPRET=1,
-set before their module is first imported), one program at a time in Python, so the shapes stay
-small. No tolerance anywhere: the kernels repeat the reference's float32 operations in its order,
-so codes, scales, zeros, masks and order are ``torch.equal`` to ``encode_chunks_torch``'s, and so
-are their decodes.
+On CUDA the kernels are compiled; elsewhere they run in Triton's CPU interpreter, one program at a
+time in Python, so the shapes stay small. The interpreter must be on (TRITON_INTERPRET=1) before
+triton is first imported, which another test of a whole run may already have done (torch.compile
+imports it): so without a GPU the file runs in a pytest process of its own, started with the
+interpreter on by ``test_the_file_in_the_triton_interpreter``, and its tests skip in the parent.
+
+No tolerance anywhere: the kernels repeat the reference's float32 operations in its order, so
+codes, scales, zeros, masks and order are ``torch.equal`` to ``encode_chunks_torch``'s, and so are
+their decodes.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +43,8 @@ from kvpr.errors import KvprError
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # as this process started, before triton's import
+DRIVER = "test_the_file_in_the_triton_interpreter"
 
 CONFIGS = {
     "paper": KVOConfig(),
@@ -53,10 +63,22 @@ CONFIGS = {
 
 
 @pytest.fixture(autouse=True)
-def triton_here(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Triton's interpreter where there is no GPU (the fused path then runs on CPU tensors)."""
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def triton_here(request: pytest.FixtureRequest) -> None:
+    """Without a GPU the tests run only in the interpreter's own process (the module docstring)."""
+    if not CUDA and not INTERPRETED and request.function.__name__ != DRIVER:
+        pytest.skip(f"run with the Triton interpreter on, in its own process, by {DRIVER}")
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="the file's tests run here directly")
+def test_the_file_in_the_triton_interpreter() -> None:
+    """Every test of this file, in a pytest process started with TRITON_INTERPRET=1."""
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(filter(None, [str(root), str(root / "tests"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", f"not {DRIVER}"]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
 
 
 def _ties(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
