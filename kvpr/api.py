@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from kvpr.config import (
 from kvpr.device import element_size, host_memory_limit, pin_host_memory, resolve_device, resolve_dtype
 from kvpr.errors import KvprError
 from kvpr.models.loader import build_model, init_dummy_weights, load_weights, resolve_source
+from kvpr.outputs import Completion, RunStats, run_stats
 from kvpr.parallel import WeightShard, check_supported, parallelize, rank_config, setup
 from kvpr.placement import (
     Target,
@@ -43,61 +43,13 @@ from kvpr.placement import (
 )
 from kvpr.runtime.compressed import CacheMethod, CompressedExecutor
 from kvpr.runtime.executor import Executor
-from kvpr.runtime.generation import GenerationOutput, TokenCallback, generate_tokens
+from kvpr.runtime.generation import TokenCallback, generate_tokens
 from kvpr.runtime.latency import OverlappedExecutor
 from kvpr.runtime.reference import SequentialExecutor
 from kvpr.runtime.throughput import ThroughputExecutor
 from kvpr.runtime.weights import LayerWeights
 from kvpr.scheduler.policy import make_split_policy
-
-
-@dataclass
-class Completion:
-    """One prompt's result."""
-
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "eos" or "length"
-
-
-@dataclass
-class RunStats:
-    """What one batch cost: prefill, each decode step, and the split chosen at each step."""
-
-    batch_size: int
-    prompt_len: int
-    prefill_s: float
-    step_s: list[float] = field(default_factory=list)
-    recompute_lens: list[int] = field(default_factory=list)  # l at each decode step
-    host_lens: list[int] = field(default_factory=list)  # host-tier tokens at each decode step
-
-    @classmethod
-    def combine(cls, blocks: Sequence["RunStats"]) -> "RunStats":
-        """Blocks run one after another: the job's step k costs step k of every block."""
-        if len(blocks) == 1:
-            return blocks[0]
-        num_steps = max(len(b.step_s) for b in blocks)
-        return cls(
-            batch_size=sum(b.batch_size for b in blocks),
-            prompt_len=max(b.prompt_len for b in blocks),
-            prefill_s=sum(b.prefill_s for b in blocks),
-            step_s=[sum(b.step_s[k] for b in blocks if k < len(b.step_s)) for k in range(num_steps)],
-            recompute_lens=blocks[-1].recompute_lens,
-            host_lens=blocks[-1].host_lens,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        steps = self.step_s
-        return {
-            "batch_size": self.batch_size,
-            "prompt_len": self.prompt_len,
-            "prefill_s": self.prefill_s,
-            "decode_ms_per_token": 1e3 * sum(steps) / len(steps) if steps else None,
-            "step_ms": [1e3 * s for s in steps],
-            "recompute_lens": self.recompute_lens,
-            "host_lens": self.host_lens,
-        }
+from kvpr.tokens import load_tokenizer, tokenize
 
 
 class LLM:
@@ -308,7 +260,7 @@ class LLM:
             finally:
                 if isinstance(executor, ThroughputExecutor):  # its disk tier's files go with the run, not with GC
                     executor.close()
-            block_stats.append(_stats(output, input_ids.shape))
+            block_stats.append(run_stats(output, input_ids.shape))
             prompts = [ids + (forced[first + row] if forced else []) for row, ids in enumerate(rows)]
             completions += [
                 Completion(
@@ -448,40 +400,3 @@ class LLM:
         buffers_made = weights_loaded and getattr(self.layer_weights, "_gpu", None) is not None
         target, disk_dir = self._target(), self._offload_dir  # the directory is made only for a disk share
         check_block_fits(target, throughput, batch_size, max_len, weights_loaded, buffers_made, disk_dir)
-
-
-def _stats(output: GenerationOutput, shape: torch.Size) -> RunStats:
-    return RunStats(
-        batch_size=shape[0],
-        prompt_len=shape[1],
-        prefill_s=output.prefill_s,
-        step_s=output.step_s,
-        recompute_lens=output.recompute_lens,
-        host_lens=output.host_lens,
-    )
-
-
-def tokenize(tokenizer: Any, prompt: str, row: int = 0) -> list[int]:
-    """One prompt's ids (``row``: its place, for the error). Text that already starts with the BOS
-    token (as a chat template writes it) gets no second one."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise KvprError(f"prompt {row} is not valid UTF-8 text at character {err.start}: pass UTF-8 text") from None
-    bos = getattr(tokenizer, "bos_token", None)
-    if isinstance(bos, str) and bos and prompt.startswith(bos):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
-
-
-def load_tokenizer(directory: Any) -> Any:
-    """The checkpoint's own tokenizer files (never a hub download), or None when there are none."""
-    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-    if not any((directory / name).is_file() for name in files):
-        return None  # before importing transformers, which takes seconds
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise KvprError(f"cannot load the tokenizer in {directory}: {str(err).splitlines()[0]}") from None

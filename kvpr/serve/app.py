@@ -26,7 +26,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvpr.api import tokenize
 from kvpr.config import SamplingParams
 from kvpr.errors import KvprError
 from kvpr.serve.engine import Engine, ThreadEngine
@@ -34,6 +33,7 @@ from kvpr.serve.metrics import ServeMetrics
 from kvpr.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, validation_message
 from kvpr.serve.requests import EngineUnavailable, Event, QueueFull, Sequence, ServeConfig, request_seed
 from kvpr.serve.text import TextStream
+from kvpr.tokens import tokenize
 
 if TYPE_CHECKING:
     from kvpr.api import LLM

@@ -224,7 +224,7 @@ class ProcessEngine:
 
 
 def _tokenizer(info: EngineInfo) -> Any:
-    from kvpr.api import load_tokenizer
+    from kvpr.tokens import load_tokenizer
 
     return load_tokenizer(Path(info.model_dir)) if info.model_dir is not None else None
 
