@@ -3,7 +3,8 @@
 # cover them, then the serve and KVO-prefill benchmarks, each within its own time limit so a slow
 # part never eats the next one's. Logs and JSON go to $OUT; a short table is printed last.
 # Usage (repo root; the device's copy has no usable .git, so name the commit; carry .whl-serve):
-#   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo]
+#   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo] [kvo-encode]
+# kvo-encode: the fused KVO encoder against the torch one (one layer's shape, then the whole prefill both ways).
 # Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (320), KVO_S (110), TESTS_K (a -k filter),
 # SERVE_MODES ("thread process": the engine in a thread, then in its own process, on the same load).
 set -uo pipefail
@@ -20,9 +21,9 @@ for part in "${parts[@]}"; do
   case "$part" in
     tests)
       log="$OUT/gpu-tests-$stem-session.log"
-      echo "# commit ${KVPR_COMMIT:-unknown} (dirty: ${KVPR_DIRTY:-unknown}): tests/test_gpu.py tests/test_split_attention.py tests/test_serve.py tests/test_kvo_prefill.py -k '${TESTS_K:-}'" > "$log"
-      timeout -k 5 "${TESTS_S:-240}" python3 -m pytest tests/test_gpu.py tests/test_split_attention.py tests/test_serve.py \
-        tests/test_kvo_prefill.py -q -p no:cacheprovider -rfE ${TESTS_K:+-k "$TESTS_K"} >> "$log" 2>&1
+      files=(tests/test_gpu.py tests/test_split_attention.py tests/test_serve.py tests/test_kvo_prefill.py tests/test_kvo_encode_triton.py)
+      echo "# commit ${KVPR_COMMIT:-unknown} (dirty: ${KVPR_DIRTY:-unknown}): ${files[*]} -k '${TESTS_K:-}'" > "$log"
+      timeout -k 5 "${TESTS_S:-240}" python3 -m pytest "${files[@]}" -q -p no:cacheprovider -rfE ${TESTS_K:+-k "$TESTS_K"} >> "$log" 2>&1
       echo "pytest rc $?" >> "$log"; tail -6 "$log" ;;
     serve)
       timeout -s INT -k 10 "${SERVE_S:-320}" python3 benchmarks/bench_serve.py --model opt-6.7b --dummy-weights \
@@ -31,7 +32,13 @@ for part in "${parts[@]}"; do
     kvo)
       timeout -s INT -k 10 "${KVO_S:-110}" python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b --batch-size 16 \
         --prompt-len 2016 --device cuda --dtype float16 --repeats 3 --out "$OUT" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -12 ;;
-    *) echo "unknown part $part (tests, serve, kvo)"; exit 2 ;;
+    kvo-encode)
+      timeout -s INT -k 10 "${KVO_S:-110}" python3 benchmarks/bench_kvo_encode.py --device cuda --out "$OUT" 2>&1 | tail -12
+      for encoder in torch fused; do
+        timeout -s INT -k 10 "${KVO_S:-110}" python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b --batch-size 16 \
+          --prompt-len 2016 --device cuda --dtype float16 --repeats 3 --encoder "$encoder" --out "$OUT" 2>&1 | tail -3
+      done ;;
+    *) echo "unknown part $part (tests, serve, kvo, kvo-encode)"; exit 2 ;;
   esac
   echo "== $part done at $(( SECONDS - began )) s"
 done
