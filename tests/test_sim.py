@@ -299,13 +299,14 @@ def test_host_term_moves_a_host_bound_prediction_up_and_leaves_a_link_bound_one(
 
 
 def test_each_session_gets_its_machines_per_op_cost() -> None:
-    from kvpr.sim.host_ops import tiered_ops
-    from kvpr.sim.validation import SWEEP_72448D7, TIERED_A266AD4, HostModel, calibration_probes
+    from kvpr.sim.validation import H200_SOURCES, SWEEP_72448D7, TIERED_A266AD4, HostModel, calibration_probes
 
-    opt, llama = tiered_ops(builtin_config("opt-6.7b")), tiered_ops(builtin_config("llama-3-8b"))
-    probes = calibration_probes(ROOT, {"opt": opt, "llama": llama})
+    runs = {source.results: source.tiered for source in H200_SOURCES if source.tiered is not None}
+    probes = calibration_probes(ROOT)  # each counted on the executor of its own session
+    a266ad4 = runs[TIERED_A266AD4].ops
     gpu_tier = sorted(p.ops for p in probes if "-tiered.json" in p.source)  # the a266ad4 probes: one attention
-    assert gpu_tier == sorted([opt.gpu_layer, llama.gpu_layer])
+    assert gpu_tier == sorted([a266ad4["opt"].gpu_layer, a266ad4["llama"].gpu_layer])
+    opt = runs[SWEEP_72448D7].ops["opt"]
     format5 = {p.source.split(": ")[1]: p.ops for p in probes if "-format5.json" in p.source}
     assert format5 == {"host_layer_s": opt.host_layer + opt.kv_chunk, "host_chunk_s": opt.x_chunk}
     host = HostModel.count(ROOT)
@@ -359,3 +360,14 @@ def test_kvpr_sim_command_writes_json_and_png(tmp_path: Path) -> None:
     assert report["machines"][0]["machine"] == "kvo-llm"
     assert report["headline"]["vs"]["dense-fp16"]["throughput"] > 1.0
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_the_newest_pinned_executor_is_todays() -> None:
+    """The op counts pinned for the last measured tiered run are what this checkout's executor
+    issues, until the executor changes: then re-measure, and pin the new run's counts beside it."""
+    from kvpr.sim.host_ops import tiered_ops
+    from kvpr.sim.validation import H200_SOURCES
+
+    newest = [source.tiered for source in H200_SOURCES if source.tiered is not None][-1]
+    for family, name in (("opt", "opt-6.7b"), ("llama", "llama-3-8b")):
+        assert newest.ops[family] == tiered_ops(builtin_config(name)), (newest.commit, family)

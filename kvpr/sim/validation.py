@@ -39,10 +39,15 @@ TIERED_A266AD4 = "tiered-NVIDIA_H200-20261203.json"
 
 @dataclass(frozen=True)
 class TieredRun:
-    """The tiered executor a results file was measured on."""
+    """The tiered executor a results file was measured on: its X slot rule and its host ops.
+
+    ``ops`` are that commit's counts, pinned here so that a later executor (fewer launches) does not
+    change what the model says of runs measured before it: ``host_ops.tiered_ops`` of each family,
+    run on a checkout of ``commit`` with today's ``kvpr/sim/host_ops.py`` copied in."""
 
     commit: str
     x_slots_by_x: bool  # X slots of 32 MiB of X (72448d7's x_slot_tokens_for); before, a K,V slot's tokens
+    ops: dict[str, TieredOps]  # model family -> the executor's host ops at ``commit``
 
 
 @dataclass(frozen=True)
@@ -79,12 +84,23 @@ H200_SOURCES += (
             ("opt", 16): ("profile-opt-h4096-kv8192-float16-b32-NVIDIA_H200-20261203-tiered.json", None),
             ("llama", 8): ("profile-llama-h4096-kv2048-float16-b8-NVIDIA_H200-20261203-tiered.json", None),
         },
-        tiered=TieredRun(commit="a266ad4", x_slots_by_x=False),
+        tiered=TieredRun(
+            commit="a266ad4",
+            x_slots_by_x=False,
+            ops={  # a host-tier layer issued two ops more than at 72448d7
+                "opt": TieredOps(15, 19, 10, 9, 24, 21, 0),
+                "llama": TieredOps(37, 41, 16, 9, 30, 27, 4),
+            },
+        ),
     ),
     Source(
         SWEEP_72448D7,
         {("opt", 16): ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", None)},
-        tiered=TieredRun(commit="72448d7", x_slots_by_x=True),
+        tiered=TieredRun(
+            commit="72448d7",
+            x_slots_by_x=True,
+            ops={"opt": TieredOps(15, 17, 10, 9, 24, 21, 0), "llama": TieredOps(37, 39, 16, 9, 30, 27, 4)},
+        ),
     ),
 )
 TIERED_SYSTEMS = ("kvpr-gpu", "kvpr-tiered", "kvpr-off-tiered")
@@ -179,7 +195,7 @@ class HostModel:
 
         models = {"opt": builtin_config("opt-6.7b"), "llama": builtin_config("llama-3-8b")}
         tiered = {family: tiered_ops(model) for family, model in models.items()}
-        probes = calibration_probes(root, tiered)
+        probes = calibration_probes(root)
         sessions = {results: HostCost.from_probes([p for p in probes if p.session == results]) for results in
                     sorted({p.session for p in probes})}  # fmt: skip
         return cls(
@@ -205,16 +221,16 @@ CALIBRATION = (  # (profile, field, family, the path its probe issued, the resul
 )  # fmt: skip
 
 
-def calibration_probes(root: Path, tiered: dict[str, TieredOps]) -> list[Probe]:
+def calibration_probes(root: Path) -> list[Probe]:
     """The profiles whose host probes ran the tiered executor (a266ad4: the 16-token prompt stayed
     in the GPU tier, one attention; 72448d7, format 5: the prompt on the host tier, one K,V chunk
     at ``l = 0``, and X chunks of it), each with the op count of the path it timed and the results
     file measured on the same machine in the same session (bench_tiered profiles before its rows).
     The earlier profiles timed the executor before the tiers, whose ops this checkout cannot count."""
-    probes = []
+    probes, runs = [], {source.results: source.tiered for source in H200_SOURCES if source.tiered is not None}
     for name, field, family, path, session in CALIBRATION:
         seconds = getattr(HardwareProfile.load(root / RESULTS / name), field)["none"]
-        ops = tiered[family]
+        ops = runs[session].ops[family]  # the executor the probe timed, as it was in that session
         count = {"gpu": ops.gpu_layer, "host": ops.host_layer + ops.kv_chunk, "x": ops.x_chunk}[path]
         probes.append(Probe(seconds, count, f"benchmarks/results/{name}: {field}", session))
     return probes
@@ -237,7 +253,7 @@ def _tiered_ms(
         (h, n, _chunks(gpu, model, b, h, "none", "none", row["gpu_slots"]) if n else 1)
         for h, n in zip(row["host_lens"], row["recompute_lens"], strict=True)
     ]
-    ops = host.tiered[_family(row["model"])]
+    ops = run.ops[_family(row["model"])]  # the executor's as it ran
     return kvpr_tiered_ms(gpu, model, b, prompt, steps, kv_slot, x_slot, ops, cost)
 
 
