@@ -20,6 +20,7 @@ from kvpr.errors import KvprError
 if TYPE_CHECKING:
     from kvpr.api import LLM
     from kvpr.serve.engine import Engine
+    from kvpr.serve.requests import ServeConfig
     from kvpr.serve.wire import EngineSpec
 
 DEFAULT_CONTEXT = 2048  # --max-model-len when not given (at most the model's own)
@@ -157,13 +158,20 @@ def _process_engine(spec: EngineSpec) -> Engine:
 
 
 def _thread_engine(spec: EngineSpec) -> Engine:
-    from kvpr.api import LLM
     from kvpr.serve.engine import ThreadEngine
+
+    return ThreadEngine(*load_for_serving(spec))
+
+
+def load_for_serving(spec: EngineSpec) -> tuple[LLM, ServeConfig]:
+    """The model loaded and the serve limits resolved against its placement, in whichever process
+    runs the loop; the batch's cache is allocated (and checked) by the ``Batcher`` built on them."""
+    from kvpr.api import LLM
     from kvpr.serve.requests import ServeConfig
 
     llm = LLM(spec.config, batch_size=1, max_len=2)  # the batch is sized (and checked) once the context is known
     rows, length, waiting = resolve_limits(llm, spec.rows, spec.max_model_len, spec.max_waiting)
-    return ThreadEngine(llm, ServeConfig(rows, length, waiting, spec.batch_wait_ms))
+    return llm, ServeConfig(rows, length, waiting, spec.batch_wait_ms)
 
 
 def _listen(host: str, port: int) -> socket.socket:

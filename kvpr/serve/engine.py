@@ -35,6 +35,14 @@ class EngineInfo:
     mode: str  # "process" or "thread"
     pid: int  # the process running the loop
 
+    @classmethod
+    def of(cls, batcher: Batcher, mode: str) -> EngineInfo:
+        """The info of ``batcher``'s engine, running in this process."""
+        llm = batcher.llm
+        model_dir = None if llm.model_dir is None else str(llm.model_dir)
+        vocab = llm.model_config.vocab_size
+        return cls(llm.name, vocab, model_dir, batcher.config, batcher.continuous, mode, os.getpid())
+
 
 class Engine(Protocol):
     """The engine as the handlers use it; every method is called on the event loop."""
@@ -67,9 +75,7 @@ class ThreadEngine:
         self.metrics = EngineMetrics()
         self.batcher = Batcher(llm, config, self.metrics, self._outlet)  # allocates the cache: fails here
         self.tokenizer = llm.tokenizer
-        model_dir = None if llm.model_dir is None else str(llm.model_dir)
-        vocab = llm.model_config.vocab_size
-        self.info = EngineInfo(llm.name, vocab, model_dir, config, self.batcher.continuous, "thread", os.getpid())
+        self.info = EngineInfo.of(self.batcher, "thread")
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def _outlet(self, events: list[Event]) -> None:  # on the engine thread: one hop per pass

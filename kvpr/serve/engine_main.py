@@ -10,7 +10,6 @@ engine whose HTTP process vanished (the pipe's end) stops by itself.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import traceback
@@ -21,7 +20,7 @@ from kvpr.errors import KvprError
 from kvpr.serve.batcher import Batcher
 from kvpr.serve.engine import EngineInfo
 from kvpr.serve.metrics import EngineMetrics
-from kvpr.serve.requests import Event, QueueFull, Sequence, ServeConfig
+from kvpr.serve.requests import Event, QueueFull, Sequence
 from kvpr.serve.wire import (
     Cancel,
     EngineSpec,
@@ -49,22 +48,14 @@ def engine_main(conn: Connection, spec: EngineSpec) -> None:
         traceback.print_exc()
         conn.send(StartFailed(f"the engine failed to start: {err!r}", user_error=False))
         return
-    llm = batcher.llm
-    model_dir = None if llm.model_dir is None else str(llm.model_dir)
-    info = EngineInfo(
-        llm.name, llm.model_config.vocab_size, model_dir, batcher.config, batcher.continuous, "process", os.getpid()
-    )
-    EngineLoop(conn, batcher).run(Ready(info))
+    EngineLoop(conn, batcher).run(Ready(EngineInfo.of(batcher, "process")))
 
 
 def _start(spec: EngineSpec) -> Batcher:
     """The model loaded, the limits resolved against its placement, the batch's cache allocated."""
-    from kvpr.api import LLM
-    from kvpr.serve.cli import resolve_limits
+    from kvpr.serve.cli import load_for_serving
 
-    llm = LLM(spec.config, batch_size=1, max_len=2)  # the batch is sized (and checked) once the context is known
-    rows, length, waiting = resolve_limits(llm, spec.rows, spec.max_model_len, spec.max_waiting)
-    return Batcher(llm, ServeConfig(rows, length, waiting, spec.batch_wait_ms), EngineMetrics())
+    return Batcher(*load_for_serving(spec), EngineMetrics())
 
 
 class EngineLoop:
