@@ -225,12 +225,12 @@ def encode_chunks(
     Args:
         k, v: [t, b, n_kv, d]. scores: [t, b, n_kv], higher = more attended (ties keep order; no NaN).
         fused: the Triton encoder (``kvo_triton``, bit-identical); None: where it is chosen by default
-            (``kvo_triton.chosen_by_default``) and supports ``cfg``, else :func:`encode_chunks_torch`.
+            and supports ``cfg`` (``kvo_triton.encodes_by_default``), else :func:`encode_chunks_torch`.
     Returns:
         the named tensors of the module docstring's table.
     """
     if fused is None:
-        fused = k.shape[0] > 0 and kvo_triton.chosen_by_default(k) and kvo_triton.supports(cfg, k.shape[3])
+        fused = kvo_triton.encodes_by_default(k, cfg)
     if fused:
         return kvo_triton.encode_chunks_fused(k, v, scores, cfg)
     return encode_chunks_torch(k, v, scores, cfg)
@@ -245,7 +245,7 @@ def encode_chunks_from_recent(
     codes = recent["rk_codes"]  # [t, b, n_kv, d]
     d = codes.shape[-1]
     if fused is None:
-        fused = codes.shape[0] > 0 and kvo_triton.chosen_by_default(codes) and kvo_triton.supports(cfg, d)
+        fused = kvo_triton.encodes_by_default(codes, cfg)
     if fused:
         k_int8 = (recent["rk_scale"], recent["rk_zero"])
         return kvo_triton.encode_chunks_fused(codes, v, scores, cfg, k_int8=k_int8)

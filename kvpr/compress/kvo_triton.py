@@ -103,6 +103,11 @@ def supports(cfg: KVOConfig, d: int) -> bool:
     )
 
 
+def encodes_by_default(x: torch.Tensor, cfg: KVOConfig) -> bool:
+    """``fused=None`` encodes the tokens of ``x`` ([t, b, n_kv, d]: K, or its int8 recent form) here."""
+    return x.shape[0] > 0 and chosen_by_default(x) and supports(cfg, x.shape[-1])
+
+
 def _kernels() -> Any:
     """The kernels' module (it imports Triton, so only here)."""
     from kvpr.compress import kvo_triton_kernels
