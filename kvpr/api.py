@@ -258,8 +258,7 @@ class LLM:
             try:
                 output = generate_tokens(executor, input_ids, valid, params, eos, callback, forced_ids)
             finally:
-                if isinstance(executor, ThroughputExecutor):  # its disk tier's files go with the run, not with GC
-                    executor.close()
+                executor.close()  # throughput mode's disk files go with the run, not with the executor
             block_stats.append(run_stats(output, input_ids.shape))
             prompts = [ids + (forced[first + row] if forced else []) for row, ids in enumerate(rows)]
             completions += [
@@ -311,12 +310,14 @@ class LLM:
             raise KvprError(f"prefix_len={prefix_len} must lie in [1, {length - 1}]")
         ids = torch.tensor([list(seq) for seq in sequences], dtype=torch.long, device=self.device)  # [b, n]
         executor = self.make_executor(ids.shape[0], length)
-        logits = executor.prefill(ids[:, :prefix_len], torch.ones_like(ids[:, :prefix_len], dtype=torch.bool))
-        scores = [torch.log_softmax(logits[:, -1].float(), dim=-1).gather(1, ids[:, prefix_len : prefix_len + 1])]
-        for position in range(prefix_len, length - 1):
-            step_logits = executor.decode(ids[:, position]).float()  # [b, V]
-            scores.append(torch.log_softmax(step_logits, dim=-1).gather(1, ids[:, position + 1 : position + 2]))
-        executor.finish()
+        try:
+            logits = executor.prefill(ids[:, :prefix_len], torch.ones_like(ids[:, :prefix_len], dtype=torch.bool))
+            scores = [torch.log_softmax(logits[:, -1].float(), dim=-1).gather(1, ids[:, prefix_len : prefix_len + 1])]
+            for position in range(prefix_len, length - 1):
+                step_logits = executor.decode(ids[:, position]).float()  # [b, V]
+                scores.append(torch.log_softmax(step_logits, dim=-1).gather(1, ids[:, position + 1 : position + 2]))
+        finally:
+            executor.close()
         return torch.cat(scores, dim=1).cpu()  # [b, n - prefix_len]
 
     def make_executor(self, batch_size: int, max_len: int) -> Executor:

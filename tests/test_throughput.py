@@ -76,6 +76,8 @@ def test_disk_tier_leaves_no_files(tiny_checkpoint, tmp_path, monkeypatch) -> No
     disk_dir = llm._offload_dir()
     assert disk_dir is not None and disk_dir.parent == tmp_path
     assert [p.name for p in disk_dir.iterdir()] == ["weights.bin"]  # the cache files went with the run
+    llm.score([list(range(5, 13))] * 2, 4)  # teacher forcing: the same for its own run
+    assert len(executors) == 2 and [p.name for p in disk_dir.iterdir()] == ["weights.bin"]
     monkeypatch.undo()
     executors.clear()
     del llm

@@ -270,3 +270,5 @@ class CompressedExecutor:
 
     def finish(self) -> None:
         self.streams.synchronize()
+
+    close = finish  # nothing held outside memory

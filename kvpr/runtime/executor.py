@@ -186,6 +186,11 @@ class Executor:
     def finish(self) -> None:
         """Wait for outstanding work (write-backs) so the cache may be read or freed."""
 
+    def close(self) -> None:
+        """The run is over: wait for its work and release what it holds outside memory (nothing here;
+        throughput mode's disk files)."""
+        self.finish()
+
 
 class StepLayout:
     """One decode step's layout, the same for every layer."""

@@ -176,6 +176,7 @@ class ThroughputExecutor:
         self.disk_queue.drain()
 
     def close(self) -> None:
+        """The run is over: its disk tier's cache and activation files go now, not with the executor."""
         self.finish()
         self.disk_queue.close()
         self.acts.close()
