@@ -52,6 +52,16 @@ def _llama(**overrides: Any) -> dict[str, Any]:
     return base | overrides
 
 
+_LLAMA_3_8B = _llama(
+    intermediate_size=14336,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+
 # config.json contents of the published checkpoints (only the keys kvpr reads).
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     "opt-125m": _opt(768, 12, 12),
@@ -60,32 +70,20 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     "opt-13b": _opt(5120, 40, 40),
     "opt-30b": _opt(7168, 48, 56),
     "llama-2-7b": _llama(),
-    "llama-3-8b": _llama(
-        intermediate_size=14336,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        bos_token_id=128000,
-        eos_token_id=128001,
-    ),
+    "llama-3-8b": _LLAMA_3_8B,
     # Llama 3.1: Llama 3's shapes with llama3 RoPE scaling to 128K positions (the GQA long-context rows)
-    "llama-3.1-8b": _llama(
-        intermediate_size=14336,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        rope_scaling={
+    "llama-3.1-8b": _LLAMA_3_8B
+    | {
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
             "rope_type": "llama3",
             "factor": 8.0,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
         },
-        bos_token_id=128000,
-        eos_token_id=[128001, 128008, 128009],
-    ),
+        "eos_token_id": [128001, 128008, 128009],
+    },
     "mistral-7b": _llama(
         model_type="mistral",
         intermediate_size=14336,
