@@ -77,7 +77,7 @@ class HostRows:
     def wait_flush(self, layer: int) -> None:
         """The compute stream waits for the last write-back of ``layer`` (it reads the GPU tail)."""
         if self.streams is not None and self.flushed is not None:
-            self.streams.compute_waits(self.flushed[layer])  # a flushed tail is copied before rows overwrite it
+            self.flushed[layer].compute_waits()  # a flushed tail is copied before rows overwrite it
 
     def store(
         self, storage: Any, layer: int, runs: list[tuple[int, int, int]], start: int, *tokens: torch.Tensor
@@ -99,7 +99,7 @@ class HostRows:
             for _, source in sources:
                 streams.keep_alive_for_store(source)
             self._copy_runs(sources, runs, start, end)
-            streams.record_on_store(self.flushed[layer])  # type: ignore[index]  # loads of these slots wait
+            self.flushed[layer].record()  # type: ignore[index]  # loads of these slots wait
 
     def _copy_runs(
         self, sources: list[tuple[torch.Tensor, torch.Tensor]], runs: list[tuple[int, int, int]], start: int, end: int

@@ -27,7 +27,7 @@ import torch
 from kvpr.models.common import attend
 from kvpr.runtime.executor import Executor, SplitPolicy, StepLayout
 from kvpr.runtime.split_attention import Partials, attend_piece
-from kvpr.runtime.streams import StreamSet
+from kvpr.runtime.streams import StoreMark, StreamSet
 from kvpr.runtime.tiers import TierPlan
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class _Loads:
     """A step's host-to-device loads, issued in the order the step consumes them, each as soon as
     its ring has a free slot (so no load overtakes an earlier one on the copy stream)."""
 
-    def __init__(self, storage: "KVStorage", streams: StreamSet, flushed: list[torch.cuda.Event | None]) -> None:
+    def __init__(self, storage: "KVStorage", streams: StreamSet, flushed: list[StoreMark]) -> None:
         self.storage = storage
         self.streams = streams
         self.flushed = flushed  # per layer: the last write of its host slots
@@ -118,7 +118,7 @@ class _Loads:
             ring, is_x, layer, start, end = self.pending.popleft()
             slot = ring.slots[ring.issued % len(ring.slots)]
             streams.copy_waits(slot.free)  # its previous chunk has been consumed
-            streams.copy_waits(self.flushed[layer])  # host slots written by a flush or the prefill
+            self.flushed[layer].copy_waits()  # host slots written by a flush or a join, once per write
             with streams.on_copy():
                 for name, staged in slot.tensors.items():
                     source = self.storage.x_part(name, layer) if is_x else self.storage.part(name, layer)
@@ -161,7 +161,7 @@ class OverlappedExecutor(Executor):
     ) -> None:
         super().__init__(model, storage, device, offloaded, split, plan)
         self.streams = StreamSet(device, separate_store=True)
-        self.flushed = [self.streams.event() for _ in self.layers]
+        self.flushed = [StoreMark(self.streams) for _ in self.layers]
         self.loads = _Loads(storage, self.streams, self.flushed)
         self.partials = Partials()  # one layer's partial outputs, buffers reused layer after layer
         self.slot_tokens = self.x_slot_tokens = 0
@@ -202,7 +202,7 @@ class OverlappedExecutor(Executor):
                 source = source.contiguous()
                 self.streams.keep_alive_for_store(source)
                 host[start:end].copy_(source, non_blocking=True)
-            self.streams.record_on_store(self.flushed[layer])
+            self.flushed[layer].record()
 
     def _chunks(self, step: StepLayout) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """X chunks of host [0, l) (the policy's count, more if a slot is smaller) and K,V chunks of [l, h)."""
@@ -219,7 +219,7 @@ class OverlappedExecutor(Executor):
         rope_old: tuple[torch.Tensor, torch.Tensor] | None,
         step: StepLayout,
     ) -> torch.Tensor:
-        streams, storage, loads = self.streams, self.storage, self.loads
+        storage, loads = self.storage, self.loads
         x_chunks, kv_chunks = self._chunks(step) if step.host_len else ([], [])
         if step.host_len:
             per_layer = [(self.x_ring, True, a, c) for a, c in x_chunks] + [
@@ -235,7 +235,7 @@ class OverlappedExecutor(Executor):
             x_new = layer.attn_input(hidden)  # [b, 1, h]
             q = layer.query(x_new, rope_new)  # [b, n_q, 1, d]
             k_new, v_new = layer.kv_from_input(x_new, rope_new)  # [b, 1, n_kv, d]
-            streams.compute_waits(self.flushed[index])  # a flushed tail is copied before it is overwritten
+            self.flushed[index].compute_waits()  # a flushed tail is copied before it is overwritten
             self.write_new(index, step, k_new, v_new, x_new)
             gpu_k, gpu_v = self.gpu_keys(index)
             if not step.host_len:

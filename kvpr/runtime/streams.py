@@ -86,6 +86,36 @@ class StreamSet:
             torch.cuda.synchronize(self.device)
 
 
+class StoreMark:
+    """The last write-back to some host slots (an event on the store stream), and whether the copy
+    and compute streams have waited for it since it was recorded. A stream's later work stays
+    ordered after one wait, and the event is recorded again only when slots are written (a tail
+    flushed, a join's rows), so each stream waits once per record rather than once per chunk or
+    layer: on CUDA every wait is a host call on the decode step's critical path."""
+
+    def __init__(self, streams: StreamSet) -> None:
+        self.streams = streams
+        self.event = streams.event()
+        self.copy_waited = self.compute_waited = True  # nothing written yet: nothing to wait for
+
+    def record(self) -> None:
+        """Mark the store stream's work queued so far (inside ``on_store_after_compute``)."""
+        self.streams.record_on_store(self.event)
+        self.copy_waited = self.compute_waited = self.event is None  # no events (CPU): never a wait
+
+    def copy_waits(self) -> None:
+        """Loads queued after this read the slots as written."""
+        if not self.copy_waited:
+            self.streams.copy_waits(self.event)
+            self.copy_waited = True
+
+    def compute_waits(self) -> None:
+        """Compute queued after this may overwrite what the write-back read (the GPU tail)."""
+        if not self.compute_waited:
+            self.streams.compute_waits(self.event)
+            self.compute_waited = True
+
+
 class TokenMailbox:
     """Sampled token ids copied to host memory without blocking the stream.
 
