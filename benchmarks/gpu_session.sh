@@ -3,9 +3,10 @@
 # cover them, then the serve and KVO-prefill benchmarks, each within its own time limit so a slow
 # part never eats the next one's. Logs and JSON go to $OUT; a short table is printed last.
 # Usage (repo root; the device's copy has no usable .git, so name the commit; carry .whl-serve):
-#   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo] [kvo-encode]
+#   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo] [kvo-encode] [tiered]
 # kvo-encode: the fused KVO encoder against the torch one (one layer's shape, then the whole prefill both ways).
-# Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (320), KVO_S (110), TESTS_K (a -k filter),
+# tiered: bench_tiered --suite $TIERED_SUITE (share-075), then the paper workload fully offloaded.
+# Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (320), KVO_S (110), TIERED_S (300), PAPER_S (150), TESTS_K (a -k filter),
 # SERVE_MODES ("thread process": the engine in a thread, then in its own process, on the same load).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
@@ -38,7 +39,12 @@ for part in "${parts[@]}"; do
         timeout -s INT -k 10 "${KVO_S:-110}" python3 benchmarks/bench_kvo_prefill.py --model opt-6.7b --batch-size 16 \
           --prompt-len 2016 --device cuda --dtype float16 --repeats 3 --encoder "$encoder" --out "$OUT" 2>&1 | tail -3
       done ;;
-    *) echo "unknown part $part (tests, serve, kvo, kvo-encode)"; exit 2 ;;
+    tiered)  # the host-bound tiered point (GPU share 0.75) and the paper workload fully offloaded
+      timeout -s INT -k 10 "${TIERED_S:-300}" python3 benchmarks/bench_tiered.py --suite ${TIERED_SUITE:-share-075} \
+        --out "$OUT" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -8
+      timeout -s INT -k 10 "${PAPER_S:-150}" python3 benchmarks/bench_latency.py --run paper:kvpr-off,kvpr-auto,floor \
+        --out "$OUT" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -8 ;;
+    *) echo "unknown part $part (tests, serve, kvo, kvo-encode, tiered)"; exit 2 ;;
   esac
   echo "== $part done at $(( SECONDS - began )) s"
 done
