@@ -300,19 +300,26 @@ def test_host_term_moves_a_host_bound_prediction_up_and_leaves_a_link_bound_one(
 
 
 def test_each_session_gets_its_machines_per_op_cost() -> None:
-    from kvpr.sim.validation import H200_SOURCES, SWEEP_72448D7, TIERED_A266AD4, HostModel, calibration_probes
+    from kvpr.sim.validation import (
+        H200_SOURCES, PAPER_6A80B95, SHARE075_6A80B95, SWEEP_72448D7, TIERED_A266AD4, HostModel, calibration_probes,
+    )  # fmt: skip
 
     runs = {source.results: source.tiered for source in H200_SOURCES if source.tiered is not None}
     probes = calibration_probes(ROOT)  # each counted on the executor of its own session
     a266ad4 = runs[TIERED_A266AD4].ops
-    gpu_tier = sorted(p.ops for p in probes if "-tiered.json" in p.source)  # the a266ad4 probes: one attention
+    gpu_tier = sorted(p.ops for p in probes if p.session == TIERED_A266AD4)  # the a266ad4 probes: one attention
     assert gpu_tier == sorted([a266ad4["opt"].gpu_layer, a266ad4["llama"].gpu_layer])
     opt = runs[SWEEP_72448D7].ops["opt"]
     format5 = {p.source.split(": ")[1]: p.ops for p in probes if "-format5.json" in p.source}
     assert format5 == {"host_layer_s": opt.host_layer + opt.kv_chunk, "host_chunk_s": opt.x_chunk}
+    leaner = runs[SHARE075_6A80B95].ops["opt"]  # one stream wait fewer a chunk than 72448d7
+    own = {p.source.split(": ")[1]: p.ops for p in probes if p.session == SHARE075_6A80B95}
+    assert own == {"host_layer_s": leaner.host_layer + leaner.kv_chunk, "host_chunk_s": leaner.x_chunk}
+    assert own["host_layer_s"] == format5["host_layer_s"] - 2 and own["host_chunk_s"] == format5["host_chunk_s"] - 1
     host = HostModel.count(ROOT)
     assert {p.session for p in host.cost(TIERED_A266AD4).probes} == {TIERED_A266AD4}
     assert {p.session for p in host.cost(SWEEP_72448D7).probes} == {SWEEP_72448D7}
+    assert host.cost(PAPER_6A80B95) is host.cost(SHARE075_6A80B95)  # one device call: one profile
     assert host.cost("latency-NVIDIA_H200-20261203.json") is host.pooled  # its session profiled no countable path
 
 
@@ -340,8 +347,8 @@ def test_h200_validation_notes_every_miss_and_covers_the_tiered_rows() -> None:
     from kvpr.sim.validation import validation_rows
 
     rows = validation_rows(ROOT)
-    assert len(rows) == 35 and all(row["within_tolerance"] or row.get("note") for row in rows)
-    assert sum(row["within_tolerance"] for row in rows) >= 27
+    assert len(rows) == 40 and all(row["within_tolerance"] or row.get("note") for row in rows)
+    assert sum(row["within_tolerance"] for row in rows) >= 29
     tiered = [row for row in rows if "tiered-NVIDIA_H200" in row["measured_source"]]
     assert len(tiered) == 13
     off = {row["workload"]: row for row in tiered}["opt-6.7b 16 x 2016 + 16, kvpr-off-tiered GPU 0.50"]
@@ -350,6 +357,9 @@ def test_h200_validation_notes_every_miss_and_covers_the_tiered_rows() -> None:
     assert len(sweep) == 8 and all(row["model"].startswith("kvpr tiered at 72448d7") for row in sweep)
     offloaded = [row for row in sweep if "GPU 1.00" not in row["workload"]]
     assert len(offloaded) == 6 and all(row["within_tolerance"] for row in offloaded)
+    leaner = {row["workload"]: row for row in rows if row["measured_source"].endswith("-6a80b95.json")}
+    assert len(leaner) == 5 and all(row["model"].startswith(("kvpr tiered at 6a80b95", "kvpr offloaded")) for row in leaner.values())
+    assert abs(leaner["opt-6.7b 32 x 256 + 32, kvpr-auto"]["error"]) < 0.05  # the paper's workload, every token on the host
 
 
 def test_kvpr_sim_command_writes_json_and_png(tmp_path: Path) -> None:

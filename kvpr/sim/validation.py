@@ -35,6 +35,9 @@ TOLERANCE = 0.15
 RESULTS = Path("benchmarks/results")
 SWEEP_72448D7 = "tiered-sweep-opt-NVIDIA_H200-20261203-72448d7.json"
 TIERED_A266AD4 = "tiered-NVIDIA_H200-20261203.json"
+SHARE075_6A80B95 = "tiered-share075-NVIDIA_H200-20261203-6a80b95.json"
+PAPER_6A80B95 = "latency-paper-offloaded-NVIDIA_H200-20261203-6a80b95.json"
+PROFILE_6A80B95_TIERED = "profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-6a80b95-tiered.json"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,13 @@ class TieredRun:
     commit: str
     x_slots_by_x: bool  # X slots of 32 MiB of X (72448d7's x_slot_tokens_for); before, a K,V slot's tokens
     ops: dict[str, TieredOps]  # model family -> the executor's host ops at ``commit``
+
+
+RUN_6A80B95 = TieredRun(  # each stream waits for a layer's write-back once per record: one op fewer a chunk
+    commit="6a80b95",
+    x_slots_by_x=True,
+    ops={"opt": TieredOps(14, 16, 9, 8, 24, 21, 0), "llama": TieredOps(36, 38, 15, 8, 30, 27, 4)},
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,18 @@ H200_SOURCES += (
             ops={"opt": TieredOps(15, 17, 10, 9, 24, 21, 0), "llama": TieredOps(37, 39, 16, 9, 30, 27, 4)},
         ),
     ),
+    Source(  # each stream waits for a layer's write-back once per record (StoreMark): one op fewer a chunk
+        SHARE075_6A80B95,
+        {("opt", 16): (PROFILE_6A80B95_TIERED, None)},
+        tiered=RUN_6A80B95,
+    ),
+    Source(  # the same device call as the row above, which measured the profile it loaded; every token on the host
+        PAPER_6A80B95,
+        {("opt", 32): (PROFILE_6A80B95_TIERED, None)},
+        tiered=RUN_6A80B95,
+    ),
 )
+SAME_SESSION = {PAPER_6A80B95: SHARE075_6A80B95}  # results file -> the one whose profile probes priced its machine
 TIERED_SYSTEMS = ("kvpr-gpu", "kvpr-tiered", "kvpr-off-tiered")
 NOTES = {  # system -> what a row outside the tolerance leaves out, and why it is not modelled
     "kvpr-x4": (
@@ -117,14 +138,15 @@ NOTES = {  # system -> what a row outside the tolerance leaves out, and why it i
     ),
     "kvpr-kvo-compile": (
         "host-bound in the model: 85 launches a KVO layer (the compiled chunk decode counted as one) at the pooled "
-        "per-op cost (32.2 us), as this session profiled only the executor before the tiers, whose ops this "
-        "checkout cannot count; the machine's own cost is unknown, and the sessions' probes span 23.4-46.0 us a "
-        "launch (the row's own profiler pass: 27 ms device, 78 ms host a step)"
+        "per-op cost (the median of every session's probes), as this session profiled only the executor before "
+        "the tiers, whose ops this checkout cannot count; the machine's own cost is unknown, and the sessions' "
+        "probes span 23.4-47.8 us a launch (the row's own profiler pass: 27 ms device, 78 ms host a step)"
     ),
     "hf-gpu": (
-        "host-bound: transformers' counted launches at the per-op cost; its module calls, hooks and argument "
-        "handling are Python that launches nothing and is not counted; measured before 66e7a23, without a warm-up "
-        "at the timed shape"
+        "host-bound: transformers' counted launches at the pooled per-op cost, which this session did not measure "
+        "(the sessions' probes span 23.4-47.8 us a launch; 38 + 32 x 17 launches in 19.3 ms is at most 33 us each); its module calls, hooks and "
+        "argument handling are Python that launches nothing and is not counted; measured before 66e7a23, without a "
+        "warm-up at the timed shape"
     ),
     "hf-offloaded": (
         "measured before 66e7a23, without a warm-up at the timed shape; the same workload measured after it "
@@ -139,12 +161,23 @@ NOTES = {  # system -> what a row outside the tolerance leaves out, and why it i
         "one per-op cost cannot fit both"
     ),
     "kvpr-tiered": (
-        "host-bound in the model: each X chunk is 10 launches (counted on this checkout and, the same, on a266ad4's "
-        "executor) and c is the policy's pick with this run's profile (c = 8 at GPU 0.75; the run does not record c)"
+        "host-bound in the model: each X chunk is 10 launches at a266ad4 and 72448d7 (9 from 6a80b95: one stream "
+        "wait fewer) and c is the policy's pick with this run's profile (c = 8 at GPU 0.75; the run does not record c)"
     ),
 }
 NOTES["kvpr-tiered-gpu"] = NOTES["kvpr-gpu"]  # kvpr-tiered with every token in the GPU tier
 RUN_NOTES = {  # (results file, system) -> a note that replaces NOTES[system] on that file's rows
+    (SHARE075_6A80B95, "kvpr-tiered"): (
+        "the run issued faster than its own probes: they put a launch at 44.5 us (1.15 ms for a host-tier layer's "
+        "16 + 8 launches, 0.37 ms for an X chunk's 9), at which the step is host-bound at 72 ms; the run took 57.7 "
+        "ms [54.3-61.4], at most 36 us a launch; 72448d7's run of the same point (one wait more a chunk) spanned "
+        "57.4-70.6 ms"
+    ),
+    (SHARE075_6A80B95, "kvpr-gpu"): (
+        "the run's first timed row, right after its profile was measured on the same GPU: 24.4 ms [22.9-24.4] where "
+        "the same workload and path measured 14.1-14.6 ms in the two runs before (a266ad4, 72448d7), as 72448d7's "
+        "kvpr-gpu row did (22.4 ms); the model is host-bound at 24 + 32 x 14 launches"
+    ),
     (SWEEP_72448D7, "kvpr-gpu"): (
         "two runs disagree: this row measured 22.4 ms where kvpr-tiered with every token in the GPU tier, the same "
         "workload and executor path in the same run, measured 14.6 ms; no model fits both"
@@ -206,7 +239,7 @@ class HostModel:
 
     def cost(self, results: str) -> HostCost:
         """The per-op cost of the machine ``results`` was measured on."""
-        return self.sessions.get(results, self.pooled)
+        return self.sessions.get(SAME_SESSION.get(results, results), self.pooled)
 
 
 CALIBRATION = (  # (profile, field, family, the path its probe issued, the results measured in its session)
@@ -218,6 +251,8 @@ CALIBRATION = (  # (profile, field, family, the path its probe issued, the resul
      SWEEP_72448D7),
     ("profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-format5.json", "host_chunk_s", "opt", "x",
      SWEEP_72448D7),
+    (PROFILE_6A80B95_TIERED, "host_layer_s", "opt", "host", SHARE075_6A80B95),
+    (PROFILE_6A80B95_TIERED, "host_chunk_s", "opt", "x", SHARE075_6A80B95),
 )  # fmt: skip
 
 
