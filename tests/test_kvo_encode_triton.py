@@ -183,7 +183,7 @@ def test_no_tokens_give_empty_tensors_of_the_same_shapes() -> None:
 
 
 def test_dispatch_takes_the_fused_path_where_it_runs_and_supports(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Auto: fused where chosen by default (the interpreter; CUDA once validated) for supported knobs;
+    """Auto: fused wherever Triton runs (CUDA, the interpreter) for supported knobs;
     3-bit codes (which straddle bytes) take the torch path; asking the fused path for them is one
     clear error."""
     calls: list[KVOConfig] = []
@@ -201,8 +201,8 @@ def test_dispatch_takes_the_fused_path_where_it_runs_and_supports(monkeypatch: p
     assert torch.equal(
         encode_chunks(k, v, scores, three_bit)["v_codes"], encode_chunks_torch(k, v, scores, three_bit)["v_codes"]
     )
-    by_default = kvo_triton.chosen_by_default(k)  # the interpreter here; CUDA once a GPU run held it equal
-    assert calls == ([KVOConfig()] if by_default else [])
+    assert kvo_triton.runs_here(k)  # the interpreter here, or CUDA: auto takes the fused path
+    assert calls == [KVOConfig()]
     with pytest.raises(KvprError, match="fused=False"):
         kvo_triton.encode_chunks_fused(k, v, scores, three_bit)
     recent: list[int] = []
@@ -213,10 +213,9 @@ def test_dispatch_takes_the_fused_path_where_it_runs_and_supports(monkeypatch: p
     encode_recent(k, v, KVOConfig())
     encode_recent(k[:0], v[:0], KVOConfig())  # no tokens: the torch path's empty tensors
     encode_recent(k, v, KVOConfig(), fused=False)  # the reference, asked for
-    assert recent == ([32] if by_default else []) and not kvo_triton.recent_supports(24, 96)
+    assert recent == [32] and not kvo_triton.recent_supports(24, 96)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert kvo_triton.runs_here(k) == CUDA  # a CPU tensor needs the interpreter
-    assert kvo_triton.chosen_by_default(k) == (CUDA and kvo_triton.FUSED_BY_DEFAULT_ON_CUDA)
 
 
 @pytest.mark.parametrize(

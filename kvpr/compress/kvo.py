@@ -386,7 +386,7 @@ def encode_recent(k: torch.Tensor, v: torch.Tensor, cfg: KVOConfig, fused: bool 
     """Recent-window form of [t, b, n_kv, d] tokens: K int8 per token in channel groups, V fp16.
     K in one Triton launch (bit-identical) with ``fused``; None: where it runs and tiles ``d``."""
     if fused is None:
-        fused = k.numel() > 0 and kvo_triton.chosen_by_default(k) and kvo_triton.recent_supports(cfg.group, k.shape[-1])
+        fused = k.numel() > 0 and kvo_triton.runs_here(k) and kvo_triton.recent_supports(cfg.group, k.shape[-1])
     if fused:
         codes, scale, zero = kvo_triton.quantize_recent_k(k, cfg.group)
     else:

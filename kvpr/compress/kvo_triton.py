@@ -50,12 +50,13 @@ class Tiles:
     """How the encoder's work is cut: a program takes a block of channels of one V group's tokens
     (K: whole channel groups, whose ranges, picks and bytes stay inside; V: any channels, all of
     its work is per channel), with so many warps. Results do not depend on it; speed does
-    (benchmarks/bench_kvo_encode.py times the choices: the defaults are untimed guesses that keep
-    a program's reductions inside one or two warps)."""
+    (benchmarks/bench_kvo_encode.py times the choices: the defaults are the fastest on the H200 at
+    opt-6.7b's prefill shape, V 32 channels a warp at 2.88 ms against 3.37 for 16,
+    benchmarks/results/kvo-encode-paper-NVIDIA_H200-20261203.json)."""
 
     k_channels: int = 32  # raised to a channel group (and 8), lowered to head_dim
     k_warps: int = 2
-    v_channels: int = 16  # raised to 8 (a byte of keep mask), lowered to head_dim
+    v_channels: int = 32  # raised to 8 (a byte of keep mask), lowered to head_dim
     v_warps: int = 1
 
     def __post_init__(self) -> None:
@@ -66,21 +67,9 @@ class Tiles:
 RECENT_ELEMENTS = 4096  # values per program of the recent-window quantiser
 
 
-# The fused encoder has run in Triton's CPU interpreter (bit-identical to the torch path) and been built
-# for sm_90, but not yet run on a GPU: until tests/test_kvo_encode_triton.py passes on one, CUDA takes it
-# only when asked (``fused=True``, ``bench_kvo_prefill.py --encoder fused``), and the default stays torch.
-FUSED_BY_DEFAULT_ON_CUDA = False
-
-
 def runs_here(x: torch.Tensor) -> bool:
     """Triton can encode ``x``: a CUDA tensor, or any tensor under Triton's CPU interpreter."""
     return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_installed()
-
-
-def chosen_by_default(x: torch.Tensor) -> bool:
-    """``fused=None`` takes the Triton encoder for ``x``: under the interpreter (the tests), and on
-    CUDA once ``FUSED_BY_DEFAULT_ON_CUDA`` says a GPU run has held it equal to the torch path."""
-    return runs_here(x) and (not x.is_cuda or FUSED_BY_DEFAULT_ON_CUDA)
 
 
 @functools.cache
@@ -105,7 +94,7 @@ def supports(cfg: KVOConfig, d: int) -> bool:
 
 def encodes_by_default(x: torch.Tensor, cfg: KVOConfig) -> bool:
     """``fused=None`` encodes the tokens of ``x`` ([t, b, n_kv, d]: K, or its int8 recent form) here."""
-    return x.shape[0] > 0 and chosen_by_default(x) and supports(cfg, x.shape[-1])
+    return x.shape[0] > 0 and runs_here(x) and supports(cfg, x.shape[-1])
 
 
 def _kernels() -> Any:
