@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import add_provenance_args, header_or_exit  # noqa: E402
 
 from kvpr.compress import kvo_triton  # noqa: E402
-from kvpr.compress.kvo import KVOConfig, encode_chunks_from_recent, encode_chunks_torch, encode_recent  # noqa: E402
+from kvpr.compress.kvo import encode_chunks_from_recent, encode_chunks_torch, encode_recent  # noqa: E402
+from kvpr.compress.kvo_config import KVOConfig
 from kvpr.compress.quant import quantize_groups  # noqa: E402
 
 CONFIGS = {"paper": KVOConfig(), "per_channel": KVOConfig(k_diff_axis="channel")}

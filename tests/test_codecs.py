@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpr.cache.codec import EncodedKV, IdentityCodec, KVCodec, make_codec
-from kvpr.compress.kvo import KVOCodec, KVOConfig, decode_k_chunks, decode_v_groups, encode_recent
+from kvpr.compress.kvo import KVOCodec, decode_k_chunks, decode_v_groups, encode_recent
+from kvpr.compress.kvo_config import KVOConfig
 from kvpr.compress.kvo_state import KVOLayerState
 from kvpr.compress.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from kvpr.errors import KvprError

@@ -27,8 +27,6 @@ import torch
 from conftest import token_prompts
 from kvpr.compress import kvo_triton
 from kvpr.compress.kvo import (
-    K_DIFF_RANGE,
-    KVOConfig,
     decode_k_chunks,
     decode_v_groups,
     encode_chunks,
@@ -37,6 +35,7 @@ from kvpr.compress.kvo import (
     encode_recent,
     rotate_kv,
 )
+from kvpr.compress.kvo_config import K_DIFF_RANGE, KVOConfig
 from kvpr.compress.quant import quantize_groups
 from kvpr.errors import KvprError
 

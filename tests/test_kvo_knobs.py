@@ -12,7 +12,8 @@ from conftest import kvo_shape as shape
 from conftest import method_llm as engine
 from kvpr.cache.rows import GatherStaging
 from kvpr.cli import _parser as build_parser
-from kvpr.compress.kvo import KVOCodec, KVOConfig, decode_k_chunks, rotate_kv
+from kvpr.compress.kvo import KVOCodec, decode_k_chunks, rotate_kv
+from kvpr.compress.kvo_config import KVOConfig
 from kvpr.compress.kvo_state import KVOLayerState
 from kvpr.compress.methods import knob_params, method_config, parse_codec_spec
 from kvpr.compress.packing import unpack_bits, unpack_mask

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend
 
-from kvpr.compress.kvo import KVOConfig, encode_chunks, encode_recent, largest
+from kvpr.compress.kvo import encode_chunks, encode_recent, largest
+from kvpr.compress.kvo_config import KVOConfig
 from kvpr.compress.kvo_scores import band_scores, blocked_lse, prefill_attention
 from kvpr.compress.packing import pack_mask
 from kvpr.models.common import attend

@@ -16,7 +16,8 @@ from conftest import method_llm as engine
 from kvpr.cache.rows import GatherStaging, RowLayout
 from kvpr.cache.storage import CacheShape
 from kvpr.cli import main
-from kvpr.compress.kvo import KVOConfig, decode_anchor_keys
+from kvpr.compress.kvo import decode_anchor_keys
+from kvpr.compress.kvo_config import KVOConfig
 from kvpr.compress.methods import KiviConfig, method_config, parse_codec_spec
 from kvpr.config import CacheConfig, Offload, RuntimeConfig, SamplingParams
 from kvpr.errors import KvprError

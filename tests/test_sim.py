@@ -13,7 +13,7 @@ import torch
 from kvpr.cache.codec import make_codec
 from kvpr.cache.rows import GatherStaging
 from kvpr.cache.storage import CacheShape
-from kvpr.compress.kvo import KVOConfig
+from kvpr.compress.kvo_config import KVOConfig
 from kvpr.config import ModelConfig
 from kvpr.models.registry import builtin_config
 from kvpr.runtime.kvo_cache import KVOCache
@@ -301,7 +301,13 @@ def test_host_term_moves_a_host_bound_prediction_up_and_leaves_a_link_bound_one(
 
 def test_each_session_gets_its_machines_per_op_cost() -> None:
     from kvpr.sim.validation import (
-        H200_SOURCES, PAPER_6A80B95, SHARE075_6A80B95, SWEEP_72448D7, TIERED_A266AD4, HostModel, calibration_probes,
+        H200_SOURCES,
+        PAPER_6A80B95,
+        SHARE075_6A80B95,
+        SWEEP_72448D7,
+        TIERED_A266AD4,
+        HostModel,
+        calibration_probes,
     )  # fmt: skip
 
     runs = {source.results: source.tiered for source in H200_SOURCES if source.tiered is not None}
@@ -358,8 +364,12 @@ def test_h200_validation_notes_every_miss_and_covers_the_tiered_rows() -> None:
     offloaded = [row for row in sweep if "GPU 1.00" not in row["workload"]]
     assert len(offloaded) == 6 and all(row["within_tolerance"] for row in offloaded)
     leaner = {row["workload"]: row for row in rows if row["measured_source"].endswith("-6a80b95.json")}
-    assert len(leaner) == 5 and all(row["model"].startswith(("kvpr tiered at 6a80b95", "kvpr offloaded")) for row in leaner.values())
-    assert abs(leaner["opt-6.7b 32 x 256 + 32, kvpr-auto"]["error"]) < 0.05  # the paper's workload, every token on the host
+    assert len(leaner) == 5 and all(
+        row["model"].startswith(("kvpr tiered at 6a80b95", "kvpr offloaded")) for row in leaner.values()
+    )
+    assert (
+        abs(leaner["opt-6.7b 32 x 256 + 32, kvpr-auto"]["error"]) < 0.05
+    )  # the paper's workload, every token on the host
 
 
 def test_kvpr_sim_command_writes_json_and_png(tmp_path: Path) -> None:

@@ -164,7 +164,8 @@ def make_codec(name: str, **params: Any) -> KVCodec:
     Raises:
         KvprError: unknown name, unknown parameter or a bad value.
     """
-    from kvpr.compress.kvo import KVOCodec, KVOConfig
+    from kvpr.compress.kvo import KVOCodec
+    from kvpr.compress.kvo_config import KVOConfig
     from kvpr.compress.quant import GroupQuantCodec
 
     builders: dict[str, Callable[..., KVCodec]] = {

@@ -16,11 +16,8 @@ from __future__ import annotations
 import torch
 
 from kvpr.compress.kvo import (
-    K_DIFF_RANGE,
     RECENT_NAMES,
-    KVOConfig,
     Tensors,
-    check_head_dim,
     decode_anchor_keys,
     decode_k_chunks,
     decode_recent_k,
@@ -29,6 +26,7 @@ from kvpr.compress.kvo import (
     encode_recent,
     rotate_kv,
 )
+from kvpr.compress.kvo_config import K_DIFF_RANGE, KVOConfig, check_head_dim
 from kvpr.compress.rotation import hadamard
 from kvpr.errors import KvprError
 

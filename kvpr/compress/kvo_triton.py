@@ -40,7 +40,7 @@ from kvpr.compress.packing import packed_len
 from kvpr.errors import KvprError
 
 if TYPE_CHECKING:
-    from kvpr.compress.kvo import KVOConfig
+    from kvpr.compress.kvo_config import KVOConfig
 
 BYTE_WIDTHS = (1, 2, 4, 8)  # code widths whose codes never straddle a byte
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvpr.compress.kivi import KiviCodec
-from kvpr.compress.kvo import KVOConfig
+from kvpr.compress.kvo_config import KVOConfig
 from kvpr.compress.rotation import check_rotation
 from kvpr.config import KIVI_METHODS
 from kvpr.errors import KvprError

@@ -20,7 +20,7 @@ import torch
 
 from kvpr.cache.rows import GatherStaging
 from kvpr.cache.storage import CacheShape
-from kvpr.compress.kvo import check_head_dim
+from kvpr.compress.kvo_config import check_head_dim
 from kvpr.compress.kvo_scores import band_scores, prefill_attention
 from kvpr.compress.methods import METHOD_CONFIGS, OFFLOADABLE, method_config, uncompressed_layers
 from kvpr.compress.rotation import check_rotation

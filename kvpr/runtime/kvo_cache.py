@@ -35,11 +35,8 @@ from torch.profiler import record_function
 from kvpr.cache.rows import GatherStaging, RowLayout, RowTier
 from kvpr.cache.storage import CacheShape
 from kvpr.compress.kvo import (
-    K_DIFF_RANGE,
     RECENT_NAMES,
-    KVOConfig,
     Tensors,
-    check_head_dim,
     decode_anchor_keys,
     decode_k_chunks,
     decode_recent_k,
@@ -49,6 +46,7 @@ from kvpr.compress.kvo import (
     encode_recent,
     rotate_kv,
 )
+from kvpr.compress.kvo_config import K_DIFF_RANGE, KVOConfig, check_head_dim
 from kvpr.compress.rotation import hadamard
 from kvpr.runtime.layer_caches import decode_attention
 

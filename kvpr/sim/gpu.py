@@ -218,7 +218,7 @@ def kvpr_kvo_ms(
 ) -> float:  # fmt: skip
     """Mean decode ms/token of ``--kv-codec kvo --offload cpu --compile``: dense first layers on the
     device; ``ops`` = host ops of a KVO layer, a dense layer and the step (host_ops.kvo_layer_ops)."""
-    from kvpr.compress.kvo import KVOConfig
+    from kvpr.compress.kvo_config import KVOConfig
 
     kvo_ops, dense_ops, step_ops = ops
     dense_layers = min(KVOConfig().uncompressed_layers, model.num_layers)

@@ -196,7 +196,7 @@ def kvo_layer_ops(model: ModelConfig) -> tuple[int, int, int]:
     executor with the rows in host memory and ``--compile``, at a context where chunk selection runs
     (more finalised chunks than ``top_chunks``)."""
     from kvpr.cache.storage import CacheShape
-    from kvpr.compress.kvo import KVOConfig
+    from kvpr.compress.kvo_config import KVOConfig
     from kvpr.config import CacheConfig, Offload
     from kvpr.models.loader import build_model, init_dummy_weights
     from kvpr.runtime.compressed import CompressedExecutor, make_method

@@ -144,9 +144,9 @@ NOTES = {  # system -> what a row outside the tolerance leaves out, and why it i
     ),
     "hf-gpu": (
         "host-bound: transformers' counted launches at the pooled per-op cost, which this session did not measure "
-        "(the sessions' probes span 23.4-47.8 us a launch; 38 + 32 x 17 launches in 19.3 ms is at most 33 us each); its module calls, hooks and "
-        "argument handling are Python that launches nothing and is not counted; measured before 66e7a23, without a "
-        "warm-up at the timed shape"
+        "(the sessions' probes span 23.4-47.8 us a launch; 38 + 32 x 17 launches in 19.3 ms is at most 33 us "
+        "each); its module calls, hooks and argument handling are Python that launches nothing and is not "
+        "counted; measured before 66e7a23, without a warm-up at the timed shape"
     ),
     "hf-offloaded": (
         "measured before 66e7a23, without a warm-up at the timed shape; the same workload measured after it "

@@ -190,7 +190,7 @@ def dense_attention(model: ModelConfig, b: int, s: int, codec: str) -> tuple[Op,
 def kvo_row_bytes(config_items: tuple[tuple[str, object], ...], d: int) -> tuple[int, int, int]:
     """(anchor bytes per chunk, K row bytes per chunk, V row bytes per group) of one (sequence, head),
     read off the runtime's own layouts (one tiny probe encoding, cached)."""
-    from kvpr.compress.kvo import KVOConfig
+    from kvpr.compress.kvo_config import KVOConfig
     from kvpr.runtime.kvo_cache import ANCHOR_NAMES, kvo_layouts
 
     parts, k_layout, v_layout = kvo_layouts(KVOConfig(**dict(config_items)), d)
@@ -245,7 +245,7 @@ def kvo_reads(model: ModelConfig, b: int, s: int, config: object, v_rows: VRows,
     """
     from dataclasses import asdict
 
-    from kvpr.compress.kvo import KVOConfig
+    from kvpr.compress.kvo_config import KVOConfig
     from kvpr.runtime.kvo_cache import kvo_split
 
     assert isinstance(config, KVOConfig)
@@ -330,7 +330,7 @@ def decode_step(
         read = sum(op.kv_bytes for op in attention)
         layers = (LayerWork("dense", L, before + attention + after),)
         return DecodeStep(name, b, s, codec, layers, (head_op(model, b, weight_bits),), L * read, L * read)
-    from kvpr.compress.kvo import KVOConfig
+    from kvpr.compress.kvo_config import KVOConfig
 
     config = kvo_config if kvo_config is not None else KVOConfig()
     assert isinstance(config, KVOConfig)
