@@ -48,10 +48,12 @@ class DecoderLayer(nn.Module):
         k_out: torch.Tensor,
         v_out: torch.Tensor,
     ) -> None:
-        """Recompute: X [t, b, h] -> K, V written in place into contiguous k_out, v_out [t, b, n_kv, d].
+        """X [..., h] -> K, V written in place into contiguous k_out, v_out [..., n_kv, d] (rope's
+        tables broadcast against them as in ``kv_from_input``): recomputed K,V [t, b, n_kv, d] into
+        a scratch buffer, or a new token's [b, 1, n_kv, d] into its cache slot.
 
         Same arithmetic as ``kv_from_input``; writing into the preallocated buffer saves a copy
-        and a kernel launch per chunk, which matters when a decode step is launch-bound.
+        and a kernel launch per call, which matters when a decode step is launch-bound.
         """
         k_proj, v_proj = self.kv_projections()
         rows = x.reshape(-1, x.shape[-1])  # [t*b, h]

@@ -75,6 +75,11 @@ class Executor:
             x_size = (shape.num_layers, plan.tail_slots if keeps_x else 0, b, shape.hidden_size)
             self.tail_x = torch.empty(x_size, dtype=self.dtype, device=device)  # [L, tail, b, h]
         self.gpu_valid = torch.zeros(b, plan.gpu_slots, dtype=torch.bool, device=device)  # [b, G]
+        # the GPU tier of every layer, [L, G, b, n_kv, d]: the storage itself when not offloaded
+        if offloaded:
+            self.tier_k, self.tier_v = self.gpu_k, self.gpu_v
+        elif storage.raw:
+            self.tier_k, self.tier_v = storage.all_layers("k"), storage.all_layers("v")
 
     def gpu_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The GPU tier of one layer: K, V [G, b, n_kv, d] (the storage itself when not offloaded)."""
