@@ -132,7 +132,7 @@ class Executor:
         gpu_slot = tiers.next_gpu_slot()
         if not self.offloaded:
             self.storage.reserve(1)
-        positions, _ = self.batch.append(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
+        positions = self.batch.advance(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
         self.gpu_valid[:, gpu_slot] = True
         tiers.add_token()
         flush_to = tiers.host if tiers.tail_full() else None  # host slot the full tail goes to
