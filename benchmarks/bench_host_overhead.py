@@ -172,9 +172,8 @@ def profile_case(case: Case, num_layers: int, work: Workload, top: int) -> None:
 
 
 def table(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        f"{'case':16} {'step ms':>8} {'ops':>5} {'us/op':>6} {'layer us':>9} {'ops':>5} {'us/op':>6}  before: step ms, layer us"
-    ]
+    head = f"{'case':16} {'step ms':>8} {'ops':>5} {'us/op':>6} {'layer us':>9} {'ops':>5} {'us/op':>6}"
+    lines = [head + "  before: step ms, layer us"]
     for row in rows:
         old = baseline.get(row["name"])
         before = f"  {old['step_ms']:8.3f} {old['layer_us']:9.1f}" if old else ""

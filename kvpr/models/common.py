@@ -58,9 +58,7 @@ def rope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate x [..., heads, d] by the angles in cos/sin [..., 1, d]; into ``out`` when given (x
     itself may be ``out``: the sum is written after both products are made)."""
     half = x.shape[-1] // 2
