@@ -172,6 +172,10 @@ class KVStorage:
         """[s_max, b, ...] one stored part of one layer (a view)."""
         return self._parts[name][layer]
 
+    def all_layers(self, name: str) -> torch.Tensor:
+        """[L, s_max, b, ...] one stored part of every layer (the tensor itself)."""
+        return self._parts[name]
+
     def k(self, layer: int) -> torch.Tensor:
         """[s_max, b, n_kv, d] keys of one layer (a view); only for an uncompressed cache."""
         assert self.raw, "compressed storage: decode parts instead"

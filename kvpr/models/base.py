@@ -48,17 +48,19 @@ class DecoderLayer(nn.Module):
         k_out: torch.Tensor,
         v_out: torch.Tensor,
     ) -> None:
-        """Recompute: X [t, b, h] -> K, V written in place into contiguous k_out, v_out [t, b, n_kv, d].
+        """X [..., h] -> K, V written in place into contiguous k_out, v_out [..., n_kv, d] (rope's
+        tables broadcast against them as in ``kv_from_input``): recomputed K,V [t, b, n_kv, d] into
+        a scratch buffer, or a new token's [b, 1, n_kv, d] into its cache slot.
 
-        Same arithmetic as ``kv_from_input``; writing into the preallocated buffer saves a copy
-        and a kernel launch per chunk, which matters when a decode step is launch-bound.
+        Same arithmetic as ``kv_from_input``; writing into the preallocated buffer (the rotated K
+        too) saves copies and their launches, which matters when a decode step is launch-bound.
         """
         k_proj, v_proj = self.kv_projections()
         rows = x.reshape(-1, x.shape[-1])  # [t*b, h]
         linear_into(rows, k_proj, k_out.view(rows.shape[0], -1))
         linear_into(rows, v_proj, v_out.view(rows.shape[0], -1))
         if rope is not None:
-            k_out.copy_(apply_rope(k_out, *rope))
+            apply_rope(k_out, *rope, out=k_out)
 
     def query(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """X [b, q, h] -> Q [b, n_q, q, d]."""

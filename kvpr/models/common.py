@@ -58,19 +58,21 @@ def rope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., heads, d] by the angles in cos/sin [..., 1, d]."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate x [..., heads, d] by the angles in cos/sin [..., 1, d]; into ``out`` when given (x
+    itself may be ``out``: the sum is written after both products are made)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.add(x * cos, rotated * sin, out=out)
 
 
 def linear_into(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> None:
     """``out = x W^T + b`` written in place: x [rows, in], out [rows, out] (a contiguous view)."""
-    if linear.bias is not None:
-        torch.addmm(linear.bias, x, linear.weight.t(), out=out)
+    bias, weight = linear.bias, linear.weight  # each a module lookup: read once
+    if bias is not None:
+        torch.addmm(bias, x, weight.t(), out=out)
     else:
-        torch.mm(x, linear.weight.t(), out=out)
+        torch.mm(x, weight.t(), out=out)
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

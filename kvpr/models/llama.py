@@ -45,7 +45,8 @@ class LlamaLayer(DecoderLayer):
         return self.input_layernorm(hidden)
 
     def kv_projections(self) -> tuple[nn.Linear, nn.Linear]:
-        return self.self_attn.k_proj, self.self_attn.v_proj
+        attn = self.self_attn
+        return attn.k_proj, attn.v_proj
 
     def query(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         attn = self.self_attn

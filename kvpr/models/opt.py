@@ -41,11 +41,12 @@ class OPTLayer(DecoderLayer):
         return self.self_attn_layer_norm(hidden) if self.pre_layer_norm else hidden
 
     def kv_projections(self) -> tuple[nn.Linear, nn.Linear]:
-        return self.self_attn.k_proj, self.self_attn.v_proj
+        attn = self.self_attn
+        return attn.k_proj, attn.v_proj
 
     def query(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        heads = (self.self_attn.num_heads, self.self_attn.head_dim)
-        return self.self_attn.q_proj(x).unflatten(-1, heads).transpose(1, 2)  # [b, n_q, q, d]
+        attn = self.self_attn
+        return attn.q_proj(x).unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)  # [b, n_q, q, d]
 
     def finish(self, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         hidden = hidden + self.self_attn.out_proj(attn_out)

@@ -24,7 +24,19 @@ class BatchState:
         The mask [b, 1, q, length] lets query ``i`` see real keys up to its own slot. A padding
         query also sees itself, so its softmax stays finite (its output is never used).
         """
-        b, q = valid_new.shape
+        start = self.length
+        positions = self.advance(valid_new)
+        end = self.length
+        key_slots = torch.arange(end, device=valid_new.device)  # [S]
+        query_slots = torch.arange(start, end, device=valid_new.device)  # [q]
+        causal = key_slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # [q, S]
+        mask = causal.unsqueeze(0) & self.valid[:, :end].unsqueeze(1)  # [b, q, S]
+        mask |= key_slots.unsqueeze(0) == query_slots.unsqueeze(1)
+        return positions, mask.unsqueeze(1)
+
+    def advance(self, valid_new: torch.Tensor) -> torch.Tensor:
+        """``append`` without the mask (a decode step attends by slot validity): positions [b, q]."""
+        q = valid_new.shape[1]
         start, end = self.length, self.length + q
         counts = self.num_real.unsqueeze(1) + valid_new.long().cumsum(dim=1)  # [b, q]
         positions = (counts - 1).clamp(min=0)
@@ -32,12 +44,7 @@ class BatchState:
         self.positions[:, start:end] = positions
         self.num_real = counts[:, -1]
         self.length = end
-        key_slots = torch.arange(end, device=valid_new.device)  # [S]
-        query_slots = torch.arange(start, end, device=valid_new.device)  # [q]
-        causal = key_slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # [q, S]
-        mask = causal.unsqueeze(0) & self.valid[:, :end].unsqueeze(1)  # [b, q, S]
-        mask |= key_slots.unsqueeze(0) == query_slots.unsqueeze(1)
-        return positions, mask.unsqueeze(1)
+        return positions
 
     # -- rows filled and freed between decode steps (continuous batching: row_batch.RowBatch) --------
 

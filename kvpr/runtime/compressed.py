@@ -244,7 +244,7 @@ class CompressedExecutor:
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """One new token per row, token_ids [b] -> logits [b, V]."""
         self.recompute_lens.append(0)
-        positions, _ = self.batch.append(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
+        positions = self.batch.advance(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
         hidden = self.model.embed(token_ids.unsqueeze(1), positions)  # [b, 1, h]
         rope = self.model.rope(positions, self.dtype)  # [b, 1, 1, d]
         for layer, cache in zip(self.layers, self.caches):

@@ -75,6 +75,11 @@ class Executor:
             x_size = (shape.num_layers, plan.tail_slots if keeps_x else 0, b, shape.hidden_size)
             self.tail_x = torch.empty(x_size, dtype=self.dtype, device=device)  # [L, tail, b, h]
         self.gpu_valid = torch.zeros(b, plan.gpu_slots, dtype=torch.bool, device=device)  # [b, G]
+        # the GPU tier of every layer, [L, G, b, n_kv, d]: the storage itself when not offloaded
+        if offloaded:
+            self.tier_k, self.tier_v = self.gpu_k, self.gpu_v
+        elif storage.raw:
+            self.tier_k, self.tier_v = storage.all_layers("k"), storage.all_layers("v")
 
     def gpu_keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The GPU tier of one layer: K, V [G, b, n_kv, d] (the storage itself when not offloaded)."""
@@ -127,7 +132,7 @@ class Executor:
         gpu_slot = tiers.next_gpu_slot()
         if not self.offloaded:
             self.storage.reserve(1)
-        positions, _ = self.batch.append(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
+        positions = self.batch.advance(torch.ones_like(token_ids, dtype=torch.bool).unsqueeze(1))
         self.gpu_valid[:, gpu_slot] = True
         tiers.add_token()
         flush_to = tiers.host if tiers.tail_full() else None  # host slot the full tail goes to

@@ -20,7 +20,7 @@ the resident cache's arithmetic.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -76,6 +76,15 @@ class _Slot:
         self.tensors = tensors
         self.ready = streams.event()  # recorded on the copy stream when a chunk has landed
         self.free = streams.event()  # recorded on the compute stream when it is consumed
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
+
+    def views(self, tokens: int) -> dict[str, torch.Tensor]:
+        """The first ``tokens`` rows of each part ([t, b, ...] views), made once per length: a step
+        loads chunks of one or two lengths into every slot, layer after layer."""
+        views = self._views.get(tokens)
+        if views is None:
+            views = self._views[tokens] = {name: t[:tokens] for name, t in self.tensors.items()}
+        return views
 
 
 class _Ring:
@@ -102,10 +111,15 @@ class _Loads:
     its ring has a free slot (so no load overtakes an earlier one on the copy stream)."""
 
     def __init__(self, storage: "KVStorage", streams: StreamSet, flushed: list[StoreMark]) -> None:
-        self.storage = storage
         self.streams = streams
         self.flushed = flushed  # per layer: the last write of its host slots
         self.pending: deque[tuple[_Ring, bool, int, int, int]] = deque()  # (ring, is_x, layer, start, end)
+        # per ring kind (X: True) and layer: the host tier's parts, [s_max, b, ...] views made once
+        layers = range(storage.shape.num_layers)
+        self.sources = {
+            True: [[storage.x_part(name, layer) for name in storage.x_part_names] for layer in layers],
+            False: [[storage.part(name, layer) for name in storage.part_names] for layer in layers],
+        }
 
     def begin(self, loads: list[tuple[_Ring, bool, int, int, int]]) -> None:
         assert not self.pending
@@ -120,9 +134,8 @@ class _Loads:
             streams.copy_waits(slot.free)  # its previous chunk has been consumed
             self.flushed[layer].copy_waits()  # host slots written by a flush or a join, once per write
             with streams.on_copy():
-                for name, staged in slot.tensors.items():
-                    source = self.storage.x_part(name, layer) if is_x else self.storage.part(name, layer)
-                    staged[: end - start].copy_(source[start:end], non_blocking=True)
+                for staged, source in zip(slot.views(end - start).values(), self.sources[is_x][layer]):
+                    staged.copy_(source[start:end], non_blocking=True)
                 streams.record_on_copy(slot.ready)
             ring.issued += 1
             ring.landed.append((slot, end - start))
@@ -131,13 +144,45 @@ class _Loads:
         """The next chunk of ``ring``, once landed: its parts ([t, b, ...] views)."""
         slot, tokens = ring.landed.popleft()
         self.streams.compute_waits(slot.ready)
-        return {name: t[:tokens] for name, t in slot.tensors.items()}, slot
+        return slot.views(tokens), slot
 
     def release(self, ring: _Ring, slot: _Slot) -> None:
         """The compute stream is done with ``slot``: it may be refilled, and the next loads issue."""
         self.streams.record_on_compute(slot.free)
         ring.consumed += 1
         self.pump()
+
+
+class _Piece(NamedTuple):
+    """One host chunk of a decode step, the same in every layer: host slots [start, end), which rows
+    attend them (bool [b, t]), the rotary tables of its tokens (X chunks of rotary models: cos, sin
+    [t, b, 1, d]), and the scratch rows its K,V are recomputed or decoded into (None: attended where
+    they landed)."""
+
+    start: int
+    end: int
+    valid: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    k: torch.Tensor | None  # [t, b, n_kv, d]
+    v: torch.Tensor | None
+
+
+class _StepViews:
+    """What a decode step's layers read and write at the same places, as views made once a step (on
+    a host-bound step each view made per layer is host time): per layer, the GPU tier's attended
+    slots, the new token's slot (its K,V are projected straight into it) and its X slot in the tail."""
+
+    __slots__ = ("gpu_k", "gpu_v", "new_k", "new_v", "new_x")
+
+    def __init__(self, executor: OverlappedExecutor, step: StepLayout) -> None:
+        tier_k, tier_v = executor.tier_k, executor.tier_v  # [L, G, b, n_kv, d]
+        self.gpu_k = tier_k[:, : step.gpu_len].unbind(0)  # L x [G, b, n_kv, d]
+        self.gpu_v = tier_v[:, : step.gpu_len].unbind(0)
+        self.new_k = tier_k[:, step.gpu_slot].unsqueeze(2).unbind(0)  # L x [b, 1, n_kv, d], as k_new
+        self.new_v = tier_v[:, step.gpu_slot].unsqueeze(2).unbind(0)
+        tail_slot = step.gpu_slot - executor.plan.prefix_cap
+        keeps_x = executor.offloaded and tail_slot >= 0 and executor.tail_x.shape[1]
+        self.new_x = executor.tail_x[:, tail_slot].unsqueeze(2).unbind(0) if keeps_x else None  # L x [b, 1, h]
 
 
 class OverlappedExecutor(Executor):
@@ -212,6 +257,21 @@ class OverlappedExecutor(Executor):
         kv_chunks = [(a, min(a + cap, host)) for a in range(recompute, host, cap)]
         return x_chunks, kv_chunks
 
+    def _step_views(
+        self, step: StepLayout, rope_old: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[_StepViews, list[_Piece], list[_Piece]]:
+        """The step's views (``_StepViews``) and its X and K,V chunks as pieces, in load order."""
+        x_chunks, kv_chunks = self._chunks(step) if step.host_len else ([], [])
+
+        def piece(a: int, c: int, rope: bool, scratch_kv: bool) -> _Piece:
+            chunk_rope = None if not rope or rope_old is None else (rope_old[0][a:c], rope_old[1][a:c])  # [t, b, 1, d]
+            k, v = (self.scratch_k[: c - a], self.scratch_v[: c - a]) if scratch_kv else (None, None)
+            return _Piece(a, c, self.host_valid(a, c), chunk_rope, k, v)
+
+        x_pieces = [piece(a, c, True, True) for a, c in x_chunks]
+        kv_pieces = [piece(a, c, False, not self.storage.raw) for a, c in kv_chunks]
+        return _StepViews(self, step), x_pieces, kv_pieces
+
     def _decode_layers(
         self,
         hidden: torch.Tensor,
@@ -219,12 +279,11 @@ class OverlappedExecutor(Executor):
         rope_old: tuple[torch.Tensor, torch.Tensor] | None,
         step: StepLayout,
     ) -> torch.Tensor:
-        storage, loads = self.storage, self.loads
-        x_chunks, kv_chunks = self._chunks(step) if step.host_len else ([], [])
+        storage, loads, partials = self.storage, self.loads, self.partials
+        views, x_pieces, kv_pieces = self._step_views(step, rope_old)
         if step.host_len:
-            per_layer = [(self.x_ring, True, a, c) for a, c in x_chunks] + [
-                (self.kv_ring, False, a, c) for a, c in kv_chunks
-            ]
+            per_layer = [(self.x_ring, True, p.start, p.end) for p in x_pieces]
+            per_layer += [(self.kv_ring, False, p.start, p.end) for p in kv_pieces]
             loads.begin(
                 [(ring, is_x, index, a, c) for index in range(len(self.layers)) for ring, is_x, a, c in per_layer]
             )
@@ -234,34 +293,30 @@ class OverlappedExecutor(Executor):
         for index, layer in enumerate(self.layers):
             x_new = layer.attn_input(hidden)  # [b, 1, h]
             q = layer.query(x_new, rope_new)  # [b, n_q, 1, d]
-            k_new, v_new = layer.kv_from_input(x_new, rope_new)  # [b, 1, n_kv, d]
             self.flushed[index].compute_waits()  # a flushed tail is copied before it is overwritten
-            self.write_new(index, step, k_new, v_new, x_new)
-            gpu_k, gpu_v = self.gpu_keys(index)
+            layer.kv_into(x_new, rope_new, views.new_k[index], views.new_v[index])  # into the GPU tier's slot
+            if views.new_x is not None:
+                views.new_x[index].copy_(x_new)  # the tail's X, for its flush
+            gpu_k, gpu_v = views.gpu_k[index], views.gpu_v[index]  # [G, b, n_kv, d]
             if not step.host_len:
-                keys, values = gpu_k[: step.gpu_len], gpu_v[: step.gpu_len]  # [G, b, n_kv, d]
-                out = attend(q, keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3), bias)
+                out = attend(q, gpu_k.permute(1, 2, 0, 3), gpu_v.permute(1, 2, 0, 3), bias)
             else:
-                partials = self.partials
                 partials.reset()
                 query = q[:, :, 0].contiguous()  # [b, n_q, d]
-                attend_piece(query, gpu_k[: step.gpu_len], gpu_v[: step.gpu_len], gpu_valid, partials)
-                for a, c in x_chunks:
+                attend_piece(query, gpu_k, gpu_v, gpu_valid, partials)
+                for piece in x_pieces:
                     parts, slot = loads.take(self.x_ring)
                     x_chunk = storage.decode_x(parts)  # [t, b, h]
-                    chunk_rope = None if rope_old is None else (rope_old[0][a:c], rope_old[1][a:c])
-                    k_chunk, v_chunk = self.scratch_k[: c - a], self.scratch_v[: c - a]
-                    layer.kv_into(x_chunk, chunk_rope, k_chunk, v_chunk)  # [t, b, n_kv, d]
+                    layer.kv_into(x_chunk, piece.rope, piece.k, piece.v)  # [t, b, n_kv, d]
                     loads.release(self.x_ring, slot)
-                    attend_piece(query, k_chunk, v_chunk, self.host_valid(a, c), partials)
-                for a, c in kv_chunks:
+                    attend_piece(query, piece.k, piece.v, piece.valid, partials)
+                for piece in kv_pieces:
                     parts, slot = loads.take(self.kv_ring)
-                    if storage.raw:
-                        attend_piece(query, parts["k"], parts["v"], self.host_valid(a, c), partials)
+                    if piece.k is None:
+                        attend_piece(query, parts["k"], parts["v"], piece.valid, partials)
                     else:
-                        k_chunk, v_chunk = self.scratch_k[: c - a], self.scratch_v[: c - a]
-                        decode_kv_into(storage.codec, storage.encoded(parts), self.dtype, k_chunk, v_chunk, 0)
-                        attend_piece(query, k_chunk, v_chunk, self.host_valid(a, c), partials)
+                        decode_kv_into(storage.codec, storage.encoded(parts), self.dtype, piece.k, piece.v, 0)
+                        attend_piece(query, piece.k, piece.v, piece.valid, partials)
                     loads.release(self.kv_ring, slot)
                 out = partials.merge(self.dtype)  # [b, 1, n_q * d]
             if step.flush_to is not None:

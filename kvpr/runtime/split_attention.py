@@ -29,7 +29,13 @@ _BLOCK_T = 64  # tokens per inner iteration of the kernel
 
 def triton_available(device: torch.device) -> bool:
     """A CUDA device and Triton to build the kernel with."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Looked up once: every piece and merge of a decode step asks."""
+    return importlib.util.find_spec("triton") is not None
 
 
 class Partials:

@@ -7,7 +7,7 @@ the same arithmetic everywhere and is testable without a GPU.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -57,10 +57,10 @@ class StreamSet:
         if self.enabled and tensor.is_cuda:
             tensor.record_stream(self.copy)  # type: ignore[arg-type]
 
-    @contextmanager
-    def on_copy(self) -> Iterator[None]:
-        with torch.cuda.stream(self.copy) if self.enabled else nullcontext():
-            yield
+    def on_copy(self) -> AbstractContextManager[object]:
+        """Work queued inside runs on the copy stream: torch's stream context itself, not wrapped in
+        a generator (entered once per chunk a step loads)."""
+        return torch.cuda.stream(self.copy) if self.enabled else nullcontext()
 
     @contextmanager
     def on_store_after_compute(self) -> Iterator[None]:
