@@ -38,6 +38,8 @@ TIERED_A266AD4 = "tiered-NVIDIA_H200-20261203.json"
 SHARE075_6A80B95 = "tiered-share075-NVIDIA_H200-20261203-6a80b95.json"
 PAPER_6A80B95 = "latency-paper-offloaded-NVIDIA_H200-20261203-6a80b95.json"
 PROFILE_6A80B95_TIERED = "profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-6a80b95-tiered.json"
+SHARE075_5C6952D = "tiered-share075-NVIDIA_H200-20261203-5c6952d.json"
+PROFILE_5C6952D_TIERED = "profile-opt-h4096-kv8192-float16-b16-NVIDIA_H200-20261203-5c6952d-tiered.json"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ RUN_6A80B95 = TieredRun(  # each stream waits for a layer's write-back once per 
     commit="6a80b95",
     x_slots_by_x=True,
     ops={"opt": TieredOps(14, 16, 9, 8, 24, 21, 0), "llama": TieredOps(36, 38, 15, 8, 30, 27, 4)},
+)
+RUN_5C6952D = TieredRun(  # views made once a step, the new K,V projected into their slot, no decode-step mask
+    commit="5c6952d",
+    x_slots_by_x=True,
+    ops={"opt": TieredOps(12, 14, 9, 8, 18, 15, 0), "llama": TieredOps(34, 36, 14, 8, 24, 21, 4)},
 )
 
 
@@ -122,6 +129,7 @@ H200_SOURCES += (
         {("opt", 32): (PROFILE_6A80B95_TIERED, None)},
         tiered=RUN_6A80B95,
     ),
+    Source(SHARE075_5C6952D, {("opt", 16): (PROFILE_5C6952D_TIERED, None)}, tiered=RUN_5C6952D),
 )
 SAME_SESSION = {PAPER_6A80B95: SHARE075_6A80B95}  # results file -> the one whose profile probes priced its machine
 TIERED_SYSTEMS = ("kvpr-gpu", "kvpr-tiered", "kvpr-off-tiered")
@@ -167,6 +175,11 @@ NOTES = {  # system -> what a row outside the tolerance leaves out, and why it i
 }
 NOTES["kvpr-tiered-gpu"] = NOTES["kvpr-gpu"]  # kvpr-tiered with every token in the GPU tier
 RUN_NOTES = {  # (results file, system) -> a note that replaces NOTES[system] on that file's rows
+    (SHARE075_5C6952D, "kvpr-gpu"): (
+        "the run's first timed row, right after its profile was measured on the same GPU, as in the 72448d7 and "
+        "6a80b95 runs (22.4 and 24.4 ms): 19.3 ms [19.1-19.3] where the same workload and path measured 14.1-14.6 "
+        "ms in the runs that timed it later; the model is host-bound at 18 + 32 x 12 launches"
+    ),
     (SHARE075_6A80B95, "kvpr-tiered"): (
         "the run issued faster than its own probes: they put a launch at 44.5 us (1.15 ms for a host-tier layer's "
         "16 + 8 launches, 0.37 ms for an X chunk's 9), at which the step is host-bound at 72 ms; the run took 57.7 "
@@ -253,6 +266,8 @@ CALIBRATION = (  # (profile, field, family, the path its probe issued, the resul
      SWEEP_72448D7),
     (PROFILE_6A80B95_TIERED, "host_layer_s", "opt", "host", SHARE075_6A80B95),
     (PROFILE_6A80B95_TIERED, "host_chunk_s", "opt", "x", SHARE075_6A80B95),
+    (PROFILE_5C6952D_TIERED, "host_layer_s", "opt", "host", SHARE075_5C6952D),
+    (PROFILE_5C6952D_TIERED, "host_chunk_s", "opt", "x", SHARE075_5C6952D),
 )  # fmt: skip
 
 
