@@ -100,6 +100,8 @@ SUITES: dict[str, list[Case]] = {
         for model in ("llama-3.1-8b", "mistral-7b", "qwen2-7b")
         for batch, context in ((8, 8192), (4, 16384), (2, 32768))
     ],
+    # issue 14's speed targets: llama-3-8b 8 x 8K and 4 x 32K (3.1: 128K positions), offloaded vs --offload none
+    "gqa-targets": [Case("llama-3-8b", 8, 8184, 8), Case("llama-3.1-8b", 4, 32760, 8)],
     "long-other": [
         Case("llama-3-8b", 16, 2048, 16),
         Case("llama-3-8b", 8, 8184, 8),

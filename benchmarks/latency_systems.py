@@ -46,7 +46,7 @@ class System:
     x_codec: str = "none"  # kvpr: --x-codec
     resident: int | str = 0  # kvpr: --gpu-resident
     compile: bool = False  # kvpr: --compile (KVO's fused decode)
-    offloaded: bool = True  # transformers: the offloaded cache, or the cache on the GPU
+    offloaded: bool = True  # the cache offloaded (kvpr: --offload cpu; transformers: its offloaded cache) or on the GPU
 
     @property
     def cache_method(self) -> bool:
@@ -57,6 +57,7 @@ _PLAN, _LINK = FloorKind.PLAN, FloorKind.LINK_BYTES
 SYSTEMS: dict[str, System] = {
     "hf-gpu": System("hf", FloorKind.GPU_RESIDENT, offloaded=False),
     "hf-offloaded": System("hf", FloorKind.FP16_COPY_ALL),
+    "kvpr-gpu": System("kvpr", FloorKind.GPU_RESIDENT, recompute="off", offloaded=False),  # --offload none
     "kvpr-off": System("kvpr", _PLAN, recompute="off"),
     "kvpr-auto": System("kvpr", _PLAN),
     "kvpr-resident": System("kvpr", _PLAN, resident="auto"),  # auto split + as many tokens on the GPU as fit
@@ -103,7 +104,7 @@ def free_memory() -> None:
 
 def placed_llm(llm: LLM, system: System) -> LLM:
     cache = CacheConfig(
-        offload=Offload.CPU,
+        offload=Offload.CPU if system.offloaded else Offload.NONE,
         recompute=system.recompute,
         kv_codec=system.kv_codec,
         gpu_resident=system.resident,

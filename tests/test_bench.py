@@ -220,14 +220,23 @@ def test_timed_row_on_a_tiny_model(tiny_checkpoint: Callable[[str], Path]) -> No
     profile = _measured(synthetic_profile([(MIB, 1e9)], [(16, 1e9)], hidden=64, kv_width=128), hbm=1e10)
     case = bench_latency.Case("tiny", 2, 12, 4)
     weights = floors.decode_weight_bytes(llm.model, 4)
-    for name in ("kvpr-off", "kvpr-0.5"):
+    floors_by_name = {}
+    for name in ("kvpr-off", "kvpr-0.5", "kvpr-gpu"):
         row = bench_latency.timed_row(llm, None, case, system_named(name), 2, profile, weights)
         assert row["repeats"] == 2 and len(row["decode_ms_per_token_runs"]) == 2
         assert row["decode_ms_per_token_min"] <= row["decode_ms_per_token"] <= row["decode_ms_per_token_max"]
         assert row["total_s"] > row["prefill_s"] > 0 and len(row["recompute_lens"]) == case.gen_len - 1
-        assert row["floor_kind"] == "plan" and row["floor_ms"] > 0
+        assert row["floor_ms"] > 0
+        floors_by_name[name] = row["floor_ms"]
+        if name == "kvpr-gpu":  # --offload none: no host tier, a floor with no PCIe bytes
+            assert row["floor_kind"] == "gpu-resident" and set(row["host_lens"]) == {0}
+            assert row["floor_link_bytes_per_step"] == 0
+            continue
+        assert row["floor_kind"] == "plan" and set(row["host_lens"]) == {case.prompt_len}
+        assert row["floor_link_bytes_per_step"] > 0
         if name == "kvpr-0.5":
             assert all(length > 0 for length in row["recompute_lens"]) and row["floor_recompute_flops_per_step"] > 0
+    assert floors_by_name["kvpr-gpu"] <= floors_by_name["kvpr-off"]  # equal where the weight reads dominate
 
 
 def test_floors_take_the_link_rate_the_run_demonstrated() -> None:
