@@ -323,6 +323,27 @@ def test_triton_piece_attention_matches_the_torch_oracle(n_kv: int, group: int, 
     assert fused.count >= (2 if t > 1000 else 1)  # long pieces are split over programs
 
 
+@pytest.mark.parametrize("n_kv,group,t", [(32, 1, 2033), (8, 4, 8193), (8, 4, 3)])
+def test_resident_decode_attention_equals_sdpa(n_kv: int, group: int, t: int) -> None:
+    """The resident-only decode step's split-KV attention (``attend_resident``, what ``--offload none``
+    and a fully resident tier run on CUDA) equals ``attend``'s SDPA over the same cache and mask."""
+    from kvpr.models.common import attend, attention_bias
+    from kvpr.runtime.split_attention import Partials, attend_resident, fused_decode
+
+    assert fused_decode(torch.device("cuda"), torch.float16) and not fused_decode(torch.device("cuda"), torch.float32)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    b, d = 4, 128
+    q = torch.randn(b, n_kv * group, 1, d, device="cuda", dtype=torch.float16, generator=gen)
+    k = torch.randn(t, b, n_kv, d, device="cuda", dtype=torch.float16, generator=gen)
+    v = torch.randn(t, b, n_kv, d, device="cuda", dtype=torch.float16, generator=gen)
+    valid = torch.ones(b, t, dtype=torch.bool, device="cuda")
+    valid[1, : t // 2] = False  # a left-padded row
+    got = attend_resident(q, k, v, valid, Partials())
+    want = attend(q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attention_bias(valid[:, None, None, :], q.dtype))
+    assert got.shape == want.shape == (b, 1, n_kv * group * d) and got.dtype == torch.float16
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_triton_merge_equals_the_torch_merge(dtype: torch.dtype) -> None:
     """The one-launch merge over P partials (a -inf one among them: a piece a row does not attend)

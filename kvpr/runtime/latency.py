@@ -26,7 +26,7 @@ import torch
 
 from kvpr.models.common import attend
 from kvpr.runtime.executor import Executor, SplitPolicy, StepLayout
-from kvpr.runtime.split_attention import Partials, attend_piece
+from kvpr.runtime.split_attention import Partials, attend_piece, attend_resident, fused_decode
 from kvpr.runtime.streams import StoreMark, StreamSet
 from kvpr.runtime.tiers import TierPlan
 
@@ -209,6 +209,7 @@ class OverlappedExecutor(Executor):
         self.flushed = [StoreMark(self.streams) for _ in self.layers]
         self.loads = _Loads(storage, self.streams, self.flushed)
         self.partials = Partials()  # one layer's partial outputs, buffers reused layer after layer
+        self.fused_resident = fused_decode(device, self.dtype)  # the resident-only step: split-KV kernel, not SDPA
         self.slot_tokens = self.x_slot_tokens = 0
         if offloaded and self.plan.offloads:
             self.slot_tokens = slot_tokens or slot_tokens_for(storage.shape, self.plan.host_slots)
@@ -287,7 +288,7 @@ class OverlappedExecutor(Executor):
             loads.begin(
                 [(ring, is_x, index, a, c) for index in range(len(self.layers)) for ring, is_x, a, c in per_layer]
             )
-        else:
+        elif not self.fused_resident:
             bias = self.gpu_bias(step.gpu_len)  # one piece: the resident cache's own attention
         gpu_valid = self.gpu_valid[:, : step.gpu_len]
         for index, layer in enumerate(self.layers):
@@ -298,7 +299,9 @@ class OverlappedExecutor(Executor):
             if views.new_x is not None:
                 views.new_x[index].copy_(x_new)  # the tail's X, for its flush
             gpu_k, gpu_v = views.gpu_k[index], views.gpu_v[index]  # [G, b, n_kv, d]
-            if not step.host_len:
+            if not step.host_len and self.fused_resident:
+                out = attend_resident(q, gpu_k, gpu_v, gpu_valid, partials)
+            elif not step.host_len:
                 out = attend(q, gpu_k.permute(1, 2, 0, 3), gpu_v.permute(1, 2, 0, 3), bias)
             else:
                 partials.reset()

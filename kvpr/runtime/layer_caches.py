@@ -20,6 +20,7 @@ from kvpr.cache.rows import GatherStaging, RowLayout, RowTier
 from kvpr.cache.storage import CacheShape
 from kvpr.compress.methods import KiviConfig
 from kvpr.models.common import ATTENTION_BACKENDS, attend
+from kvpr.runtime.split_attention import Partials, attend_resident, fused_decode
 
 
 class LayerCache(Protocol):
@@ -130,6 +131,7 @@ class DenseCache:
         self.valid = torch.zeros(shape.batch_size, shape.max_len, dtype=torch.bool, device=device)  # [b, s_max]
         self.length = 0
         self.read_bytes = self.link_bytes = 0
+        self.partials = Partials() if fused_decode(device, shape.dtype) else None  # the split-KV kernel on CUDA
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor | None) -> None:
         t = k.shape[0]
@@ -145,6 +147,9 @@ class DenseCache:
         keys = self.k[: slot + 1].permute(1, 2, 0, 3)  # [b, n_kv, s+1, d]
         values = self.v[: slot + 1].permute(1, 2, 0, 3)
         self.read_bytes = 2 * keys.numel() * keys.element_size()
+        if self.partials is not None:
+            valid = self.valid[:, : slot + 1]  # [b, s+1]
+            return attend_resident(q.unsqueeze(2), self.k[: slot + 1], self.v[: slot + 1], valid, self.partials)[:, 0]
         out = attend(q.unsqueeze(2), keys, values, self.valid[:, None, None, : slot + 1])  # [b, 1, n_q*d]
         return out[:, 0]
 

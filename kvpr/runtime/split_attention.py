@@ -32,6 +32,23 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_installed()
 
 
+def fused_decode(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode attention should run the split-KV kernel even over one piece: SDPA's kernels
+    give one program per (row, KV head) at one query per row, too few to read a long context at HBM
+    speed (llama-3.1-8b 4 x 32K: 32 programs), where the kernel also splits the context."""
+    return triton_available(device) and dtype in (torch.float16, torch.bfloat16)
+
+
+def attend_resident(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, partials: Partials
+) -> torch.Tensor:
+    """One new query per row over one token-major piece, split and merged: q [b, n_q, 1, d],
+    k, v [t, b, n_kv, d], valid bool [b, t] -> [b, 1, n_q * d] in q's dtype (``fused_decode`` only)."""
+    partials.reset()
+    attend_piece(q[:, :, 0].contiguous(), k, v, valid, partials)
+    return partials.merge(q.dtype)
+
+
 @functools.cache
 def _triton_installed() -> bool:
     """Looked up once: every piece and merge of a decode step asks."""
