@@ -46,6 +46,7 @@ class System:
     x_codec: str = "none"  # kvpr: --x-codec
     resident: int | str = 0  # kvpr: --gpu-resident
     compile: bool = False  # kvpr: --compile (KVO's fused decode)
+    cuda_graph: bool = True  # kvpr: a resident-only step replayed as one CUDA graph (off: --no-cuda-graph)
     offloaded: bool = True  # the cache offloaded (kvpr: --offload cpu; transformers: its offloaded cache) or on the GPU
 
     @property
@@ -58,6 +59,7 @@ SYSTEMS: dict[str, System] = {
     "hf-gpu": System("hf", FloorKind.GPU_RESIDENT, offloaded=False),
     "hf-offloaded": System("hf", FloorKind.FP16_COPY_ALL),
     "kvpr-gpu": System("kvpr", FloorKind.GPU_RESIDENT, recompute="off", offloaded=False),  # --offload none
+    "kvpr-gpu-eager": System("kvpr", FloorKind.GPU_RESIDENT, recompute="off", offloaded=False, cuda_graph=False),
     "kvpr-off": System("kvpr", _PLAN, recompute="off"),
     "kvpr-auto": System("kvpr", _PLAN),
     "kvpr-resident": System("kvpr", _PLAN, resident="auto"),  # auto split + as many tokens on the GPU as fit
@@ -110,7 +112,8 @@ def placed_llm(llm: LLM, system: System) -> LLM:
         gpu_resident=system.resident,
         x_codec=system.x_codec,
     )
-    return llm.with_placement(cache, dataclasses.replace(llm.config.runtime, compile=system.compile))
+    runtime = dataclasses.replace(llm.config.runtime, compile=system.compile, cuda_graph=system.cuda_graph)
+    return llm.with_placement(cache, runtime)
 
 
 def _generate(placed: LLM, prompts: torch.Tensor, new_tokens: int) -> tuple[Any, Any]:

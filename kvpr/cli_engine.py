@@ -75,6 +75,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="fuse KVO's decode kernels with torch.compile (CUDA; compiles on first use)",
     )
     parser.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="issue every decode step eagerly (default on CUDA: a step with the whole cache on the GPU is "
+        "replayed as one CUDA graph)",
+    )
+    parser.add_argument(
         "--profile", default=None, help="hardware profile JSON to plan with (default: measured and cached)"
     )
     throughput = parser.add_argument_group("throughput mode (FlexGen's setting; on when --percent is given)")
@@ -180,6 +186,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
             overlap=not args.no_overlap,
             num_chunks=parse_num_chunks(args.num_chunks),
             compile=args.compile,
+            cuda_graph=not args.no_cuda_graph,
             profile_path=args.profile,
             host_memory_gib=args.host_memory_gib,
             gpu_memory_gib=args.gpu_memory_gib,

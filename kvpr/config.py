@@ -340,6 +340,7 @@ class RuntimeConfig:
     profile_path: str | None = None
     host_memory_gib: float | None = None  # host budget; None: what the OS reports available
     compile: bool = False  # fuse the cache method's decode kernels with torch.compile (CUDA, --kv-codec kvo)
+    cuda_graph: bool = True  # replay a decode step with the whole cache on the GPU as one CUDA graph (CUDA)
     gpu_memory_gib: float | None = None  # GPU memory kvpr may use, weights included; None: what is free
     flush_block: int = 64  # new tokens kept on the GPU before they go to the host tier in one block
     slot_tokens: int | None = None  # tokens per ring slot of the offloaded executor; None: 32 MiB of K,V

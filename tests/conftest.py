@@ -169,6 +169,7 @@ def make_config(
     tensor_parallel: int = 1,
     kv_codec: str = "none",
     x_codec: str = "none",
+    cuda_graph: bool = True,
 ) -> EngineConfig:
     """Small flush blocks and ring slots by default, so short test prompts flush the GPU tail to the
     host and cross several ring slots per layer: 4 and 3 tokens on the tiny checkpoints, 16 and 64
@@ -192,6 +193,7 @@ def make_config(
             flush_block=flush_block or (16 if default_model else 4),
             slot_tokens=slot_tokens or (64 if default_model else 3),
             tensor_parallel=tensor_parallel,
+            cuda_graph=cuda_graph,
         ),
     )
 

@@ -221,14 +221,14 @@ def test_timed_row_on_a_tiny_model(tiny_checkpoint: Callable[[str], Path]) -> No
     case = bench_latency.Case("tiny", 2, 12, 4)
     weights = floors.decode_weight_bytes(llm.model, 4)
     floors_by_name = {}
-    for name in ("kvpr-off", "kvpr-0.5", "kvpr-gpu"):
+    for name in ("kvpr-off", "kvpr-0.5", "kvpr-gpu", "kvpr-gpu-eager"):
         row = bench_latency.timed_row(llm, None, case, system_named(name), 2, profile, weights)
         assert row["repeats"] == 2 and len(row["decode_ms_per_token_runs"]) == 2
         assert row["decode_ms_per_token_min"] <= row["decode_ms_per_token"] <= row["decode_ms_per_token_max"]
         assert row["total_s"] > row["prefill_s"] > 0 and len(row["recompute_lens"]) == case.gen_len - 1
         assert row["floor_ms"] > 0
         floors_by_name[name] = row["floor_ms"]
-        if name == "kvpr-gpu":  # --offload none: no host tier, a floor with no PCIe bytes
+        if name.startswith("kvpr-gpu"):  # --offload none: no host tier, a floor with no PCIe bytes
             assert row["floor_kind"] == "gpu-resident" and set(row["host_lens"]) == {0}
             assert row["floor_link_bytes_per_step"] == 0
             continue

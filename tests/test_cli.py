@@ -111,3 +111,19 @@ def test_bench_runs_kivi3_and_kivi4(capsys, flags: list[str]) -> None:
 )
 def test_kivi_flag_errors(capsys, flags: list[str], needle: str) -> None:
     assert needle in cli_error_line(capsys, DUMMY_BENCH + flags)
+
+
+@pytest.mark.parametrize("flags,graph", [([], True), (["--no-cuda-graph"], False)])
+def test_cuda_graph_flag_reaches_the_runtime(flags: list[str], graph: bool) -> None:
+    """CUDA graphs are on by default and ``--no-cuda-graph`` turns them off; on a CPU no executor
+    captures a step either way."""
+    import argparse
+
+    from kvpr.api import LLM
+    from kvpr.cli_engine import add_engine_flags, build_engine_config
+
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    config = build_engine_config(parser.parse_args(["--device", "cpu", *flags]))
+    assert config.runtime.cuda_graph is graph
+    assert LLM(config).make_executor(2, 16).graph is None

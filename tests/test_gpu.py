@@ -57,6 +57,39 @@ def test_fp16_greedy_tokens_equal_across_paths(tiny_checkpoint, family: str) -> 
         assert [c.token_ids for c in llm.generate(PROMPTS, params)] == reference, (offload, recompute, overlap)
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+@pytest.mark.parametrize("offload,resident", [("none", 0), ("cpu", 100)])  # cpu: every token resident
+def test_cuda_graph_step_equals_the_eager_step(tiny_checkpoint, family: str, offload: str, resident: int) -> None:
+    """The resident-only step replayed as a CUDA graph gives the eager step's logits, step after step,
+    on a left-padded batch (rows of 6, 3 and 9 prompt tokens), with the whole cache on the GPU; the
+    graph is captured once and replayed for every later step."""
+    from conftest import make_config
+
+    from kvpr.api import LLM
+
+    ids = torch.zeros(3, 9, dtype=torch.long, device="cuda")
+    valid = torch.zeros(3, 9, dtype=torch.bool, device="cuda")
+    for row, prompt in enumerate(PROMPTS):
+        ids[row, 9 - len(prompt) :] = torch.tensor(prompt)
+        valid[row, 9 - len(prompt) :] = True
+    runs = {}
+    for graph in (True, False):
+        config = make_config(
+            tiny_checkpoint(family), offload, device="cuda", dtype="float16", gpu_resident=resident, cuda_graph=graph
+        )
+        executor = LLM(config).make_executor(3, 9 + 12)
+        assert (executor.graph is not None) == graph
+        logits = [executor.prefill(ids, valid)[:, -1].float()]
+        for _ in range(12):
+            logits.append(executor.decode(logits[-1].argmax(-1)).float())
+        executor.finish()
+        runs[graph] = torch.stack(logits)
+        if graph:
+            assert executor.graph.graph is not None and set(executor.host_lens) == {0}
+    torch.testing.assert_close(runs[True], runs[False], atol=FP16_ATOL / 5, rtol=0)
+    assert torch.equal(runs[True].argmax(-1), runs[False].argmax(-1))
+
+
 def test_offloaded_storage_is_pinned_exactly() -> None:
     llm = gpu_llm("opt-125m", "cpu", 0.5, dummy_weights=True)
     executor = llm.make_executor(3, 100)

@@ -136,16 +136,28 @@ class Executor:
         self.gpu_valid[:, gpu_slot] = True
         tiers.add_token()
         flush_to = tiers.host if tiers.tail_full() else None  # host slot the full tail goes to
-        hidden = self.model.embed(token_ids.unsqueeze(1), positions)  # [b, 1, h]
-        rope_new = self.model.rope(positions, self.dtype)  # [b, 1, 1, d]
         host_first = self.plan.prefix_cap  # token index of host slot 0
         old_positions = self.batch.positions[:, host_first : host_first + split.recompute_len].transpose(0, 1)
         rope_old = self.model.rope(old_positions, self.dtype) if split.recompute_len else None  # [l, b, 1, d]
         step = StepLayout(gpu_slot, tiers.gpu_len, host_len, split.recompute_len, split.num_chunks, flush_to)
-        hidden = self._decode_layers(hidden, rope_new, rope_old, step)
+        logits = self._step_logits(token_ids, positions, rope_old, step)
         if flush_to is not None:
             self.storage.reserve(tiers.tail)
             tiers.flushed()
+        return logits
+
+    def _step_logits(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        rope_old: tuple[torch.Tensor, torch.Tensor] | None,
+        step: StepLayout,
+    ) -> torch.Tensor:
+        """The step's arithmetic once its bookkeeping is done: token_ids [b], positions [b, 1] ->
+        logits [b, V]."""
+        hidden = self.model.embed(token_ids.unsqueeze(1), positions)  # [b, 1, h]
+        rope_new = self.model.rope(positions, self.dtype)  # [b, 1, 1, d]
+        hidden = self._decode_layers(hidden, rope_new, rope_old, step)
         return self.model.logits(hidden)[:, -1]
 
     def gpu_bias(self, gpu_len: int) -> torch.Tensor:

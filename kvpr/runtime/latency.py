@@ -26,6 +26,7 @@ import torch
 
 from kvpr.models.common import attend
 from kvpr.runtime.executor import Executor, SplitPolicy, StepLayout
+from kvpr.runtime.graphs import ResidentStepGraph
 from kvpr.runtime.split_attention import Partials, attend_piece, attend_resident, fused_decode
 from kvpr.runtime.streams import StoreMark, StreamSet
 from kvpr.runtime.tiers import TierPlan
@@ -192,6 +193,8 @@ class OverlappedExecutor(Executor):
     Args (beyond ``Executor``'s):
         slot_tokens: tokens per ring slot, both rings (None: ``SLOT_BYTES`` of uncompressed K,V in
             the K,V ring, of uncompressed X in the X ring).
+        cuda_graph: replay the resident-only step as one CUDA graph (``kvpr.runtime.graphs``) where
+            the placement never offloads and the split-KV kernel runs (CUDA, fp16/bf16).
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class OverlappedExecutor(Executor):
         split: SplitPolicy,
         plan: TierPlan | None = None,
         slot_tokens: int | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(model, storage, device, offloaded, split, plan)
         self.streams = StreamSet(device, separate_store=True)
@@ -210,6 +214,10 @@ class OverlappedExecutor(Executor):
         self.loads = _Loads(storage, self.streams, self.flushed)
         self.partials = Partials()  # one layer's partial outputs, buffers reused layer after layer
         self.fused_resident = fused_decode(device, self.dtype)  # the resident-only step: split-KV kernel, not SDPA
+        # the resident-only step replayed as one CUDA graph, where no step can touch the host tier
+        never_offloads = not (offloaded and self.plan.offloads)
+        graphable = cuda_graph and self.fused_resident and never_offloads and hasattr(self, "tier_k")
+        self.graph = ResidentStepGraph(self) if graphable else None
         self.slot_tokens = self.x_slot_tokens = 0
         if offloaded and self.plan.offloads:
             self.slot_tokens = slot_tokens or slot_tokens_for(storage.shape, self.plan.host_slots)
@@ -224,6 +232,17 @@ class OverlappedExecutor(Executor):
             # K,V recomputed from an X chunk, or decoded from a codec chunk: [slot, b, n_kv, d]
             self.scratch_k = torch.empty(scratch, dtype=self.dtype, device=device)
             self.scratch_v = torch.empty(scratch, dtype=self.dtype, device=device)
+
+    def _step_logits(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        rope_old: tuple[torch.Tensor, torch.Tensor] | None,
+        step: StepLayout,
+    ) -> torch.Tensor:
+        if self.graph is not None and not step.host_len and step.flush_to is None:
+            return self.graph.run(token_ids, positions, step.gpu_slot)
+        return super()._step_logits(token_ids, positions, rope_old, step)
 
     @property
     def staging_bytes(self) -> int:
