@@ -102,6 +102,8 @@ SUITES: dict[str, list[Case]] = {
     ],
     # issue 14's speed targets: llama-3-8b 8 x 8K and 4 x 32K (3.1: 128K positions), offloaded vs --offload none
     "gqa-targets": [Case("llama-3-8b", 8, 8184, 8), Case("llama-3.1-8b", 4, 32760, 8)],
+    "gqa-8k": [Case("llama-3-8b", 8, 8184, 8)],
+    "gqa-32k": [Case("llama-3.1-8b", 4, 32760, 8)],
     "long-other": [
         Case("llama-3-8b", 16, 2048, 16),
         Case("llama-3-8b", 8, 8184, 8),
