@@ -169,3 +169,24 @@ def test_chunk_count_may_change_every_step(tiny_checkpoint, family: str) -> None
     torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=1e-5, rtol=0)
     assert offloaded.host_lens == [4, 4, 4, 4, 8]  # the 4-token tail flushed after the 4th step
     assert offloaded.recompute_lens == [3, 3, 3, 3, 7]
+
+
+def test_an_executor_with_a_step_graph_is_freed_when_dropped(tiny_checkpoint) -> None:
+    """The CUDA-graph holder keeps no reference back to its executor: a cycle would keep the whole
+    cache allocated until the garbage collector ran, and ``--offload auto`` plans the next batch
+    against the memory still held (checked with the collector off)."""
+    import gc
+    import weakref
+
+    from kvpr.runtime.graphs import ResidentStepGraph
+
+    executor = cpu_llm(tiny_checkpoint("llama-gqa")).make_executor(2, 16)
+    assert executor.graph is None  # no CUDA: every step eager
+    executor.graph = ResidentStepGraph(executor)
+    dropped = weakref.ref(executor)
+    gc.disable()
+    try:
+        del executor
+        assert dropped() is None
+    finally:
+        gc.enable()

@@ -32,10 +32,11 @@ class ResidentStepGraph:
 
     Static inputs: token ids [b], positions [b, 1], the new slot [1]. Output: logits [b, V], copied
     out on each step (the caller samples from them while the next step may overwrite the buffer).
+    The executor is passed to each call, never kept: the executor owns this object, and a reference
+    back would make a cycle that holds the whole cache on the GPU until the garbage collector runs.
     """
 
     def __init__(self, executor: "OverlappedExecutor") -> None:
-        self.executor = executor
         b = executor.batch.valid.shape[0]
         device = executor.device
         self.token_ids = torch.zeros(b, dtype=torch.long, device=device)
@@ -49,34 +50,36 @@ class ResidentStepGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def run(self, token_ids: torch.Tensor, positions: torch.Tensor, gpu_slot: int) -> torch.Tensor:
-        """Logits [b, V] of one resident-only step: the new token's K,V go to ``gpu_slot``."""
+    def run(
+        self, executor: "OverlappedExecutor", token_ids: torch.Tensor, positions: torch.Tensor, gpu_slot: int
+    ) -> torch.Tensor:
+        """Logits [b, V] of one resident-only step of ``executor``: the new K,V go to ``gpu_slot``."""
         self.token_ids.copy_(token_ids)
         self.positions.copy_(positions)
         self.slot.fill_(gpu_slot)
         if self.graph is None:
-            self._capture()
+            self._capture(executor)
         assert self.graph is not None and self.logits is not None
         self.graph.replay()
         return self.logits.clone()
 
-    def _capture(self) -> None:
+    def _capture(self, executor: "OverlappedExecutor") -> None:
         """Warm up on a side stream (the step is idempotent: it rewrites the same slot with the same
         K,V), then record it; the recorded step itself is replayed by ``run``."""
-        side = torch.cuda.Stream(self.executor.device)
-        side.wait_stream(torch.cuda.current_stream(self.executor.device))
+        device = executor.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                self._step()
-        torch.cuda.current_stream(self.executor.device).wait_stream(side)
+                self._step(executor)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._step()
+            self.logits = self._step(executor)
         self.graph = graph
 
-    def _step(self) -> torch.Tensor:
+    def _step(self, executor: "OverlappedExecutor") -> torch.Tensor:
         """The resident-only step on the static buffers: logits [b, V]."""
-        executor = self.executor
         model, dtype = executor.model, executor.dtype
         valid = executor.gpu_valid  # [b, G]: the tier's whole capacity, unused slots False
         hidden = model.embed(self.token_ids.unsqueeze(1), self.positions)  # [b, 1, h]

@@ -241,7 +241,7 @@ class OverlappedExecutor(Executor):
         step: StepLayout,
     ) -> torch.Tensor:
         if self.graph is not None and not step.host_len and step.flush_to is None:
-            return self.graph.run(token_ids, positions, step.gpu_slot)
+            return self.graph.run(self, token_ids, positions, step.gpu_slot)
         return super()._step_logits(token_ids, positions, rope_old, step)
 
     @property
