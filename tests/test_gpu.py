@@ -265,12 +265,13 @@ def test_profile_times_the_host_issue_per_x_codec() -> None:
     from kvpr.scheduler.profiler import _measure_host_issue
     from kvpr.scheduler.profiler_timing import Progress
 
-    layer_s, chunk_s = _measure_host_issue(
+    layer_s, chunk_s, kv_chunk_s = _measure_host_issue(
         torch.device("cuda"), builtin_config("smollm2-135m"), torch.float16, Progress(False)
     )
     assert set(layer_s) == set(chunk_s) == {"none", "int8", "int4"}
     assert all(1e-5 < t < 5e-3 for t in layer_s.values()), layer_s
     assert all(0.0 <= t < 1e-3 for t in chunk_s.values()) and max(chunk_s.values()) > 0, chunk_s
+    assert 0.0 < kv_chunk_s < 1e-3, kv_chunk_s  # a K,V chunk: copy, events, a piece kernel
 
 
 def test_profile_times_the_kv_codec_decode() -> None:

@@ -27,6 +27,7 @@ from kvpr.scheduler.cost_model import (
     floor_s,
     full_copy_s,
     kv_copy_s,
+    kv_slot_tokens,
     recompute_s,
     sequential_s,
     step_model,
@@ -298,6 +299,7 @@ def rate_curves(draw: st.DrawFn, low: float, high: float, rate_low: float, rate_
     granularity=st.one_of(st.just(1), st.integers(1, 300)),
     host_layer=st.one_of(st.just(0.0), st.floats(1e-6, 1e-2)),
     host_chunk=st.one_of(st.just(0.0), st.floats(1e-7, 1e-3)),
+    host_kv_chunk=st.one_of(st.just(0.0), st.floats(1e-7, 1e-3)),
     decode=st.one_of(st.none(), rate_curves(1e3, 1e10, 1e8, 1e11)),
     attention=st.one_of(st.just(()), st.tuples(st.tuples(st.integers(1, 8192), st.floats(1e-6, 1e-2)))),
     resident=st.integers(0, 4000),
@@ -316,11 +318,12 @@ def test_solver_equals_brute_force_minimum(
     granularity: int,
     host_layer: float,
     host_chunk: float,
+    host_kv_chunk: float,
     decode: RateCurve | None,
     attention: tuple[tuple[int, float], ...],
     resident: int,
 ) -> None:
-    host = {"host_layer_s": {"none": host_layer}, "host_chunk_s": {"none": host_chunk}}
+    host = {"host_layer_s": {"none": host_layer}, "host_chunk_s": {"none": host_chunk}, "host_kv_chunk_s": host_kv_chunk}
     kv_decode = {} if decode is None else {"int4": decode}
     profile = HardwareProfile(
         "synthetic", "0", h2d, h2d, gemm, h, 2 * kv, **host, kv_decode=kv_decode, attention=attention
@@ -335,7 +338,8 @@ def test_solver_equals_brute_force_minimum(
         copy_all = max(full_copy_s(shape, profile), attention_s(shape, profile))  # T(0): no chunks to issue
         if schedule is Schedule.SEQUENTIAL:
             copy_all = full_copy_s(shape, profile) + attention_s(shape, profile)
-        assert choice.copy_all_s == pytest.approx(max(copy_all, host_layer), rel=1e-12)
+        host_at_0 = host_layer + (math.ceil(s / kv_slot_tokens(shape, profile)) - 1) * host_kv_chunk  # K,V chunks
+        assert choice.copy_all_s == pytest.approx(max(copy_all, host_at_0), rel=1e-12)
 
 
 @pytest.mark.parametrize("schedule", list(Schedule))
@@ -461,9 +465,11 @@ def test_host_issue_measurement_runs_on_the_executor() -> None:
     X codec gets a layer and a chunk cost, finite and positive: the chunked steps recompute a prompt
     that lies on the host tier (with the prompt on a GPU tier they had no chunk to issue, and every
     chunk was measured free)."""
-    layer_s, chunk_s = profiler.host_issue_times(torch.device("cpu"), TINY, torch.float32, Progress(False), 3)
+    layer_s, chunk_s, kv_chunk_s = profiler.host_issue_times(
+        torch.device("cpu"), TINY, torch.float32, Progress(False), 3
+    )
     assert set(layer_s) == set(chunk_s) == {"none", "int8", "int4"}
-    assert all(math.isfinite(t) and t > 0 for t in (*layer_s.values(), *chunk_s.values()))
+    assert all(math.isfinite(t) and t > 0 for t in (*layer_s.values(), *chunk_s.values(), kv_chunk_s))
 
 
 def test_a_kv_codec_decode_is_compute_stream_work() -> None:
@@ -552,3 +558,41 @@ def test_streamed_copy_probe_times_slot_sized_copies_back_to_back() -> None:
     assert len(samples) == profiler.COPY_REPEATS and all(n == 3 * SLOT_BYTES and r > 0 for n, r in samples)
     assert bool(dev[: 3 * SLOT_BYTES].all()) and not bool(dev[3 * SLOT_BYTES :].any())  # whole slots only
     assert profiler._streamed_h2d(host[:SLOT_BYTES], dev, clock) == []  # one slot is no stream
+
+
+def test_host_issue_counts_the_kv_chunks_of_the_split() -> None:
+    """The profiled layer cost includes one K,V chunk: a split copying nothing issues none, one
+    copying s - l tokens issues ceil((s - l) / slot) of them; the solver's bound on a range is never
+    above the cost at any split in it."""
+    from kvpr.scheduler.cost_model import HostIssue
+
+    host = HostIssue(layer_s=1e-3, chunk_s=2e-4, kv_chunk_s=1e-4, kv_slot_tokens=64)
+    assert host.seconds(288, 4, 288) == pytest.approx(1e-3 + 4 * 2e-4 - 1e-4)  # l = s: X chunks only
+    assert host.seconds(0, 4, 288) == pytest.approx(1e-3 + 4 * 1e-4)  # 5 K,V chunks of <= 64 tokens
+    assert host.seconds(100, 4, 288) == pytest.approx(1e-3 + 4 * 2e-4 + 2 * 1e-4)  # 188 tokens: 3 chunks
+    assert HostIssue(1e-3, 2e-4).seconds(0, 4, 288) == 1e-3  # slot unknown (an older profile): one chunk
+    for first in range(0, 289, 17):
+        for last in range(first, 289, 23):
+            bound = host.lower_bound(first, last, 4, 288)
+            assert all(bound <= host.seconds(split, 4, 288) + 1e-15 for split in range(first, last + 1))
+
+
+def test_costly_kv_chunks_make_the_solver_recompute_everything() -> None:
+    """opt-6.7b's paper workload (32 x 272), X chunks dear to the host: with the K,V chunk's cost
+    unknown (a format 5 profile, which charged one K,V chunk at every split) the plan keeps 12 tokens
+    to copy; with it measured, l = s issues no K,V chunk and costs the host one chunk less, and the
+    plan recomputes every token. The profile keeps the cost."""
+    opt = model_config(4096, 32, 32, num_layers=32, max_position=2048)
+    unknown = with_host(0.5e-3, 0.3e-3)
+    costly = dataclasses.replace(unknown, host_kv_chunk_s=0.5e-3)
+    shape = LayerShape(32, 272, 4096, 4096, 2, 2)
+    host = costly.host_issue("none", 64)
+    assert host.kv_chunks(272) == 5 and host.kv_chunks(0) == 0
+    assert plan_decode_step(opt, 32, 272, unknown, 2, 2, Schedule.CHUNKED, None).recompute_len == 260
+    plan = plan_decode_step(opt, 32, 272, costly, 2, 2, Schedule.CHUNKED, None)
+    assert plan.recompute_len == 272
+    assert plan.predicted_s <= step_s(shape, costly, 260, Schedule.CHUNKED, plan.num_chunks)
+    assert HardwareProfile.from_json(costly.to_json()).host_kv_chunk_s == 0.5e-3
+    older = json.loads(unknown.to_json()) | {"format_version": 5}
+    del older["host_kv_chunk_s"]
+    assert HardwareProfile.from_json(json.dumps(older)).host_kv_chunk_s == 0.0  # format 5: not measured

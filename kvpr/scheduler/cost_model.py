@@ -265,14 +265,33 @@ Weights = tuple[float, ...]  # weights on (t_x, t_kv, t_rc[, t_dec])
 
 @dataclass(frozen=True)
 class HostIssue:
-    """Host seconds to issue one decode layer: ``layer_s`` without X chunks, ``chunk_s`` per chunk."""
+    """Host seconds to issue one decode layer: ``layer_s`` without X chunks and with one K,V chunk
+    (as the profiler times it), ``chunk_s`` per X chunk, ``kv_chunk_s`` per K,V chunk beyond that
+    one (or one fewer where no K,V is copied); K,V chunks hold ``kv_slot_tokens`` tokens (0: unknown,
+    counted as one chunk whatever the split, as profiles before format 6 did)."""
 
     layer_s: float = 0.0
     chunk_s: float = 0.0
+    kv_chunk_s: float = 0.0
+    kv_slot_tokens: int = 0
 
-    def seconds(self, split: float, num_chunks: int) -> float:
-        """A split of l tokens runs min(c, l) chunks (chunks are never empty)."""
-        return self.layer_s + min(float(num_chunks), max(split, 0.0)) * self.chunk_s
+    def kv_chunks(self, copied: float) -> int:
+        """K,V chunks of ``copied`` host tokens, each at most a ring slot."""
+        if not self.kv_slot_tokens:
+            return 1
+        return math.ceil(max(copied, 0.0) / self.kv_slot_tokens)
+
+    def seconds(self, split: float, num_chunks: int, context_len: int = 0) -> float:
+        """A split of l tokens runs min(c, l) X chunks (chunks are never empty) and the K,V chunks of
+        the s - l tokens left."""
+        x_chunks = min(float(num_chunks), max(split, 0.0))
+        return self.layer_s + x_chunks * self.chunk_s + (self.kv_chunks(context_len - split) - 1) * self.kv_chunk_s
+
+    def lower_bound(self, first: float, last: float, num_chunks: int, context_len: int) -> float:
+        """The least ``seconds`` over splits in [first, last]: the X chunks grow with l and the K,V
+        chunks shrink, so each takes its value at its favourable end."""
+        x_chunks = min(float(num_chunks), max(first, 0.0))
+        return self.layer_s + x_chunks * self.chunk_s + (self.kv_chunks(context_len - last) - 1) * self.kv_chunk_s
 
 
 @dataclass(frozen=True)
@@ -288,6 +307,7 @@ class StepModel:
     num_chunks: int = 1
     fixed_a: float = 0.0
     fixed_b: float = 0.0
+    context_len: int = 0  # s: the host tokens split into [0, l) recomputed and [l, s) copied
 
     def __post_init__(self) -> None:
         if not len(self.terms) == len(self.branch_a) == len(self.branch_b):
@@ -302,8 +322,12 @@ class StepModel:
         return max(device, self.host_s(split))
 
     def host_s(self, split: float) -> float:
-        """Host issue time at ``split``: nondecreasing in l, so its value at a range's start bounds it."""
-        return self.host.seconds(split, self.num_chunks)
+        """Host issue time at ``split``."""
+        return self.host.seconds(split, self.num_chunks, self.context_len)
+
+    def host_lower_bound(self, first: float, last: float) -> float:
+        """The least host issue time over splits in [first, last]."""
+        return self.host.lower_bound(first, last, self.num_chunks, self.context_len)
 
     def seconds(self, split: float) -> float:
         return self.combine(split, tuple(term.seconds(split) for term in self.terms))
@@ -332,9 +356,20 @@ def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, 
         *(() if decode is None else (decode,)),
     )
     count = len(terms)  # the weights of t_dec drop out without a K,V codec
-    return StepModel(
-        terms, copy_branch[:count], compute_branch[:count], profile.host_issue(shape.x_codec), chunks, *fixed
-    )
+    host = profile.host_issue(shape.x_codec, kv_slot_tokens(shape, profile))
+    return StepModel(terms, copy_branch[:count], compute_branch[:count], host, chunks, *fixed, shape.context_len)
+
+
+def kv_slot_tokens(shape: LayerShape, profile: HardwareProfile) -> int:
+    """Tokens of one K,V ring slot of the offloaded executor (``runtime.latency.slot_tokens_for``):
+    its bytes of uncompressed K,V in the profile's dtype, at least one token."""
+    from kvpr.runtime.latency import SLOT_BYTES  # the runtime imports the scheduler, not the reverse
+
+    per_token = 2 * shape.batch_size * shape.kv_size * _DTYPE_BYTES.get(profile.dtype, 2)
+    return max(1, SLOT_BYTES // per_token)
+
+
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}  # a profile's dtype, by name
 
 
 def _check_split(shape: LayerShape, recompute_len: int) -> None:

@@ -25,9 +25,10 @@ from kvpr.scheduler.cost_model import HostIssue, RateCurve
 
 # 2: the recompute timed as the runtime runs it, per X codec; 3: host issue times, K,V codec decodes;
 # 4: every repetition of the H2D copies (two kinds of pinned memory), device-memory bandwidth;
-# 5: host chunk costs timed with the prompt on the host tier (format 4 timed chunks that never ran: 0)
-PROFILE_FORMAT_VERSION = 5
-READABLE_FORMATS = (3, 4, 5)  # a format 3 profile loads with no H2D repetitions and no device-memory rates
+# 5: host chunk costs timed with the prompt on the host tier (format 4 timed chunks that never ran: 0);
+# 6: the host's cost per K,V chunk (before: one K,V chunk a layer whatever the split)
+PROFILE_FORMAT_VERSION = 6
+READABLE_FORMATS = (3, 4, 5, 6)  # a format 3 profile loads with no H2D repetitions and no device-memory rates
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class HardwareProfile:
     # X in the model dtype), measured on the overlapped executor; empty on a CPU (no separate host)
     host_layer_s: dict[str, float] = field(default_factory=dict)
     host_chunk_s: dict[str, float] = field(default_factory=dict)
+    # host seconds per K,V chunk beyond the one ``host_layer_s`` includes (0 before format 6)
+    host_kv_chunk_s: float = 0.0
     # (stored bytes, bytes/s) of decoding the host tier's K,V codec parts into the staging buffers
     # after they land, per --kv-codec ("int8", "int4"); empty on a CPU
     kv_decode: dict[str, RateCurve] = field(default_factory=dict)
@@ -76,7 +79,7 @@ class HardwareProfile:
             raise KvprError("profile has an attention timing that is not positive: re-run kvpr profile")
         if self.decode_layer_s is not None and not (math.isfinite(self.decode_layer_s) and self.decode_layer_s > 0):
             raise KvprError(f"profile has decode_layer_s={self.decode_layer_s}: re-run kvpr profile")
-        host_times = (*self.host_layer_s.values(), *self.host_chunk_s.values())
+        host_times = (*self.host_layer_s.values(), *self.host_chunk_s.values(), self.host_kv_chunk_s)
         if any(not (math.isfinite(t) and t >= 0) for t in host_times):
             raise KvprError("profile has a host issue time that is negative or not a number: re-run kvpr profile")
         if any(not (n > 0 and math.isfinite(r) and r > 0) for pts in self.h2d_samples.values() for n, r in pts):
@@ -111,10 +114,11 @@ class HardwareProfile:
             raise KvprError(f"this profile has no recompute timing for --x-codec {x_codec}: re-run kvpr profile")
         return self.x_codec_gemm[x_codec]
 
-    def host_issue(self, x_codec: str = "none") -> HostIssue:
-        """What issuing a layer costs the host with X under ``x_codec``; zero where not measured
-        (a CPU profile: there the host is the device)."""
-        return HostIssue(self.host_layer_s.get(x_codec, 0.0), self.host_chunk_s.get(x_codec, 0.0))
+    def host_issue(self, x_codec: str = "none", kv_slot_tokens: int = 0) -> HostIssue:
+        """What issuing a layer costs the host with X under ``x_codec`` and K,V chunks of
+        ``kv_slot_tokens``; zero where not measured (a CPU profile: there the host is the device)."""
+        layer_s, chunk_s = self.host_layer_s.get(x_codec, 0.0), self.host_chunk_s.get(x_codec, 0.0)
+        return HostIssue(layer_s, chunk_s, self.host_kv_chunk_s, kv_slot_tokens)
 
     def attention_s(self, context_len: int) -> float:
         """Linear in s between measured points; below/above them, proportional to the nearest one."""
@@ -155,6 +159,7 @@ class HardwareProfile:
             "decode_layer_s": self.decode_layer_s,
             "host_layer_s": self.host_layer_s,
             "host_chunk_s": self.host_chunk_s,
+            "host_kv_chunk_s": self.host_kv_chunk_s,
             "kv_decode": {name: [list(p) for p in curve.points] for name, curve in self.kv_decode.items()},
             "h2d_samples": {name: [list(p) for p in points] for name, points in self.h2d_samples.items()},
             "d2d": None if self.d2d is None else [list(p) for p in self.d2d.points],
@@ -200,6 +205,7 @@ class HardwareProfile:
                 decode_layer_s=None if decode is None else float(decode),
                 host_layer_s={str(name): float(t) for name, t in data["host_layer_s"].items()},
                 host_chunk_s={str(name): float(t) for name, t in data["host_chunk_s"].items()},
+                host_kv_chunk_s=float(data.get("host_kv_chunk_s", 0.0)),  # absent before format 6
                 kv_decode={
                     str(name): RateCurve.from_points((float(n), float(r)) for n, r in points)
                     for name, points in data.get("kv_decode", {}).items()  # absent: not timed

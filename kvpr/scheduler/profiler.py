@@ -60,7 +60,7 @@ def measure_profile(
         layer = _layer_gemms(model, dtype, device, batch_size, ladder.layer_weight_bytes)
         decode_layer_s = clock(layer) if layer is not None else None
         bar.advance()
-        host_layer_s, host_chunk_s = _measure_host_issue(device, model, dtype, bar)
+        host_layer_s, host_chunk_s, host_kv_chunk_s = _measure_host_issue(device, model, dtype, bar)
         kv_decode = _measure_kv_decode(device, model, dtype, ladder, clock, bar)
     return HardwareProfile(
         device_name=device_name(device),
@@ -78,6 +78,7 @@ def measure_profile(
         decode_layer_s=decode_layer_s,
         host_layer_s=host_layer_s,
         host_chunk_s=host_chunk_s,
+        host_kv_chunk_s=host_kv_chunk_s,
         kv_decode={name: RateCurve.from_points(points) for name, points in kv_decode.items()},
         h2d_samples={name: tuple(points) for name, points in h2d_samples.items()},
         d2d=RateCurve.from_points(d2d),
@@ -218,26 +219,29 @@ def _measure_recompute(
 
 def _measure_host_issue(
     device: torch.device, model: ModelConfig, dtype: torch.dtype, bar: Progress
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Host seconds to issue one decode layer without X chunks, and one X chunk more, per X codec,
-    timed on the overlapped executor itself (CUDA only: on a CPU the host is the device)."""
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """Host seconds to issue one decode layer without X chunks, one X chunk more (per X codec) and
+    one K,V chunk more, timed on the overlapped executor itself (CUDA only: on a CPU the host is
+    the device)."""
     if device.type != "cuda":
-        return {}, {}
+        return {}, {}, 0.0
     return host_issue_times(device, model, dtype, bar)
 
 
 def host_issue_times(
     device: torch.device, model: ModelConfig, dtype: torch.dtype, bar: Progress, rounds: int = 15
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, float], dict[str, float], float]:
     """The measurement behind ``_measure_host_issue`` (runs on any device, for tests).
 
     Each decode call is timed on the host alone, at batch 1 and a 16-token context, where the GPU
     finishes a step well before the host has issued the next, so the call never waits: what is
     timed is Python, dispatch and launches, with the allocator in its steady state as in a run.
-    Four executors take turns every round, so drift (clocks, other processes) hits them alike:
+    Five executors take turns every round, so drift (clocks, other processes) hits them alike:
     a 2- and a 1-layer model without recompute (their difference is one layer, the embedding and
-    logits cancel) and a 1-layer model alternating 1 and 16 X chunks (a chunk is 1/15 of that
-    difference). Medians over ``rounds`` rounds.
+    logits cancel; the 16 host tokens are one K,V chunk), a 1-layer model alternating 1 and 16 X
+    chunks (a chunk is 1/15 of that difference) and a 1-layer model copying the 16 tokens' K,V as 16
+    chunks of one token (a K,V chunk is 1/15 of its difference from the first). Medians over
+    ``rounds`` rounds; the K,V chunk with X in the model dtype (its cost does not depend on X).
     """
     from kvpr.cache.codec import X_CODEC_NAMES, make_x_codec
     from kvpr.cache.storage import CacheShape, KVStorage
@@ -253,13 +257,15 @@ def host_issue_times(
         init_dummy_weights(built, device, dtype, seed=0)
     ids = torch.zeros(1, prompt, dtype=torch.long, device=device)
 
-    def executor(layers: int, x_codec: str, split: Callable[[int], StepSplit], steps: int) -> OverlappedExecutor:
+    def executor(
+        layers: int, x_codec: str, split: Callable[[int], StepSplit], steps: int, slot_tokens: int | None = None
+    ) -> OverlappedExecutor:
         shape = CacheShape.for_model(configs[layers], 1, prompt + steps, dtype)
         codec = make_x_codec(x_codec, model.hidden_size)
         storage = KVStorage(shape, torch.device("cpu"), pin=device.type == "cuda", store_inputs=True, x_codec=codec)
         # No GPU prefix: the prompt lies on the host tier, so the chunked steps really recompute it.
         plan = TierPlan.for_capacity(0, shape.max_len)
-        built = OverlappedExecutor(models[layers], storage, device, True, split, plan)
+        built = OverlappedExecutor(models[layers], storage, device, True, split, plan, slot_tokens)
         built.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
         return built
 
@@ -268,26 +274,31 @@ def host_issue_times(
         run.decode(ids[:, 0])
         return time.perf_counter() - begin
 
-    bar.phase("host issue per layer and X chunk", len(X_CODEC_NAMES))
-    layer_s, chunk_s = {}, {}
+    bar.phase("host issue per layer, X chunk and K,V chunk", len(X_CODEC_NAMES))
+    layer_s, chunk_s, kv_chunk_s = {}, {}, 0.0
     for name in X_CODEC_NAMES:
         counts = itertools.cycle((few, many))  # the chunked executor's steps alternate
         one = executor(1, name, lambda _: StepSplit(0), warm + rounds)
         two = executor(2, name, lambda _: StepSplit(0), warm + rounds)
         chunked = executor(1, name, lambda _, counts=counts: StepSplit(prompt, next(counts)), 2 * (warm + rounds))
-        samples: dict[str, list[float]] = {"one": [], "two": [], "few": [], "many": []}
+        runs = {"one": one, "two": two, "few": chunked, "many": chunked}
+        if name == "none":  # the K,V chunks: 16 of one token against the one of 16
+            runs["kv_many"] = executor(1, name, lambda _: StepSplit(0), warm + rounds, slot_tokens=1)
+        samples: dict[str, list[float]] = {key: [] for key in runs}
         for round_index in range(warm + rounds):
-            times = {"one": host_s(one), "two": host_s(two), "few": host_s(chunked), "many": host_s(chunked)}
+            times = {key: host_s(run) for key, run in runs.items()}  # in order: "few" before "many"
             if round_index >= warm:  # allocator, kernel choice and caches settle in the first rounds
                 for key, value in times.items():
                     samples[key].append(value)
-        for run in (one, two, chunked):
+        for run in runs.values():
             run.finish()
         median = {key: statistics.median(values) for key, values in samples.items()}
         layer_s[name] = max(0.0, median["two"] - median["one"])
         chunk_s[name] = max(0.0, (median["many"] - median["few"]) / (many - few))
+        if "kv_many" in median:
+            kv_chunk_s = max(0.0, (median["kv_many"] - median["one"]) / (prompt - 1))
         bar.advance()
-    return layer_s, chunk_s
+    return layer_s, chunk_s, kv_chunk_s
 
 
 def _measure_kv_decode(

@@ -6,7 +6,7 @@ over the grid of allowed ``l``:
    curvature changes sign), so on each cell every term is concave or convex;
 2. bound T from below on a range by replacing each term with a line under it (its chord if concave,
    its tangent at the middle if convex): the bound is a max of two lines, minimised in closed form,
-   and of the host's issue time at the range's start (it never falls as l grows);
+   and of the least host issue time on the range (X chunks at its start, K,V chunks at its end);
 3. evaluate T on the grid where the bound is lowest, split ranges whose bound is below the best
    value found, and prune the rest.
 The result equals the brute-force minimum over every allowed ``l`` (to a relative 1e-12).
@@ -125,7 +125,7 @@ class _Search:
             cross = a_at_a + t * (a_at_b - a_at_a)
             if cross < bound:
                 bound, where = cross, la + t * (lb - la)
-        return max(bound, self.model.host_s(la)), where  # the host's time only grows with l
+        return max(bound, self.model.host_lower_bound(la, lb)), where
 
     def run(self) -> int:
         cells = self.cells()
