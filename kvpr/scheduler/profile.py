@@ -26,7 +26,8 @@ from kvpr.scheduler.cost_model import HostIssue, RateCurve
 # 2: the recompute timed as the runtime runs it, per X codec; 3: host issue times, K,V codec decodes;
 # 4: every repetition of the H2D copies (two kinds of pinned memory), device-memory bandwidth;
 # 5: host chunk costs timed with the prompt on the host tier (format 4 timed chunks that never ran: 0);
-# 6: the host's cost per K,V chunk (before: one K,V chunk a layer whatever the split)
+# 6: the host's cost per K,V chunk (before: one K,V chunk a layer whatever the split), and decode
+# attention timed as the runtime runs it (the split-KV kernel on CUDA; before: SDPA)
 PROFILE_FORMAT_VERSION = 6
 READABLE_FORMATS = (3, 4, 5, 6)  # a format 3 profile loads with no H2D repetitions and no device-memory rates
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kvpr.config import Arch, ModelConfig
 from kvpr.device import dtype_name, element_size
@@ -348,13 +347,22 @@ def _filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
 def _attention_call(
     model: ModelConfig, dtype: torch.dtype, device: torch.device, batch_size: int, context_len: int
 ) -> Callable[[], torch.Tensor]:
-    """One decode step's attention: one query token per sequence against ``context_len`` keys."""
+    """One decode step's attention as the runtime runs it: one query token per sequence against
+    ``context_len`` token-major keys, by the split-KV kernel where it runs (CUDA, fp16/bf16), else
+    by ``attend`` (SDPA, the GQA group folded into the query rows)."""
+    from kvpr.models.common import attend, attention_bias
+    from kvpr.runtime.split_attention import Partials, attend_resident, fused_decode
+
     d = model.head_dim
     q = _filled((batch_size, model.num_q_heads, 1, d), dtype, device)  # [b, n_q, 1, d]
-    k = _filled((batch_size, model.num_kv_heads, context_len, d), dtype, device)  # [b, n_kv, s, d]
-    v = _filled((batch_size, model.num_kv_heads, context_len, d), dtype, device)  # [b, n_kv, s, d]
-    gqa = model.num_q_heads != model.num_kv_heads
-    return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    k = _filled((context_len, batch_size, model.num_kv_heads, d), dtype, device)  # [s, b, n_kv, d]
+    v = _filled((context_len, batch_size, model.num_kv_heads, d), dtype, device)  # [s, b, n_kv, d]
+    valid = torch.ones(batch_size, context_len, dtype=torch.bool, device=device)  # [b, s]
+    if fused_decode(device, dtype):
+        partials = Partials()
+        return lambda: attend_resident(q, k, v, valid, partials)
+    bias = attention_bias(valid[:, None, None, :], dtype)  # [b, 1, 1, s]
+    return lambda: attend(q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), bias)
 
 
 def _layer_gemms(
