@@ -3,11 +3,13 @@
 # cover them, then the serve and KVO-prefill benchmarks, each within its own time limit so a slow
 # part never eats the next one's. Logs and JSON go to $OUT; a short table is printed last.
 # Usage (repo root; the device's copy has no usable .git, so name the commit; carry .whl-serve):
-#   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo] [kvo-encode] [tiered] [kvo-e2e]
+#   GIT_DIR=/nonexistent KVPR_COMMIT=<full hash> KVPR_DIRTY=0 bash benchmarks/gpu_session.sh [tests] [serve] [kvo] [kvo-encode] [tiered] [kvo-e2e] [graph]
 # kvo-encode: the fused KVO encoder against the torch one (one layer's shape, then the whole prefill both ways).
 # tiered: bench_tiered --suite $TIERED_SUITE (share-075), then the paper workload fully offloaded.
 # kvo-e2e: KVO (--compile) end to end against kvpr-auto at opt-6.7b 16 x 2016 + 16 (issue 14's target).
-# Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (320), KVO_S (110), TIERED_S (300), PAPER_S (150), E2E_S (240), TESTS_K (a -k filter),
+# graph: --offload none with the CUDA-graph step against --no-cuda-graph, llama-3-8b 8 x 8184 + 8.
+# Env: OUT (benchmarks/results), TESTS_S (240), SERVE_S (320), KVO_S (110), TIERED_S (300), PAPER_S (150), E2E_S (240),
+# GRAPH_S (200), TESTS_K (a -k filter),
 # SERVE_MODES ("thread process": the engine in a thread, then in its own process, on the same load).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
@@ -45,10 +47,13 @@ for part in "${parts[@]}"; do
         --out "$OUT" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -8
       timeout -s INT -k 10 "${PAPER_S:-150}" python3 benchmarks/bench_latency.py --run paper:kvpr-off,kvpr-auto,floor \
         --out "$OUT" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -8 ;;
+    graph)  # the resident-only step as a CUDA graph against eager, same run (llama-3-8b 8 x 8184)
+      OUT="$OUT" TAG=latency-gqa-graph BUDGET_S="${GRAPH_S:-200}" bash benchmarks/gpu_suite.sh bench \
+        "gqa-8k:kvpr-gpu,kvpr-gpu-eager" 2>&1 | tail -5 ;;
     kvo-e2e)  # KVO end to end (its prefill and 16 decode steps) against kvpr-auto, opt-6.7b 16 x 2016 + 16
       timeout -s INT -k 10 "${E2E_S:-240}" python3 benchmarks/bench_latency.py --run kvo:kvpr-auto,kvpr-kvo-compile \
         --out "$OUT" --tag latency-kvo-e2e 2>&1 | grep -v "it/s\]\|s/it\]" | tail -6 ;;
-    *) echo "unknown part $part (tests, serve, kvo, kvo-encode, tiered, kvo-e2e)"; exit 2 ;;
+    *) echo "unknown part $part (tests, serve, kvo, kvo-encode, tiered, kvo-e2e, graph)"; exit 2 ;;
   esac
   echo "== $part done at $(( SECONDS - began )) s"
 done
