@@ -190,3 +190,30 @@ def test_an_executor_with_a_step_graph_is_freed_when_dropped(tiny_checkpoint) ->
         assert dropped() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+def test_the_graph_step_body_equals_the_eager_step(tiny_checkpoint, family: str) -> None:
+    """What a CUDA graph records (``ResidentStepGraph._step``: the new K,V written by ``index_copy_``
+    at a device slot, attention over the tier's whole capacity masked by validity, static token and
+    position buffers) gives the eager step's logits, step after step, on a left-padded batch; run
+    here without capture, as it runs off CUDA."""
+    from kvpr.runtime.graphs import ResidentStepGraph
+
+    prompts = [[5, 17, 33, 2, 90, 11], [7, 7, 61], [100, 3, 44, 21, 9, 8, 71, 12, 4]]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    valid = torch.zeros(3, 9, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, 9 - len(prompt) :] = torch.tensor(prompt)
+        valid[row, 9 - len(prompt) :] = True
+    llm = cpu_llm(tiny_checkpoint(family))
+    runs = []
+    for with_graph in (True, False):
+        executor = llm.make_executor(3, 9 + 10)
+        if with_graph:
+            executor.graph = ResidentStepGraph(executor)
+        logits = [executor.prefill(ids, valid)[:, -1]]
+        for _ in range(10):
+            logits.append(executor.decode(logits[-1].argmax(-1)))
+        runs.append(torch.stack(logits))
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=1e-4)

@@ -57,6 +57,8 @@ class ResidentStepGraph:
         self.token_ids.copy_(token_ids)
         self.positions.copy_(positions)
         self.slot.fill_(gpu_slot)
+        if executor.device.type != "cuda":  # no graphs there: the same static-buffer step, eagerly (tests)
+            return self._step(executor)
         if self.graph is None:
             self._capture(executor)
         assert self.graph is not None and self.logits is not None
