@@ -56,6 +56,25 @@ def test_a_piece_no_row_attends_weighs_nothing() -> None:
     torch.testing.assert_close(partials.merge(torch.float32), one_piece(q, k, v, valid), atol=1e-6, rtol=1e-5)
 
 
+def test_tokens_no_row_attends_contribute_nothing_whatever_they_hold() -> None:
+    """Slots no row attends may hold anything (a CUDA graph attends a tier's whole capacity, whose
+    unused slots are uninitialised): NaN and inf there change nothing, as in the CUDA kernel."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 8, generator=gen)
+    k, v = torch.randn(2, 12, 2, 2, 8, generator=gen)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[:, 9:] = False  # capacity beyond the length
+    valid[1, :4] = False  # a left-padded row
+    garbage_k, garbage_v = k.clone(), v.clone()
+    garbage_k[9:], garbage_v[9:] = float("nan"), float("inf")
+    garbage_v[:4, 1] = float("nan")
+    clean, dirty = Partials(), Partials()
+    attend_piece(q, k, v, valid, clean)
+    attend_piece(q, garbage_k, garbage_v, valid, dirty)
+    assert torch.isfinite(dirty.out).all()
+    torch.testing.assert_close(dirty.merge(torch.float32), clean.merge(torch.float32), atol=0, rtol=0)
+
+
 def test_merge_weights_partials_by_their_log_sum_exp() -> None:
     """Two partials with lse log 1 and log 3: the whole is 1/4 of the first plus 3/4 of the second."""
     out = torch.stack([torch.full((1, 1, 2), 4.0), torch.full((1, 1, 2), 8.0)])  # [P=2, b, n_q, d]

@@ -216,7 +216,8 @@ class OverlappedExecutor(Executor):
         self.fused_resident = fused_decode(device, self.dtype)  # the resident-only step: split-KV kernel, not SDPA
         # the resident-only step replayed as one CUDA graph, where no step can touch the host tier
         never_offloads = not (offloaded and self.plan.offloads)
-        graphable = cuda_graph and self.fused_resident and never_offloads and hasattr(self, "tier_k")
+        tier_on_gpu = offloaded or storage.raw  # the GPU tier as raw K,V (``tier_k``), where the graph writes
+        graphable = cuda_graph and self.fused_resident and never_offloads and tier_on_gpu
         self.graph = ResidentStepGraph(self) if graphable else None
         self.slot_tokens = self.x_slot_tokens = 0
         if offloaded and self.plan.offloads:

@@ -161,8 +161,9 @@ def _attend_torch(
     keys = k.float().permute(1, 2, 3, 0)  # [b, n_kv, d, t]
     values = v.float().permute(1, 2, 0, 3)  # [b, n_kv, t, d]
     scores = torch.matmul(qg, keys) * (1.0 / math.sqrt(d))  # [b, n_kv, g, t]
-    if valid is not None:
+    if valid is not None:  # a token no row attends contributes nothing, whatever its bytes (as in the kernel)
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        values = values.masked_fill(~valid[:, None, :, None], 0.0)
     lse = torch.logsumexp(scores, dim=-1)  # [b, n_kv, g]
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # a fully masked row: -inf lse, zero weight
     out = torch.matmul(probs, values)  # [b, n_kv, g, d]
