@@ -27,7 +27,7 @@ import torch
 from kvpr.models.common import attend
 from kvpr.runtime.executor import Executor, SplitPolicy, StepLayout
 from kvpr.runtime.graphs import ResidentStepGraph
-from kvpr.runtime.split_attention import Partials, attend_piece, attend_resident, fused_decode
+from kvpr.runtime.split_attention import Partials, attend_piece, fused_decode
 from kvpr.runtime.streams import StoreMark, StreamSet
 from kvpr.runtime.tiers import TierPlan
 
@@ -47,17 +47,23 @@ def chunk_bounds(length: int, num_chunks: int) -> list[tuple[int, int]]:
     return [(a, c) for a, c in zip(edges, edges[1:]) if c > a]
 
 
+def tokens_per_slot(bytes_per_token: int, host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
+    """Tokens of ``bytes_per_token`` each that fill a ring slot of ``slot_bytes``, within [1, host_slots]
+    (the scheduler's cost model counts K,V chunks with the same rule)."""
+    return max(1, min(host_slots, slot_bytes // bytes_per_token))
+
+
 def slot_tokens_for(shape: "CacheShape", host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
     """Tokens per K,V ring slot: ``slot_bytes`` of uncompressed K,V, within [1, host_slots]."""
     per_token = 2 * shape.batch_size * shape.num_kv_heads * shape.head_dim * shape.element_size
-    return max(1, min(host_slots, slot_bytes // per_token))
+    return tokens_per_slot(per_token, host_slots, slot_bytes)
 
 
 def x_slot_tokens_for(shape: "CacheShape", host_slots: int, slot_bytes: int = SLOT_BYTES) -> int:
     """Tokens per X ring slot: ``slot_bytes`` of uncompressed X, within [1, host_slots]. Sized by
     X's own bytes (half of K,V's per token in an MHA model), so a recomputed range takes fewer
     chunks, and each chunk costs the host a recompute and a piece to issue."""
-    return max(1, min(host_slots, slot_bytes // (shape.batch_size * shape.hidden_size * shape.element_size)))
+    return tokens_per_slot(shape.batch_size * shape.hidden_size * shape.element_size, host_slots, slot_bytes)
 
 
 def decode_kv_into(
@@ -308,7 +314,9 @@ class OverlappedExecutor(Executor):
             loads.begin(
                 [(ring, is_x, index, a, c) for index in range(len(self.layers)) for ring, is_x, a, c in per_layer]
             )
-        elif not self.fused_resident:
+        # SDPA over the GPU tier alone where the split-KV kernel cannot run; else pieces (none on the host: one)
+        one_piece_sdpa = not step.host_len and not self.fused_resident
+        if one_piece_sdpa:
             bias = self.gpu_bias(step.gpu_len)  # one piece: the resident cache's own attention
         gpu_valid = self.gpu_valid[:, : step.gpu_len]
         for index, layer in enumerate(self.layers):
@@ -319,9 +327,7 @@ class OverlappedExecutor(Executor):
             if views.new_x is not None:
                 views.new_x[index].copy_(x_new)  # the tail's X, for its flush
             gpu_k, gpu_v = views.gpu_k[index], views.gpu_v[index]  # [G, b, n_kv, d]
-            if not step.host_len and self.fused_resident:
-                out = attend_resident(q, gpu_k, gpu_v, gpu_valid, partials)
-            elif not step.host_len:
+            if one_piece_sdpa:
                 out = attend(q, gpu_k.permute(1, 2, 0, 3), gpu_v.permute(1, 2, 0, 3), bias)
             else:
                 partials.reset()

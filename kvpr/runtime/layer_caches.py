@@ -144,14 +144,14 @@ class DenseCache:
         self.k[slot], self.v[slot] = k, v
         self.valid[:, slot] = True
         self.length += 1
-        keys = self.k[: slot + 1].permute(1, 2, 0, 3)  # [b, n_kv, s+1, d]
-        values = self.v[: slot + 1].permute(1, 2, 0, 3)
+        keys, values = self.k[: slot + 1], self.v[: slot + 1]  # [s+1, b, n_kv, d]
         self.read_bytes = 2 * keys.numel() * keys.element_size()
         if self.partials is not None:
-            valid = self.valid[:, : slot + 1]  # [b, s+1]
-            return attend_resident(q.unsqueeze(2), self.k[: slot + 1], self.v[: slot + 1], valid, self.partials)[:, 0]
-        out = attend(q.unsqueeze(2), keys, values, self.valid[:, None, None, : slot + 1])  # [b, 1, n_q*d]
-        return out[:, 0]
+            out = attend_resident(q.unsqueeze(2), keys, values, self.valid[:, : slot + 1], self.partials)
+        else:
+            mask = self.valid[:, None, None, : slot + 1]  # [b, 1, 1, s+1]
+            out = attend(q.unsqueeze(2), keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3), mask)
+        return out[:, 0]  # [b, n_q*d]
 
     def nbytes(self) -> int:
         return 2 * self.length * self.k[0].numel() * self.k.element_size()
