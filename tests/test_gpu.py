@@ -66,12 +66,9 @@ def test_cuda_graph_step_equals_the_eager_step(tiny_checkpoint, family: str, off
     from conftest import make_config
 
     from kvpr.api import LLM
+    from kvpr.runtime.generation import left_pad
 
-    ids = torch.zeros(3, 9, dtype=torch.long, device="cuda")
-    valid = torch.zeros(3, 9, dtype=torch.bool, device="cuda")
-    for row, prompt in enumerate(PROMPTS):
-        ids[row, 9 - len(prompt) :] = torch.tensor(prompt)
-        valid[row, 9 - len(prompt) :] = True
+    ids, valid = left_pad(PROMPTS, 0, torch.device("cuda"))  # [3, 9]
     runs = {}
     for graph in (True, False):
         config = make_config(

@@ -198,14 +198,11 @@ def test_the_graph_step_body_equals_the_eager_step(tiny_checkpoint, family: str)
     at a device slot, attention over the tier's whole capacity masked by validity, static token and
     position buffers) gives the eager step's logits, step after step, on a left-padded batch; run
     here without capture, as it runs off CUDA."""
+    from kvpr.runtime.generation import left_pad
     from kvpr.runtime.graphs import ResidentStepGraph
 
     prompts = [[5, 17, 33, 2, 90, 11], [7, 7, 61], [100, 3, 44, 21, 9, 8, 71, 12, 4]]
-    ids = torch.zeros(3, 9, dtype=torch.long)
-    valid = torch.zeros(3, 9, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, 9 - len(prompt) :] = torch.tensor(prompt)
-        valid[row, 9 - len(prompt) :] = True
+    ids, valid = left_pad(prompts, 0, torch.device("cpu"))  # [3, 9]
     llm = cpu_llm(tiny_checkpoint(family))
     runs = []
     for with_graph in (True, False):

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
+import torch
+
 from kvpr.errors import KvprError
 
 if TYPE_CHECKING:
@@ -361,15 +363,12 @@ def step_model(shape: LayerShape, profile: HardwareProfile, schedule: Schedule, 
 
 
 def kv_slot_tokens(shape: LayerShape, profile: HardwareProfile) -> int:
-    """Tokens of one K,V ring slot of the offloaded executor (``runtime.latency.slot_tokens_for``):
-    its bytes of uncompressed K,V in the profile's dtype, at least one token."""
-    from kvpr.runtime.latency import SLOT_BYTES  # the runtime imports the scheduler, not the reverse
+    """Tokens of one K,V ring slot of the offloaded executor, by its own rule
+    (``runtime.latency.slot_tokens_for``): uncompressed K,V in the profile's dtype."""
+    from kvpr.runtime.latency import tokens_per_slot  # the runtime imports the scheduler, not the reverse
 
-    per_token = 2 * shape.batch_size * shape.kv_size * _DTYPE_BYTES.get(profile.dtype, 2)
-    return max(1, SLOT_BYTES // per_token)
-
-
-_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}  # a profile's dtype, by name
+    per_token = 2 * shape.batch_size * shape.kv_size * getattr(torch, profile.dtype).itemsize
+    return tokens_per_slot(per_token, shape.context_len)
 
 
 def _check_split(shape: LayerShape, recompute_len: int) -> None:
