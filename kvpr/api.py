@@ -346,9 +346,8 @@ class LLM:
             cache, runtime, self.model_config, batch_size, self.device, self.dtype, self.codec, self.x_codec, gpu_tokens
         )
         if runtime.overlap:
-            graph = runtime.cuda_graph and runtime.tensor_parallel == 1  # a rank's step all-reduces: not captured
             return OverlappedExecutor(
-                self.model, storage, self.device, offloaded, split, plan, runtime.slot_tokens, cuda_graph=graph
+                self.model, storage, self.device, offloaded, split, plan, runtime.slot_tokens, runtime.step_graphs
             )
         return SequentialExecutor(self.model, storage, self.device, offloaded, split, plan)
 

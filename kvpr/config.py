@@ -340,7 +340,7 @@ class RuntimeConfig:
     profile_path: str | None = None
     host_memory_gib: float | None = None  # host budget; None: what the OS reports available
     compile: bool = False  # fuse the cache method's decode kernels with torch.compile (CUDA, --kv-codec kvo)
-    cuda_graph: bool = True  # replay a decode step with the whole cache on the GPU as one CUDA graph (CUDA)
+    cuda_graph: bool = True  # replay decode steps as CUDA graphs (CUDA; kvpr.runtime.graphs says which)
     gpu_memory_gib: float | None = None  # GPU memory kvpr may use, weights included; None: what is free
     flush_block: int = 64  # new tokens kept on the GPU before they go to the host tier in one block
     slot_tokens: int | None = None  # tokens per ring slot of the offloaded executor; None: 32 MiB of K,V
@@ -359,6 +359,12 @@ class RuntimeConfig:
             raise KvprError(f"--num-chunks {self.num_chunks}: must be >= 1 (or auto)")
         if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
             raise KvprError(f"--tensor-parallel {self.tensor_parallel}: must be an integer >= 1")
+
+    @property
+    def step_graphs(self) -> bool:
+        """Whether decode steps may be replayed as CUDA graphs (a tensor-parallel rank's step
+        all-reduces between its layers: not captured)."""
+        return self.cuda_graph and self.tensor_parallel == 1
 
 
 @dataclass(frozen=True)

@@ -126,4 +126,4 @@ def test_cuda_graph_flag_reaches_the_runtime(flags: list[str], graph: bool) -> N
     add_engine_flags(parser)
     config = build_engine_config(parser.parse_args(["--device", "cpu", *flags]))
     assert config.runtime.cuda_graph is graph
-    assert LLM(config).make_executor(2, 16).graph is None
+    assert LLM(config).make_executor(2, 16).graphs is None

@@ -178,11 +178,11 @@ def test_an_executor_with_a_step_graph_is_freed_when_dropped(tiny_checkpoint) ->
     import gc
     import weakref
 
-    from kvpr.runtime.graphs import ResidentStepGraph
+    from kvpr.runtime.graphs import StepGraphs
 
     executor = cpu_llm(tiny_checkpoint("llama-gqa")).make_executor(2, 16)
-    assert executor.graph is None  # no CUDA: every step eager
-    executor.graph = ResidentStepGraph(executor)
+    assert executor.graphs is None  # no CUDA: every step eager
+    executor.graphs = StepGraphs(executor, host_steps=True)
     dropped = weakref.ref(executor)
     gc.disable()
     try:
@@ -193,24 +193,35 @@ def test_an_executor_with_a_step_graph_is_freed_when_dropped(tiny_checkpoint) ->
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "opt"])
-def test_the_graph_step_body_equals_the_eager_step(tiny_checkpoint, family: str) -> None:
-    """What a CUDA graph records (``ResidentStepGraph._step``: the new K,V written by ``index_copy_``
-    at a device slot, attention over the tier's whole capacity masked by validity, static token and
-    position buffers) gives the eager step's logits, step after step, on a left-padded batch; run
-    here without capture, as it runs off CUDA."""
+@pytest.mark.parametrize("offload,recompute,resident", [("none", "off", 0), ("cpu", 0.5, 0), ("cpu", 1.0, 5), ("cpu", "off", 5)])
+def test_the_graph_step_body_equals_the_eager_step(tiny_checkpoint, family: str, offload, recompute, resident) -> None:
+    """What a CUDA graph records (``StepGraphs``: the new K,V and X written by ``index_copy_`` at
+    device slots, the GPU tier attended over its whole capacity masked by validity, the recomputed
+    tokens' rotary tables read from the batch state, static token and position buffers, loads
+    forked from the compute stream) gives the sequential oracle's logits, step after step, on a
+    left-padded batch: resident, and offloaded with recompute chunks, copied K,V chunks, a GPU
+    prefix and tail flushes between the graphed steps. Run here without capture, as it runs off
+    CUDA: every step that flushes nothing takes the static body."""
+    from conftest import make_config
+
+    from kvpr.api import LLM
     from kvpr.runtime.generation import left_pad
-    from kvpr.runtime.graphs import ResidentStepGraph
+    from kvpr.runtime.graphs import StepGraphs
 
     prompts = [[5, 17, 33, 2, 90, 11], [7, 7, 61], [100, 3, 44, 21, 9, 8, 71, 12, 4]]
     ids, valid = left_pad(prompts, 0, torch.device("cpu"))  # [3, 9]
-    llm = cpu_llm(tiny_checkpoint(family))
-    runs = []
-    for with_graph in (True, False):
-        executor = llm.make_executor(3, 9 + 10)
-        if with_graph:
-            executor.graph = ResidentStepGraph(executor)
+    runs, static_steps = [], []
+    for overlap in (True, False):
+        config = make_config(tiny_checkpoint(family), offload, recompute, overlap=overlap, gpu_resident=resident)
+        executor = LLM(config).make_executor(3, 9 + 10)
+        if overlap:
+            executor.graphs = StepGraphs(executor, host_steps=True)
+            original = executor.static_step
+            executor.static_step = lambda *args: static_steps.append(args[-1].host_len) or original(*args)
         logits = [executor.prefill(ids, valid)[:, -1]]
         for _ in range(10):
             logits.append(executor.decode(logits[-1].argmax(-1)))
         runs.append(torch.stack(logits))
     torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=1e-4)
+    flushes = 0 if offload == "none" else sum(1 for host, nxt in zip(executor.host_lens, executor.host_lens[1:]) if nxt > host)
+    assert len(static_steps) == 10 - flushes and (offload == "none" or max(static_steps) > 0)

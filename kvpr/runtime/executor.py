@@ -8,7 +8,7 @@ pieces pipelined on streams).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -136,29 +136,37 @@ class Executor:
         self.gpu_valid[:, gpu_slot] = True
         tiers.add_token()
         flush_to = tiers.host if tiers.tail_full() else None  # host slot the full tail goes to
-        host_first = self.plan.prefix_cap  # token index of host slot 0
-        old_positions = self.batch.positions[:, host_first : host_first + split.recompute_len].transpose(0, 1)
-        rope_old = self.model.rope(old_positions, self.dtype) if split.recompute_len else None  # [l, b, 1, d]
         step = StepLayout(gpu_slot, tiers.gpu_len, host_len, split.recompute_len, split.num_chunks, flush_to)
-        logits = self._step_logits(token_ids, positions, rope_old, step)
+        logits = self._step_logits(token_ids, positions, step)
         if flush_to is not None:
             self.storage.reserve(tiers.tail)
             tiers.flushed()
+            self.gpu_valid[:, self.plan.prefix_cap :] = False  # the tail is empty (attended whole by a graph)
         return logits
 
     def _step_logits(
-        self,
-        token_ids: torch.Tensor,
-        positions: torch.Tensor,
-        rope_old: tuple[torch.Tensor, torch.Tensor] | None,
-        step: StepLayout,
+        self, token_ids: torch.Tensor, positions: torch.Tensor, step: StepLayout, **layer_args: Any
     ) -> torch.Tensor:
         """The step's arithmetic once its bookkeeping is done: token_ids [b], positions [b, 1] ->
-        logits [b, V]."""
+        logits [b, V] (``layer_args``: the subclass's ``_decode_layers`` options)."""
         hidden = self.model.embed(token_ids.unsqueeze(1), positions)  # [b, 1, h]
         rope_new = self.model.rope(positions, self.dtype)  # [b, 1, 1, d]
-        hidden = self._decode_layers(hidden, rope_new, rope_old, step)
+        rope_old = self.old_rope(step.recompute_len)
+        hidden = self._decode_layers(hidden, rope_new, rope_old, step, **layer_args)
         return self.model.logits(hidden)[:, -1]
+
+    def old_rope(self, recompute_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary tables [l, b, 1, d] of host tokens [0, l), from the positions the batch state
+        holds in place (a CUDA graph reads them there); None when nothing is recomputed."""
+        if not recompute_len:
+            return None
+        host_first = self.plan.prefix_cap  # token index of host slot 0
+        old_positions = self.batch.positions[:, host_first : host_first + recompute_len].transpose(0, 1)
+        return self.model.rope(old_positions, self.dtype)
+
+    def keeps_tail_x(self, gpu_slot: int) -> bool:
+        """Whether a new token at ``gpu_slot`` is in a tail whose flush will need its X."""
+        return self.offloaded and gpu_slot >= self.plan.prefix_cap and self.tail_x.shape[1] > 0
 
     def gpu_bias(self, gpu_len: int) -> torch.Tensor:
         """Additive bias [b, 1, 1, gpu_len] of the GPU tier's slots, for the one-piece attention."""
@@ -177,9 +185,8 @@ class Executor:
         gpu_k, gpu_v = self.gpu_keys(layer)
         gpu_k[step.gpu_slot] = k_new[:, 0]
         gpu_v[step.gpu_slot] = v_new[:, 0]
-        tail_slot = step.gpu_slot - self.plan.prefix_cap
-        if self.offloaded and tail_slot >= 0 and self.tail_x.shape[1]:
-            self.tail_x[layer, tail_slot] = x_new[:, 0]
+        if self.keeps_tail_x(step.gpu_slot):
+            self.tail_x[layer, step.gpu_slot - self.plan.prefix_cap] = x_new[:, 0]
 
     def tail_block(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V [tail, b, n_kv, d] and X [tail, b, h] of one layer's full tail (what a flush moves)."""

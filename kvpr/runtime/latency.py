@@ -20,13 +20,13 @@ the resident cache's arithmetic.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from kvpr.models.common import attend
 from kvpr.runtime.executor import Executor, SplitPolicy, StepLayout
-from kvpr.runtime.graphs import ResidentStepGraph
+from kvpr.runtime.graphs import StepGraphs, graphs_cover_host_steps
 from kvpr.runtime.split_attention import Partials, attend_piece, fused_decode
 from kvpr.runtime.streams import StoreMark, StreamSet
 from kvpr.runtime.tiers import TierPlan
@@ -34,7 +34,9 @@ from kvpr.runtime.tiers import TierPlan
 if TYPE_CHECKING:
     from kvpr.cache.codec import EncodedKV, KVCodec
     from kvpr.cache.storage import CacheShape, KVStorage
-    from kvpr.models.base import DecoderModel
+    from kvpr.models.base import DecoderLayer, DecoderModel
+
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # rotary tables (cos, sin), None in models without them
 
 RING_SLOTS = 4  # chunks in flight per ring: enough that the copy stream never waits on compute
 SLOT_BYTES = 32 * 1024**2  # uncompressed K,V bytes per ring slot, when the caller fixes no size
@@ -83,6 +85,7 @@ class _Slot:
         self.tensors = tensors
         self.ready = streams.event()  # recorded on the copy stream when a chunk has landed
         self.free = streams.event()  # recorded on the compute stream when it is consumed
+        self.fresh = False  # its next load needs no wait on ``free`` (a graphed step's first use)
         self._views: dict[int, dict[str, torch.Tensor]] = {}
 
     def views(self, tokens: int) -> dict[str, torch.Tensor]:
@@ -128,8 +131,15 @@ class _Loads:
             False: [[storage.part(name, layer) for name in storage.part_names] for layer in layers],
         }
 
-    def begin(self, loads: list[tuple[_Ring, bool, int, int, int]]) -> None:
+    def begin(self, loads: list[tuple[_Ring, bool, int, int, int]], fork: tuple[_Ring, ...] = ()) -> None:
+        """Queue a step's loads. ``fork``: the rings of a step that may be captured as a CUDA graph:
+        the copy stream starts after the compute queued so far, and no slot's first load waits on
+        an event recorded before the step (a capture may not wait on one)."""
         assert not self.pending
+        if fork:
+            self.streams.copy_waits_compute()
+            for slot in (slot for ring in fork for slot in ring.slots):
+                slot.fresh = True
         self.pending.extend(loads)
         self.pump()
 
@@ -138,7 +148,10 @@ class _Loads:
         while self.pending and self.pending[0][0].has_room():
             ring, is_x, layer, start, end = self.pending.popleft()
             slot = ring.slots[ring.issued % len(ring.slots)]
-            streams.copy_waits(slot.free)  # its previous chunk has been consumed
+            if slot.fresh:
+                slot.fresh = False
+            else:
+                streams.copy_waits(slot.free)  # its previous chunk has been consumed
             self.flushed[layer].copy_waits()  # host slots written by a flush or a join, once per write
             with streams.on_copy():
                 for staged, source in zip(slot.views(end - start).values(), self.sources[is_x][layer]):
@@ -177,19 +190,49 @@ class _Piece(NamedTuple):
 class _StepViews:
     """What a decode step's layers read and write at the same places, as views made once a step (on
     a host-bound step each view made per layer is host time): per layer, the GPU tier's attended
-    slots, the new token's slot (its K,V are projected straight into it) and its X slot in the tail."""
+    slots and their validity, and where the new token's K,V (and its X, for the tail's flush) go.
 
-    __slots__ = ("gpu_k", "gpu_v", "new_k", "new_v", "new_x")
+    Eager (``static`` None): the tier's used slots; the new K,V are projected straight into their
+    slot. Static (a step a CUDA graph records, ``kvpr.runtime.graphs``): the tier's whole capacity,
+    masked by validity, and the new K,V and X written at the device slot indices of ``static``.
+    """
 
-    def __init__(self, executor: OverlappedExecutor, step: StepLayout) -> None:
+    __slots__ = ("gpu_k", "gpu_v", "gpu_valid", "new_k", "new_v", "new_x", "static", "tier_k", "tier_v", "tail_x")
+
+    def __init__(self, executor: OverlappedExecutor, step: StepLayout, static: StepGraphs | None) -> None:
         tier_k, tier_v = executor.tier_k, executor.tier_v  # [L, G, b, n_kv, d]
-        self.gpu_k = tier_k[:, : step.gpu_len].unbind(0)  # L x [G, b, n_kv, d]
-        self.gpu_v = tier_v[:, : step.gpu_len].unbind(0)
-        self.new_k = tier_k[:, step.gpu_slot].unsqueeze(2).unbind(0)  # L x [b, 1, n_kv, d], as k_new
-        self.new_v = tier_v[:, step.gpu_slot].unsqueeze(2).unbind(0)
-        tail_slot = step.gpu_slot - executor.plan.prefix_cap
-        keeps_x = executor.offloaded and tail_slot >= 0 and executor.tail_x.shape[1]
-        self.new_x = executor.tail_x[:, tail_slot].unsqueeze(2).unbind(0) if keeps_x else None  # L x [b, 1, h]
+        self.static = static
+        keeps_x = executor.keeps_tail_x(step.gpu_slot)
+        if static is None:
+            self.gpu_k = tier_k[:, : step.gpu_len].unbind(0)  # L x [G, b, n_kv, d]
+            self.gpu_v = tier_v[:, : step.gpu_len].unbind(0)
+            self.gpu_valid = executor.gpu_valid[:, : step.gpu_len]  # [b, G]
+            self.new_k = tier_k[:, step.gpu_slot].unsqueeze(2).unbind(0)  # L x [b, 1, n_kv, d], as k_new
+            self.new_v = tier_v[:, step.gpu_slot].unsqueeze(2).unbind(0)
+            tail_slot = step.gpu_slot - executor.plan.prefix_cap
+            self.new_x = executor.tail_x[:, tail_slot].unsqueeze(2).unbind(0) if keeps_x else None  # L x [b, 1, h]
+        else:
+            self.gpu_k, self.gpu_v = tier_k.unbind(0), tier_v.unbind(0)
+            self.gpu_valid = executor.gpu_valid  # [b, G]: unused slots False
+            self.tier_k, self.tier_v = self.gpu_k, self.gpu_v
+            self.tail_x = executor.tail_x.unbind(0) if keeps_x else None  # L x [tail, b, h]
+
+    def write_new(self, index: int, layer: DecoderLayer, x_new: torch.Tensor, rope: Rope) -> None:
+        """The new token's K,V [b, 1, n_kv, d] from x_new [b, 1, h] into its GPU slot, and its X
+        into the tail's X where a flush will need it."""
+        static = self.static
+        if static is None:
+            layer.kv_into(x_new, rope, self.new_k[index], self.new_v[index])
+            if self.new_x is not None:
+                self.new_x[index].copy_(x_new)
+            return
+        layer.kv_into(x_new, rope, static.new_k, static.new_v)
+        tier_k, tier_v = self.tier_k[index], self.tier_v[index]  # [G, b, n_kv, d]
+        tier_k.index_copy_(0, static.slot, static.new_k.view(1, *tier_k.shape[1:]))
+        tier_v.index_copy_(0, static.slot, static.new_v.view(1, *tier_v.shape[1:]))
+        if self.tail_x is not None:
+            tail_x = self.tail_x[index]  # [tail, b, h]
+            tail_x.index_copy_(0, static.tail_slot, x_new.reshape(1, *tail_x.shape[1:]))
 
 
 class OverlappedExecutor(Executor):
@@ -199,8 +242,9 @@ class OverlappedExecutor(Executor):
     Args (beyond ``Executor``'s):
         slot_tokens: tokens per ring slot, both rings (None: ``SLOT_BYTES`` of uncompressed K,V in
             the K,V ring, of uncompressed X in the X ring).
-        cuda_graph: replay the resident-only step as one CUDA graph (``kvpr.runtime.graphs``) where
-            the placement never offloads and the split-KV kernel runs (CUDA, fp16/bf16).
+        cuda_graph: replay decode steps as CUDA graphs (``kvpr.runtime.graphs``) where the split-KV
+            kernel runs (CUDA, fp16/bf16): every step that flushes nothing, and that loads no host
+            chunk or loads them uncompressed.
     """
 
     def __init__(
@@ -220,11 +264,10 @@ class OverlappedExecutor(Executor):
         self.loads = _Loads(storage, self.streams, self.flushed)
         self.partials = Partials()  # one layer's partial outputs, buffers reused layer after layer
         self.fused_resident = fused_decode(device, self.dtype)  # the resident-only step: split-KV kernel, not SDPA
-        # the resident-only step replayed as one CUDA graph, where no step can touch the host tier
-        never_offloads = not (offloaded and self.plan.offloads)
-        tier_on_gpu = offloaded or storage.raw  # the GPU tier as raw K,V (``tier_k``), where the graph writes
-        graphable = cuda_graph and self.fused_resident and never_offloads and tier_on_gpu
-        self.graph = ResidentStepGraph(self) if graphable else None
+        tier_on_gpu = offloaded or storage.raw  # the GPU tier as raw K,V (``tier_k``), where a graph writes
+        host_steps = graphs_cover_host_steps(cuda_graph, device, self.dtype, storage.raw, storage.x_codec is None)
+        graphable = cuda_graph and self.fused_resident and tier_on_gpu
+        self.graphs = StepGraphs(self, host_steps) if graphable else None
         self.slot_tokens = self.x_slot_tokens = 0
         if offloaded and self.plan.offloads:
             self.slot_tokens = slot_tokens or slot_tokens_for(storage.shape, self.plan.host_slots)
@@ -241,15 +284,30 @@ class OverlappedExecutor(Executor):
             self.scratch_v = torch.empty(scratch, dtype=self.dtype, device=device)
 
     def _step_logits(
-        self,
-        token_ids: torch.Tensor,
-        positions: torch.Tensor,
-        rope_old: tuple[torch.Tensor, torch.Tensor] | None,
-        step: StepLayout,
+        self, token_ids: torch.Tensor, positions: torch.Tensor, step: StepLayout, **layer_args: Any
     ) -> torch.Tensor:
-        if self.graph is not None and not step.host_len and step.flush_to is None:
-            return self.graph.run(self, token_ids, positions, step.gpu_slot)
-        return super()._step_logits(token_ids, positions, rope_old, step)
+        if self.graphs is not None and not layer_args:
+            logits = self.graphs.run(self, token_ids, positions, step)
+            if logits is not None:
+                return logits
+        return super()._step_logits(token_ids, positions, step, **layer_args)
+
+    def static_step(self, graphs: StepGraphs, partials: Partials, step: StepLayout) -> torch.Tensor:
+        """The step on ``graphs``' static buffers, as a CUDA graph records it: logits [b, V]."""
+        return self._step_logits(graphs.token_ids, graphs.positions, step, static=graphs, partials=partials)
+
+    def settle_stores(self) -> None:
+        """Before a graphed step: the compute stream waits for pending write-backs (a capture may
+        not wait on an event recorded outside it)."""
+        for mark in self.flushed:
+            mark.settle()
+
+    def after_replay(self) -> None:
+        """After a graphed step: its reads of the ring slots end with it, so an eager step's loads
+        may refill a slot once the compute queued so far is done."""
+        if self.slot_tokens:
+            for slot in (slot for ring in (self.kv_ring, self.x_ring) for slot in ring.slots):
+                self.streams.record_on_compute(slot.free)
 
     @property
     def staging_bytes(self) -> int:
@@ -284,11 +342,9 @@ class OverlappedExecutor(Executor):
         kv_chunks = [(a, min(a + cap, host)) for a in range(recompute, host, cap)]
         return x_chunks, kv_chunks
 
-    def _step_views(
-        self, step: StepLayout, rope_old: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[_StepViews, list[_Piece], list[_Piece]]:
-        """The step's views (``_StepViews``) and its X and K,V chunks as pieces, in load order."""
-        x_chunks, kv_chunks = self._chunks(step) if step.host_len else ([], [])
+    def _pieces(self, step: StepLayout, rope_old: Rope) -> tuple[list[_Piece], list[_Piece]]:
+        """The step's X and K,V chunks as pieces, in load order."""
+        x_chunks, kv_chunks = self._chunks(step)
 
         def piece(a: int, c: int, rope: bool, scratch_kv: bool) -> _Piece:
             chunk_rope = None if not rope or rope_old is None else (rope_old[0][a:c], rope_old[1][a:c])  # [t, b, 1, d]
@@ -297,42 +353,46 @@ class OverlappedExecutor(Executor):
 
         x_pieces = [piece(a, c, True, True) for a, c in x_chunks]
         kv_pieces = [piece(a, c, False, not self.storage.raw) for a, c in kv_chunks]
-        return _StepViews(self, step), x_pieces, kv_pieces
+        return x_pieces, kv_pieces
 
     def _decode_layers(
         self,
         hidden: torch.Tensor,
-        rope_new: tuple[torch.Tensor, torch.Tensor] | None,
-        rope_old: tuple[torch.Tensor, torch.Tensor] | None,
+        rope_new: Rope,
+        rope_old: Rope,
         step: StepLayout,
+        static: StepGraphs | None = None,
+        partials: Partials | None = None,
     ) -> torch.Tensor:
-        storage, loads, partials = self.storage, self.loads, self.partials
-        views, x_pieces, kv_pieces = self._step_views(step, rope_old)
+        """The layers of one step; ``static``, ``partials``: the step a CUDA graph records
+        (``static_step``), else the eager step."""
+        storage, loads = self.storage, self.loads
+        partials = self.partials if partials is None else partials
+        views = _StepViews(self, step, static)
+        x_pieces, kv_pieces = self._pieces(step, rope_old) if step.host_len else ([], [])
         if step.host_len:
             per_layer = [(self.x_ring, True, p.start, p.end) for p in x_pieces]
             per_layer += [(self.kv_ring, False, p.start, p.end) for p in kv_pieces]
             loads.begin(
-                [(ring, is_x, index, a, c) for index in range(len(self.layers)) for ring, is_x, a, c in per_layer]
+                [(ring, is_x, index, a, c) for index in range(len(self.layers)) for ring, is_x, a, c in per_layer],
+                fork=() if static is None else (self.x_ring, self.kv_ring),
             )
         # SDPA over the GPU tier alone where the split-KV kernel cannot run; else pieces (none on the host: one)
-        one_piece_sdpa = not step.host_len and not self.fused_resident
+        one_piece_sdpa = static is None and not step.host_len and not self.fused_resident
         if one_piece_sdpa:
             bias = self.gpu_bias(step.gpu_len)  # one piece: the resident cache's own attention
-        gpu_valid = self.gpu_valid[:, : step.gpu_len]
         for index, layer in enumerate(self.layers):
             x_new = layer.attn_input(hidden)  # [b, 1, h]
             q = layer.query(x_new, rope_new)  # [b, n_q, 1, d]
             self.flushed[index].compute_waits()  # a flushed tail is copied before it is overwritten
-            layer.kv_into(x_new, rope_new, views.new_k[index], views.new_v[index])  # into the GPU tier's slot
-            if views.new_x is not None:
-                views.new_x[index].copy_(x_new)  # the tail's X, for its flush
+            views.write_new(index, layer, x_new, rope_new)
             gpu_k, gpu_v = views.gpu_k[index], views.gpu_v[index]  # [G, b, n_kv, d]
             if one_piece_sdpa:
                 out = attend(q, gpu_k.permute(1, 2, 0, 3), gpu_v.permute(1, 2, 0, 3), bias)
             else:
                 partials.reset()
                 query = q[:, :, 0].contiguous()  # [b, n_q, d]
-                attend_piece(query, gpu_k, gpu_v, gpu_valid, partials)
+                attend_piece(query, gpu_k, gpu_v, views.gpu_valid, partials)
                 for piece in x_pieces:
                     parts, slot = loads.take(self.x_ring)
                     x_chunk = storage.decode_x(parts)  # [t, b, h]
@@ -351,6 +411,8 @@ class OverlappedExecutor(Executor):
             if step.flush_to is not None:
                 self._store_host(index, step.flush_to, *self.tail_block(index))
             hidden = layer.finish(hidden, out)
+        if static is not None and step.host_len:
+            self.streams.compute_waits_copy()  # a capture ends with every forked stream joined
         return hidden
 
     def finish(self) -> None:

@@ -52,6 +52,24 @@ class StreamSet:
         if self.enabled:
             self.copy.wait_stream(self.compute)  # type: ignore[union-attr]
 
+    def compute_waits_copy(self) -> None:
+        if self.enabled:
+            self.compute.wait_stream(self.copy)  # type: ignore[union-attr]
+
+    @contextmanager
+    def compute_on_current(self) -> Iterator[None]:
+        """Make the current stream the compute stream while inside: a CUDA graph's capture stream,
+        or the side stream its warm-up runs on (work of a capture must stay on captured streams)."""
+        if not self.enabled:
+            yield
+            return
+        saved = self.compute
+        self.compute = torch.cuda.current_stream(self.device)
+        try:
+            yield
+        finally:
+            self.compute = saved
+
     def keep_alive_for_copy(self, tensor: torch.Tensor) -> None:
         """Tell the caching allocator ``tensor`` is read by the copy stream (no early reuse)."""
         if self.enabled and tensor.is_cuda:
@@ -102,6 +120,12 @@ class StoreMark:
         """Mark the store stream's work queued so far (inside ``on_store_after_compute``)."""
         self.streams.record_on_store(self.event)
         self.copy_waited = self.compute_waited = self.event is None  # no events (CPU): never a wait
+
+    def settle(self) -> None:
+        """The compute stream waits for the write-back now, and so does everything queued after it
+        on any stream forked from compute (a replayed step's loads): no wait is left to issue."""
+        self.compute_waits()
+        self.copy_waited = True
 
     def copy_waits(self) -> None:
         """Loads queued after this read the slots as written."""

@@ -6,6 +6,8 @@ or loaded from a file, kept one file per device, torch version and model shape.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -120,6 +122,11 @@ class HardwareProfile:
         ``kv_slot_tokens``; zero where not measured (a CPU profile: there the host is the device)."""
         layer_s, chunk_s = self.host_layer_s.get(x_codec, 0.0), self.host_chunk_s.get(x_codec, 0.0)
         return HostIssue(layer_s, chunk_s, self.host_kv_chunk_s, kv_slot_tokens)
+
+    def without_host_issue(self) -> HardwareProfile:
+        """This profile for steps replayed as CUDA graphs: the host issues one launch a step, not
+        a layer's ops, so no host time bounds the step."""
+        return dataclasses.replace(self, host_layer_s={}, host_chunk_s={}, host_kv_chunk_s=0.0)
 
     def attention_s(self, context_len: int) -> float:
         """Linear in s between measured points; below/above them, proportional to the nearest one."""
