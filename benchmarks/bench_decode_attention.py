@@ -79,8 +79,15 @@ def one_shape(b: int, n_q: int, n_kv: int, s: int, d: int, repeats: int) -> dict
     if error > 2e-2:
         raise SystemExit(f"split-KV attention differs from SDPA by {error:.3g} at b={b} s={s}")
     kv_bytes = 2 * s * b * n_kv * d * 2
-    row: dict[str, Any] = {"batch_size": b, "q_heads": n_q, "kv_heads": n_kv, "context": s, "head_dim": d,
-                           "kv_bytes": kv_bytes, "max_abs_difference": error}
+    row: dict[str, Any] = {
+        "batch_size": b,
+        "q_heads": n_q,
+        "kv_heads": n_kv,
+        "context": s,
+        "head_dim": d,
+        "kv_bytes": kv_bytes,
+        "max_abs_difference": error,
+    }
     for name, fn in (("sdpa", sdpa), ("split_kv", split)):
         runs = timed_ms(fn, repeats)
         median = statistics.median(runs)
@@ -106,8 +113,10 @@ def main() -> int:
             row = {"label": label, **one_shape(*shape, repeats=args.repeats)}
             result["rows"].append(row)
             sdpa, split = row["sdpa"], row["split_kv"]
-            print(f"{label:<22}{row['kv_bytes'] / 1e6:>8.0f}{sdpa['ms']:>9.3f}{sdpa['gb_per_s']:>7.0f}"
-                  f"{split['ms']:>10.3f}{split['gb_per_s']:>7.0f}{row['speedup']:>6.2f}")
+            print(
+                f"{label:<22}{row['kv_bytes'] / 1e6:>8.0f}{sdpa['ms']:>9.3f}{sdpa['gb_per_s']:>7.0f}"
+                f"{split['ms']:>10.3f}{split['gb_per_s']:>7.0f}{row['speedup']:>6.2f}"
+            )
     device = torch.cuda.get_device_name().replace(" ", "_")
     path = args.out / f"decode-attention-{device}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -65,6 +65,7 @@ from kvpr.config import EngineConfig, RuntimeConfig  # noqa: E402
 from kvpr.device import element_size  # noqa: E402
 from kvpr.scheduler.cost_model import Schedule  # noqa: E402
 from kvpr.scheduler.plan import plan_decode_step  # noqa: E402
+from kvpr.scheduler.policy import planning_profile  # noqa: E402
 from kvpr.scheduler.profile import HardwareProfile, profile_shape  # noqa: E402
 from kvpr.scheduler.profiler import load_or_measure  # noqa: E402
 
@@ -138,9 +139,10 @@ def predicted_floor_row(llm: LLM, case: Case, profile: HardwareProfile, weights:
     counts, and the floor of that plan (the same formula as the timed rows')."""
     cfg, element = llm.model_config, element_size(llm.dtype)
     num_chunks = llm.config.runtime.num_chunks
+    planned = planning_profile(profile, llm.config.runtime, llm.device, llm.dtype, None, None)  # as kvpr-auto plans
     plans = [
         plan_decode_step(
-            cfg, case.batch_size, case.prompt_len + step, profile, element, element, Schedule.CHUNKED, num_chunks
+            cfg, case.batch_size, case.prompt_len + step, planned, element, element, Schedule.CHUNKED, num_chunks
         )
         for step in range(case.gen_len - 1)
     ]

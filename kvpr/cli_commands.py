@@ -70,7 +70,9 @@ def format_profile(profile: HardwareProfile) -> str:
     if profile.host_layer_s:
         issue = [(name, profile.host_issue(name)) for name in ("none", *profile.x_codec_gemm)]
         costs = ", ".join(f"X {name} {cost.layer_s * 1e3:.3f} + {cost.chunk_s * 1e3:.3f}/chunk" for name, cost in issue)
-        lines.append(f"  host issue per layer, ms: {costs}; {profile.host_kv_chunk_s * 1e3:.3f} per K,V chunk beyond one")
+        lines.append(
+            f"  host issue per layer, ms: {costs}; {profile.host_kv_chunk_s * 1e3:.3f} per K,V chunk beyond one"
+        )
     else:
         lines.append("  host issue per layer: not measured (on a CPU the host is the device)")
     return "\n".join(lines)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
 
 from conftest import method_llm, token_prompts
 from kvpr.compress.methods import parse_codec_spec

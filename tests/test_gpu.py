@@ -68,7 +68,6 @@ def test_cuda_graph_step_equals_the_eager_step(tiny_checkpoint, family: str, off
     tier's X and K,V chunks loaded inside the graph. The tail flushes every 4 steps (eager steps),
     so the host tier grows and new step shapes are captured, more than ``MAX_GRAPHS`` of them."""
     from conftest import make_config
-
     from kvpr.api import LLM
     from kvpr.runtime.generation import left_pad
 
@@ -474,8 +473,15 @@ def test_offload_auto_plans_the_same_tiers_run_after_run() -> None:
     assert llm is not None, "no budget in the sweep tiers the cache"
     prompts = torch.randint(0, 1000, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_new_tokens=gen_len, stop_on_eos=False)
-    first_tokens = [c.token_ids for c in llm.generate(prompts, params)]
-    first = llm.last_stats.host_lens
-    second_tokens = [c.token_ids for c in llm.generate(prompts, params)]
-    assert first[0] > 0 and llm.last_stats.host_lens == first
-    assert second_tokens == first_tokens
+    # the first run also leaves what a process keeps once (the CUDA-graph capture stream's cuBLAS
+    # workspace), so the runs compared are the second and the third
+    runs = []
+    for _ in range(3):
+        held = torch.cuda.memory_allocated()
+        tokens = [c.token_ids for c in llm.generate(prompts, params)]
+        runs.append((held, llm.last_stats.host_lens, tokens))
+    (_, first, first_tokens), (held_2, second, _), (held_3, third, third_tokens) = runs
+    assert first[0] > 0 and second == third, (
+        f"held before runs 2, 3: {held_2}, {held_3} B; host {second[0]}, {third[0]}"
+    )
+    assert third_tokens == first_tokens

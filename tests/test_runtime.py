@@ -193,7 +193,9 @@ def test_an_executor_with_a_step_graph_is_freed_when_dropped(tiny_checkpoint) ->
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "opt"])
-@pytest.mark.parametrize("offload,recompute,resident", [("none", "off", 0), ("cpu", 0.5, 0), ("cpu", 1.0, 5), ("cpu", "off", 5)])
+@pytest.mark.parametrize(
+    "offload,recompute,resident", [("none", "off", 0), ("cpu", 0.5, 0), ("cpu", 1.0, 5), ("cpu", "off", 5)]
+)
 def test_the_graph_step_body_equals_the_eager_step(tiny_checkpoint, family: str, offload, recompute, resident) -> None:
     """What a CUDA graph records (``StepGraphs``: the new K,V and X written by ``index_copy_`` at
     device slots, the GPU tier attended over its whole capacity masked by validity, the recomputed
@@ -203,7 +205,6 @@ def test_the_graph_step_body_equals_the_eager_step(tiny_checkpoint, family: str,
     prefix and tail flushes between the graphed steps. Run here without capture, as it runs off
     CUDA: every step that flushes nothing takes the static body."""
     from conftest import make_config
-
     from kvpr.api import LLM
     from kvpr.runtime.generation import left_pad
     from kvpr.runtime.graphs import StepGraphs
@@ -216,12 +217,20 @@ def test_the_graph_step_body_equals_the_eager_step(tiny_checkpoint, family: str,
         executor = LLM(config).make_executor(3, 9 + 10)
         if overlap:
             executor.graphs = StepGraphs(executor, host_steps=True)
-            original = executor.static_step
-            executor.static_step = lambda *args: static_steps.append(args[-1].host_len) or original(*args)
+
+            def counted(*args, original=executor.static_step):  # noqa: ANN002, ANN202
+                static_steps.append(args[-1].host_len)
+                return original(*args)
+
+            executor.static_step = counted
         logits = [executor.prefill(ids, valid)[:, -1]]
         for _ in range(10):
             logits.append(executor.decode(logits[-1].argmax(-1)))
         runs.append(torch.stack(logits))
     torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=1e-4)
-    flushes = 0 if offload == "none" else sum(1 for host, nxt in zip(executor.host_lens, executor.host_lens[1:]) if nxt > host)
+    flushes = (
+        0
+        if offload == "none"
+        else sum(1 for host, nxt in zip(executor.host_lens, executor.host_lens[1:]) if nxt > host)
+    )
     assert len(static_steps) == 10 - flushes and (offload == "none" or max(static_steps) > 0)

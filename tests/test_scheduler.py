@@ -324,7 +324,11 @@ def test_solver_equals_brute_force_minimum(
     attention: tuple[tuple[int, float], ...],
     resident: int,
 ) -> None:
-    host = {"host_layer_s": {"none": host_layer}, "host_chunk_s": {"none": host_chunk}, "host_kv_chunk_s": host_kv_chunk}
+    host = {
+        "host_layer_s": {"none": host_layer},
+        "host_chunk_s": {"none": host_chunk},
+        "host_kv_chunk_s": host_kv_chunk,
+    }
     kv_decode = {} if decode is None else {"int4": decode}
     profile = HardwareProfile(
         "synthetic", "0", h2d, h2d, gemm, h, 2 * kv, **host, kv_decode=kv_decode, attention=attention

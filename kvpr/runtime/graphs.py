@@ -15,10 +15,10 @@ positions of the recomputed tokens (read from the batch state, rotated inside th
 host tier's tokens do not move between flushes, so a shape lasts until the next flush (64 steps
 by default); the step that flushes runs eagerly (a device-to-host copy is not captured).
 
-The first step of a shape runs eagerly on a side stream (that is the warm-up capture needs) and
-is then captured; later steps of that shape replay it. ``MAX_GRAPHS`` shapes are kept.
-Off CUDA every graphable step runs the same static-buffer body eagerly, so tests check what is
-recorded. The sequential executor never uses a graph: it stays the plain oracle.
+The first step of a shape runs eagerly (that is the warm-up capture needs) and is then captured;
+later steps of that shape replay it. ``MAX_GRAPHS`` shapes are kept. Off CUDA every graphable
+step runs the same static-buffer body eagerly, so tests check what is recorded. The sequential
+executor never uses a graph: it stays the plain oracle.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class StepShape(NamedTuple):
     keeps_x: bool
 
 
-def graphs_cover_host_steps(cuda_graph: bool, device: torch.device, dtype: torch.dtype, raw_kv: bool, x_raw: bool) -> bool:
+def graphs_cover_host_steps(
+    cuda_graph: bool, device: torch.device, dtype: torch.dtype, raw_kv: bool, x_raw: bool
+) -> bool:
     """Whether steps that load host chunks are replayed as graphs (the scheduler then plans them
     with no host issue cost): on CUDA with the split-KV kernel, K,V and X stored uncompressed (a
     codec's decode is not captured)."""
@@ -76,7 +78,6 @@ class StepGraphs:
         self.new_k = torch.empty(scratch, dtype=executor.dtype, device=device)
         self.new_v = torch.empty(scratch, dtype=executor.dtype, device=device)
         self.eager_partials = Partials()  # off CUDA: the one set of partials every step uses
-        self.side: torch.cuda.Stream | None = None  # where each shape's first step runs (CUDA)
         # per shape: the graph, its logits buffer, and its partials (kept alive with the graph)
         self.captured: OrderedDict[StepShape, tuple[torch.cuda.CUDAGraph, torch.Tensor, Partials]] = OrderedDict()
 
@@ -113,20 +114,12 @@ class StepGraphs:
         return logits.clone()
 
     def _first_step(self, executor: "OverlappedExecutor", step: "StepLayout", shape: StepShape) -> torch.Tensor:
-        """Run the step eagerly on a side stream (the warm-up capture needs: Triton compiles, the
-        allocator settles), then record it. The step is idempotent: replaying it rewrites the same
-        slots with the same K,V."""
-        device = executor.device
-        current = torch.cuda.current_stream(device)
-        if self.side is None:  # one for every capture: memory freed on a stream is reused on it alone
-            self.side = torch.cuda.Stream(device)
-        side = self.side
-        side.wait_stream(current)
+        """Run the step eagerly (the warm-up capture needs: Triton compiles, the allocator settles),
+        then record it. The step is idempotent: replaying it rewrites the same slots with the same
+        K,V. The eager run stays on the compute stream: a stream of its own per executor would
+        leave a cuBLAS workspace behind per executor (torch keeps one per stream for good)."""
         partials = Partials()  # this shape's own: a graph must never see its buffers replaced
-        with torch.cuda.stream(side), executor.streams.compute_on_current():
-            logits = executor.static_step(self, partials, step).clone()
-        current.wait_stream(side)
-        logits.record_stream(current)
+        logits = executor.static_step(self, partials, step).clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), executor.streams.compute_on_current():
             recorded = executor.static_step(self, partials, step)

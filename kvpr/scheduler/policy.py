@@ -80,16 +80,31 @@ def make_split_policy(
     if cache.recompute != RECOMPUTE_AUTO:
         fraction, chunks = float(cache.recompute), runtime.num_chunks or DEFAULT_NUM_CHUNKS
         return lambda context_len: StepSplit(round_fraction(fraction, context_len), chunks)
-    from kvpr.runtime.graphs import graphs_cover_host_steps
     from kvpr.scheduler.profiler import load_or_measure
 
-    profile = load_or_measure(device, model, dtype, batch_size, path=runtime.profile_path)
-    if graphs_cover_host_steps(runtime.step_graphs, device, dtype, codec is None, x_codec is None):
-        profile = profile.without_host_issue()  # replayed steps: one launch each, no per-layer issue
+    measured = load_or_measure(device, model, dtype, batch_size, path=runtime.profile_path)
+    profile = planning_profile(measured, runtime, device, dtype, codec, x_codec)
     x_bytes, kv_bytes = stored_element_bytes(model, dtype, codec, x_codec)
     x_name = "none" if x_codec is None else x_codec.name
     kv_name = "none" if codec is None else codec.name
     return auto_policy(model, batch_size, profile, x_bytes, kv_bytes, runtime.num_chunks, x_name, kv_name, gpu_tokens)
+
+
+def planning_profile(
+    profile: "HardwareProfile",
+    runtime: RuntimeConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    codec: "KVCodec | None",
+    x_codec: "XCodec | None",
+) -> "HardwareProfile":
+    """The rates the scheduler plans a latency-mode step with: where steps that load host chunks
+    replay as CUDA graphs (``kvpr.runtime.graphs``), one launch a step, so no per-layer host issue."""
+    from kvpr.runtime.graphs import graphs_cover_host_steps
+
+    if graphs_cover_host_steps(runtime.step_graphs, device, dtype, codec is None, x_codec is None):
+        return profile.without_host_issue()
+    return profile
 
 
 def kv_bytes_per_element(codec: "KVCodec", model: ModelConfig) -> float:

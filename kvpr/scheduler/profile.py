@@ -7,7 +7,6 @@ or loaded from a file, kept one file per device, torch version and model shape.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 import os
