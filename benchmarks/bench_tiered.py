@@ -63,6 +63,7 @@ SUITES: dict[str, list[tuple[Case, tuple[float, ...]]]] = {
     # the host-bound point of the sweep alone (issue 13's 1.10x target), when device time is short
     "share-075": [(Case("opt-6.7b", 16, 2016, 16), (0.75,))],
     "sweep-llama": [(Case("llama-3-8b", 8, 8184, 8), FRACTIONS)],
+    "offloaded-opt": [(Case("opt-6.7b", 16, 2016, 16), (0.0,))],  # the sweep's last point alone
     "cpu-tiny": [(Case("opt-125m", 2, 48, 6), (1.0, 0.5, 0.0))],  # the script itself, in seconds on a CPU
 }
 

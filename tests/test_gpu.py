@@ -480,8 +480,8 @@ def test_offload_auto_plans_the_same_tiers_run_after_run() -> None:
         held = torch.cuda.memory_allocated()
         tokens = [c.token_ids for c in llm.generate(prompts, params)]
         runs.append((held, llm.last_stats.host_lens, tokens))
-    (_, first, first_tokens), (held_2, second, _), (held_3, third, third_tokens) = runs
+    (_, first, _), (held_2, second, second_tokens), (held_3, third, third_tokens) = runs
     assert first[0] > 0 and second == third, (
         f"held before runs 2, 3: {held_2}, {held_3} B; host {second[0]}, {third[0]}"
     )
-    assert third_tokens == first_tokens
+    assert third_tokens == second_tokens  # the same placement gives the same tokens (fp16: another may not)
