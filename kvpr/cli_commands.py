@@ -99,7 +99,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from kvpr.cache.storage import tier_codec
     from kvpr.device import resolve_device, resolve_dtype
     from kvpr.scheduler.plan import format_plans
-    from kvpr.scheduler.policy import stored_element_bytes
+    from kvpr.scheduler.policy import planning_profile, stored_element_bytes
     from kvpr.scheduler.profile import HardwareProfile
     from kvpr.scheduler.profiler import load_or_measure
 
@@ -114,7 +114,10 @@ def run_plan(args: argparse.Namespace) -> int:
         dtype = resolve_dtype(args.dtype, device)
         profile = load_or_measure(device, cfg, dtype, args.batch_size, progress=True)
     codec = tier_codec(args.kv_codec, cfg.head_dim)
-    x_bytes, kv_bytes = stored_element_bytes(cfg, dtype, codec, make_x_codec(args.x_codec, cfg.hidden_size))
+    x_codec = make_x_codec(args.x_codec, cfg.hidden_size)
+    if args.profile is None:  # planned here as the runtime plans here: graphed steps pay no host issue
+        profile = planning_profile(profile, RuntimeConfig(), device, dtype, codec, x_codec)
+    x_bytes, kv_bytes = stored_element_bytes(cfg, dtype, codec, x_codec)
     chunks = parse_num_chunks(args.num_chunks)
     kv_name = "none" if codec is None else codec.name
     plans = format_plans(

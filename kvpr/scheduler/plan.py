@@ -141,7 +141,8 @@ def format_plans(
             f"predicted ms per layer (x{model.num_layers} layers per step); GPU r = tokens kept on the GPU, "
             "attended in place; host h = the rest; l = host tokens recomputed from X, h - l copied; "
             "floor = the best plan's PCIe bytes at peak bandwidth or FLOPs at the peak recompute rate; "
-            "c = X chunks; times include the host's time to issue the layer where the profile has it"
+            "c = X chunks; times include the host's time to issue the layer where the profile has it "
+            "and steps do not replay as CUDA graphs"
         ),
     )
     for header in (
