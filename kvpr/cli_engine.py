@@ -77,8 +77,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-cuda-graph",
         action="store_true",
-        help="issue every decode step eagerly (default on CUDA: a step with the whole cache on the GPU is "
-        "replayed as one CUDA graph)",
+        help="issue every decode step eagerly (default on CUDA: each step that flushes nothing to the host "
+        "is replayed as a CUDA graph, its host-tier copies included)",
     )
     parser.add_argument(
         "--profile", default=None, help="hardware profile JSON to plan with (default: measured and cached)"
