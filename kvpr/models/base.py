@@ -18,6 +18,8 @@ from kvpr.models.common import apply_rope, linear_into
 if TYPE_CHECKING:
     from kvpr.config import ModelConfig
 
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # rotary tables (cos, sin), None in models without them
+
 
 class DecoderLayer(nn.Module):
     """One transformer block, split at the KV cache."""

@@ -20,7 +20,7 @@ from kvpr.scheduler.policy import SplitPolicy
 
 if TYPE_CHECKING:
     from kvpr.cache.storage import KVStorage
-    from kvpr.models.base import DecoderLayer, DecoderModel
+    from kvpr.models.base import DecoderLayer, DecoderModel, Rope
 
 
 class Executor:
@@ -155,7 +155,7 @@ class Executor:
         hidden = self._decode_layers(hidden, rope_new, rope_old, step, **layer_args)
         return self.model.logits(hidden)[:, -1]
 
-    def old_rope(self, recompute_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def old_rope(self, recompute_len: int) -> Rope:
         """Rotary tables [l, b, 1, d] of host tokens [0, l), from the positions the batch state
         holds in place (a CUDA graph reads them there); None when nothing is recomputed."""
         if not recompute_len:

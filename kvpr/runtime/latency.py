@@ -34,9 +34,7 @@ from kvpr.runtime.tiers import TierPlan
 if TYPE_CHECKING:
     from kvpr.cache.codec import EncodedKV, KVCodec
     from kvpr.cache.storage import CacheShape, KVStorage
-    from kvpr.models.base import DecoderLayer, DecoderModel
-
-Rope = tuple[torch.Tensor, torch.Tensor] | None  # rotary tables (cos, sin), None in models without them
+    from kvpr.models.base import DecoderLayer, DecoderModel, Rope
 
 RING_SLOTS = 4  # chunks in flight per ring: enough that the copy stream never waits on compute
 SLOT_BYTES = 32 * 1024**2  # uncompressed K,V bytes per ring slot, when the caller fixes no size
@@ -197,7 +195,7 @@ class _StepViews:
     masked by validity, and the new K,V and X written at the device slot indices of ``static``.
     """
 
-    __slots__ = ("gpu_k", "gpu_v", "gpu_valid", "new_k", "new_v", "new_x", "static", "tier_k", "tier_v", "tail_x")
+    __slots__ = ("gpu_k", "gpu_v", "gpu_valid", "new_k", "new_v", "new_x", "static", "tail_x")
 
     def __init__(self, executor: OverlappedExecutor, step: StepLayout, static: StepGraphs | None) -> None:
         tier_k, tier_v = executor.tier_k, executor.tier_v  # [L, G, b, n_kv, d]
@@ -214,7 +212,6 @@ class _StepViews:
         else:
             self.gpu_k, self.gpu_v = tier_k.unbind(0), tier_v.unbind(0)
             self.gpu_valid = executor.gpu_valid  # [b, G]: unused slots False
-            self.tier_k, self.tier_v = self.gpu_k, self.gpu_v
             self.tail_x = executor.tail_x.unbind(0) if keeps_x else None  # L x [tail, b, h]
 
     def write_new(self, index: int, layer: DecoderLayer, x_new: torch.Tensor, rope: Rope) -> None:
@@ -227,7 +224,7 @@ class _StepViews:
                 self.new_x[index].copy_(x_new)
             return
         layer.kv_into(x_new, rope, static.new_k, static.new_v)
-        tier_k, tier_v = self.tier_k[index], self.tier_v[index]  # [G, b, n_kv, d]
+        tier_k, tier_v = self.gpu_k[index], self.gpu_v[index]  # the whole tier, [G, b, n_kv, d]
         tier_k.index_copy_(0, static.slot, static.new_k.view(1, *tier_k.shape[1:]))
         tier_v.index_copy_(0, static.slot, static.new_v.view(1, *tier_v.shape[1:]))
         if self.tail_x is not None:

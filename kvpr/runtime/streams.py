@@ -58,8 +58,8 @@ class StreamSet:
 
     @contextmanager
     def compute_on_current(self) -> Iterator[None]:
-        """Make the current stream the compute stream while inside: a CUDA graph's capture stream,
-        or the side stream its warm-up runs on (work of a capture must stay on captured streams)."""
+        """Make the current stream the compute stream while inside: a CUDA graph's capture stream
+        (work of a capture must stay on captured streams)."""
         if not self.enabled:
             yield
             return

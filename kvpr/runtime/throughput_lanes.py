@@ -24,8 +24,8 @@ from kvpr.throughput_config import CacheSplit
 if TYPE_CHECKING:
     from kvpr.cache.codec import KVCodec, XCodec
     from kvpr.config import ModelConfig
+    from kvpr.models.base import Rope
 
-Rope = tuple[torch.Tensor, torch.Tensor] | None
 Parts = dict[str, tuple[tuple[int, ...], torch.dtype]]  # stored part -> (shape of one token and row, dtype)
 
 
